@@ -1,0 +1,118 @@
+"""Partition: the full model's tensors -> each rank's tensors, following the graph's shard specs.
+
+Names are kept (a rank's `q_b_proj.weight` is its head slice of it), so the program reads
+weights by the model's own FQNs. Biases of row-parallel layers stay on rank 0 only: the
+all-reduce would otherwise add them n times. Meta tensors slice like real ones, which is how a
+weightless dry run learns every rank's bytes.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from planc.ir import NodeInfo, block_nodes, info
+
+Tensors = dict[str, torch.Tensor]
+ROTARY = "model.rotary_emb.inv_freq"
+
+
+def _scoped(full: Tensors, fqn: str) -> Tensors:
+    prefix = fqn + "."
+    return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+
+
+def _rows(w: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    return w[lo:hi]
+
+
+def _cols(w: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    return w[:, lo:hi]
+
+
+def _row_parallel_bias(W: Tensors, name: str, rank: int) -> None:
+    if name in W and rank != 0:
+        W[name] = torch.zeros_like(W[name])
+
+
+def _mla_tp(W: Tensors, meta: NodeInfo, rank: int) -> Tensors:
+    d, h = meta.dims, meta.shard["heads_per_rank"]
+    lo, hi = rank * h, (rank + 1) * h
+    qk = d.nope_dim + d.rope_dim
+    q_name = "q_b_proj.weight" if d.q_lora_rank else "q_proj.weight"
+    W[q_name] = _rows(W[q_name], lo * qk, hi * qk)
+    W["kv_b_proj.weight"] = _rows(W["kv_b_proj.weight"], lo * (d.nope_dim + d.v_dim), hi * (d.nope_dim + d.v_dim))
+    W["o_proj.weight"] = _cols(W["o_proj.weight"], lo * d.v_dim, hi * d.v_dim)
+    _row_parallel_bias(W, "o_proj.bias", rank)
+    return W
+
+
+def kv_head_range(num_heads: int, num_kv_heads: int, heads_per_rank: int, rank: int) -> tuple[int, int]:
+    """KV heads that rank's query heads read (replicated when ranks outnumber KV heads)."""
+    group = num_heads // num_kv_heads
+    first = rank * heads_per_rank // group
+    last = ((rank + 1) * heads_per_rank - 1) // group
+    return first, last + 1
+
+
+def _attention_tp(W: Tensors, meta: NodeInfo, rank: int) -> Tensors:
+    d, h = meta.dims, meta.shard["heads_per_rank"]
+    lo, hi = rank * h, (rank + 1) * h
+    kv_lo, kv_hi = kv_head_range(d.num_heads, d.num_kv_heads, h, rank)
+    for name, (a, b) in {"q_proj": (lo, hi), "k_proj": (kv_lo, kv_hi), "v_proj": (kv_lo, kv_hi)}.items():
+        for suffix in ("weight", "bias"):
+            if f"{name}.{suffix}" in W:
+                W[f"{name}.{suffix}"] = _rows(W[f"{name}.{suffix}"], a * d.head_dim, b * d.head_dim)
+    W["o_proj.weight"] = _cols(W["o_proj.weight"], lo * d.head_dim, hi * d.head_dim)
+    _row_parallel_bias(W, "o_proj.bias", rank)
+    return W
+
+
+def _dense_tp(W: Tensors, meta: NodeInfo, rank: int) -> Tensors:
+    width = meta.shard["intermediate_per_rank"]
+    lo, hi = rank * width, (rank + 1) * width
+    W["gate_proj.weight"] = _rows(W["gate_proj.weight"], lo, hi)
+    W["up_proj.weight"] = _rows(W["up_proj.weight"], lo, hi)
+    W["down_proj.weight"] = _cols(W["down_proj.weight"], lo, hi)
+    return W
+
+
+def _ep(W: Tensors, meta: NodeInfo, rank: int) -> Tensors:
+    local = torch.tensor([e for e, r in enumerate(meta.shard["owner"]) if r == rank])
+    for name in ("experts.gate_up_proj", "experts.down_proj"):
+        W[name] = W[name][local] if W[name].device.type != "meta" else W[name][: len(local)]
+    return W
+
+
+SHARDERS: dict[tuple[str, str], Callable[[Tensors, NodeInfo, int], Tensors]] = {
+    ("mla_attention", "mla_tp"): _mla_tp,
+    ("gqa_attention", "tp"): _attention_tp,
+    ("mlp", "tp"): _dense_tp,
+    ("moe_route", "ep"): _ep,
+}
+
+
+def _owning_nodes(graph: fx.Graph) -> list[fx.Node]:
+    """One node per block that owns weights (an EP block is represented by its moe_route)."""
+    kinds = ("embedding", "rmsnorm", "mla_attention", "gqa_attention", "mlp", "moe", "moe_route", "lm_head")
+    return block_nodes(graph, *kinds)
+
+
+def partition(graph: fx.Graph, full: Tensors, rank: int) -> Tensors:
+    """This rank's tensors, keyed by full FQN; attention blocks also get `<fqn>.rotary.inv_freq`."""
+    out: Tensors = {}
+    for node in _owning_nodes(graph):
+        meta = info(node)
+        W = _scoped(full, meta.fqn)
+        sharder = SHARDERS.get((meta.kind, meta.strategy))
+        if sharder is not None:
+            W = sharder(W, meta, rank)
+        if meta.kind.endswith("attention") and ROTARY in full:
+            W["rotary.inv_freq"] = full[ROTARY].clone()  # one copy per block: safetensors refuses aliases
+        out |= {f"{meta.fqn}.{k}": v.contiguous() for k, v in W.items()}
+    return out
+
+
+def model_tensors(model: torch.nn.Module) -> Tensors:
+    return dict(model.named_parameters()) | dict(model.named_buffers())

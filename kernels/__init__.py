@@ -1,0 +1,13 @@
+"""Fused Triton kernels, one op per module, each with a launcher and a pure-PyTorch reference.
+
+- `linear`: `linear(x, weight)` = x @ weight.T (nn.Linear layout, no bias), tiled GEMM, fp32 accumulation.
+- `rmsnorm`: `rmsnorm(x, weight, eps)`, Hugging Face RMSNorm semantics, one program per row.
+- `mla_decode`: `mla_decode(q_lat, q_pe, ckv, kpe, key_mask, scale)`, absorbed-form MLA decode
+  attention over a latent cache, split sequence + log-sum-exp merge.
+- `gqa_decode`: `gqa_decode(q, k, v, key_mask, scale)`, grouped-query decode attention over a
+  [B, T, Hkv, D] cache, split sequence + log-sum-exp merge.
+
+Import from the modules directly (`from planc.kernels.linear import linear`). Without CUDA the
+kernels run under the Triton interpreter, which `import planc` selects before any kernel is
+decorated.
+"""

@@ -1,0 +1,17 @@
+"""planc: a declarative parallel-plan compiler for LLM inference."""
+from __future__ import annotations
+
+import os
+
+# The Triton interpreter must be chosen before any kernel is decorated; without CUDA it is the
+# only way Triton kernels run, so planc picks it unless the user already decided.
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
+
+__version__ = "0.1.0"

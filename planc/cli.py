@@ -1,0 +1,133 @@
+"""`planc` command line: argument parsing and printing only; the work lives in the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from planc.errors import PlancError
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernels", choices=("torch", "triton"), default=None,
+                   help="op implementations (default: torch on CPU, triton on CUDA)")
+    p.add_argument("--timeout", type=float, default=900.0, help="wall-clock limit of the run in seconds")
+    for flag in ("--nnodes", "--node-rank"):
+        p.add_argument(flag, type=int, default=None, help="forwarded to torch.distributed's launcher")
+    for flag in ("--rdzv-endpoint", "--rdzv-backend", "--rdzv-id"):
+        p.add_argument(flag, default=None, help="forwarded to torch.distributed's launcher")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="planc", description="declarative parallel-plan compiler for LLM inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("schema", help="print the plan format's JSON Schema")
+
+    p = sub.add_parser("validate", help="check a plan (and, with --model, that it fits the model)")
+    p.add_argument("plan")
+    p.add_argument("--model", default=None)
+    p.add_argument("--meta", action="store_true", help="build the model on the meta device (no weights)")
+
+    p = sub.add_parser("compile", help="compile MODEL under PLAN into an artifact directory")
+    p.add_argument("model", help="bundled name, checkpoint dir, config.json or package.module:factory")
+    p.add_argument("plan")
+    p.add_argument("-o", "--out", required=True, help="artifact directory to write")
+    p.add_argument("--meta", action="store_true", help="weightless dry run: report only, no weights")
+    p.add_argument("--no-strict", dest="strict", action="store_false", help="record declined rewrites instead of failing")
+
+    p = sub.add_parser("run", help="launch an artifact on N ranks and generate")
+    p.add_argument("artifact")
+    p.add_argument("--nproc", type=int, default=None, help="ranks on this machine (default: the plan's mesh.devices)")
+    p.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable: one batch row each)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _add_run_options(p)
+
+    p = sub.add_parser("verify", help="compare an artifact on N ranks with the single-device model")
+    p.add_argument("artifact")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--json", action="store_true")
+    _add_run_options(p)
+
+    p = sub.add_parser("bench", help="side-by-side measurements (see `planc bench --list`)")
+    p.add_argument("cases", nargs="*")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--list", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except PlancError as exc:
+        print(f"planc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_schema(args) -> int:
+    from planc.plan import plan_json_schema
+
+    print(json.dumps(plan_json_schema(), indent=2))
+
+
+def cmd_validate(args) -> int:
+    from planc.driver import validate
+
+    print(validate(args.plan, args.model, meta=args.meta))
+
+
+def cmd_compile(args) -> int:
+    from planc.driver import compile
+
+    art = compile(args.model, args.plan, args.out, meta=args.meta, strict=args.strict, log=print)
+    for entry in art.report["per_rank"]:
+        print(f"rank {entry['rank']}: weights {entry['weight_bytes'] / 2**20:.2f} MiB, "
+              f"KV cache {entry['kv_bytes_per_token']} B/token")
+    print(f"wrote {art.path} in {art.report['compile_seconds']:.1f} s")
+
+
+def _rdzv(args) -> dict:
+    keys = {"nnodes": args.nnodes, "node_rank": args.node_rank, "rdzv_endpoint": args.rdzv_endpoint,
+            "rdzv_backend": args.rdzv_backend, "rdzv_id": args.rdzv_id}
+    return {k: v for k, v in keys.items() if v is not None}
+
+
+def cmd_run(args) -> int:
+    from planc.run import format_run, run
+
+    result = run(Path(args.artifact), nproc=args.nproc, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
+                 sampling={"temperature": args.temperature, "top_k": args.top_k, "seed": args.seed},
+                 kernels=args.kernels, timeout_s=args.timeout, rdzv=_rdzv(args))
+    print(json.dumps(result) if args.json else format_run(result))
+
+
+def cmd_verify(args) -> int:
+    from planc.runtime.triton_ops import default_kernels
+    from planc.verify import verify
+
+    report = verify(Path(args.artifact), max_new_tokens=args.max_new_tokens,
+                    kernels=args.kernels or default_kernels(), timeout_s=args.timeout)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"token_agreement {report['token_agreement']:.4f} over {report['tokens_compared']} tokens, "
+              f"max_logit_diff {report['max_logit_diff']:.3e} ({report['world_size']} ranks)")
+
+
+def cmd_bench(args) -> int:
+    from planc.bench import run_cases
+
+    return run_cases(args.cases, as_json=args.json, list_only=args.list)
+
+
+COMMANDS = {"schema": cmd_schema, "validate": cmd_validate, "compile": cmd_compile, "run": cmd_run,
+            "verify": cmd_verify, "bench": cmd_bench}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The compile pipeline as one linear function of named steps.
+
+plan -> model -> capture -> lift -> bind -> passes -> partition -> codegen -> artifact
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+import triton
+from torch import nn
+
+from planc import __version__
+from planc.bind import bind
+from planc.capture import capture
+from planc.codegen.artifact import KERNEL_FILES, write_artifact
+from planc.codegen.emit_program import emit_program
+from planc.codegen.partition import model_tensors, partition
+from planc.errors import PlanError
+from planc.lift import lift
+from planc.models.registry import BUNDLED, BYTE_VOCAB, load_model
+from planc.passes.attention_tp import attention_tp
+from planc.passes.dense_tp import dense_tp
+from planc.passes.ep import ep
+from planc.passes.mla_tp import mla_tp
+from planc.passmanager import PassContext, run_passes
+from planc.plan import Plan, load_plan
+from planc.report.report import build_report, cache_specs
+from planc.runtime.engine import DTYPES
+
+# The fixed order in which passes run (printed by `planc compile`).
+PASSES = [("mla_tp", mla_tp), ("attention_tp", attention_tp), ("dense_tp", dense_tp), ("ep", ep)]
+
+
+@dataclass
+class Artifact:
+    path: Path
+    manifest: dict
+    report: dict
+    program: str
+
+
+def resolve_model(model: nn.Module | str | None, plan: Plan, meta: bool) -> tuple[nn.Module, str]:
+    dtype = DTYPES[plan.model.dtype] if plan.model else torch.float32
+    if isinstance(model, nn.Module):
+        return model.eval(), type(model).__name__
+    source = model or (plan.model.source if plan.model else None)
+    if source is None:
+        raise PlanError("no model: pass MODEL on the command line or set model.source in the plan")
+    if source not in BUNDLED and Path(source).exists():
+        source = str(Path(source).resolve())  # so `planc verify` finds it from anywhere
+    return load_model(source, dtype=dtype, meta=meta), source
+
+
+def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | Path, *,
+            meta: bool = False, strict: bool = True, log=None) -> Artifact:
+    log = log or (lambda msg: None)
+    started = time.perf_counter()
+    plan = plan if isinstance(plan, Plan) else load_plan(plan)
+    model, source = resolve_model(model, plan, meta)
+    log(f"model    {source} ({type(model).__name__}{', meta' if meta else ''})")
+    captured = capture(model)
+    lifted = lift(model, captured, check=not meta)
+    log(f"lift     {len(lifted.blocks)} blocks" + (f", {len(lifted.checks)} checked against the captured graph" if lifted.checks else ""))
+    ctx = PassContext(plan, plan.mesh.devices, strict)
+    graph = run_passes(bind(lifted.graph, plan), PASSES, ctx)
+    log(f"passes   {' -> '.join(name for name, _ in PASSES)}: {sum(r.action == 'applied' for r in ctx.records)} rewrites")
+    full = model_tensors(model)
+    ranks = [partition(graph, full, r) for r in range(plan.mesh.devices)]
+    manifest = _manifest(model, source, plan, graph, meta)
+    report = build_report(graph, ctx, ranks, hidden=model.config.hidden_size,
+                          elem=DTYPES[manifest["dtype"]].itemsize, checks=lifted.checks, meta=meta)
+    report["compile_seconds"] = time.perf_counter() - started
+    program = emit_program(graph, model=source, world_size=plan.mesh.devices, plan_hash=plan.hash())
+    path = write_artifact(Path(out), manifest=manifest, program=program, report=report,
+                          rank_tensors=None if meta else ranks)
+    return Artifact(path, manifest, report, program)
+
+
+def _manifest(model: nn.Module, source: str, plan: Plan, graph, meta: bool) -> dict:
+    config = model.config
+    return {
+        "planc_version": __version__,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton.__version__},
+        "plan_hash": plan.hash(),
+        "plan": plan.to_yaml_dict(),
+        "model": {"source": source, "class": type(model).__name__, "vocab_size": config.vocab_size,
+                  "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
+                  "tokenizer": "bytes" if config.vocab_size == BYTE_VOCAB else "ids"},
+        "dtype": plan.model.dtype if plan.model else "float32",
+        "world_size": plan.mesh.devices,
+        "backend": plan.mesh.backend,
+        "meta": meta,
+        "caches": cache_specs(graph),
+        "kernels": list(KERNEL_FILES),
+    }
+
+
+def validate(plan_path: str | Path, model: str | None = None, *, meta: bool = False) -> str:
+    """Schema check, and with a model: bind and run the passes (no partition, nothing written)."""
+    plan = load_plan(plan_path)
+    if model is None and plan.model is None:
+        return f"{plan_path}: valid plan ({len(plan.rules)} rules, {plan.mesh.devices} devices); no model to check against"
+    module, source = resolve_model(model, plan, meta)
+    lifted = lift(module, capture(module), check=False)
+    ctx = PassContext(plan, plan.mesh.devices, strict=True)
+    run_passes(bind(lifted.graph, plan), PASSES, ctx)
+    applied = sum(r.action == "applied" for r in ctx.records)
+    return f"{plan_path}: valid for {source} ({len(plan.rules)} rules, {applied} blocks rewritten, {plan.mesh.devices} devices)"

@@ -1,0 +1,147 @@
+"""Check each lifted block against the captured graph, on random token ids.
+
+The captured (exported) graph is interpreted once; for every block we record the activation
+entering it and the value leaving it — found from `nn_module_stack`, not assumed — and run the
+block's semantic reference on the recorded input. A block whose reference disagrees is declined
+with the numbers. Residual wiring is checked the same way: a layer's input plus its attention
+output must equal what enters the post-attention norm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from planc.lift.ops import GqaCache, MlaCache, Ops, Step
+from planc.lift.recognize import Block
+
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+@dataclass(frozen=True)
+class Check:
+    fqn: str
+    ok: bool
+    rel_err: float
+    reason: str = ""
+
+
+def _stack_fqns(node: fx.Node) -> set[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return {fqn.removeprefix("L['self'].") for fqn, _cls in stack.values()}
+
+
+def _boundary(graph: fx.Graph, fqn: str) -> tuple[fx.Node | None, fx.Node | None]:
+    """(activation entering the block, value leaving it) in the captured graph."""
+    inside = [n for n in graph.nodes if n.op == "call_function" and fqn in _stack_fqns(n)]
+    members = set(inside)
+    entering = [a for n in inside for a in n.all_input_nodes if a not in members and a.op != "get_attr"]
+    leaving = [n for n in inside if any(u not in members for u in n.users)]
+    return (_pick_activation(entering), _pick_activation(leaving, last=True))
+
+
+def _pick_activation(nodes: list[fx.Node], last: bool = False) -> fx.Node | None:
+    """The [B, S, ...] token tensor among a block's boundary values (cos/sin and masks are not)."""
+    seen = list(dict.fromkeys(nodes))
+    cands = [n for n in seen if _is_token_tensor(n)]
+    if not cands:
+        return None
+    return cands[-1] if last else cands[0]
+
+
+def _is_token_tensor(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dim() in (2, 3) and not (val.dim() == 3 and val.shape[0] == 1 and val.dtype == torch.bool)
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node]):
+        super().__init__(gm)
+        self.wanted, self.values = wanted, {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n in self.wanted:
+            self.values[n] = out
+        return out
+
+
+def block_weights(model: nn.Module, fqn: str) -> dict[str, torch.Tensor]:
+    prefix = fqn + "."
+    named = dict(model.named_parameters()) | dict(model.named_buffers())
+    weights = {k[len(prefix):]: v for k, v in named.items() if k.startswith(prefix)}
+    rotary = named.get("model.rotary_emb.inv_freq")
+    if rotary is not None:
+        weights["rotary.inv_freq"] = rotary
+    return weights
+
+
+def run_reference(block: Block, x: torch.Tensor, W: dict[str, torch.Tensor], ops: Ops | None = None) -> torch.Tensor:
+    """Run `block`'s semantic op on a whole prompt from position 0 (no prior cache)."""
+    ops = ops or Ops()
+    if block.kind == "embedding":
+        return ops.embedding(x, W["weight"])
+    if block.kind == "rmsnorm":
+        return ops.rmsnorm(x, W["weight"], block.attrs["eps"])
+    if block.kind == "lm_head":
+        return ops.linear(x, W["weight"], W.get("bias"))
+    if block.kind == "mlp":
+        return ops.mlp(x, W, block.attrs["act"])
+    if block.kind == "moe":
+        return ops.moe(x, W, block.dims, block.attrs["act"])
+    B, S, _ = x.shape
+    step = Step(0, torch.arange(S).expand(B, S), torch.ones(B, S, dtype=torch.bool))
+    d = block.dims
+    if block.kind == "mla_attention":
+        cache = MlaCache(x.new_zeros(B, S, d.kv_lora_rank), x.new_zeros(B, S, d.rope_dim))
+        return ops.mla_attention(x, step, cache, W, d)
+    cache = GqaCache(x.new_zeros(B, S, d.num_kv_heads, d.head_dim), x.new_zeros(B, S, d.num_kv_heads, d.head_dim))
+    return ops.gqa_attention(x, step, cache, W, d)
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    scale = want.abs().max().item() + 1e-6
+    return (got.double() - want.double()).abs().max().item() / scale
+
+
+def check_blocks(model: nn.Module, gm: fx.GraphModule, blocks: list[Block], example_args: tuple, example_kwargs: dict) -> list[Check]:
+    bounds = {b.fqn: _boundary(gm.graph, b.fqn) for b in blocks}
+    wanted = {n for pair in bounds.values() for n in pair if n is not None}
+    rec = _Recorder(gm, wanted)
+    with torch.no_grad():
+        rec.run(*example_args, *example_kwargs.values())
+        return [_check_one(model, b, bounds[b.fqn], rec.values) for b in blocks] + _check_residuals(blocks, bounds, rec.values)
+
+
+def _check_one(model: nn.Module, block: Block, bound, values) -> Check:
+    entering, leaving = bound
+    if entering is None or leaving is None:
+        return Check(block.fqn, False, float("nan"), "no block boundary found in the captured graph (module not called?)")
+    x, want = values[entering], values[leaving]
+    got = run_reference(block, x, block_weights(model, block.fqn))
+    if got.shape != want.shape:
+        return Check(block.fqn, False, float("nan"), f"reference shape {tuple(got.shape)} != captured {tuple(want.shape)}")
+    err = _rel_err(got, want)
+    tol = TOLERANCE.get(want.dtype, 1e-4)
+    return Check(block.fqn, err <= tol, err, "" if err <= tol else f"reference differs from the captured subgraph: rel err {err:.2e} > {tol:.0e}")
+
+
+def _check_residuals(blocks: list[Block], bounds, values) -> list[Check]:
+    """h_in + attn_out == input of post_attention_layernorm, for every layer."""
+    checks = []
+    by_fqn = {b.fqn: b for b in blocks}
+    for b in blocks:
+        if b.kind not in ("mla_attention", "gqa_attention"):
+            continue
+        lp = b.fqn.rsplit(".", 1)[0]
+        h_in = bounds[f"{lp}.input_layernorm"][0]
+        attn_out = bounds[b.fqn][1]
+        post_in = bounds[f"{lp}.post_attention_layernorm"][0]
+        if f"{lp}.post_attention_layernorm" not in by_fqn or None in (h_in, attn_out, post_in):
+            checks.append(Check(f"{lp} (residual)", False, float("nan"), "layer boundary values not found"))
+            continue
+        err = _rel_err(values[h_in] + values[attn_out], values[post_in])
+        checks.append(Check(f"{lp} (residual)", err <= 1e-6, err, "" if err <= 1e-6 else f"residual wiring differs: {err:.2e}"))
+    return checks

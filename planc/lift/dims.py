@@ -1,0 +1,48 @@
+"""The static shape facts a semantic op needs, read from the model at lift time.
+
+They are printed verbatim into the generated program (`repr` is valid Python), so a reader sees
+every number a rank uses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class MlaDims:
+    num_heads: int  # heads on this rank (all heads before partitioning)
+    q_lora_rank: int  # 0 when q is a single projection
+    kv_lora_rank: int
+    nope_dim: int
+    rope_dim: int
+    v_dim: int
+    eps: float
+    scale: float
+    rope_scaling: float
+    rope_interleave: bool
+
+    def local(self, num_heads: int) -> "MlaDims":
+        return replace(self, num_heads=num_heads)
+
+
+@dataclass(frozen=True)
+class GqaDims:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eps: float
+    scale: float
+    rope_scaling: float
+
+    def local(self, num_heads: int, num_kv_heads: int) -> "GqaDims":
+        return replace(self, num_heads=num_heads, num_kv_heads=num_kv_heads)
+
+
+@dataclass(frozen=True)
+class RouterDims:
+    num_experts: int
+    num_groups: int
+    topk_groups: int
+    top_k: int
+    normalize: bool
+    scaling: float

@@ -1,0 +1,172 @@
+"""Model references: bundled names, checkpoint directories, config files and factories.
+
+A MODEL argument is resolved in this order:
+  1. a bundled name (`tiny-deepseek`, `tiny-draft`, and the full-size `deepseek-v3`, `kimi-k2`
+     configs, which only make sense with `meta=True`);
+  2. a directory holding a Hugging Face checkpoint (config.json + *.safetensors);
+  3. a config.json file (seeded random init);
+  4. `package.module:factory`, a callable returning an nn.Module.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV3Config, LlamaConfig, PretrainedConfig
+
+from planc.errors import ModelError
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+INIT_SEED = 0
+
+# Byte-level vocabulary shared by the bundled models: 256 byte values, then specials.
+BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
+BYTE_VOCAB = 260
+
+
+def _tiny_deepseek() -> PretrainedConfig:
+    return DeepseekV3Config(
+        vocab_size=BYTE_VOCAB, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+        q_lora_rank=64, kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+        n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1,
+        first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        max_position_embeddings=2048, rope_interleave=True, tie_word_embeddings=False,
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    )
+
+
+def _tiny_draft() -> PretrainedConfig:
+    return LlamaConfig(
+        vocab_size=BYTE_VOCAB, hidden_size=96, intermediate_size=256, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        tie_word_embeddings=False, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    )
+
+
+def _deepseek_v3() -> PretrainedConfig:
+    return DeepseekV3Config(
+        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+        num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
+        q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+        n_routed_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4, n_shared_experts=1,
+        first_k_dense_replace=3, routed_scaling_factor=2.5, norm_topk_prob=True,
+        max_position_embeddings=163840, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+                         "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+                         "mscale": 1.0, "mscale_all_dim": 1.0},
+    )
+
+
+def _kimi_k2() -> PretrainedConfig:
+    # Kimi-K2 is the DeepSeek-V3 architecture with 64 heads, 384 routed experts and one group.
+    cfg = _deepseek_v3()
+    cfg.num_attention_heads = cfg.num_key_value_heads = 64
+    cfg.n_routed_experts = cfg.num_local_experts = 384
+    cfg.n_group = cfg.topk_group = 1
+    cfg.first_k_dense_replace = 1
+    cfg.vocab_size = 163840
+    cfg.routed_scaling_factor = 2.827
+    return cfg
+
+
+@dataclass(frozen=True)
+class Bundled:
+    config: Callable[[], PretrainedConfig]
+    full_size: bool  # too large to materialize: meta only
+
+
+BUNDLED: dict[str, Bundled] = {
+    "tiny-deepseek": Bundled(_tiny_deepseek, False),
+    "tiny-draft": Bundled(_tiny_draft, False),
+    "deepseek-v3": Bundled(_deepseek_v3, True),
+    "kimi-k2": Bundled(_kimi_k2, True),
+}
+
+
+def pin_static_paths(config: PretrainedConfig) -> PretrainedConfig:
+    """Pick code paths that export and Dynamo can capture (eager experts loop over nonzero())."""
+    if getattr(config, "num_local_experts", None) or getattr(config, "n_routed_experts", None):
+        config._experts_implementation = "grouped_mm"
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def bundled_config(name: str) -> PretrainedConfig:
+    return pin_static_paths(BUNDLED[name].config())
+
+
+def _init(config: PretrainedConfig, dtype: torch.dtype, meta: bool) -> nn.Module:
+    pin_static_paths(config)
+    if meta:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    torch.manual_seed(INIT_SEED)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def _load_checkpoint(path: Path, dtype: torch.dtype) -> nn.Module:
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: not a checkpoint directory (no config.json); "
+                         "give a directory written by save_pretrained, a config.json, or a bundled name")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ModelError(f"{path}: checkpoint has config.json but no weight files (*.safetensors)")
+    try:
+        config = pin_static_paths(AutoConfig.from_pretrained(path, local_files_only=True))
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True)
+    except Exception as exc:  # transformers raises many types for bad files
+        raise ModelError(f"{path}: cannot load checkpoint: {type(exc).__name__}: {exc}. "
+                         "Check that the files are complete (re-save with save_pretrained)") from exc
+    return model.eval()
+
+
+def _load_config_file(path: Path, dtype: torch.dtype, meta: bool) -> nn.Module:
+    try:
+        data = json.loads(path.read_text())
+        config = AutoConfig.for_model(**data)
+    except Exception as exc:
+        raise ModelError(f"{path}: not a valid transformers config: {type(exc).__name__}: {exc}") from exc
+    return _init(config, dtype, meta)
+
+
+def _load_factory(ref: str) -> nn.Module:
+    module_name, _, attr = ref.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ModelError(f"model {ref!r}: cannot import {attr!r} from {module_name!r}: {exc}") from exc
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model {ref!r}: factory returned {type(model).__name__}, expected an nn.Module")
+    return model.eval()
+
+
+def load_model(source: str, *, dtype: torch.dtype = torch.float32, meta: bool = False) -> nn.Module:
+    """Resolve MODEL (see module docstring) into an eval-mode nn.Module."""
+    if source in BUNDLED:
+        return _load_bundled(source, dtype, meta)
+    path = Path(source)
+    if path.is_dir():
+        return _load_checkpoint(path, dtype)
+    if path.is_file() and path.suffix == ".json":
+        return _load_config_file(path, dtype, meta)
+    if ":" in source and not path.exists():
+        return _load_factory(source)
+    raise ModelError(f"model {source!r}: not a bundled name ({', '.join(BUNDLED)}), checkpoint directory, "
+                     "config.json or package.module:factory")
+
+
+def _load_bundled(name: str, dtype: torch.dtype, meta: bool) -> nn.Module:
+    entry = BUNDLED[name]
+    if entry.full_size and not meta:
+        raise ModelError(f"model {name!r} is a full-size config with no bundled weights; "
+                         "compile it with --meta for a weightless dry run")
+    trained = WEIGHTS_DIR / name
+    if (trained / "config.json").is_file() and not meta:
+        return _load_checkpoint(trained, dtype)
+    return _init(entry.config(), dtype, meta)

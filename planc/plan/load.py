@@ -1,0 +1,207 @@
+"""Read a plan: safe YAML that remembers where every field is, then located schema errors.
+
+Every error names `FILE:LINE:COL` (1-based) and the field path, e.g.
+`plan.yaml:7:18: rules[1].attention.strategy: Input should be 'replicated', 'tp' or 'mla_tp'`.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
+
+from planc.errors import PlanError
+from planc.plan.schema import Plan
+
+FieldPath = tuple[str | int, ...]
+Positions = dict[FieldPath, tuple[int, int]]
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _PlanLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate mapping keys; PyYAML would silently keep the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:  # `<<: *base` may legitimately be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):  # the base class reports unhashable keys
+                continue
+            if key in first_seen:
+                first = _line_col(first_seen[key])
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first defined at line {first[0]}, "
+                    f"column {first[1]}); remove one of them", key_node.start_mark)
+            first_seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_plan(path_or_text: str | os.PathLike[str], *, source_name: str | None = None) -> Plan:
+    """Load a plan from a file path, or from YAML text if given a `str` containing a newline."""
+    if isinstance(path_or_text, str) and "\n" in path_or_text:
+        return parse_plan_text(path_or_text, source_name or "<string>")
+    path = Path(path_or_text)
+    return parse_plan_text(_read(path), source_name or str(path))
+
+
+def parse_plan_text(text: str, source_name: str) -> Plan:
+    """Parse and validate plan YAML; `source_name` is the FILE part of error locations."""
+    data, positions = _parse_yaml(text, source_name)
+    if not isinstance(data, dict):
+        got = "an empty document" if data is None else f"a {type(data).__name__}"
+        raise PlanError(f"{_where(source_name, positions, ())}: a plan must be a YAML mapping "
+                        f"with keys {', '.join(Plan.model_fields)}; got {got}")
+    try:
+        plan = Plan.model_validate(data)
+    except ValidationError as exc:
+        messages = [_describe(error, source_name, positions) for error in exc.errors()]
+        raise PlanError("\n".join(messages)) from None
+    plan._source = source_name
+    plan._positions = positions
+    return plan
+
+
+def locate(plan: Plan, path: FieldPath) -> str | None:
+    """`FILE:LINE:COL` of a field such as ("rules", 0, "match"), or of its nearest located
+    parent; None for a plan that was not loaded from text."""
+    if plan._source is None or not plan._positions:
+        return None
+    return _where(plan._source, plan._positions, tuple(path))
+
+
+def field_path(path: FieldPath) -> str:
+    """Dotted form of a field path: ("rules", 1, "moe") -> "rules[1].moe"."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "<plan>"
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PlanError(f"{path}: plan file not found; check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlanError(f"{path}: cannot read plan file: {exc}") from None
+
+
+def _parse_yaml(text: str, source: str) -> tuple[Any, Positions]:
+    loader = _PlanLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = None if node is None else loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise PlanError(_yaml_message(exc, source)) from None
+    finally:
+        loader.dispose()
+    positions: Positions = {}
+    if node is not None:
+        positions[()] = _line_col(node.start_mark)
+        _collect_positions(node, (), positions, set())
+    return data, positions
+
+
+def _yaml_message(exc: yaml.YAMLError, source: str) -> str:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{source}:{_line_col(mark)[0]}:{_line_col(mark)[1]}" if mark else source
+    if isinstance(exc, yaml.MarkedYAMLError):
+        detail = ", ".join(part for part in (exc.context, exc.problem) if part)
+    else:
+        detail = str(exc)
+    return f"{where}: invalid YAML: {detail}"
+
+
+def _collect_positions(node: yaml.Node, path: FieldPath, out: Positions, seen: set[int]) -> None:
+    # An alias is the same node object as its anchor: locate it, but do not walk it again
+    # (that also keeps recursive aliases from looping).
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    for sub, mark_node, child in _children(node, path):
+        out[sub] = _line_col(mark_node.start_mark)
+        _collect_positions(child, sub, out, seen)
+
+
+def _children(node: yaml.Node, path: FieldPath) -> list[tuple[FieldPath, yaml.Node, yaml.Node]]:
+    """(path, node that marks the field, value node); a mapping field is located at its key."""
+    if isinstance(node, yaml.MappingNode):
+        return [(path + (key.value,), key, value) for key, value in node.value
+                if isinstance(key, yaml.ScalarNode)]
+    if isinstance(node, yaml.SequenceNode):
+        return [(path + (i,), item, item) for i, item in enumerate(node.value)]
+    return []
+
+
+def _line_col(mark: yaml.Mark) -> tuple[int, int]:
+    return mark.line + 1, mark.column + 1
+
+
+def _where(source: str, positions: Positions, path: FieldPath) -> str:
+    # A missing or unknown field has no position of its own; point at its closest parent.
+    for end in range(len(path), -1, -1):
+        if path[:end] in positions:
+            line, col = positions[path[:end]]
+            return f"{source}:{line}:{col}"
+    return source
+
+
+def _describe(error: ErrorDetails, source: str, positions: Positions) -> str:
+    path = tuple(error["loc"])
+    return f"{_where(source, positions, path)}: {field_path(path)}: {_explain(error, path)}"
+
+
+def _explain(error: ErrorDetails, path: FieldPath) -> str:
+    if error["type"] == "extra_forbidden":
+        return _unknown_key(path)
+    if error["type"] == "missing":
+        allowed = _literal_values(path)
+        return "required key is missing" + (f"; allowed values: {allowed}" if allowed else "")
+    message = error["msg"].removeprefix("Value error, ")
+    value = error["input"]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        message += f" (got {value!r})"
+    return message
+
+
+def _unknown_key(path: FieldPath) -> str:
+    model = _model_at(path[:-1])
+    allowed = sorted(model.model_fields) if model else []
+    close = difflib.get_close_matches(str(path[-1]), allowed, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "."
+    return f"unknown key {path[-1]!r}{hint} Allowed keys: {', '.join(allowed)}."
+
+
+def _literal_values(path: FieldPath) -> str:
+    """The allowed values of a Literal-typed field, quoted and comma-separated, or ""."""
+    model = _model_at(path[:-1])
+    field = model.model_fields.get(str(path[-1])) if model else None
+    if field is None or get_origin(field.annotation) is not Literal:
+        return ""
+    return ", ".join(repr(value) for value in get_args(field.annotation))
+
+
+def _model_at(path: FieldPath) -> type[BaseModel] | None:
+    """The model class that validates the mapping at `path` (sequence indices are skipped)."""
+    model: type[BaseModel] | None = Plan
+    for part in path:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        model = _model_in(field.annotation) if field else None
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    # Unwraps `X | None` and `tuple[X, ...]` to the model class inside.
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next(filter(None, map(_model_in, get_args(annotation))), None)

@@ -1,0 +1,61 @@
+"""`planc run`: launch an artifact on its ranks, generate, and collect rank 0's figures."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from planc.errors import RunError
+from planc.models.tokenizer import decode, encode
+from planc.runtime.engine import read_manifest
+from planc.runtime.launch import launch
+from planc.runtime.triton_ops import default_kernels
+from planc.verify import DEFAULT_PROMPTS, default_prompt_ids
+
+
+def per_step(stats: dict, steps: int) -> dict:
+    return {op: {"calls": c["calls"] / max(steps, 1), "bytes": c["bytes"] / max(steps, 1)} for op, c in stats.items()}
+
+
+def _prompt_ids(manifest: dict, prompts: list[str] | None) -> list[list[int]]:
+    if prompts and manifest["model"]["tokenizer"] != "bytes":
+        raise RunError("this model has no bundled tokenizer; --prompt text works only with the byte-level bundled models")
+    return [encode(p) for p in prompts] if prompts else default_prompt_ids(manifest)
+
+
+def run(artifact: Path, *, nproc: int | None = None, prompts: list[str] | None = None, max_new_tokens: int = 64,
+        sampling: dict | None = None, kernels: str | None = None, timeout_s: float = 900, rdzv: dict | None = None) -> dict:
+    manifest = read_manifest(artifact)
+    world, nnodes = manifest["world_size"], (rdzv or {}).get("nnodes", 1)
+    nproc = nproc or world // nnodes
+    if nproc * nnodes != world:
+        raise RunError(f"{artifact}: compiled for mesh.devices = {world}, but --nproc {nproc} x {nnodes} node(s) "
+                       f"= {nproc * nnodes} ranks; run with --nproc {world // nnodes} or recompile the plan")
+    kernels = kernels or default_kernels()
+    ids = _prompt_ids(manifest, prompts)
+    args = {"artifact": str(Path(artifact).resolve()), "prompts": ids, "max_new_tokens": max_new_tokens,
+            "sampling": sampling or {}, "kernels": kernels}
+    results = launch("planc.runtime.worker:main", args, nproc, timeout_s=timeout_s, rdzv=rdzv,
+                     backend=manifest["backend"])
+    r0 = results[0]
+    new_tokens = sum(len(t) for t in r0["tokens"])
+    return {
+        "world_size": world, "kernels": kernels,
+        "prompts": prompts or list(DEFAULT_PROMPTS) if manifest["model"]["tokenizer"] == "bytes" else ids,
+        "texts": [decode(t) for t in r0["tokens"]] if manifest["model"]["tokenizer"] == "bytes" else None,
+        "tokens": r0["tokens"],
+        "new_tokens": new_tokens,
+        "prefill_s": r0["prefill_s"], "decode_s": r0["decode_s"], "decode_steps": r0["decode_steps"],
+        "decode_tokens_per_s": len(ids) * r0["decode_steps"] / r0["decode_s"] if r0["decode_s"] else 0.0,
+        "collectives_per_decode_step": per_step(r0["comm"].get("decode", {}), r0["decode_steps"]),
+        "collectives_prefill": r0["comm"].get("prefill", {}),
+    }
+
+
+def format_run(result: dict) -> str:
+    lines = []
+    for prompt, text in zip(result["prompts"], result["texts"] or result["tokens"]):
+        lines += [f"--- prompt: {prompt!r}", f"{prompt}{text}" if isinstance(text, str) else str(text)]
+    lines.append(f"--- {result['world_size']} ranks, kernels={result['kernels']}: prefill {result['prefill_s'] * 1e3:.1f} ms, "
+                 f"{result['decode_steps']} decode steps at {result['decode_tokens_per_s']:.1f} tokens/s (batch {len(result['tokens'])})")
+    for op, c in sorted(result["collectives_per_decode_step"].items()):
+        lines.append(f"    per decode step: {op:<18} {c['calls']:.0f} calls  {c['bytes']:.0f} logical bytes (rank 0)")
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""`--kernels triton`: the reference ops with GEMM, RMSNorm and decode attention in Triton.
+
+The kernels are the artifact's own copies (ARTIFACT/kernels/*.py), so a run uses exactly the code
+the compile emitted. Prefill attention (S > 1) stays in PyTorch.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from planc.lift.ops import Ops
+
+
+def _load(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"planc_artifact_kernels.{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class TritonOps(Ops):
+    name = "triton"
+
+    def __init__(self, kernel_dir: Path):
+        k = {p.stem: _load(p) for p in sorted(Path(kernel_dir).glob("*.py"))}
+        self._linear, self._rmsnorm = k["linear"].linear, k["rmsnorm"].rmsnorm
+        self._mla, self._gqa = k["mla_decode"].mla_decode, k["gqa_decode"].gqa_decode
+
+    def linear(self, x, w, b=None):
+        y = self._linear(x, w)
+        return y if b is None else y + b
+
+    def rmsnorm(self, x, w, eps):
+        return self._rmsnorm(x, w, eps)
+
+    def mla_decode(self, q_lat_BHC, q_pe_BHR, ckv_BTC, kpe_BTR, key_mask_BT, scale):
+        return self._mla(q_lat_BHC.contiguous(), q_pe_BHR.contiguous(), ckv_BTC, kpe_BTR, key_mask_BT, scale)
+
+    def gqa_decode(self, q_BHD, k_BTGD, v_BTGD, key_mask_BT, scale):
+        return self._gqa(q_BHD.contiguous(), k_BTGD, v_BTGD, key_mask_BT, scale)
+
+
+def make_ops(kernels: str, artifact: Path) -> Ops:
+    if kernels == "torch":
+        return Ops()
+    if kernels == "triton":
+        return TritonOps(artifact / "kernels")
+    raise ValueError(f"--kernels {kernels!r}: choose torch or triton")
+
+
+def default_kernels() -> str:
+    return "triton" if torch.cuda.is_available() else "torch"

@@ -1,0 +1,17 @@
+"""A rank's tensors by full FQN, with cached per-block views (`W.scope("model.layers.0.mlp")`)."""
+from __future__ import annotations
+
+import torch
+
+
+class Weights(dict):
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        super().__init__(tensors)
+        self._scopes: dict[str, dict[str, torch.Tensor]] = {}
+
+    def scope(self, fqn: str) -> dict[str, torch.Tensor]:
+        """The tensors under `fqn.`, keyed by the rest of their name (built once, then reused)."""
+        if fqn not in self._scopes:
+            prefix = fqn + "."
+            self._scopes[fqn] = {k[len(prefix):]: v for k, v in self.items() if k.startswith(prefix)}
+        return self._scopes[fqn]

@@ -1,0 +1,73 @@
+"""launch(): real spawned gloo ranks on 127.0.0.1; results, output, failures and the timeout."""
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from planc.errors import RunError
+from planc.runtime.launch import _read_results, launch, write_result
+
+
+def test_results_args_and_rank0_output(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    handler_before = signal.getsignal(signal.SIGINT)
+    args = {"word": "hello", "nested": [1, 2]}
+    (tmp_path / "rank2.json").write_text('"stale"')  # from an "earlier run": must not come back
+    results = launch("tests.runtime.workers:echo", args, 3, timeout_s=90, backend="gloo", result_dir=tmp_path)
+    assert results == [
+        {"rank": 0, "args": args, "gloo_ifname": "lo"},
+        {"rank": 1, "args": args, "gloo_ifname": "lo"},
+        None,  # the last rank writes nothing
+    ]
+    out = capfd.readouterr().out
+    assert "echo from rank 0: hello" in out
+    assert "echo from rank 1" not in out and "echo from rank 2" not in out
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the agent's handlers were undone
+
+
+def test_first_failing_rank_is_reported_promptly() -> None:
+    start = time.monotonic()
+    with pytest.raises(RunError) as info:
+        launch("tests.runtime.workers:raise_on_rank", {"rank": 1, "message": "boom at step 3"}, 2, timeout_s=60)
+    elapsed = time.monotonic() - start
+    message = str(info.value)
+    assert elapsed < 60, elapsed
+    assert message.startswith("rank 1 failed first"), message
+    assert "ValueError: boom at step 3" in message
+    assert "raise_on_rank" in message  # the traceback tail names the failing function
+
+
+def test_timeout_stops_every_rank() -> None:
+    start = time.monotonic()
+    with pytest.raises(RunError, match=r"exceeded timeout_s=8 s"):
+        launch("tests.runtime.workers:sleep_on_rank", {"rank": 1, "seconds": 300}, 2, timeout_s=8)
+    assert time.monotonic() - start < 40
+
+
+@pytest.mark.parametrize(
+    ("entry", "fix"),
+    [("tests.runtime.workers", "package.module:function"), ("no_such_pkg.mod:main", "not importable")],
+)
+def test_bad_entry_is_rejected_before_starting(entry: str, fix: str) -> None:
+    with pytest.raises(RunError, match=fix):
+        launch(entry, [], 2, timeout_s=5)
+
+
+def test_bad_rdzv_and_backend_are_rejected() -> None:
+    with pytest.raises(RunError, match="unknown keys \\['master_port'\\]"):
+        launch("tests.runtime.workers:echo", [], 2, timeout_s=5, rdzv={"master_port": 1})
+    with pytest.raises(RunError, match="nnodes=2 needs rdzv_endpoint"):
+        launch("tests.runtime.workers:echo", [], 2, timeout_s=5, rdzv={"nnodes": 2})
+    with pytest.raises(RunError, match="backend='mpi'"):
+        launch("tests.runtime.workers:echo", [], 2, timeout_s=5, backend="mpi")
+
+
+def test_no_result_files_give_none(tmp_path: Path) -> None:
+    assert _read_results(tmp_path, 2) is None
+
+
+def test_write_result_outside_a_worker_explains() -> None:
+    with pytest.raises(RuntimeError, match="only inside a worker"):
+        write_result({"x": 1})
