@@ -1,0 +1,1 @@
+"""The bundled models: corpus, training, evaluation."""
