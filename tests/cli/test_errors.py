@@ -1,0 +1,95 @@
+"""Bad input: a clear error naming the field or file and a fix, exit status 2, no artifact."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from planc.cli import main
+from tests.conftest import PLANS
+
+GOOD = (PLANS / "deepseek_mla_tp_ep.yaml").read_text()
+
+
+def compile_fails(tmp_path: Path, capsys, plan_text: str | None = None, model: str = "tiny-deepseek") -> str:
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(plan_text if plan_text is not None else GOOD)
+    out = tmp_path / "artifact"
+    code = main(["compile", model, str(plan), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".artifact")]  # no temp dirs left
+    return err
+
+
+def test_unknown_key(tmp_path, capsys):
+    err = compile_fails(tmp_path, capsys, GOOD.replace("attention: {strategy: mla_tp}", "atention: {strategy: mla_tp}"))
+    assert "plan.yaml:" in err and "'atention'" in err and "did you mean 'attention'" in err
+
+
+def test_duplicate_key(tmp_path, capsys):
+    err = compile_fails(tmp_path, capsys, GOOD.replace("mesh: {devices: 2}", "mesh: {devices: 2, devices: 4}"))
+    assert "duplicate key 'devices'" in err and "plan.yaml:" in err
+
+
+def test_malformed_yaml(tmp_path, capsys):
+    err = compile_fails(tmp_path, capsys, GOOD.replace("mesh: {devices: 2}", "mesh: {devices: 2"))
+    assert "invalid YAML" in err and "plan.yaml:" in err
+
+
+def test_rule_matching_nothing(tmp_path, capsys):
+    err = compile_fails(tmp_path, capsys, GOOD.replace('"model.layers.*.self_attn"', '"model.layer.*.self_attn"'))
+    assert "rules[0].match" in err and "bound no attention block" in err and "model.layers.0.self_attn" in err
+
+
+def test_heads_not_divisible_lists_valid_degrees(tmp_path, capsys):
+    err = compile_fails(tmp_path, capsys, GOOD.replace("devices: 2", "devices: 3"))
+    assert "4 heads over 3 devices" in err and "valid degrees: 1, 2, 4" in err
+
+
+def test_strategy_for_wrong_block_kind(tmp_path, capsys):
+    err = compile_fails(tmp_path, capsys, GOOD.replace("strategy: mla_tp", "strategy: tp"))
+    assert "'tp' does not apply" in err and "use 'mla_tp'" in err
+
+
+def test_missing_checkpoint_weights(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    err = compile_fails(tmp_path, capsys, model=str(ckpt))
+    assert str(ckpt) in err and "no weight files" in err
+
+
+def test_corrupt_checkpoint(tmp_path, capsys):
+    from planc.models.registry import load_model
+
+    ckpt = tmp_path / "ckpt"
+    load_model("tiny-draft").save_pretrained(ckpt)
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated download
+    err = compile_fails(tmp_path, capsys, model=str(ckpt))
+    assert str(ckpt) in err and "cannot load checkpoint" in err
+
+
+def test_unknown_model_name(tmp_path, capsys):
+    err = compile_fails(tmp_path, capsys, model="tiny-deepsek")
+    assert "'tiny-deepsek'" in err and "tiny-deepseek" in err
+
+
+def test_devices_differ_from_launched_world_size(compiled, capsys):
+    artifact = compiled("deepseek_mla_tp_ep.yaml", 2)
+    code = main(["run", str(artifact), "--nproc", "4", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "mesh.devices = 2" in err and "--nproc 2" in err
+
+
+def test_run_needs_an_artifact(tmp_path, capsys):
+    assert main(["run", str(tmp_path)]) == 2
+    assert "not a planc artifact" in capsys.readouterr().err
+
+
+def test_full_size_model_needs_meta(tmp_path, capsys):
+    err = compile_fails(tmp_path, capsys, GOOD.replace("tiny-deepseek", "deepseek-v3"), model="deepseek-v3")
+    assert "--meta" in err

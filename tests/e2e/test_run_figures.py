@@ -1,0 +1,71 @@
+"""report.json's collective figures against what the Comm wrapper measured in a real run,
+`--kernels triton` against `--kernels torch`, and a rank that fails mid-run."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+
+from planc.cli import main
+from planc.run import run
+
+
+def _report(artifact):
+    return json.loads((artifact / "report.json").read_text())
+
+
+@pytest.mark.parametrize("plan,world", [("deepseek_mla_tp_ep.yaml", 2), ("deepseek_mla_tp_ep.yaml", 4), ("draft_tp.yaml", 2)])
+def test_report_collectives_equal_measured(compiled, plan, world):
+    artifact = compiled(plan, world)
+    report = _report(artifact)
+    result = run(artifact, max_new_tokens=6, timeout_s=300)
+    measured = result["collectives_per_decode_step"]
+    predicted = report["collectives_per_decode_step"]
+    assert {op: c["calls"] for op, c in measured.items()} == {op: c["calls"] for op, c in predicted.items()}
+    batch = len(result["tokens"])  # one token per row per decode step
+    assert measured["all_reduce"]["bytes"] == predicted["all_reduce"]["bytes_per_token"] * batch
+    if "all_gather_varlen" in predicted:
+        assert measured["all_gather_varlen"]["bytes"] == predicted["all_gather_varlen"]["bytes_per_token"] * batch
+        assert measured["all_to_all"]["bytes"] <= predicted["all_to_all"]["bytes_per_token_max"] * batch
+
+
+def test_collective_counts_follow_the_formula(compiled):
+    """One all-reduce per attention layer and per dense MLP; dispatch + combine (+ restore) per MoE layer."""
+    report = _report(compiled("deepseek_mla_tp_ep.yaml", 2))
+    layers, moe_layers = 4, 3
+    per_step = report["collectives_per_decode_step"]
+    assert per_step["all_reduce"]["calls"] == layers + (layers - moe_layers)
+    assert per_step["all_to_all"]["calls"] == 2 * moe_layers
+    assert per_step["all_gather_varlen"]["calls"] == moe_layers
+
+
+def test_mla_tp_kv_width_is_latent_plus_rope_on_every_rank(compiled):
+    report = _report(compiled("deepseek_mla_tp_ep.yaml", 2))
+    assert set(report["kv_width_per_rank"].values()) == {64 + 16}
+    assert all(r["kv_bytes_per_token"] == 4 * (64 + 16) * 4 for r in report["per_rank"])  # layers x width x fp32
+
+
+def test_triton_kernels_give_the_same_tokens(compiled):
+    artifact = compiled("deepseek_mla_tp_ep.yaml", 2)
+    prompts = ["def f(x):"]
+    torch_run = run(artifact, prompts=prompts, max_new_tokens=5, kernels="torch", timeout_s=300)
+    triton_run = run(artifact, prompts=prompts, max_new_tokens=5, kernels="triton", timeout_s=500)
+    assert triton_run["tokens"] == torch_run["tokens"]
+
+
+def test_failing_rank_ends_the_run(compiled, tmp_path, capsys):
+    artifact = tmp_path / "faulty"
+    shutil.copytree(compiled("deepseek_mla_tp_ep.yaml", 2), artifact)
+    program = artifact / "program.py"
+    marker = "    ops, comm, W, kv = rt.ops, rt.comm, rt.weights, rt.kv\n"
+    fault = marker + "    if comm.rank == 1 and step.start > 0:\n        raise RuntimeError('injected fault in decode')\n"
+    program.write_text(program.read_text().replace(marker, fault))
+    started = time.monotonic()
+    code = main(["run", str(artifact), "--max-new-tokens", "4", "--timeout", "120"])
+    elapsed = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert code != 0
+    assert elapsed < 60
+    assert "rank 1" in err and "injected fault in decode" in err
