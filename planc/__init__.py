@@ -15,3 +15,18 @@ if "TRITON_INTERPRET" not in os.environ:
         pass
 
 __version__ = "0.1.0"
+
+__all__ = ["Artifact", "compile", "load_plan"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import planc` stays cheap (kernels and the CLI import it first).
+    if name in ("compile", "Artifact"):
+        from planc import driver
+
+        return getattr(driver, name)
+    if name == "load_plan":
+        from planc.plan import load_plan
+
+        return load_plan
+    raise AttributeError(f"module 'planc' has no attribute {name!r}")
