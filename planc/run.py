@@ -42,6 +42,7 @@ def run(artifact: Path, *, nproc: int | None = None, prompts: list[str] | None =
         "prompts": prompts or list(DEFAULT_PROMPTS) if manifest["model"]["tokenizer"] == "bytes" else ids,
         "texts": [decode(t) for t in r0["tokens"]] if manifest["model"]["tokenizer"] == "bytes" else None,
         "tokens": r0["tokens"],
+        "ranks_agree": all(r is None or r["tokens"] == r0["tokens"] for r in results),
         "new_tokens": new_tokens,
         "prefill_s": r0["prefill_s"], "decode_s": r0["decode_s"], "decode_steps": r0["decode_steps"],
         "decode_tokens_per_s": len(ids) * r0["decode_steps"] / r0["decode_s"] if r0["decode_s"] else 0.0,
