@@ -48,9 +48,20 @@ def _fill(tmp: Path, manifest: dict, program: str, report: dict, rank_tensors) -
     if rank_tensors is not None:
         (tmp / "weights").mkdir()
         for rank, tensors in enumerate(rank_tensors):
-            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / "weights" / f"rank{rank}.safetensors")
+            save_file(_unaliased(tensors), tmp / "weights" / f"rank{rank}.safetensors")
     (tmp / "report.json").write_text(json.dumps(report, indent=1))
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: its presence marks completeness
+
+
+def _unaliased(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses views of one storage (e.g. a head slice that is the whole tensor)."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        out[name] = t.detach().clone() if ptr in seen else t.detach().contiguous()
+        seen.add(ptr)
+    return out
 
 
 def _swap_in(tmp: Path, out: Path) -> None:

@@ -78,6 +78,47 @@ def _dense_tp(W: Tensors, meta: NodeInfo, rank: int) -> Tensors:
     return W
 
 
+def _fold(W: Tensors, d, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(U^T-rotated latent rows ++ rope rows of kv_a_proj, its bias, kv_b_proj . diag(gamma) . U), in fp64."""
+    C = d.kv_lora_rank
+    Wa, ba = W["kv_a_proj_with_mqa.weight"].double(), W.get("kv_a_proj_with_mqa.bias")
+    kv_a = torch.cat([U.T @ Wa[:C], Wa[C:]])
+    bias = torch.cat([U.T @ ba.double()[:C], ba.double()[C:]]) if ba is not None else None
+    kv_b = W["kv_b_proj.weight"].double() * W["kv_a_layernorm.weight"].double()[None, :] @ U
+    return kv_a, bias, kv_b
+
+
+def _tpla(W: Tensors, meta: NodeInfo, rank: int, U: torch.Tensor) -> Tensors:
+    d, sh = meta.dims, meta.shard
+    dtype = W["kv_b_proj.weight"].dtype
+    kv_a, kv_a_bias, kv_b = (t.to(dtype) if t is not None else None for t in _fold(W, d, U.to(W["kv_b_proj.weight"].device)))
+    group, member = divmod(rank, sh["group_size"])
+    lo, hi = group * sh["latent_per_rank"], (group + 1) * sh["latent_per_rank"]
+    heads = sh["heads_per_rank"]
+    h_lo, h_hi = member * heads, (member + 1) * heads
+    qk, kv = d.nope_dim + d.rope_dim, d.nope_dim + d.v_dim
+    q_name = "q_b_proj.weight" if d.q_lora_rank else "q_proj.weight"
+    full_q, full_o = W[q_name], W["o_proj.weight"]
+    out = {k: v for k, v in W.items() if not k.startswith(("kv_a_proj_with_mqa.", "kv_a_layernorm.", "kv_b_proj."))}
+    out["tpla.kv_a.weight"] = torch.cat([kv_a[lo:hi], kv_a[d.kv_lora_rank:]])
+    if kv_a_bias is not None:
+        out["tpla.kv_a.bias"] = torch.cat([kv_a_bias[lo:hi], kv_a_bias[d.kv_lora_rank:]])
+    out[q_name] = _rows(full_q, h_lo * qk, h_hi * qk)
+    out["kv_b_proj.weight"] = _rows(kv_b, h_lo * kv, h_hi * kv)[:, lo:hi]
+    out["o_proj.weight"] = _cols(full_o, h_lo * d.v_dim, h_hi * d.v_dim)
+    if sh["prefill_heads_per_rank"]:  # exact MLA prefill: this rank's prefill heads over the full latent
+        p_lo, p_hi = rank * sh["prefill_heads_per_rank"], (rank + 1) * sh["prefill_heads_per_rank"]
+        out["kv_a_proj_with_mqa.weight"] = kv_a
+        if kv_a_bias is not None:
+            out["kv_a_proj_with_mqa.bias"] = kv_a_bias
+        out["kv_a_layernorm.weight"] = torch.ones_like(W["kv_a_layernorm.weight"])
+        out[f"prefill.{q_name}"] = _rows(full_q, p_lo * qk, p_hi * qk)
+        out["prefill.kv_b_proj.weight"] = _rows(kv_b, p_lo * kv, p_hi * kv)
+        out["prefill.o_proj.weight"] = _cols(full_o, p_lo * d.v_dim, p_hi * d.v_dim)
+    _row_parallel_bias(out, "o_proj.bias", rank)
+    return out
+
+
 def _ep(W: Tensors, meta: NodeInfo, rank: int) -> Tensors:
     local = torch.tensor([e for e, r in enumerate(meta.shard["owner"]) if r == rank])
     for name in ("experts.gate_up_proj", "experts.down_proj"):
@@ -95,20 +136,23 @@ SHARDERS: dict[tuple[str, str], Callable[[Tensors, NodeInfo, int], Tensors]] = {
 
 def _owning_nodes(graph: fx.Graph) -> list[fx.Node]:
     """One node per block that owns weights (an EP block is represented by its moe_route)."""
-    kinds = ("embedding", "rmsnorm", "mla_attention", "gqa_attention", "mlp", "moe", "moe_route", "lm_head")
+    kinds = ("embedding", "rmsnorm", "mla_attention", "gqa_attention", "mlp", "moe", "moe_route", "tpla_latent", "lm_head")
     return block_nodes(graph, *kinds)
 
 
-def partition(graph: fx.Graph, full: Tensors, rank: int) -> Tensors:
-    """This rank's tensors, keyed by full FQN; attention blocks also get `<fqn>.rotary.inv_freq`."""
+def partition(graph: fx.Graph, full: Tensors, rank: int, transforms: dict[str, torch.Tensor] | None = None) -> Tensors:
+    """This rank's tensors, keyed by full FQN; attention blocks also get `<fqn>.rotary.inv_freq`.
+
+    `transforms` holds TPLA's latent rotation U per layer (planc.transforms)."""
     out: Tensors = {}
     for node in _owning_nodes(graph):
         meta = info(node)
         W = _scoped(full, meta.fqn)
-        sharder = SHARDERS.get((meta.kind, meta.strategy))
-        if sharder is not None:
+        if meta.kind == "tpla_latent":
+            W = _tpla(W, meta, rank, transforms[meta.fqn])
+        elif (sharder := SHARDERS.get((meta.kind, meta.strategy))) is not None:
             W = sharder(W, meta, rank)
-        if meta.kind.endswith("attention") and ROTARY in full:
+        if (meta.kind.endswith("attention") or meta.kind == "tpla_latent") and ROTARY in full:
             W["rotary.inv_freq"] = full[ROTARY].clone()  # one copy per block: safetensors refuses aliases
         out |= {f"{meta.fqn}.{k}": v.contiguous() for k, v in W.items()}
     return out

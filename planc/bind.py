@@ -15,7 +15,7 @@ from planc.ir import block_nodes, copy_graph, info
 from planc.plan import Plan, locate
 
 SECTION_KINDS = {"attention": ("mla_attention", "gqa_attention"), "mlp": ("mlp",), "moe": ("moe",)}
-STRATEGY_KINDS = {"mla_tp": ("mla_attention",), "tp": ("gqa_attention", "mlp"), "ep": ("moe",)}
+STRATEGY_KINDS = {"mla_tp": ("mla_attention",), "tpla": ("mla_attention",), "tp": ("gqa_attention", "mlp"), "ep": ("moe",)}
 
 
 def bind(graph: fx.Graph, plan: Plan) -> fx.Graph:

@@ -26,13 +26,15 @@ from planc.passes.attention_tp import attention_tp
 from planc.passes.dense_tp import dense_tp
 from planc.passes.ep import ep
 from planc.passes.mla_tp import mla_tp
+from planc.passes.tpla import tpla
 from planc.passmanager import PassContext, run_passes
 from planc.plan import Plan, load_plan
 from planc.report.report import build_report, cache_specs
+from planc.transforms import latent_transforms
 from planc.runtime.engine import DTYPES
 
 # The fixed order in which passes run (printed by `planc compile`).
-PASSES = [("mla_tp", mla_tp), ("attention_tp", attention_tp), ("dense_tp", dense_tp), ("ep", ep)]
+PASSES = [("mla_tp", mla_tp), ("tpla", tpla), ("attention_tp", attention_tp), ("dense_tp", dense_tp), ("ep", ep)]
 
 
 @dataclass
@@ -68,11 +70,13 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
     ctx = PassContext(plan, plan.mesh.devices, strict)
     graph = run_passes(bind(lifted.graph, plan), PASSES, ctx)
     log(f"passes   {' -> '.join(name for name, _ in PASSES)}: {sum(r.action == 'applied' for r in ctx.records)} rewrites")
+    transforms, transform_notes = latent_transforms(graph, model, meta)
     full = model_tensors(model)
-    ranks = [partition(graph, full, r) for r in range(plan.mesh.devices)]
+    ranks = [partition(graph, full, r, transforms) for r in range(plan.mesh.devices)]
     manifest = _manifest(model, source, plan, graph, meta)
     report = build_report(graph, ctx, ranks, hidden=model.config.hidden_size,
                           elem=DTYPES[manifest["dtype"]].itemsize, checks=lifted.checks, meta=meta)
+    report["latent_transforms"] = transform_notes
     report["compile_seconds"] = time.perf_counter() - started
     program = emit_program(graph, model=source, world_size=plan.mesh.devices, plan_hash=plan.hash())
     path = write_artifact(Path(out), manifest=manifest, program=program, report=report,

@@ -48,7 +48,7 @@ def _stand_in(name: str):
 
 
 OPS = {name: _stand_in(name) for name in BLOCK_KINDS + COLLECTIVES + (
-    "add", "moe_route", "moe_dispatch", "moe_experts", "moe_combine")}
+    "add", "moe_route", "moe_dispatch", "moe_experts", "moe_combine", "tpla_latent", "tpla_attention")}
 
 
 def add_node(graph: fx.Graph, kind: str, args: tuple, meta: NodeInfo, name: str | None = None) -> fx.Node:

@@ -17,7 +17,8 @@ from torch import nn
 from planc.lift.ops import GqaCache, MlaCache, Ops, Step
 from planc.lift.recognize import Block
 
-TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+# fp64 is loose because transformers computes RMSNorm in fp32 whatever the model dtype.
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
 @dataclass(frozen=True)

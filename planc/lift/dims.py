@@ -46,3 +46,19 @@ class RouterDims:
     top_k: int
     normalize: bool
     scaling: float
+
+
+@dataclass(frozen=True)
+class TplaDims:
+    """One rank's share of a TPLA layer (every rank has the same numbers; slices live in weights).
+
+    mla.num_heads: decode heads on this rank (heads split over the group_size ranks of a group);
+    latent: this rank's slice width C/g; prefill_heads: heads per rank in exact-MLA prefill
+    (0 when prefill uses the sliced formula too); group_size: ranks sharing one slice.
+    """
+
+    mla: MlaDims
+    latent: int
+    group_size: int
+    prefill_heads: int
+    exact_rmsnorm: bool

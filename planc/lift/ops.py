@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from planc.lift.dims import GqaDims, MlaDims, RouterDims
+from planc.lift.dims import GqaDims, MlaDims, RouterDims, TplaDims
 
 Weights = dict[str, torch.Tensor]
 
@@ -41,6 +41,15 @@ class Step:
 class MlaCache:
     ckv_BTC: torch.Tensor  # normalized latent; also the value
     kpe_BTR: torch.Tensor  # rotated rope key, shared by all heads
+
+
+@dataclass
+class TplaLatent:
+    """This step's latent slice (before normalization), rope key, and per-token sum of squares."""
+
+    c_BSC: torch.Tensor
+    k_pe_BSR: torch.Tensor
+    sumsq_BS1: torch.Tensor
 
 
 @dataclass
@@ -81,9 +90,14 @@ def attention_mask(step: Step, num_queries: int) -> torch.Tensor:
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    logits = logits.float().masked_fill(~mask, float("-inf"))
+    logits = acc(logits).masked_fill(~mask, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.nan_to_num(probs, nan=0.0)  # fully masked rows (padding queries) give zeros
+
+
+def acc(x: torch.Tensor) -> torch.Tensor:
+    """Norm statistics in at least fp32 (fp64 stays fp64, so fp64 checks can be exact)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def act(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -104,7 +118,7 @@ class Ops:
         return F.linear(x, w, b)
 
     def rmsnorm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-        h = x.float()
+        h = acc(x)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
         return w * h.to(x.dtype)
 
@@ -133,18 +147,10 @@ class Ops:
     def mla_attention(self, x_BSD, step: Step, cache: MlaCache, W: Weights, d: MlaDims) -> torch.Tensor:
         """MLA in the absorbed form over the latent cache; returns this rank's partial o_proj output."""
         B, S, _ = x_BSD.shape
-        if d.q_lora_rank:
-            q_lat = self.rmsnorm(self.linear(x_BSD, W["q_a_proj.weight"], W.get("q_a_proj.bias")),
-                                 W["q_a_layernorm.weight"], d.eps)
-            q = self.linear(q_lat, W["q_b_proj.weight"])
-        else:
-            q = self.linear(x_BSD, W["q_proj.weight"])
-        q_nope, q_pe = q.view(B, S, d.num_heads, -1).split([d.nope_dim, d.rope_dim], dim=-1)
+        q_nope, q_pe, (cos, sin) = self._mla_queries(x_BSD, step, W, d)
         kv = self.linear(x_BSD, W["kv_a_proj_with_mqa.weight"], W.get("kv_a_proj_with_mqa.bias"))
         c_kv, k_pe = kv.split([d.kv_lora_rank, d.rope_dim], dim=-1)
         c_kv = self.rmsnorm(c_kv, W["kv_a_layernorm.weight"], d.eps)
-        cos, sin = rope_cos_sin(step.pos_BS, W["rotary.inv_freq"], d.rope_scaling, x_BSD.dtype)
-        q_pe = apply_rope(q_pe, cos, sin, d.rope_interleave)
         k_pe = apply_rope(k_pe[:, :, None, :], cos, sin, d.rope_interleave)[:, :, 0]
         end = step.start + S
         cache.ckv_BTC[:, step.start:end] = c_kv
@@ -155,6 +161,61 @@ class Ops:
         o_lat = self._mla_core(q_lat, q_pe, cache, step, S, d.scale)
         o = torch.einsum("bshc,hvc->bshv", o_lat, w_uv).reshape(B, S, d.num_heads * d.v_dim)
         return self.linear(o, W["o_proj.weight"], W.get("o_proj.bias"))
+
+    def _mla_queries(self, x_BSD, step: Step, W: Weights, d: MlaDims, q_b: str = "q_b_proj.weight"):
+        B, S, _ = x_BSD.shape
+        if d.q_lora_rank:
+            q_lat = self.rmsnorm(self.linear(x_BSD, W["q_a_proj.weight"], W.get("q_a_proj.bias")),
+                                 W["q_a_layernorm.weight"], d.eps)
+            q = self.linear(q_lat, W[q_b])
+        else:
+            q = self.linear(x_BSD, W[q_b.replace("q_b_proj", "q_proj")])
+        q_nope, q_pe = q.view(B, S, d.num_heads, -1).split([d.nope_dim, d.rope_dim], dim=-1)
+        cos, sin = rope_cos_sin(step.pos_BS, W["rotary.inv_freq"], d.rope_scaling, x_BSD.dtype)
+        return q_nope, apply_rope(q_pe, cos, sin, d.rope_interleave), (cos, sin)
+
+    def tpla_latent(self, x_BSD, W: Weights, d: TplaDims) -> TplaLatent:
+        """This rank's latent slice c'_j = (U^T W_DKV)_j x and the shared rope key (not yet rotated)."""
+        c, k_pe = self.linear(x_BSD, W["tpla.kv_a.weight"], W.get("tpla.kv_a.bias")).split([d.latent, d.mla.rope_dim], dim=-1)
+        return TplaLatent(c, k_pe, acc(c).pow(2).sum(-1, keepdim=True))
+
+    def tpla_attention(self, x_BSD, lat: TplaLatent, sumsq_BS1, step: Step, cache: MlaCache, W: Weights,
+                       d: TplaDims) -> torch.Tensor:
+        """TPLA on one rank: attention of this rank's heads over its latent slice only.
+
+        Prefill with PD separation runs exact MLA (full latent, prefill head split) and caches
+        the slice; otherwise: normalize the slice (sliced: over the slice; exact: with the
+        all-reduced sum of squares), per-slice softmax, W_UV slice, o_proj -> partial [B, S, D].
+        """
+        if step.start == 0 and d.prefill_heads:
+            return self._tpla_exact_prefill(x_BSD, lat, step, cache, W, d)
+        m = d.mla
+        B, S, _ = x_BSD.shape
+        q_nope, q_pe, (cos, sin) = self._mla_queries(x_BSD, step, W, m)
+        width = m.kv_lora_rank if sumsq_BS1 is not None else d.latent  # the RMS is over the whole latent when exact
+        sumsq = sumsq_BS1 / d.group_size if sumsq_BS1 is not None else lat.sumsq_BS1
+        c = (acc(lat.c_BSC) * torch.rsqrt(sumsq / width + m.eps)).to(x_BSD.dtype)
+        k_pe = apply_rope(lat.k_pe_BSR[:, :, None, :], cos, sin, m.rope_interleave)[:, :, 0]
+        end = step.start + S
+        cache.ckv_BTC[:, step.start:end] = c
+        cache.kpe_BTR[:, step.start:end] = k_pe
+        w_kv = W["kv_b_proj.weight"].view(m.num_heads, m.nope_dim + m.v_dim, d.latent)
+        w_uk, w_uv = w_kv.split([m.nope_dim, m.v_dim], dim=1)
+        o_lat = self._mla_core(torch.einsum("bshp,hpc->bshc", q_nope, w_uk), q_pe, cache, step, S, m.scale)
+        o = torch.einsum("bshc,hvc->bshv", o_lat, w_uv).reshape(B, S, m.num_heads * m.v_dim)
+        return self.linear(o, W["o_proj.weight"], W.get("o_proj.bias"))
+
+    def _tpla_exact_prefill(self, x_BSD, lat: TplaLatent, step: Step, cache: MlaCache, W: Weights, d: TplaDims):
+        """Exact MLA over the full reparameterized latent; the cache keeps this rank's slice of it."""
+        m, S = d.mla.local(d.prefill_heads), x_BSD.shape[1]
+        prefill = {k: W[f"prefill.{k}"] if f"prefill.{k}" in W else v for k, v in W.items() if not k.startswith("prefill.")}
+        full = MlaCache(cache.ckv_BTC.new_zeros(x_BSD.shape[0], S, m.kv_lora_rank), cache.kpe_BTR[:, :S].clone())
+        out = self.mla_attention(x_BSD, step, full, prefill, m)
+        c_all, _ = self.linear(x_BSD, W["kv_a_proj_with_mqa.weight"], W.get("kv_a_proj_with_mqa.bias")).split([m.kv_lora_rank, m.rope_dim], dim=-1)
+        rms = torch.rsqrt(acc(c_all).pow(2).mean(-1, keepdim=True) + m.eps)
+        cache.ckv_BTC[:, :S] = (acc(lat.c_BSC) * rms).to(x_BSD.dtype)
+        cache.kpe_BTR[:, :S] = full.kpe_BTR
+        return out
 
     def _mla_core(self, q_lat_BSHC, q_pe_BSHR, cache: MlaCache, step: Step, S: int, scale: float):
         end = step.start + S

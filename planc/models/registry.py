@@ -89,10 +89,12 @@ BUNDLED: dict[str, Bundled] = {
 }
 
 
-def pin_static_paths(config: PretrainedConfig) -> PretrainedConfig:
-    """Pick code paths that export and Dynamo can capture (eager experts loop over nonzero())."""
+def pin_static_paths(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> PretrainedConfig:
+    """Pick code paths that export and Dynamo can capture (eager experts loop over nonzero()).
+
+    grouped_mm has no fp64 kernel, so fp64 models (exactness checks) use batched_mm."""
     if getattr(config, "num_local_experts", None) or getattr(config, "n_routed_experts", None):
-        config._experts_implementation = "grouped_mm"
+        config._experts_implementation = "batched_mm" if dtype == torch.float64 else "grouped_mm"
     config._attn_implementation = "sdpa"
     return config
 
@@ -102,7 +104,7 @@ def bundled_config(name: str) -> PretrainedConfig:
 
 
 def _init(config: PretrainedConfig, dtype: torch.dtype, meta: bool) -> nn.Module:
-    pin_static_paths(config)
+    pin_static_paths(config, dtype)
     if meta:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
@@ -117,7 +119,7 @@ def _load_checkpoint(path: Path, dtype: torch.dtype) -> nn.Module:
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise ModelError(f"{path}: checkpoint has config.json but no weight files (*.safetensors)")
     try:
-        config = pin_static_paths(AutoConfig.from_pretrained(path, local_files_only=True))
+        config = pin_static_paths(AutoConfig.from_pretrained(path, local_files_only=True), dtype)
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True)
     except Exception as exc:  # transformers raises many types for bad files
         raise ModelError(f"{path}: cannot load checkpoint: {type(exc).__name__}: {exc}. "

@@ -52,13 +52,40 @@ class Section(_Frozen):
     )
 
 
+TPLA_FIELDS = ("latent_groups", "transform", "prefill", "rmsnorm", "calibration_tokens", "seed")
+
+
 class AttentionSection(Section):
     """How the attention modules matched by the rule are parallelised."""
 
-    strategy: Literal["replicated", "tp", "mla_tp"] = Field(
+    strategy: Literal["replicated", "tp", "mla_tp", "tpla"] = Field(
         description="replicated: every rank holds all heads; tp: GQA heads split over devices; "
-        "mla_tp: MLA heads split over devices, latent KV cache replicated."
+        "mla_tp: MLA heads split over devices, latent KV cache replicated; tpla: MLA latent "
+        "dimension split into latent_groups slices, heads split inside each group."
     )
+    latent_groups: int = Field(1, ge=1, strict=True, description="tpla: g, the number of latent slices; g divides the devices.")
+    transform: Literal["none", "hadamard", "pca"] = Field(
+        "none", description="tpla: orthogonal transform folded into the latent weights before slicing "
+        "(pca: eigenvectors of the latent covariance on the calibration split)."
+    )
+    prefill: Literal["mla", "tpla"] = Field(
+        "mla", description="tpla: mla = exact MLA prefill, each rank keeps its latent slice (PD separation); "
+        "tpla = prefill with the sliced formula too."
+    )
+    rmsnorm: Literal["sliced", "exact"] = Field(
+        "sliced", description="tpla: sliced = RMSNorm over each slice (the paper); exact = one small all-reduce "
+        "of per-token sums of squares per layer."
+    )
+    calibration_tokens: int = Field(4096, ge=1, strict=True, description="tpla + pca: calibration tokens.")
+    seed: int = Field(0, strict=True, description="tpla + hadamard: seed of the random sign diagonal.")
+
+    @model_validator(mode="after")
+    def _tpla_fields_need_tpla(self) -> "AttentionSection":
+        # Compare with the defaults, not with what was written: a dumped plan spells every field.
+        stray = [f for f in TPLA_FIELDS if getattr(self, f) != type(self).model_fields[f].default]
+        if stray and self.strategy != "tpla":
+            raise ValueError(f"{', '.join(stray)} only apply to strategy 'tpla' (strategy is {self.strategy!r})")
+        return self
 
 
 class MlpSection(Section):

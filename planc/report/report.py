@@ -16,11 +16,13 @@ from planc.runtime.comm import ring_all_gather_bytes, ring_all_reduce_bytes
 def cache_specs(graph: fx.Graph) -> dict[str, dict]:
     """Per attention block: what one rank caches per token."""
     specs = {}
-    for node in block_nodes(graph, "mla_attention", "gqa_attention"):
+    for node in block_nodes(graph, "mla_attention", "gqa_attention", "tpla_attention"):
         meta = info(node)
         d = meta.dims
         if meta.kind == "mla_attention":
             specs[meta.fqn] = {"kind": "mla", "ckv": d.kv_lora_rank, "kpe": d.rope_dim}
+        elif meta.kind == "tpla_attention":  # only this rank's latent slice, plus the full rope key
+            specs[meta.fqn] = {"kind": "mla", "ckv": meta.shard["latent_per_rank"], "kpe": d.rope_dim}
         else:
             specs[meta.fqn] = {"kind": "gqa", "kv_heads": meta.shard.get("kv_heads_per_rank", d.num_kv_heads),
                                "head_dim": d.head_dim}
@@ -30,10 +32,6 @@ def cache_specs(graph: fx.Graph) -> dict[str, dict]:
 def kv_bytes_per_token(specs: dict[str, dict], elem: int) -> int:
     width = sum(s["ckv"] + s["kpe"] if s["kind"] == "mla" else 2 * s["kv_heads"] * s["head_dim"] for s in specs.values())
     return width * elem
-
-
-def _collective_op(meta) -> str:
-    return meta.kind
 
 
 def collectives_per_step(graph: fx.Graph, hidden: int, elem: int, world: int) -> dict[str, dict]:
@@ -49,7 +47,8 @@ def collectives_per_step(graph: fx.Graph, hidden: int, elem: int, world: int) ->
         entry = out.setdefault(meta.kind, {"calls": 0})
         entry["calls"] += 1
         if meta.kind == "all_reduce":
-            entry["bytes_per_token"] = entry.get("bytes_per_token", 0) + ring_all_reduce_bytes(row, world)
+            payload = 4 if meta.attrs.get("role") == "rmsnorm" else row  # one fp32 sum of squares per token
+            entry["bytes_per_token"] = entry.get("bytes_per_token", 0) + ring_all_reduce_bytes(payload, world)
         elif meta.kind == "all_gather_varlen":
             entry["bytes_per_token"] = entry.get("bytes_per_token", 0) + ring_all_gather_bytes(row, world)
         elif meta.kind == "all_to_all":

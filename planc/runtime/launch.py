@@ -243,6 +243,10 @@ def _worker(job: _Job) -> None:
     os.environ[RESULT_DIR_ENV] = job.result_dir
     if job.loopback:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if "OMP_NUM_THREADS" not in os.environ:
+        # torchrun's default: one intra-op thread per rank. Ranks sharing cores with torch's
+        # default (a thread per core each) spin against each other and decode 10-50x slower.
+        torch.set_num_threads(1)
     try:
         function = _import_entry(job.entry)
         _init_process_group(job.backend)

@@ -114,3 +114,13 @@ def test_hash_ignores_key_order(devices: int, seed: int) -> None:
 def test_devices_below_one_rejected(devices: int) -> None:
     with pytest.raises(ValidationError, match="greater than or equal to 1"):
         Plan.model_validate({**EXAMPLE, "mesh": {"devices": devices}})
+
+
+def test_example_plans_round_trip_through_their_dump():
+    from pathlib import Path
+
+    from planc.plan import Plan, load_plan
+
+    for path in sorted((Path(__file__).resolve().parents[2] / "plans").glob("*.yaml")):
+        plan = load_plan(path)
+        assert Plan.model_validate(plan.to_yaml_dict()) == plan

@@ -1,0 +1,116 @@
+"""`planc bench compile`: compile time of the full DeepSeek-V3 config on meta against depth.
+
+The same config with num_hidden_layers set to each depth, compiled with the mla_tp + ep plan at
+8 devices, all in this process, rounds interleaved so that drift hits every depth alike. One
+untimed warm-up compile at the smallest depth runs first (imports, export's first-call caches).
+A timed sample is model construction on meta + `planc.driver.compile` (what `planc compile
+--meta` waits for, less interpreter start); artifacts go to a temporary directory.
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from planc.driver import compile
+from planc.models.registry import bundled_config
+from planc.plan import Plan, load_plan
+from planc.runtime.engine import DTYPES
+
+PLAN = Path(__file__).resolve().parents[2] / "plans" / "deepseek_v3_mla_tp_ep8.yaml"
+# The driver logs one line after each step; a stage is named by the line that closes it.
+STAGE_NAMES = {"model": "resolve", "lift": "capture+lift", "passes": "passes"}
+STAGES = ("build", "resolve", "capture+lift", "passes", "partition+codegen")
+
+
+def deepseek_v3_on_meta(num_layers: int, dtype: torch.dtype) -> nn.Module:
+    config = bundled_config("deepseek-v3")
+    config.num_hidden_layers = num_layers
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def time_compile(num_layers: int, plan: Plan, out: Path) -> dict[str, float]:
+    """Seconds of one build + compile (artifact written to `out`), split by stage."""
+    stamps: list[tuple[str, float]] = []
+
+    def stamp(line: str) -> None:
+        word = line.split()[0]
+        stamps.append((STAGE_NAMES.get(word, word), time.perf_counter()))
+
+    started = time.perf_counter()
+    model = deepseek_v3_on_meta(num_layers, DTYPES[plan.model.dtype])
+    stamps.append(("build", time.perf_counter()))
+    compile(model, plan, out, meta=True, log=stamp)
+    stamps.append(("partition+codegen", time.perf_counter()))
+    stages, previous = {}, started
+    for name, at in stamps:
+        stages[name], previous = at - previous, at
+    return {"total": previous - started, **stages}
+
+
+def _repeats_per_depth(layers: Sequence[int], repeats: int | Sequence[int]) -> list[int]:
+    counts = [repeats] * len(layers) if isinstance(repeats, int) else list(repeats)
+    if len(counts) != len(layers) or min(counts) < 1:
+        raise ValueError(f"repeats {repeats!r}: give one int >= 1, or one per depth in {list(layers)}")
+    return counts
+
+
+def run(layers: Sequence[int] = (4, 16, 61), repeats: int | Sequence[int] = (3, 3, 1)) -> dict:
+    dense = bundled_config("deepseek-v3").first_k_dense_replace
+    if min(layers) <= dense:
+        raise ValueError(f"layers {list(layers)}: DeepSeek-V3's first {dense} layers are dense, so the plan's "
+                         f"moe rule binds nothing below {dense + 1} layers; use depths >= {dense + 1}")
+    plan = load_plan(PLAN)
+    counts = _repeats_per_depth(layers, repeats)
+    samples: list[list[dict[str, float]]] = [[] for _ in layers]
+    with tempfile.TemporaryDirectory(prefix="planc-bench-compile-") as tmp:
+        time_compile(min(layers), plan, Path(tmp, "warmup"))
+        for round_ in range(max(counts)):
+            for i, num_layers in enumerate(layers):
+                if round_ < counts[i]:
+                    samples[i].append(time_compile(num_layers, plan, Path(tmp, f"L{num_layers}_{round_}")))
+    seconds = [statistics.median(s["total"] for s in depth) for depth in samples]
+    return {
+        "case": "compile",
+        "model": "deepseek-v3 (meta)",
+        "plan": PLAN.name,
+        "devices": plan.mesh.devices,
+        "layers": list(layers),
+        "seconds": seconds,
+        "repeats": counts,
+        "seconds_per_layer": _marginal(list(layers), seconds),
+        "stages": [{name: statistics.median(s.get(name, 0.0) for s in depth) for name in STAGES} for depth in samples],
+        "samples": [[s["total"] for s in depth] for depth in samples],
+        "note": "median of `repeats` compiles per depth (a single sample where repeats is 1), rounds "
+                "interleaved across depths after one untimed warm-up; seconds = model build on meta + "
+                "planc.driver.compile on this CPU machine",
+    }
+
+
+def _marginal(layers: list[int], seconds: list[float]) -> list[float | None]:
+    """Extra seconds per extra layer from the previous depth (None for the first)."""
+    return [None] + [(s1 - s0) / (l1 - l0) for l0, l1, s0, s1 in zip(layers, layers[1:], seconds, seconds[1:])]
+
+
+def table(result: dict) -> str:
+    head = (f"compile: {result['model']}, {result['plan']}, {result['devices']} devices "
+            f"(median seconds; stages: median of each stage)")
+    cols = f"{'layers':>6} {'repeats':>7} {'seconds':>8} {'s/layer':>8}  " + " ".join(f"{s:>{_w(s)}}" for s in STAGES)
+    rows = [head, cols]
+    for i, num_layers in enumerate(result["layers"]):
+        per_layer = result["seconds_per_layer"][i]
+        rows.append(f"{num_layers:>6} {result['repeats'][i]:>7} {result['seconds'][i]:>8.2f} "
+                    f"{'-' if per_layer is None else f'{per_layer:.3f}':>8}  "
+                    + " ".join(f"{result['stages'][i][s]:>{_w(s)}.2f}" for s in STAGES))
+    return "\n".join(rows + [f"note: {result['note']}"])
+
+
+def _w(stage: str) -> int:
+    return max(len(stage), 7)

@@ -1,0 +1,53 @@
+"""The bench cases on small settings: every figure present and positive, and the decode case's
+collectives per step equal to the compile-time report's (calls exactly, ring bytes exactly)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from planc.bench import compile as compile_case
+from planc.bench import decode as decode_case
+
+
+def test_compile_case_times_each_depth():
+    result = compile_case.run(layers=(4, 5), repeats=1)
+    assert (result["case"], result["layers"], result["repeats"], result["devices"]) == ("compile", [4, 5], [1, 1], 8)
+    assert len(result["seconds"]) == 2 and all(s > 0 for s in result["seconds"])
+    for total, stages in zip(result["seconds"], result["stages"]):  # one sample: the stages sum to it
+        assert sum(stages.values()) == pytest.approx(total)
+    json.dumps(result)
+    assert [line.split()[0] for line in compile_case.table(result).splitlines()[2:4]] == ["4", "5"]
+
+
+def test_compile_case_rejects_a_depth_with_no_moe_layer():
+    with pytest.raises(ValueError, match="first 3 layers are dense"):
+        compile_case.run(layers=(3, 4), repeats=1)
+
+
+def test_decode_collectives_per_step_match_report(compiled):
+    artifacts = {n: compiled("deepseek_mla_tp_ep.yaml", n) for n in (1, 2)}
+    result = decode_case.summarize(decode_case.measure(artifacts, max_new_tokens=4, repeats=1), artifacts, 4)
+    batch = len(result["prompts"])
+    for n, path in artifacts.items():
+        predicted = json.loads((path / "report.json").read_text())["collectives_per_decode_step"]
+        measured = result["collectives_per_decode_step"][str(n)]
+        assert {op: c["calls"] for op, c in measured.items()} == {op: c["calls"] for op, c in predicted.items()}
+        for op in ("all_reduce", "all_gather_varlen"):  # routing-independent: exact
+            assert measured[op]["bytes"] == predicted[op]["bytes_per_token"] * batch
+        assert measured["all_to_all"]["bytes"] <= predicted["all_to_all"]["bytes_per_token_max"] * batch
+    assert result["collectives_per_decode_step"]["2"]["all_reduce"]["bytes"] > 0
+    assert all(v > 0 for v in result["tokens_per_s"].values()) and result["ratio_vs_1_rank"]["1"] == 1.0
+    assert result["same_tokens_as_fewest_ranks"] == {"1": True, "2": True}
+    assert result["calls_match_report"] == {"1": True, "2": True}
+    json.dumps(result)
+    assert "all_to_all" in decode_case.table(result)
+
+
+def test_decode_retarget_changes_only_the_device_count():
+    from planc.plan import load_plan
+
+    plan = load_plan(decode_case.PLAN)
+    assert plan.mesh.devices != 4
+    retargeted = decode_case.retarget(4)
+    assert retargeted.mesh.devices == 4 and retargeted.rules == plan.rules and retargeted.model == plan.model
