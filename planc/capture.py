@@ -35,16 +35,25 @@ def example_ids(model: nn.Module, seed: int = 0) -> torch.Tensor:
 
 
 def capture(model: nn.Module) -> Captured:
-    ids = example_ids(model)
-    kwargs = {"use_cache": False}
+    """A causal LM: forward(input_ids, use_cache=False) on example token ids."""
+    if not hasattr(model, "get_input_embeddings"):
+        raise ModelError(f"{type(model).__name__}: not a causal LM (no get_input_embeddings); "
+                         "use capture_module(module, example_args) for other modules")
+    return capture_module(model, (example_ids(model),), {"use_cache": False})
+
+
+def capture_module(module: nn.Module, args: tuple, kwargs: dict | None = None) -> Captured:
+    """Any nn.Module on example inputs; every compute node keeps meta["nn_module_stack"]."""
+    kwargs = kwargs or {}
     try:
         with torch.no_grad():
-            program = torch.export.export(model, (ids,), kwargs=kwargs, strict=False)
+            program = torch.export.export(module, args, kwargs=kwargs, strict=False)
     except Exception as exc:
-        raise ModelError(f"{type(model).__name__}: torch.export (non-strict) failed: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}. planc needs a model whose forward(input_ids) "
-                         "exports; for transformers MoE models pin a static experts implementation") from exc
-    return Captured(program, (ids,), kwargs)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ModelError(f"{type(module).__name__}: torch.export (non-strict) failed: {type(exc).__name__}: {first}. "
+                         "planc needs a forward that exports; for transformers MoE models pin a static experts "
+                         "implementation") from exc
+    return Captured(program, args, kwargs)
 
 
 def module_fqns(program: torch.export.ExportedProgram) -> set[str]:
