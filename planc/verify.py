@@ -39,11 +39,13 @@ def reference_generate(manifest: dict, prompts: list[list[int]], max_new_tokens:
 
 
 def compare(ref_tokens, ref_logits, got_tokens, got_logits) -> dict:
+    """token_agreement: share of reference tokens reproduced before a row first diverges (free
+    generation after a divergence compares different prefixes, so those count as disagreeing)."""
     equal = total = 0
     max_diff = 0.0
     for row, (want, got) in enumerate(zip(ref_tokens, got_tokens)):
+        total += len(want)
         for step, token in enumerate(want):
-            total += 1
             if step >= len(got) or got[step] != token:
                 break
             equal += 1

@@ -84,3 +84,14 @@ def test_one_all_reduce_per_attention_layer_per_decode_step(artifacts, name, all
     assert measured == report["collectives_per_decode_step"]["all_reduce"]["calls"] == all_reduces
     # KV bytes per rank: layers x (C/g + R) x fp32
     assert all(r["kv_bytes_per_token"] == 4 * (32 + 16) * 4 for r in report["per_rank"])
+
+
+@pytest.mark.parametrize("devices", [2, 4])
+def test_example_tpla_plan_compiles_runs_and_verifies(tmp_path, devices):
+    from tests.conftest import plan_for
+
+    artifact = compile(None, plan_for(tmp_path, "deepseek_tpla.yaml", devices), tmp_path / "art").path
+    report = verify(artifact, max_new_tokens=8, timeout_s=300)
+    # An approximation: not every token survives, but the first ones do (prefill is exact MLA).
+    assert report["world_size"] == devices and report["ranks_agree"]
+    assert 0.3 <= report["token_agreement"] <= 1.0, report
