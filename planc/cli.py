@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_run_options(p)
 
+    p = sub.add_parser("eval", help="held-out bits per byte of a model, alone or as a compiled artifact on N ranks")
+    p.add_argument("model", help="bundled name, checkpoint dir, config.json or package.module:factory")
+    p.add_argument("--artifact", default=None, help="evaluate this compiled artifact (run on its ranks) instead")
+    p.add_argument("--max-bytes", type=int, default=None, help="evaluate on fewer held-out bytes")
+    p.add_argument("--kernels", choices=("torch", "triton"), default="torch")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("bench", help="side-by-side measurements (see `planc bench --list`)")
     p.add_argument("cases", nargs="*")
     p.add_argument("--json", action="store_true")
@@ -120,6 +127,28 @@ def cmd_verify(args) -> int:
               f"max_logit_diff {report['max_logit_diff']:.3e} ({report['world_size']} ranks)")
 
 
+def _check_artifact_model(artifact: str, model: str) -> None:
+    from planc.runtime.engine import read_manifest
+
+    compiled = read_manifest(Path(artifact))["model"]["source"]
+    if Path(compiled).name != Path(model).name and compiled != model:
+        raise PlancError(f"--artifact {artifact} was compiled from {compiled!r}, not {model!r}; "
+                         f"run `planc eval {compiled} --artifact {artifact}`")
+
+
+def cmd_eval(args) -> int:
+    from planc.zoo.eval import artifact_bits_per_byte, bits_per_byte
+
+    if args.artifact:
+        _check_artifact_model(args.artifact, args.model)
+        bpb = artifact_bits_per_byte(args.artifact, max_bytes=args.max_bytes, kernels=args.kernels)
+    else:
+        bpb = bits_per_byte(args.model, max_bytes=args.max_bytes)
+    subject = args.artifact or args.model
+    print(json.dumps({"model": args.model, "artifact": args.artifact, "bpb": bpb}) if args.json
+          else f"{subject}: {bpb:.4f} bits per byte (held-out)")
+
+
 def cmd_bench(args) -> int:
     from planc.bench import run_cases
 
@@ -127,7 +156,7 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {"schema": cmd_schema, "validate": cmd_validate, "compile": cmd_compile, "run": cmd_run,
-            "verify": cmd_verify, "bench": cmd_bench}
+            "verify": cmd_verify, "eval": cmd_eval, "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

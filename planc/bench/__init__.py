@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import json
 
-CASES = {"compile": "planc.bench.compile", "decode": "planc.bench.decode"}
+CASES = {"compile": "planc.bench.compile", "decode": "planc.bench.decode", "zoo": "planc.bench.zoo",
+         "tpla": "planc.bench.tpla"}
 
 
 def run_cases(names: list[str], *, as_json: bool, list_only: bool) -> int:
