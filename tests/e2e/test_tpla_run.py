@@ -95,3 +95,11 @@ def test_example_tpla_plan_compiles_runs_and_verifies(tmp_path, devices):
     # An approximation: not every token survives, but the first ones do (prefill is exact MLA).
     assert report["world_size"] == devices and report["ranks_agree"]
     assert 0.3 <= report["token_agreement"] <= 1.0, report
+
+
+def test_triton_slice_kernel_gives_the_same_tokens(artifacts):
+    """--kernels triton runs TPLA decode through the Triton latent-slice kernel (C/g + R keys)."""
+    art = Path(artifacts["g2"])
+    torch_run = run(art, prompts=["x = 1"], max_new_tokens=4, kernels="torch", timeout_s=300)
+    triton_run = run(art, prompts=["x = 1"], max_new_tokens=4, kernels="triton", timeout_s=500)
+    assert triton_run["tokens"] == torch_run["tokens"]

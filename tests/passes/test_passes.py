@@ -42,7 +42,7 @@ def test_golden_ep_layer(lifted_deepseek):
     moe_layer = ops[ops.index("moe_route") - 5: ops.index("moe_route") + 7]
     assert moe_layer == ["rmsnorm", "mla_attention", "all_reduce", "add", "rmsnorm", "moe_route", "all_to_all",
                          "moe_experts", "all_to_all", "moe_combine", "all_gather_varlen", "add"]
-    assert [g for g, _ in ctx.graphs] == ["lift", "mla_tp", "attention_tp", "dense_tp", "ep"]
+    assert [g for g, _ in ctx.graphs] == ["lift", "mla_tp", "tpla", "attention_tp", "dense_tp", "ep"]
 
 
 def test_passes_do_not_mutate_their_input(lifted_deepseek):
