@@ -71,6 +71,10 @@ def test_each_rank_caches_its_slice_of_the_exact_prefill_latent(artifacts):
     # The exact prefill normalizes the whole latent: the joined slices have unit RMS per token.
     rms = joined.pow(2).mean(-1).sqrt()
     torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-4, atol=1e-4)
+    # Per-rank KV bytes: layers x slots x (C/g + R) x fp32, for the whole preallocated cache.
+    for rank in (rank0, rank1):
+        cached = sum(c.ckv_BTC.nbytes + c.kpe_BTR.nbytes for c in rank.kv.values())
+        assert cached == 4 * len(PROMPTS) * (prompt_len + 6) * (64 // 2 + 16) * 4
     # Decode tokens are normalized per slice (rmsnorm: sliced): each slice alone has unit RMS.
     decoded = rank0.kv[layer].ckv_BTC[:, prompt_len:prompt_len + 3]
     torch.testing.assert_close(decoded.pow(2).mean(-1).sqrt(), torch.ones(2, 3), rtol=1e-4, atol=1e-4)
