@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 import planc.kernels
 from planc.errors import ArtifactError
 
-KERNEL_FILES = ("linear", "rmsnorm", "mla_decode", "gqa_decode")
+KERNEL_FILES = ("linear", "rmsnorm", "mla_decode", "gqa_decode")  # split_merge is host code, imported from planc
 
 
 def kernel_sources() -> dict[str, str]:

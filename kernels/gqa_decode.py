@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from planc.kernels.split_merge import default_num_splits, merge_splits
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -93,25 +95,6 @@ def _gqa_decode_split_kernel(
     tl.store(l_ptr + b * stride_lb + s * stride_ls + offs_h * stride_lh, l_i, mask=mask_g)
 
 
-def _default_num_splits(num_blocks: int, num_programs: int, device: torch.device) -> int:
-    """Enough splits to give every SM about two programs; a few on CPU to exercise the merge."""
-    if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 4
-    return max(1, min(num_blocks, triton.cdiv(target, num_programs)))
-
-
-def _merge_splits(acc_BSHD: torch.Tensor, m_BSH: torch.Tensor, l_BSH: torch.Tensor) -> torch.Tensor:
-    """Exact log-sum-exp merge of per-split partials (base-2 maxima); all-masked rows give 0."""
-    m_max = m_BSH.amax(dim=1, keepdim=True)
-    m_max = torch.where(torch.isfinite(m_max), m_max, torch.zeros_like(m_max))
-    w_BSH = torch.exp2(m_BSH - m_max)
-    num_BHD = (w_BSH.unsqueeze(-1) * acc_BSHD).sum(dim=1)
-    den_BH = (w_BSH * l_BSH).sum(dim=1)
-    return torch.where(den_BH.unsqueeze(-1) > 0, num_BHD / den_BH.clamp_min(1e-30).unsqueeze(-1), 0.0)
-
-
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor) -> None:
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, key_mask {tuple(key_mask.shape)}"
     if not (q.dim() == 3 and k.dim() == v.dim() == 4 and key_mask.dim() == 2):
@@ -150,7 +133,7 @@ def gqa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torc
     num_g_blocks = triton.cdiv(group, block_g)
     num_blocks = max(1, triton.cdiv(t, block_t))
     if num_splits is None:
-        num_splits = _default_num_splits(num_blocks, b * hkv * num_g_blocks, q.device)
+        num_splits = default_num_splits(num_blocks, b * hkv * num_g_blocks, q.device)
     if num_splits < 1:
         raise ValueError(f"gqa_decode: num_splits must be >= 1, got {num_splits}")
     tokens_per_split = triton.cdiv(num_blocks, min(num_splits, num_blocks)) * block_t
@@ -169,7 +152,7 @@ def gqa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torc
         BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_D=block_d,
         UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
     )
-    return _merge_splits(acc_BSHD, m_BSH, l_BSH).to(q.dtype)
+    return merge_splits(acc_BSHD, m_BSH, l_BSH).to(q.dtype)
 
 
 def gqa_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,

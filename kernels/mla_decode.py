@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from planc.kernels.split_merge import default_num_splits, merge_splits
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -105,25 +107,6 @@ def _pad(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))
 
 
-def _default_num_splits(num_blocks: int, num_programs: int, device: torch.device) -> int:
-    """Enough splits to give every SM about two programs; a few on CPU to exercise the merge."""
-    if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 4
-    return max(1, min(num_blocks, triton.cdiv(target, num_programs)))
-
-
-def _merge_splits(acc_BSHC: torch.Tensor, m_BSH: torch.Tensor, l_BSH: torch.Tensor) -> torch.Tensor:
-    """Exact log-sum-exp merge of per-split partials (base-2 maxima); all-masked rows give 0."""
-    m_max = m_BSH.amax(dim=1, keepdim=True)
-    m_max = torch.where(torch.isfinite(m_max), m_max, torch.zeros_like(m_max))
-    w_BSH = torch.exp2(m_BSH - m_max)
-    num_BHC = (w_BSH.unsqueeze(-1) * acc_BSHC).sum(dim=1)
-    den_BH = (w_BSH * l_BSH).sum(dim=1)
-    return torch.where(den_BH.unsqueeze(-1) > 0, num_BHC / den_BH.clamp_min(1e-30).unsqueeze(-1), 0.0)
-
-
 def _check(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor,
            key_mask: torch.Tensor) -> None:
     shapes = (f"q_lat {tuple(q_lat.shape)}, q_pe {tuple(q_pe.shape)}, ckv {tuple(ckv.shape)}, "
@@ -165,7 +148,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: 
     num_head_blocks = triton.cdiv(h, block_h)
     num_blocks = max(1, triton.cdiv(t, block_t))
     if num_splits is None:
-        num_splits = _default_num_splits(num_blocks, b * num_head_blocks, q_lat.device)
+        num_splits = default_num_splits(num_blocks, b * num_head_blocks, q_lat.device)
     if num_splits < 1:
         raise ValueError(f"mla_decode: num_splits must be >= 1, got {num_splits}")
     tokens_per_split = triton.cdiv(num_blocks, min(num_splits, num_blocks)) * block_t
@@ -184,7 +167,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: 
         BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_R=block_r,
         UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
     )
-    return _merge_splits(acc_BSHC, m_BSH, l_BSH).to(q_lat.dtype)
+    return merge_splits(acc_BSHC, m_BSH, l_BSH).to(q_lat.dtype)
 
 
 def mla_decode_reference(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from planc.errors import PlanError
-from planc.ir import NodeInfo, block_nodes, copy_graph, divisors, info, insert_after
+from planc.ir import copy_graph, divisors, info, planned, sum_partials_after
 from planc.passmanager import PassContext
 
 
@@ -22,18 +22,14 @@ def valid_degrees(num_heads: int, num_kv_heads: int) -> list[int]:
 def attention_tp(graph: fx.Graph, ctx: PassContext) -> fx.Graph:
     graph = copy_graph(graph)
     n = ctx.world_size
-    for node in block_nodes(graph, "gqa_attention"):
+    for node in planned(graph, "gqa_attention", "tp"):
         meta = info(node)
-        if meta.strategy != "tp":
-            continue
         hq, hkv = meta.dims.num_heads, meta.dims.num_kv_heads
         if n not in valid_degrees(hq, hkv):
             raise PlanError(f"{ctx.where(meta)}: tp cannot split {meta.fqn}'s {hq} query / {hkv} KV heads over "
                             f"{n} devices; valid degrees: {', '.join(map(str, valid_degrees(hq, hkv)))}")
         kv_per_rank = max(1, hkv // n)
         node.meta["planc"] = meta.with_(shard={"heads_per_rank": hq // n, "kv_heads_per_rank": kv_per_rank})
-        insert_after(graph, node, "all_reduce", NodeInfo(
-            kind="all_reduce", fqn=meta.fqn, layer=meta.layer, rule=meta.rule, strategy="tp",
-            attrs={"why": "o_proj is row-parallel: sum the per-rank partial outputs"}))
+        sum_partials_after(graph, node, "o_proj is row-parallel: sum the per-rank partial outputs")
         ctx.applied(node, f"{hq // n} query / {kv_per_rank} KV heads per rank")
     return graph

@@ -8,24 +8,20 @@ from __future__ import annotations
 import torch.fx as fx
 
 from planc.errors import PlanError
-from planc.ir import NodeInfo, block_nodes, copy_graph, divisors, info, insert_after
+from planc.ir import copy_graph, divisors, info, planned, sum_partials_after
 from planc.passmanager import PassContext
 
 
 def dense_tp(graph: fx.Graph, ctx: PassContext) -> fx.Graph:
     graph = copy_graph(graph)
     n = ctx.world_size
-    for node in block_nodes(graph, "mlp"):
+    for node in planned(graph, "mlp", "tp"):
         meta = info(node)
-        if meta.strategy != "tp":
-            continue
         width = meta.attrs["intermediate"]
         if width % n:
             raise PlanError(f"{ctx.where(meta)}: tp cannot split {meta.fqn}'s intermediate size {width} over {n} "
                             f"devices; valid degrees: {', '.join(map(str, divisors(width)))}")
         node.meta["planc"] = meta.with_(shard={"intermediate_per_rank": width // n})
-        insert_after(graph, node, "all_reduce", NodeInfo(
-            kind="all_reduce", fqn=meta.fqn, layer=meta.layer, rule=meta.rule, strategy="tp",
-            attrs={"why": "down_proj is row-parallel: sum the per-rank partial outputs"}))
+        sum_partials_after(graph, node, "down_proj is row-parallel: sum the per-rank partial outputs")
         ctx.applied(node, f"intermediate {width // n} of {width} per rank")
     return graph

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from planc.errors import PlanError
-from planc.ir import NodeInfo, add_node, block_nodes, copy_graph, divisors, info
+from planc.ir import NodeInfo, add_node, copy_graph, divisors, info, planned
 from planc.passmanager import PassContext
 
 
@@ -29,10 +29,8 @@ def contiguous_owner(num_experts: int, world_size: int) -> list[int]:
 def ep(graph: fx.Graph, ctx: PassContext) -> fx.Graph:
     graph = copy_graph(graph)
     n = ctx.world_size
-    for node in block_nodes(graph, "moe"):
+    for node in planned(graph, "moe", "ep"):
         meta = info(node)
-        if meta.strategy != "ep":
-            continue
         experts = meta.dims.num_experts
         if experts % n:
             raise PlanError(f"{ctx.where(meta)}: ep cannot place {meta.fqn}'s {experts} experts evenly on {n} devices; "

@@ -11,25 +11,21 @@ from __future__ import annotations
 import torch.fx as fx
 
 from planc.errors import PlanError
-from planc.ir import NodeInfo, block_nodes, copy_graph, divisors, info, insert_after
+from planc.ir import copy_graph, divisors, info, planned, sum_partials_after
 from planc.passmanager import PassContext
 
 
 def mla_tp(graph: fx.Graph, ctx: PassContext) -> fx.Graph:
     graph = copy_graph(graph)
     n = ctx.world_size
-    for node in block_nodes(graph, "mla_attention"):
+    for node in planned(graph, "mla_attention", "mla_tp"):
         meta = info(node)
-        if meta.strategy != "mla_tp":
-            continue
         heads = meta.dims.num_heads
         if heads % n:
             raise PlanError(f"{ctx.where(meta)}: mla_tp cannot split {meta.fqn}'s {heads} heads over {n} devices; "
                             f"valid degrees: {', '.join(map(str, divisors(heads)))}")
         node.meta["planc"] = meta.with_(shard={"heads_per_rank": heads // n})
-        insert_after(graph, node, "all_reduce", NodeInfo(
-            kind="all_reduce", fqn=meta.fqn, layer=meta.layer, rule=meta.rule, strategy="mla_tp",
-            attrs={"why": "o_proj is row-parallel: sum the per-rank partial outputs"}))
+        sum_partials_after(graph, node, "o_proj is row-parallel: sum the per-rank partial outputs")
         ctx.applied(node, f"{heads // n} of {heads} heads per rank; latent cache "
                           f"{meta.dims.kv_lora_rank + meta.dims.rope_dim} wide on every rank")
     return graph

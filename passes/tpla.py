@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from planc.errors import PlanError
-from planc.ir import NodeInfo, add_node, block_nodes, copy_graph, divisors, info
+from planc.ir import NodeInfo, add_node, copy_graph, divisors, info, planned
 from planc.passmanager import PassContext
 
 
@@ -45,10 +45,8 @@ def _shard(meta: NodeInfo, section, world: int, where: str) -> dict:
 
 def tpla(graph: fx.Graph, ctx: PassContext) -> fx.Graph:
     graph = copy_graph(graph)
-    for node in block_nodes(graph, "mla_attention"):
+    for node in planned(graph, "mla_attention", "tpla"):
         meta = info(node)
-        if meta.strategy != "tpla":
-            continue
         index = meta.attrs["rule_index"]
         section = ctx.plan.rules[index].attention
         shard = _shard(meta, section, ctx.world_size, f"{ctx.where(meta)}.attention")

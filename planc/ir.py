@@ -86,3 +86,15 @@ def insert_after(graph: fx.Graph, node: fx.Node, kind: str, meta: NodeInfo, extr
 
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def planned(graph: fx.Graph, kind: str, strategy: str) -> list[fx.Node]:
+    """The `kind` blocks that a plan rule put under `strategy`."""
+    return [n for n in block_nodes(graph, kind) if info(n).strategy == strategy]
+
+
+def sum_partials_after(graph: fx.Graph, node: fx.Node, why: str) -> fx.Node:
+    """A row-parallel block's output is a per-rank partial sum: all-reduce it before its users."""
+    meta = info(node)
+    return insert_after(graph, node, "all_reduce", NodeInfo(
+        kind="all_reduce", fqn=meta.fqn, layer=meta.layer, rule=meta.rule, strategy=meta.strategy, attrs={"why": why}))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 
 from planc.cli import main
 from tests.conftest import PLANS
