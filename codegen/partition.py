@@ -88,10 +88,10 @@ def _fold(W: Tensors, d, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | 
     return kv_a, bias, kv_b
 
 
-def _tpla(W: Tensors, meta: NodeInfo, rank: int, U: torch.Tensor) -> Tensors:
+def _tpla(W: Tensors, meta: NodeInfo, rank: int, fold) -> Tensors:
     d, sh = meta.dims, meta.shard
     dtype = W["kv_b_proj.weight"].dtype
-    kv_a, kv_a_bias, kv_b = (t.to(dtype) if t is not None else None for t in _fold(W, d, U.to(W["kv_b_proj.weight"].device)))
+    kv_a, kv_a_bias, kv_b = (t.to(dtype) if t is not None else None for t in _fold(W, d, fold.U.to(W["kv_b_proj.weight"].device)))
     group, member = divmod(rank, sh["group_size"])
     lo, hi = group * sh["latent_per_rank"], (group + 1) * sh["latent_per_rank"]
     heads = sh["heads_per_rank"]
@@ -106,6 +106,8 @@ def _tpla(W: Tensors, meta: NodeInfo, rank: int, U: torch.Tensor) -> Tensors:
     out[q_name] = _rows(full_q, h_lo * qk, h_hi * qk)
     out["kv_b_proj.weight"] = _rows(kv_b, h_lo * kv, h_hi * kv)[:, lo:hi]
     out["o_proj.weight"] = _cols(full_o, h_lo * d.v_dim, h_hi * d.v_dim)
+    if fold.scales is not None:  # this slice's calibrated RMS correction, applied to decode tokens
+        out["tpla.scale"] = fold.scales[group:group + 1].to(dtype)
     if sh["prefill_heads_per_rank"]:  # exact MLA prefill: this rank's prefill heads over the full latent
         p_lo, p_hi = rank * sh["prefill_heads_per_rank"], (rank + 1) * sh["prefill_heads_per_rank"]
         out["kv_a_proj_with_mqa.weight"] = kv_a
@@ -140,10 +142,10 @@ def _owning_nodes(graph: fx.Graph) -> list[fx.Node]:
     return block_nodes(graph, *kinds)
 
 
-def partition(graph: fx.Graph, full: Tensors, rank: int, transforms: dict[str, torch.Tensor] | None = None) -> Tensors:
+def partition(graph: fx.Graph, full: Tensors, rank: int, transforms: dict | None = None) -> Tensors:
     """This rank's tensors, keyed by full FQN; attention blocks also get `<fqn>.rotary.inv_freq`.
 
-    `transforms` holds TPLA's latent rotation U per layer (planc.transforms)."""
+    `transforms` holds each TPLA layer's LatentFold: rotation U and slice scales (planc.transforms)."""
     out: Tensors = {}
     for node in _owning_nodes(graph):
         meta = info(node)

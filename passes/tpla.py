@@ -36,10 +36,13 @@ def _shard(meta: NodeInfo, section, world: int, where: str) -> dict:
         raise PlanError(f"{where}: tpla cannot split {meta.fqn}'s {d.num_heads} heads over {need} ranks "
                         f"(devices / latent_groups{', and all devices for prefill: mla' if section.prefill == 'mla' else ''}); "
                         f"valid device counts: {', '.join(map(str, divisors(d.num_heads)))}")
+    if section.scales == "calibrated" and section.rmsnorm == "exact":
+        raise PlanError(f"{where}.scales: 'calibrated' corrects the sliced RMSNorm; with rmsnorm: exact there is "
+                        "nothing to correct. Use rmsnorm: sliced or scales: none")
     return {"latent_groups": g, "group_size": group_size, "heads_per_rank": d.num_heads // group_size,
             "latent_per_rank": d.kv_lora_rank // g,
             "prefill_heads_per_rank": d.num_heads // world if section.prefill == "mla" else 0,
-            "transform": section.transform, "rmsnorm": section.rmsnorm,
+            "transform": section.transform, "rmsnorm": section.rmsnorm, "scales": section.scales,
             "calibration_tokens": section.calibration_tokens, "seed": section.seed}
 
 

@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_run_options(p)
 
+    p = sub.add_parser("inspect", help="write a self-contained HTML page showing what a compile decided")
+    p.add_argument("artifact")
+    p.add_argument("-o", "--out", default="plan.html")
+
     p = sub.add_parser("eval", help="held-out bits per byte of a model, alone or as a compiled artifact on N ranks")
     p.add_argument("model", help="bundled name, checkpoint dir, config.json or package.module:factory")
     p.add_argument("--artifact", default=None, help="evaluate this compiled artifact (run on its ranks) instead")
@@ -127,6 +131,12 @@ def cmd_verify(args) -> int:
               f"max_logit_diff {report['max_logit_diff']:.3e} ({report['world_size']} ranks)")
 
 
+def cmd_inspect(args) -> int:
+    from planc.report.inspect import write
+
+    print(f"wrote {write(Path(args.artifact), Path(args.out))}")
+
+
 def _check_artifact_model(artifact: str, model: str) -> None:
     from planc.runtime.engine import read_manifest
 
@@ -156,7 +166,7 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {"schema": cmd_schema, "validate": cmd_validate, "compile": cmd_compile, "run": cmd_run,
-            "verify": cmd_verify, "eval": cmd_eval, "bench": cmd_bench}
+            "verify": cmd_verify, "eval": cmd_eval, "inspect": cmd_inspect, "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

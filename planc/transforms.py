@@ -10,14 +10,13 @@ A unit-weight RMSNorm commutes with U, so the unsliced model is exactly MLA.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.fx as fx
 from torch import nn
 
 from planc.ir import block_nodes, info
-
-Transforms = dict[str, torch.Tensor]
-
 
 def hadamard(n: int, seed: int) -> torch.Tensor:
     if n & (n - 1):
@@ -64,22 +63,52 @@ def _keep(store: list, norm: nn.Module):
     return hook
 
 
-def latent_transforms(graph: fx.Graph, model: nn.Module, meta: bool) -> tuple[Transforms, dict]:
-    """U per TPLA layer, plus what to report (transform, and for pca the top-slice energy share)."""
-    nodes = [n for n in block_nodes(graph, "tpla_latent")]
-    out: Transforms = {}
+@dataclass(frozen=True)
+class LatentFold:
+    """What partition folds into one TPLA layer's weights."""
+
+    U: torch.Tensor  # C x C orthogonal, fp64
+    scales: torch.Tensor | None  # [g]: calibrated slice-RMS / latent-RMS; None = plain per-slice RMSNorm
+
+
+def _needs_data(shard: dict) -> bool:
+    return shard["transform"] == "pca" or shard["scales"] == "calibrated"
+
+
+def slice_scales(latents_NC: torch.Tensor, U: torch.Tensor, groups: int) -> torch.Tensor:
+    """Mean over tokens of each rotated slice's RMS (the latents have unit RMS as a whole).
+
+    Exact normalization divides a slice by the whole latent's RMS, the sliced one by the
+    slice's own; on a unit-RMS latent their ratio is the slice's RMS, so multiplying the
+    sliced result by its calibrated mean restores the exact scale on average."""
+    rotated = latents_NC.double() @ U
+    return torch.stack([s.pow(2).mean(-1).sqrt().mean() for s in rotated.chunk(groups, dim=-1)])
+
+
+def _rotation(meta, latents: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+    C, kind = meta.dims.kv_lora_rank, meta.shard["transform"]
+    if kind == "hadamard":
+        return hadamard(C, meta.shard["seed"]), {"transform": kind}
+    if kind == "pca" and latents is not None:
+        U, values = pca(latents)
+        share = float(values[: meta.shard["latent_per_rank"]].sum() / values.sum())
+        return U, {"transform": kind, "top_slice_energy": share}
+    return torch.eye(C, dtype=torch.float64), {"transform": kind if kind != "pca" else "pca (identity on meta)"}
+
+
+def latent_transforms(graph: fx.Graph, model: nn.Module, meta: bool) -> tuple[dict[str, LatentFold], dict]:
+    """The fold of every TPLA layer, plus what to report (transform, energy share, scales)."""
+    nodes = block_nodes(graph, "tpla_latent")
+    data = [info(n).fqn for n in nodes if _needs_data(info(n).shard)]
+    latents = calibration_latents(model, data, info(nodes[0]).shard["calibration_tokens"]) if data and not meta else {}
+    folds: dict[str, LatentFold] = {}
     notes: dict = {}
-    pca_fqns = [info(n).fqn for n in nodes if info(n).shard["transform"] == "pca"]
-    latents = calibration_latents(model, pca_fqns, info(nodes[0]).shard["calibration_tokens"]) if pca_fqns and not meta else {}
     for node in nodes:
         m = info(node)
-        C, kind = m.dims.kv_lora_rank, m.shard["transform"]
-        if kind == "hadamard":
-            out[m.fqn] = hadamard(C, m.shard["seed"])
-        elif kind == "pca" and not meta:
-            out[m.fqn], values = pca(latents[m.fqn])
-            notes[m.fqn] = {"top_slice_energy": float(values[: m.shard["latent_per_rank"]].sum() / values.sum())}
-        else:
-            out[m.fqn] = torch.eye(C, dtype=torch.float64)
-        notes.setdefault(m.fqn, {})["transform"] = kind if not (kind == "pca" and meta) else "pca (identity on meta)"
-    return out, notes
+        U, notes[m.fqn] = _rotation(m, latents.get(m.fqn))
+        scales = None
+        if m.shard["scales"] == "calibrated" and m.fqn in latents:
+            scales = slice_scales(latents[m.fqn], U, m.shard["latent_groups"])
+            notes[m.fqn]["slice_scales"] = [round(float(v), 6) for v in scales]
+        folds[m.fqn] = LatentFold(U, scales)
+    return folds, notes

@@ -194,7 +194,10 @@ class Ops:
         q_nope, q_pe, (cos, sin) = self._mla_queries(x_BSD, step, W, m)
         width = m.kv_lora_rank if sumsq_BS1 is not None else d.latent  # the RMS is over the whole latent when exact
         sumsq = sumsq_BS1 / d.group_size if sumsq_BS1 is not None else lat.sumsq_BS1
-        c = (acc(lat.c_BSC) * torch.rsqrt(sumsq / width + m.eps)).to(x_BSD.dtype)
+        c = acc(lat.c_BSC) * torch.rsqrt(sumsq / width + m.eps)
+        if sumsq_BS1 is None and "tpla.scale" in W:  # calibrated slice scale (scales: calibrated)
+            c = c * W["tpla.scale"]
+        c = c.to(x_BSD.dtype)
         k_pe = apply_rope(lat.k_pe_BSR[:, :, None, :], cos, sin, m.rope_interleave)[:, :, 0]
         end = step.start + S
         cache.ckv_BTC[:, step.start:end] = c

@@ -52,7 +52,7 @@ class Section(_Frozen):
     )
 
 
-TPLA_FIELDS = ("latent_groups", "transform", "prefill", "rmsnorm", "calibration_tokens", "seed")
+TPLA_FIELDS = ("latent_groups", "transform", "prefill", "rmsnorm", "scales", "calibration_tokens", "seed")
 
 
 class AttentionSection(Section):
@@ -76,7 +76,12 @@ class AttentionSection(Section):
         "sliced", description="tpla: sliced = RMSNorm over each slice (the paper); exact = one small all-reduce "
         "of per-token sums of squares per layer."
     )
-    calibration_tokens: int = Field(4096, ge=1, strict=True, description="tpla + pca: calibration tokens.")
+    scales: Literal["none", "calibrated"] = Field(
+        "none", description="tpla + rmsnorm sliced: calibrated = one scale per latent slice, the mean ratio of the "
+        "slice's RMS to the whole latent's on the calibration split, applied when a token's slice is written "
+        "to the cache (recorded in report.json); none = the paper's plain per-slice RMSNorm."
+    )
+    calibration_tokens: int = Field(4096, ge=1, strict=True, description="tpla + pca or scales: calibration tokens.")
     seed: int = Field(0, strict=True, description="tpla + hadamard: seed of the random sign diagonal.")
 
     @model_validator(mode="after")
@@ -179,5 +184,5 @@ class Plan(_Frozen):
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     def to_yaml_dict(self) -> dict[str, Any]:
-        """Plain data that `yaml.safe_dump` writes and `parse_plan_text` reads back unchanged."""
-        return self.model_dump(mode="json", exclude_none=True)
+        """Plain data that `yaml.safe_dump` writes and `parse_plan_text` reads back unchanged (defaults omitted)."""
+        return self.model_dump(mode="json", exclude_none=True, exclude_defaults=True)

@@ -23,13 +23,13 @@ LAYER = "model.layers.1.self_attn"
 
 
 def plan_text(devices: int, g: int, transform: str = "pca", prefill: str = "tpla", rmsnorm: str = "sliced",
-              dtype: str = "float64") -> str:
+              dtype: str = "float64", scales: str = "none") -> str:
     return f"""version: 1
 mesh: {{devices: {devices}}}
 model: {{source: tiny-deepseek, dtype: {dtype}}}
 rules:
   - match: "model.layers.*.self_attn"
-    attention: {{strategy: tpla, latent_groups: {g}, transform: {transform}, prefill: {prefill}, rmsnorm: {rmsnorm}, calibration_tokens: 512}}
+    attention: {{strategy: tpla, latent_groups: {g}, transform: {transform}, prefill: {prefill}, rmsnorm: {rmsnorm}, scales: {scales}, calibration_tokens: 512}}
 """
 
 
@@ -88,7 +88,7 @@ def _block(model):
     return next(b for b in recognize(model) if b.fqn == LAYER)
 
 
-def tpla_formula(model, U, x, g: int, exact: bool):
+def tpla_formula(model, U, x, g: int, exact: bool, scales=None):
     """An independent statement of TPLA: all heads, sum over the g latent slices, causal prefill."""
     W = block_weights(model, LAYER)
     d = _block(model).dims
@@ -108,6 +108,7 @@ def tpla_formula(model, U, x, g: int, exact: bool):
         sl = slice(j * C // g, (j + 1) * C // g)
         rms_over = c if exact else c[..., sl]
         cj = c[..., sl] * torch.rsqrt(rms_over.pow(2).mean(-1, keepdim=True) + d.eps)
+        cj = cj * scales[j] if scales is not None else cj
         logits = torch.einsum("bshp,hpc,btc->bhst", q_nope, w_kv[:, :P, sl], cj) + torch.einsum("bshr,btr->bhst", q_pe, k_pe)
         o_lat = torch.einsum("bhst,btc->bshc", masked_softmax(logits * d.scale, mask).to(x.dtype), cj)
         out = out + torch.einsum("bshc,hvc->bshv", o_lat, w_kv[:, P:, sl])
@@ -117,13 +118,24 @@ def tpla_formula(model, U, x, g: int, exact: bool):
 @pytest.mark.parametrize("devices,g", [(2, 2), (4, 2), (4, 4)])
 @pytest.mark.parametrize("rmsnorm", ["sliced", "exact"])
 def test_ranks_sum_to_the_single_process_formula(model64, lifted64, devices, g, rmsnorm):
-    meta, U, ranks = shards(model64, lifted64, plan_text(devices, g, "pca", "tpla", rmsnorm))
+    meta, fold, ranks = shards(model64, lifted64, plan_text(devices, g, "pca", "tpla", rmsnorm))
     x = torch.randn(2, 6, model64.config.hidden_size, dtype=torch.float64)
     got, caches = run_ranks(meta, ranks, x, exact=rmsnorm == "exact", steps=2)
-    want = tpla_formula(model64, U, x, g, exact=rmsnorm == "exact")
+    want = tpla_formula(model64, fold.U, x, g, exact=rmsnorm == "exact")
     assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-10
     C = meta.dims.kv_lora_rank
     assert all(c.ckv_BTC.shape[-1] == C // g for c in caches)  # a rank holds its slice and nothing else
+
+
+def test_calibrated_slice_scales(model64, lifted64):
+    meta, fold, ranks = shards(model64, lifted64, plan_text(2, 2, "pca", "tpla", scales="calibrated"))
+    # On the calibration latents each scale is its slice's mean RMS: with PCA the top slice holds
+    # more energy, so its scale is the larger; squared slice RMSs of a unit-RMS latent add up to g.
+    assert fold.scales[0] > fold.scales[1] > 0 and 1.6 < float(fold.scales.pow(2).sum()) < 2.4
+    x = torch.randn(2, 6, model64.config.hidden_size, dtype=torch.float64)
+    got, _ = run_ranks(meta, ranks, x, exact=False, steps=2)
+    want = tpla_formula(model64, fold.U, x, 2, exact=False, scales=fold.scales)
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-10
 
 
 def test_rank_weights_hold_only_their_latent_slice(model64, lifted64):
