@@ -1,0 +1,283 @@
+"""A first-principles cost model of one decode step on one rank: a roofline per op, ring collectives.
+
+Each op is (FLOPs, bytes moved through HBM, weight bytes it holds); its time is
+max(flops / peak, bytes / bandwidth). A collective costs latency + ring bytes / link bandwidth
+(planc.runtime.comm's formulas). A step is the sum of its ops: no overlap, no kernel-efficiency
+factors, no launch overheads; the same assumptions for every strategy, so ratios are what it is for.
+
+Legend (units): seconds s, bytes B, FLOP, FLOP/s, B/s.
+Shapes: b batch (sequences), L cached tokens per sequence, D hidden, H heads, Hr heads on one
+rank, C latent (kv_lora_rank), Cs latent on one rank (C/g), R rope dim, P nope dim, V value dim,
+Q q_lora_rank, I dense MLP intermediate, Vocab vocabulary, e bytes per element, n ranks.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from planc.models.registry import bundled_config
+from planc.runtime.comm import ring_all_gather_bytes, ring_all_reduce_bytes
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    flops: float  # FLOP/s, dense, at the model's dtype (BF16 tensor cores on GPUs; fp32 on the CPU)
+    mem_bw: float  # B/s, HBM (DRAM on the CPU)
+    mem_bytes: float  # B, HBM capacity
+    link_bw: float  # B/s per direction per device (NVLink)
+    latency: float  # s per collective call
+
+
+# Public spec-sheet figures (SXM parts; dense = without 2:4 sparsity). The H800 is an H100 SXM
+# with NVLink cut to 400 GB/s total (NVIDIA H800 product brief); its HBM3 and tensor cores match.
+# NVLink is quoted as total bidirectional bandwidth, so per direction is half. Latency: ~10 us,
+# the order of a small-message NCCL all-reduce inside one NVLink node (nccl-tests); a round figure.
+PROFILES = {
+    # H100 SXM5 datasheet: 989 TFLOPS BF16 dense, 80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s.
+    "H100": Hardware("H100", 989e12, 3.35e12, 80e9, 450e9, 10e-6),
+    # H800 SXM5: as H100, NVLink 400 GB/s.
+    "H800": Hardware("H800", 989e12, 3.35e12, 80e9, 200e9, 10e-6),
+    # H200 SXM datasheet: 989 TFLOPS BF16 dense, 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s.
+    "H200": Hardware("H200", 989e12, 4.8e12, 141e9, 450e9, 10e-6),
+    # A100 SXM 80GB datasheet: 312 TFLOPS BF16 dense, 80 GB HBM2e at 2,039 GB/s, NVLink 600 GB/s.
+    "A100": Hardware("A100", 312e12, 2.039e12, 80e9, 300e9, 10e-6),
+}
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+USABLE_MEMORY = 0.9  # share of HBM for weights + KV: vLLM's default gpu_memory_utilization
+
+
+# -- this machine -----------------------------------------------------------------------------
+
+
+@functools.cache
+def cpu_profile() -> Hardware:
+    """This CPU, measured once per process with torch's current thread count."""
+    memory = float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return Hardware("cpu", matmul_flops(), stream_bandwidth(), memory,
+                    link_bw=math.inf, latency=0.0)  # collectives are not predicted on the CPU
+
+
+def stream_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """B/s of a read-only sweep (sum) over a buffer far larger than the last-level cache."""
+    x = torch.ones(nbytes // 4)
+    x.sum()  # first touch: page faults are not bandwidth
+    return nbytes / _median_seconds(lambda: x.sum(), repeats)
+
+
+def matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+    """fp32 FLOP/s of an n x n x n matmul."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    return 2 * n ** 3 / _median_seconds(lambda: a @ b, repeats)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def last_level_cache_bytes() -> int:
+    """Size of cpu0's highest-level data/unified cache, from sysfs (0 when unreadable)."""
+    best = (0, 0)
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            best = max(best, (int((index / "level").read_text()), _size(index / "size")))
+        except (OSError, ValueError):
+            continue
+    return best[1]
+
+
+def _size(path: Path) -> int:
+    text = path.read_text().strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+    return int(text.rstrip("KMG")) * scale
+
+
+# -- ops ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    flops: float
+    bytes: float  # through memory: weights + activations + KV
+    weight_bytes: float = 0.0
+
+
+@dataclass(frozen=True)
+class Collective:
+    name: str
+    ring_bytes: float  # logical bytes each rank sends (ring formulas)
+
+
+def op_time(op: Op | Collective, hw: Hardware) -> float:
+    if isinstance(op, Collective):
+        return hw.latency + op.ring_bytes / hw.link_bw
+    return max(op.flops / hw.flops, op.bytes / hw.mem_bw)
+
+
+def bound(op: Op, hw: Hardware) -> str:
+    return "compute" if op.flops / hw.flops > op.bytes / hw.mem_bw else "memory"
+
+
+def gemm(name: str, b: int, k_in: int, n_out: int, e: int) -> Op:
+    """[b, k_in] @ [k_in, n_out]: the weights read once per step."""
+    weights = k_in * n_out * e
+    return Op(name, 2 * b * k_in * n_out, weights + b * (k_in + n_out) * e, weights)
+
+
+def attention(b: int, heads: int, latent: int, rope: int, context: int, e: int) -> Op:
+    """Absorbed MLA decode over one rank's cache, read once (a fused kernel: FA3, FlashMLA).
+
+    Per head per key: 2(Cs + R) FLOPs for the logit, 2 Cs for the value product."""
+    flops = b * heads * context * (2 * (latent + rope) + 2 * latent)
+    return Op("attention", flops, b * context * (latent + rope) * e + b * heads * (2 * latent + rope) * e)
+
+
+# -- models and strategies ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MlaModel:
+    layers: int
+    dense_layers: int  # the first layers' MLP is dense; the rest are MoE
+    D: int
+    H: int
+    C: int
+    R: int
+    P: int
+    V: int
+    Q: int
+    I: int
+    vocab: int
+
+
+def mla_model(name: str) -> MlaModel:
+    c = bundled_config(name)
+    return MlaModel(c.num_hidden_layers, c.first_k_dense_replace, c.hidden_size, c.num_attention_heads,
+                    c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim, c.q_lora_rank,
+                    c.intermediate_size, c.vocab_size)
+
+
+@dataclass(frozen=True)
+class Split:
+    """One rank's share of an MLA layer."""
+
+    name: str
+    tp: int
+    heads: int  # Hr
+    latent: int  # Cs
+
+
+def mla_tp(m: MlaModel, tp: int) -> Split:
+    return Split("mla_tp", tp, m.H // tp, m.C)
+
+
+def tpla(m: MlaModel, tp: int, groups: int) -> Split:
+    """g latent groups over tp ranks: heads split over the tp/g ranks of a group."""
+    return Split(f"tpla_g{groups}", tp, m.H // (tp // groups), m.C // groups)
+
+
+def mla_layer(m: MlaModel, s: Split, b: int, context: int, e: int) -> list[Op | Collective]:
+    """One rank's decode step of an MLA layer (absorbed form), ending in the one all-reduce."""
+    return [
+        gemm("q_a_proj", b, m.D, m.Q, e),  # replicated
+        gemm("q_b_proj", b, m.Q, s.heads * (m.P + m.R), e),
+        gemm("kv_a_proj", b, m.D, s.latent + m.R, e),  # mla_tp: every rank makes the full latent
+        _per_head("absorb_uk", b, s.heads, m.P, s.latent, e),
+        attention(b, s.heads, s.latent, m.R, context, e),
+        _per_head("w_uv", b, s.heads, s.latent, m.V, e),
+        gemm("o_proj", b, s.heads * m.V, m.D, e),
+        Collective("all_reduce", ring_all_reduce_bytes(b * m.D * e, s.tp)),
+    ]
+
+
+def _per_head(name: str, b: int, heads: int, k_in: int, n_out: int, e: int) -> Op:
+    op = gemm(name, b, k_in, n_out, e)
+    return Op(name, heads * op.flops, heads * op.bytes, heads * op.weight_bytes)
+
+
+def dense_mlp_layer(m: MlaModel, tp: int, b: int, e: int) -> list[Op | Collective]:
+    return [gemm("gate_up", b, m.D, 2 * m.I // tp, e), gemm("down", b, m.I // tp, m.D, e),
+            Collective("all_reduce", ring_all_reduce_bytes(b * m.D * e, tp))]
+
+
+def decode_step(m: MlaModel, s: Split, b: int, context: int, e: int, moe_removed: bool = True) -> list[Op | Collective]:
+    """Every op one rank runs in one decode step (vocab-parallel embedding and lm_head)."""
+    if not moe_removed:
+        raise NotImplementedError("the cost model covers MoE-removed models only (the TPLA paper's setting)")
+    ops: list[Op | Collective] = [Op("embedding", 0, b * m.D * e, m.vocab * m.D * e / s.tp)]
+    for layer in range(m.layers):
+        ops += mla_layer(m, s, b, context, e)
+        ops += dense_mlp_layer(m, s.tp, b, e) if layer < m.dense_layers else []
+    return ops + [gemm("lm_head", b, m.D, m.vocab // s.tp, e),
+                  Collective("all_gather", ring_all_gather_bytes(b * m.vocab * e, s.tp))]
+
+
+def step_seconds(ops: list[Op | Collective], hw: Hardware) -> float:
+    return sum(op_time(op, hw) for op in ops)
+
+
+def weights_per_rank(m: MlaModel, s: Split, e: int) -> float:
+    return sum(op.weight_bytes for op in decode_step(m, s, 1, 0, e) if isinstance(op, Op))
+
+
+def kv_bytes_per_seq(m: MlaModel, s: Split, context: int, e: int) -> float:
+    """layers x tokens x (Cs + R) x e: one rank's cache of one sequence."""
+    return m.layers * context * (s.latent + m.R) * e
+
+
+def max_batch(hw: Hardware, weights_per_rank: float, kv_bytes_per_seq: float, usable: float = USABLE_MEMORY) -> int:
+    """Most sequences whose KV fits beside the weights in the usable share of memory."""
+    return max(0, math.floor((usable * hw.mem_bytes - weights_per_rank) / kv_bytes_per_seq))
+
+
+# -- the TPLA paper's setting -------------------------------------------------------------------
+
+
+def throughput(m: MlaModel, s: Split, hw: Hardware, context: int, e: int, moe_removed: bool = True) -> dict:
+    """Decode tokens/s of one TP group at its largest batch, with the step's breakdown."""
+    weights, kv = weights_per_rank(m, s, e), kv_bytes_per_seq(m, s, context, e)
+    b = max_batch(hw, weights, kv)
+    if b < 1:
+        raise ValueError(f"{s.name}: no sequence of {context} tokens fits {hw.name}'s memory beside "
+                         f"{weights / 1e9:.1f} GB of weights per rank")
+    ops = decode_step(m, s, b, context, e, moe_removed)
+    seconds = step_seconds(ops, hw)
+    by_name: dict[str, float] = {}
+    for op in ops:
+        by_name[op.name] = by_name.get(op.name, 0.0) + op_time(op, hw)
+    return {"strategy": s.name, "batch": b, "weights_per_rank_GB": weights / 1e9, "kv_per_seq_GB": kv / 1e9,
+            "step_ms": seconds * 1e3, "tokens_per_s": b / seconds,
+            "step_ms_by_op": {k: v * 1e3 for k, v in by_name.items()}}
+
+
+def compare(model: str = "deepseek-v3", hw: str = "H800", tp: int = 2, context: int = 32768,
+            dtype: str = "bfloat16", moe_removed: bool = True) -> dict:
+    """TPLA (g = tp, all heads on every rank; PD separation: the decode ranks hold decode weights
+    only) against MLA-TP, each at its maximal batch."""
+    m, profile, e = mla_model(model), PROFILES[hw], DTYPE_BYTES[dtype]
+    base = throughput(m, mla_tp(m, tp), profile, context, e, moe_removed)
+    ours = throughput(m, tpla(m, tp, tp), profile, context, e, moe_removed)
+    return {"mla_tp": base, "tpla": ours, "speedup": ours["tokens_per_s"] / base["tokens_per_s"],
+            "batch_ratio": ours["batch"] / base["batch"], "kv_width_ratio": (m.C + m.R) / (m.C // tp + m.R)}
+
+
+def predicted_speedup(model: str = "deepseek-v3", hw: str = "H800", tp: int = 2, context: int = 32768,
+                      dtype: str = "bfloat16", moe_removed: bool = True) -> float:
+    """Decode throughput of TPLA (g = tp) over MLA-TP, each at its maximal batch."""
+    return compare(model, hw, tp, context, dtype, moe_removed)["speedup"]

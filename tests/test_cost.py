@@ -1,0 +1,82 @@
+"""planc.cost: the roofline, the byte and FLOP formulas, max batch, and the paper-setting speedup."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from planc import cost
+from planc.runtime.comm import ring_all_reduce_bytes
+
+V3 = cost.mla_model("deepseek-v3")
+H800 = cost.PROFILES["H800"]
+
+
+def test_roofline_takes_the_binding_bound():
+    hw = cost.Hardware("toy", flops=100.0, mem_bw=10.0, mem_bytes=0.0, link_bw=1.0, latency=0.5)
+    heavy, streaming = cost.Op("gemm", flops=1000, bytes=10), cost.Op("read", flops=100, bytes=1000)
+    assert (cost.op_time(heavy, hw), cost.bound(heavy, hw)) == (10.0, "compute")
+    assert (cost.op_time(streaming, hw), cost.bound(streaming, hw)) == (100.0, "memory")
+    assert cost.op_time(cost.Collective("all_reduce", 8), hw) == 0.5 + 8.0
+
+
+def test_kv_bytes_per_sequence_is_layers_tokens_width_elem():
+    splits = [(cost.mla_tp(V3, 2), 512 + 64), (cost.tpla(V3, 2, 2), 256 + 64), (cost.tpla(V3, 4, 4), 128 + 64)]
+    for split, width in splits:
+        assert cost.kv_bytes_per_seq(V3, split, 1000, 2) == 61 * 1000 * width * 2
+
+
+def test_attention_op_reads_the_rank_cache_once_and_counts_absorbed_flops():
+    b, heads, latent, rope, context, e = 3, 128, 256, 64, 32768, 2
+    op = cost.attention(b, heads, latent, rope, context, e)
+    assert op.flops == b * heads * context * (2 * (latent + rope) + 2 * latent)
+    kv = b * context * (latent + rope) * e
+    assert kv <= op.bytes < 1.01 * kv  # the queries and outputs are a rounding error beside the cache
+
+
+def test_layer_has_one_all_reduce_of_the_hidden_state():
+    ops = cost.mla_layer(V3, cost.tpla(V3, 2, 2), b=8, context=10, e=2)
+    collectives = [op for op in ops if isinstance(op, cost.Collective)]
+    assert collectives == [cost.Collective("all_reduce", ring_all_reduce_bytes(8 * V3.D * 2, 2))]
+
+
+def test_tpla_at_g_equal_tp_holds_every_head_and_more_weights():
+    base, ours = cost.mla_tp(V3, 2), cost.tpla(V3, 2, 2)
+    assert (base.heads, base.latent, ours.heads, ours.latent) == (64, 512, 128, 256)
+    assert cost.weights_per_rank(V3, ours, 2) > cost.weights_per_rank(V3, base, 2)  # q_b, o_proj not split
+
+
+def test_max_batch_fills_usable_memory_and_grows_as_kv_shrinks():
+    hw = cost.Hardware("toy", 1.0, 1.0, mem_bytes=1000.0, link_bw=1.0, latency=0.0)
+    assert cost.max_batch(hw, 100.0, 80.0, usable=1.0) == 11  # floor(900 / 80)
+    assert cost.max_batch(hw, 2000.0, 80.0, usable=1.0) == 0
+    batches = [cost.max_batch(H800, 15e9, kv) for kv in (2.3e9, 1.6e9, 1.28e9)]
+    assert batches == sorted(batches) and batches[0] < batches[-1]
+
+
+@pytest.mark.parametrize("model", ["deepseek-v3", "kimi-k2"])
+def test_predicted_speedup_lies_between_one_and_kv_streaming_limit(model):
+    detail = cost.compare(model)
+    m = cost.mla_model(model)
+    # TPLA's step reads at least its batch's KV, so its tokens/s <= bandwidth / (KV bytes per sequence).
+    limit = H800.mem_bw / cost.kv_bytes_per_seq(m, cost.tpla(m, 2, 2), 32768, 2) / detail["mla_tp"]["tokens_per_s"]
+    assert 1.0 < detail["speedup"] < limit
+    assert detail["tpla"]["batch"] > detail["mla_tp"]["batch"]
+    assert cost.predicted_speedup(model) == detail["speedup"]
+
+
+def test_moe_is_not_modeled():
+    with pytest.raises(NotImplementedError, match="MoE"):
+        cost.decode_step(V3, cost.mla_tp(V3, 2), 1, 1, 2, moe_removed=False)
+
+
+def test_cpu_profile_is_measured_once_per_process():
+    profile = cost.cpu_profile()
+    assert profile.flops > 0 and profile.mem_bw > 0 and profile.mem_bytes > 0
+    assert cost.cpu_profile() is profile
+
+
+@pytest.mark.skipif(not Path("/sys/devices/system/cpu/cpu0/cache").is_dir(), reason="no sysfs cache info")
+def test_last_level_cache_size_is_read_from_sysfs():
+    size = cost.last_level_cache_bytes()
+    assert size >= 256 << 10 and size % 1024 == 0  # sysfs sizes are whole KiB
