@@ -54,11 +54,11 @@ class TplaDims:
 
     mla.num_heads: decode heads on this rank (heads split over the group_size ranks of a group);
     latent: this rank's slice width C/g; prefill_heads: heads per rank in exact-MLA prefill
-    (0 when prefill uses the sliced formula too); group_size: ranks sharing one slice.
+    (0 when prefill uses the sliced formula too); group_size: ranks sharing one slice. Whether
+    the RMSNorm is exact is in the program itself: an all-reduced sum of squares is passed or not.
     """
 
     mla: MlaDims
     latent: int
     group_size: int
     prefill_heads: int
-    exact_rmsnorm: bool

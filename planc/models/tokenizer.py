@@ -1,7 +1,7 @@
 """The byte-level tokenizer of the bundled models: ids 0-255 are bytes, then BOS, EOS, PAD."""
 from __future__ import annotations
 
-from planc.models.registry import BOS_ID, EOS_ID, PAD_ID
+from planc.models.registry import BOS_ID
 
 
 def encode(text: str, bos: bool = True) -> list[int]:
@@ -12,5 +12,3 @@ def decode(ids: list[int]) -> str:
     """Bytes to text; special ids are dropped, broken UTF-8 shows as U+FFFD."""
     return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
-
-SPECIAL = {"bos": BOS_ID, "eos": EOS_ID, "pad": PAD_ID}
