@@ -24,6 +24,8 @@ def _prompt_ids(manifest: dict, prompts: list[str] | None) -> list[list[int]]:
 def run(artifact: Path, *, nproc: int | None = None, prompts: list[str] | None = None, max_new_tokens: int = 64,
         sampling: dict | None = None, kernels: str | None = None, timeout_s: float = 900, rdzv: dict | None = None) -> dict:
     manifest = read_manifest(artifact)
+    if manifest.get("meta"):
+        raise RunError(f"{artifact}: compiled with --meta (a weightless dry run); recompile without --meta to run it")
     world, nnodes = manifest["world_size"], (rdzv or {}).get("nnodes", 1)
     nproc = nproc or world // nnodes
     if nproc * nnodes != world:

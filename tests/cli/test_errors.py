@@ -92,3 +92,11 @@ def test_run_needs_an_artifact(tmp_path, capsys):
 def test_full_size_model_needs_meta(tmp_path, capsys):
     err = compile_fails(tmp_path, capsys, GOOD.replace("tiny-deepseek", "deepseek-v3"), model="deepseek-v3")
     assert "--meta" in err
+
+
+def test_a_meta_artifact_cannot_run(tmp_path, capsys):
+    from planc.driver import compile
+
+    artifact = compile("tiny-deepseek", PLANS / "deepseek_mla_tp_ep.yaml", tmp_path / "dry", meta=True).path
+    assert main(["run", str(artifact)]) == 2
+    assert "--meta" in capsys.readouterr().err
