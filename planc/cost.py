@@ -216,10 +216,11 @@ def dense_mlp_layer(m: MlaModel, tp: int, b: int, e: int) -> list[Op | Collectiv
             Collective("all_reduce", ring_all_reduce_bytes(b * m.D * e, tp))]
 
 
-def decode_step(m: MlaModel, s: Split, b: int, context: int, e: int, moe_removed: bool = True) -> list[Op | Collective]:
-    """Every op one rank runs in one decode step (vocab-parallel embedding and lm_head)."""
-    if not moe_removed:
-        raise NotImplementedError("the cost model covers MoE-removed models only (the TPLA paper's setting)")
+def decode_step(m: MlaModel, s: Split, b: int, context: int, e: int) -> list[Op | Collective]:
+    """Every op one rank runs in one decode step (vocab-parallel embedding and lm_head).
+
+    MoE layers are left out, as in the TPLA paper's setting: the model predicts attention-side
+    gains only."""
     ops: list[Op | Collective] = [Op("embedding", 0, b * m.D * e, m.vocab * m.D * e / s.tp)]
     for layer in range(m.layers):
         ops += mla_layer(m, s, b, context, e)
@@ -249,14 +250,14 @@ def max_batch(hw: Hardware, weights_per_rank: float, kv_bytes_per_seq: float, us
 # -- the TPLA paper's setting -------------------------------------------------------------------
 
 
-def throughput(m: MlaModel, s: Split, hw: Hardware, context: int, e: int, moe_removed: bool = True) -> dict:
+def throughput(m: MlaModel, s: Split, hw: Hardware, context: int, e: int) -> dict:
     """Decode tokens/s of one TP group at its largest batch, with the step's breakdown."""
     weights, kv = weights_per_rank(m, s, e), kv_bytes_per_seq(m, s, context, e)
     b = max_batch(hw, weights, kv)
     if b < 1:
         raise ValueError(f"{s.name}: no sequence of {context} tokens fits {hw.name}'s memory beside "
                          f"{weights / 1e9:.1f} GB of weights per rank")
-    ops = decode_step(m, s, b, context, e, moe_removed)
+    ops = decode_step(m, s, b, context, e)
     seconds = step_seconds(ops, hw)
     by_name: dict[str, float] = {}
     for op in ops:
@@ -267,17 +268,17 @@ def throughput(m: MlaModel, s: Split, hw: Hardware, context: int, e: int, moe_re
 
 
 def compare(model: str = "deepseek-v3", hw: str = "H800", tp: int = 2, context: int = 32768,
-            dtype: str = "bfloat16", moe_removed: bool = True) -> dict:
+            dtype: str = "bfloat16") -> dict:
     """TPLA (g = tp, all heads on every rank; PD separation: the decode ranks hold decode weights
     only) against MLA-TP, each at its maximal batch."""
     m, profile, e = mla_model(model), PROFILES[hw], DTYPE_BYTES[dtype]
-    base = throughput(m, mla_tp(m, tp), profile, context, e, moe_removed)
-    ours = throughput(m, tpla(m, tp, tp), profile, context, e, moe_removed)
+    base = throughput(m, mla_tp(m, tp), profile, context, e)
+    ours = throughput(m, tpla(m, tp, tp), profile, context, e)
     return {"mla_tp": base, "tpla": ours, "speedup": ours["tokens_per_s"] / base["tokens_per_s"],
             "batch_ratio": ours["batch"] / base["batch"], "kv_width_ratio": (m.C + m.R) / (m.C // tp + m.R)}
 
 
 def predicted_speedup(model: str = "deepseek-v3", hw: str = "H800", tp: int = 2, context: int = 32768,
-                      dtype: str = "bfloat16", moe_removed: bool = True) -> float:
+                      dtype: str = "bfloat16") -> float:
     """Decode throughput of TPLA (g = tp) over MLA-TP, each at its maximal batch."""
-    return compare(model, hw, tp, context, dtype, moe_removed)["speedup"]
+    return compare(model, hw, tp, context, dtype)["speedup"]

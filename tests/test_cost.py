@@ -65,11 +65,6 @@ def test_predicted_speedup_lies_between_one_and_kv_streaming_limit(model):
     assert cost.predicted_speedup(model) == detail["speedup"]
 
 
-def test_moe_is_not_modeled():
-    with pytest.raises(NotImplementedError, match="MoE"):
-        cost.decode_step(V3, cost.mla_tp(V3, 2), 1, 1, 2, moe_removed=False)
-
-
 def test_cpu_profile_is_measured_once_per_process():
     profile = cost.cpu_profile()
     assert profile.flops > 0 and profile.mem_bw > 0 and profile.mem_bytes > 0
