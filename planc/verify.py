@@ -14,7 +14,8 @@ from planc.models.tokenizer import encode
 from planc.runtime.engine import DTYPES, read_manifest
 from planc.runtime.launch import launch
 
-DEFAULT_PROMPTS = ("def fibonacci(n):", "import numpy as np", "class Tree:\n    ")
+# Each ends mid-line: a model this small, asked to start a fresh line, tends to emit indentation only.
+DEFAULT_PROMPTS = ("def fibonacci(n):\n    return", "import os\nimport", "class Tree:\n    def __init__(self")
 
 
 def default_prompt_ids(manifest: dict, prompts=DEFAULT_PROMPTS) -> list[list[int]]:

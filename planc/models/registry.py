@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV3Config, LlamaConfig, PretrainedConfig
+from transformers.utils import logging as hf_logging
 
 from planc.errors import ModelError
 
@@ -118,6 +119,7 @@ def _load_checkpoint(path: Path, dtype: torch.dtype) -> nn.Module:
                          "give a directory written by save_pretrained, a config.json, or a bundled name")
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise ModelError(f"{path}: checkpoint has config.json but no weight files (*.safetensors)")
+    hf_logging.disable_progress_bar()  # a per-tensor progress bar is noise in `planc run` output
     try:
         config = pin_static_paths(AutoConfig.from_pretrained(path, local_files_only=True), dtype)
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True)
