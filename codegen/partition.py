@@ -13,14 +13,10 @@ import torch
 import torch.fx as fx
 
 from planc.ir import NodeInfo, block_nodes, info
+from planc.runtime.weights import scoped
 
 Tensors = dict[str, torch.Tensor]
 ROTARY = "model.rotary_emb.inv_freq"
-
-
-def _scoped(full: Tensors, fqn: str) -> Tensors:
-    prefix = fqn + "."
-    return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
 
 
 def _rows(w: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -149,7 +145,7 @@ def partition(graph: fx.Graph, full: Tensors, rank: int, transforms: dict | None
     out: Tensors = {}
     for node in _owning_nodes(graph):
         meta = info(node)
-        W = _scoped(full, meta.fqn)
+        W = scoped(full, meta.fqn)
         if meta.kind == "tpla_latent":
             W = _tpla(W, meta, rank, transforms[meta.fqn])
         elif (sharder := SHARDERS.get((meta.kind, meta.strategy))) is not None:

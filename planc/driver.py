@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.fx as fx
 import transformers
 import triton
 from torch import nn
@@ -57,6 +58,12 @@ def resolve_model(model: nn.Module | str | None, plan: Plan, meta: bool) -> tupl
     return load_model(source, dtype=dtype, meta=meta), source
 
 
+def parallelize(lifted: fx.Graph, plan: Plan, strict: bool = True) -> tuple[fx.Graph, PassContext]:
+    """Bind the plan's rules to the lifted graph and run every pass, in PASSES order."""
+    ctx = PassContext(plan, plan.mesh.devices, strict)
+    return run_passes(bind(lifted, plan), PASSES, ctx), ctx
+
+
 def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | Path, *,
             meta: bool = False, strict: bool = True, log=None) -> Artifact:
     log = log or (lambda msg: None)
@@ -67,8 +74,7 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
     captured = capture(model)
     lifted = lift(model, captured, check=not meta)
     log(f"lift     {len(lifted.blocks)} blocks" + (f", {len(lifted.checks)} checked against the captured graph" if lifted.checks else ""))
-    ctx = PassContext(plan, plan.mesh.devices, strict)
-    graph = run_passes(bind(lifted.graph, plan), PASSES, ctx)
+    graph, ctx = parallelize(lifted.graph, plan, strict)
     log(f"passes   {' -> '.join(name for name, _ in PASSES)}: {sum(r.action == 'applied' for r in ctx.records)} rewrites")
     transforms, transform_notes = latent_transforms(graph, model, meta)
     full = model_tensors(model)
@@ -110,7 +116,6 @@ def validate(plan_path: str | Path, model: str | None = None, *, meta: bool = Fa
         return f"{plan_path}: valid plan ({len(plan.rules)} rules, {plan.mesh.devices} devices); no model to check against"
     module, source = resolve_model(model, plan, meta)
     lifted = lift(module, capture(module), check=False)
-    ctx = PassContext(plan, plan.mesh.devices, strict=True)
-    run_passes(bind(lifted.graph, plan), PASSES, ctx)
+    _, ctx = parallelize(lifted.graph, plan)
     applied = sum(r.action == "applied" for r in ctx.records)
     return f"{plan_path}: valid for {source} ({len(plan.rules)} rules, {applied} blocks rewritten, {plan.mesh.devices} devices)"

@@ -35,13 +35,11 @@ import torch
 
 from planc import cost
 from planc.bench.decode import cores, rank_threads
-from planc.bind import bind
-from planc.driver import PASSES, compile
+from planc.driver import compile, parallelize
 from planc.lift import build_graph
 from planc.lift.ops import Ops, Step, masked_softmax
 from planc.lift.recognize import recognize
 from planc.models.registry import WEIGHTS_DIR, bundled_config, load_model
-from planc.passmanager import PassContext, run_passes
 from planc.plan import parse_plan_text
 from planc.report.report import cache_specs
 from planc.runtime.comm import Comm
@@ -87,7 +85,7 @@ def kv_widths(model: str, devices: int = WIDTH_DEVICES) -> dict[str, int]:
 
 def _uniform_width(graph, attention: str, devices: int, model: str) -> int:
     plan = parse_plan_text(plan_text(attention, devices), f"bench tpla ({model})")
-    specs = cache_specs(run_passes(bind(graph, plan), PASSES, PassContext(plan, devices)))
+    specs = cache_specs(parallelize(graph, plan)[0])
     widths = {s["ckv"] + s["kpe"] for s in specs.values()}
     assert len(widths) == 1, f"{model}: layers differ in width {widths}"
     return widths.pop()

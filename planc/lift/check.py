@@ -16,6 +16,7 @@ from torch import nn
 
 from planc.lift.ops import GqaCache, MlaCache, Ops, Step
 from planc.lift.recognize import Block
+from planc.runtime.weights import scoped
 
 # fp64 is loose because transformers computes RMSNorm in fp32 whatever the model dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -70,9 +71,8 @@ class _Recorder(fx.Interpreter):
 
 
 def block_weights(model: nn.Module, fqn: str) -> dict[str, torch.Tensor]:
-    prefix = fqn + "."
     named = dict(model.named_parameters()) | dict(model.named_buffers())
-    weights = {k[len(prefix):]: v for k, v in named.items() if k.startswith(prefix)}
+    weights = scoped(named, fqn)
     rotary = named.get("model.rotary_emb.inv_freq")
     if rotary is not None:
         weights["rotary.inv_freq"] = rotary

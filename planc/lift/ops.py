@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from planc.lift.dims import GqaDims, MlaDims, RouterDims, TplaDims
+from planc.runtime.weights import scoped
 
 Weights = dict[str, torch.Tensor]
 
@@ -162,14 +163,14 @@ class Ops:
         o = torch.einsum("bshc,hvc->bshv", o_lat, w_uv).reshape(B, S, d.num_heads * d.v_dim)
         return self.linear(o, W["o_proj.weight"], W.get("o_proj.bias"))
 
-    def _mla_queries(self, x_BSD, step: Step, W: Weights, d: MlaDims, q_b: str = "q_b_proj.weight"):
+    def _mla_queries(self, x_BSD, step: Step, W: Weights, d: MlaDims):
         B, S, _ = x_BSD.shape
         if d.q_lora_rank:
             q_lat = self.rmsnorm(self.linear(x_BSD, W["q_a_proj.weight"], W.get("q_a_proj.bias")),
                                  W["q_a_layernorm.weight"], d.eps)
-            q = self.linear(q_lat, W[q_b])
+            q = self.linear(q_lat, W["q_b_proj.weight"])
         else:
-            q = self.linear(x_BSD, W[q_b.replace("q_b_proj", "q_proj")])
+            q = self.linear(x_BSD, W["q_proj.weight"])
         q_nope, q_pe = q.view(B, S, d.num_heads, -1).split([d.nope_dim, d.rope_dim], dim=-1)
         cos, sin = rope_cos_sin(step.pos_BS, W["rotary.inv_freq"], d.rope_scaling, x_BSD.dtype)
         return q_nope, apply_rope(q_pe, cos, sin, d.rope_interleave), (cos, sin)
@@ -290,10 +291,10 @@ class Ops:
     def moe(self, x_BSD: torch.Tensor, W: Weights, d: RouterDims, act_name: str) -> torch.Tensor:
         """The whole MoE block on one device (the reference the EP program must reproduce)."""
         x = x_BSD.reshape(-1, x_BSD.shape[-1])
-        idx, w = self.moe_route(x, {k[5:]: v for k, v in W.items() if k.startswith("gate.")}, d)
+        idx, w = self.moe_route(x, scoped(W, "gate"), d)
         dense = torch.zeros(x.shape[0], d.num_experts, dtype=w.dtype).scatter_(1, idx, w)
-        experts = {k[8:]: v for k, v in W.items() if k.startswith("experts.")}
+        experts = scoped(W, "experts")
         y = self.moe_experts(x, dense, experts, act_name)
         if any(k.startswith("shared_experts.") for k in W):
-            y = y + self.mlp(x, {k[15:]: v for k, v in W.items() if k.startswith("shared_experts.")}, act_name)
+            y = y + self.mlp(x, scoped(W, "shared_experts"), act_name)
         return y.view_as(x_BSD)

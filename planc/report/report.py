@@ -65,14 +65,15 @@ def build_report(graph: fx.Graph, ctx: PassContext, rank_tensors: list[dict[str,
                  hidden: int, elem: int, checks: list, meta: bool) -> dict:
     specs = cache_specs(graph)
     world = ctx.world_size
+    per_step = collectives_per_step(graph, hidden, elem, world)  # per token: the same for prefill and decode
     return {
         "world_size": world,
         "per_rank": [{"rank": r, "weight_bytes": tensor_bytes(t), "kv_bytes_per_token": kv_bytes_per_token(specs, elem)}
                      for r, t in enumerate(rank_tensors)],
         "kv_width_per_rank": {fqn: (s["ckv"] + s["kpe"]) if s["kind"] == "mla" else 2 * s["kv_heads"] * s["head_dim"]
                               for fqn, s in specs.items()},
-        "collectives_per_decode_step": collectives_per_step(graph, hidden, elem, world),
-        "collectives_per_prefill": collectives_per_step(graph, hidden, elem, world),
+        "collectives_per_decode_step": per_step,
+        "collectives_per_prefill": per_step,
         "passes": [r.__dict__ for r in ctx.records],
         "declines": [r.__dict__ for r in ctx.records if r.action == "declined"],
         "lift_checks": [{"block": c.fqn, "ok": c.ok, "rel_err": c.rel_err} for c in checks]

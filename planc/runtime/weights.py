@@ -3,6 +3,14 @@ from __future__ import annotations
 
 import torch
 
+Tensors = dict[str, torch.Tensor]
+
+
+def scoped(tensors: Tensors, fqn: str) -> Tensors:
+    """The tensors under `fqn.`, keyed by the rest of their name."""
+    prefix = fqn + "."
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
 
 class Weights(dict):
     def __init__(self, tensors: dict[str, torch.Tensor]):
@@ -12,6 +20,5 @@ class Weights(dict):
     def scope(self, fqn: str) -> dict[str, torch.Tensor]:
         """The tensors under `fqn.`, keyed by the rest of their name (built once, then reused)."""
         if fqn not in self._scopes:
-            prefix = fqn + "."
-            self._scopes[fqn] = {k[len(prefix):]: v for k, v in self.items() if k.startswith(prefix)}
+            self._scopes[fqn] = scoped(self, fqn)
         return self._scopes[fqn]
