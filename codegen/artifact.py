@@ -17,12 +17,13 @@ from safetensors.torch import save_file
 import planc.kernels
 from planc.errors import ArtifactError
 
-KERNEL_FILES = ("linear", "rmsnorm", "mla_decode", "gqa_decode")  # split_merge is host code, imported from planc
+# split_merge is host code, imported from planc; mla_decode_cpu.py builds the .c beside it
+KERNEL_FILES = ("linear.py", "rmsnorm.py", "mla_decode.py", "gqa_decode.py", "mla_decode_cpu.py", "mla_decode_cpu.c")
 
 
 def kernel_sources() -> dict[str, str]:
     root = Path(planc.kernels.__file__).parent
-    return {name: (root / f"{name}.py").read_text() for name in KERNEL_FILES}
+    return {name: (root / name).read_text() for name in KERNEL_FILES}
 
 
 def write_artifact(out: Path, *, manifest: dict, program: str, report: dict,
@@ -44,7 +45,7 @@ def _fill(tmp: Path, manifest: dict, program: str, report: dict, rank_tensors) -
     (tmp / "program.py").write_text(program)
     (tmp / "kernels").mkdir()
     for name, source in kernel_sources().items():
-        (tmp / "kernels" / f"{name}.py").write_text(source)
+        (tmp / "kernels" / name).write_text(source)
     if rank_tensors is not None:
         (tmp / "weights").mkdir()
         for rank, tensors in enumerate(rank_tensors):

@@ -8,10 +8,13 @@ from pathlib import Path
 
 from planc.errors import PlancError
 
+KERNELS = ("torch", "triton", "cpu")  # planc.runtime.kernel_ops.make_ops; not imported here to keep startup light
+
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kernels", choices=("torch", "triton"), default=None,
-                   help="op implementations (default: torch on CPU, triton on CUDA)")
+    p.add_argument("--kernels", choices=KERNELS, default=None,
+                   help="op implementations (default: torch on CPU, triton on CUDA); cpu: MLA decode "
+                        "attention fused in C for CPU ranks (needs a C compiler)")
     p.add_argument("--timeout", type=float, default=900.0, help="wall-clock limit of the run in seconds")
     for flag in ("--nnodes", "--node-rank"):
         p.add_argument(flag, type=int, default=None, help="forwarded to torch.distributed's launcher")
@@ -62,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="bundled name, checkpoint dir, config.json or package.module:factory")
     p.add_argument("--artifact", default=None, help="evaluate this compiled artifact (run on its ranks) instead")
     p.add_argument("--max-bytes", type=int, default=None, help="evaluate on fewer held-out bytes")
-    p.add_argument("--kernels", choices=("torch", "triton"), default="torch")
+    p.add_argument("--kernels", choices=KERNELS, default="torch")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("bench", help="side-by-side measurements (see `planc bench --list`)")
@@ -119,7 +122,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from planc.runtime.triton_ops import default_kernels
+    from planc.runtime.kernel_ops import default_kernels
     from planc.verify import verify
 
     report = verify(Path(args.artifact), max_new_tokens=args.max_new_tokens,

@@ -7,7 +7,7 @@ from planc.errors import RunError
 from planc.models.tokenizer import decode, encode
 from planc.runtime.engine import read_manifest
 from planc.runtime.launch import launch
-from planc.runtime.triton_ops import default_kernels
+from planc.runtime.kernel_ops import default_kernels
 from planc.verify import DEFAULT_PROMPTS, default_prompt_ids
 
 

@@ -10,13 +10,15 @@ bpb: held-out bits per byte of tiny-deepseek compiled with each plan (the attent
   forward is the exact MLA prefill and never runs TPLA's decode. bpb_full_window is that figure
   for reference, computed as planc.zoo.eval.artifact_bits_per_byte does (checked against it on
   mla_tp in the same run).
-decode_attention_ratio: one decode step of the runtime's attention primitive (Ops.mla_decode) at
-  tiny-deepseek's dims on 2 gloo ranks, mla_tp (H/2 heads over the C+R cache) over TPLA g=2 (H heads
-  over C/2+R), interleaved; a step is the slower rank's time, the figure the median over steps.
-  Beside it: the roofline of cpu_profile() (measured on both ranks at once, as the steps run) for
-  the same shapes with the cache read once (what a fused kernel does); the unfused roofline, every
-  intermediate of the torch reference through memory; the width ceiling; and diagnostics: the
-  primitive's three stages and a plain read of the cache, on the ranks and in one process alone.
+decode_attention_ratio: one decode step of the runtime's fused CPU attention kernel (`--kernels cpu`,
+  kernels/mla_decode_cpu.c: one pass over the cache) at tiny-deepseek's dims on 2 gloo ranks,
+  mla_tp (H/2 heads over the C+R cache) over TPLA g=2 (H heads over C/2+R), interleaved; a step is
+  the slower rank's time, the figure the median over steps. Beside it: the roofline of
+  cpu_profile() (measured on both ranks at once, as the steps run) for the same shapes with the
+  cache read once (what the fused kernel does); the unfused roofline, every intermediate of the
+  torch reference through memory; the width ceiling; and diagnostics: the torch reference
+  (`--kernels torch`, Ops.mla_decode), its three stages and a plain read of the cache, on the
+  ranks and in one process alone.
 predicted_speedup: planc.cost for the paper's setting, next to the paper's figures.
 
 Legend: B batch, T cached tokens, H heads per rank, C latent per rank, R rope dim, e element bytes.
@@ -39,6 +41,7 @@ from planc.driver import compile, parallelize
 from planc.lift import build_graph
 from planc.lift.ops import Ops, Step, masked_softmax
 from planc.lift.recognize import recognize
+from planc.kernels.mla_decode_cpu import mla_decode_cpu
 from planc.models.registry import WEIGHTS_DIR, bundled_config, load_model
 from planc.plan import parse_plan_text
 from planc.report.report import cache_specs
@@ -190,15 +193,16 @@ def time_decode_attention(comm: Comm, shapes: dict[str, tuple[int, int]], batch:
 
 
 def probes(q_lat_BHC, q_pe_BHR, ckv_BTC, kpe_BTR, key_mask_BT) -> dict[str, Callable[[], object]]:
-    """The primitive itself, then diagnostics: its three stages on precomputed inputs, and a plain
-    read of the cache (what a bandwidth-bound op achieves on this machine)."""
+    """The fused kernel, then diagnostics: the torch reference, its three stages on precomputed
+    inputs, and a plain read of the cache (what a bandwidth-bound op achieves on this machine)."""
     def logits() -> torch.Tensor:
         return torch.einsum("bhc,btc->bht", q_lat_BHC, ckv_BTC) + torch.einsum("bhr,btr->bht", q_pe_BHR, kpe_BTR)
 
     logits_BHT = logits()
     probs_BHT = masked_softmax(logits_BHT * SCALE, key_mask_BT[:, None, :])
     return {
-        "mla_decode": lambda: Ops().mla_decode(q_lat_BHC, q_pe_BHR, ckv_BTC, kpe_BTR, key_mask_BT, SCALE),
+        "fused_cpu": lambda: mla_decode_cpu(q_lat_BHC, q_pe_BHR, ckv_BTC, kpe_BTR, key_mask_BT, SCALE),
+        "torch_reference": lambda: Ops().mla_decode(q_lat_BHC, q_pe_BHR, ckv_BTC, kpe_BTR, key_mask_BT, SCALE),
         "logits": logits,
         "softmax": lambda: masked_softmax(logits_BHT * SCALE, key_mask_BT[:, None, :]),
         "value": lambda: torch.einsum("bht,btc->bhc", probs_BHT, ckv_BTC),
@@ -264,12 +268,12 @@ def decode_attention(repeats: int = 30, context: int = CONTEXT) -> dict:
     fused = {n: cost.attention(batch, h, c, R, context, 4) for n, (h, c) in shapes.items()}
     unfused = {n: cost.step_seconds(reference_ops(batch, h, c, R, context), cpu) for n, (h, c) in shapes.items()}
     return {
-        "decode_attention_ratio": _ratio(median)["mla_decode"],
+        "decode_attention_ratio": _ratio(median)["fused_cpu"],
         "decode_attention_ratio_roofline": cost.op_time(fused["mla_tp"], cpu) / cost.op_time(fused["tpla_g2"], cpu),
         "decode_attention_ratio_roofline_unfused": unfused["mla_tp"] / unfused["tpla_g2"],
         "decode_attention_width_ceiling": (C + R) / (C // 2 + R),
         "decode_attention": {
-            "primitive": "planc.lift.ops.Ops.mla_decode (the runtime's torch reference)",
+            "primitive": "kernels/mla_decode_cpu.c (the runtime's --kernels cpu), beside the torch reference",
             "heads_latent_per_rank": shapes, "rope": R, "batch": batch, "context": context, "dtype": "float32",
             "cache_bytes_per_rank": {n: batch * context * (c + R) * 4 for n, (_, c) in shapes.items()},
             "last_level_cache_bytes": llc, "steps": repeats, "threads_per_rank": threads,

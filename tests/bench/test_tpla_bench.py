@@ -31,7 +31,7 @@ def test_attention_timer_returns_positive_times_per_variant_probe_and_step():
     times = tpla_case.time_decode_attention(Comm.single(), shapes, batch=2, context=32, rope=16, repeats=3, warmup=1)
     assert set(times) == set(shapes)
     for probes in times.values():
-        assert set(probes) == {"mla_decode", "logits", "softmax", "value", "cache_read"}
+        assert set(probes) == {"fused_cpu", "torch_reference", "logits", "softmax", "value", "cache_read"}
         assert all(len(s) == 3 and min(s) > 0 for s in probes.values())
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from planc.cli import main
 from planc.run import run
+from planc.verify import verify
 
 
 def _report(artifact):
@@ -53,6 +54,12 @@ def test_triton_kernels_give_the_same_tokens(compiled):
     torch_run = run(artifact, prompts=prompts, max_new_tokens=5, kernels="torch", timeout_s=300)
     triton_run = run(artifact, prompts=prompts, max_new_tokens=5, kernels="triton", timeout_s=500)
     assert triton_run["tokens"] == torch_run["tokens"]
+
+
+def test_cpu_kernels_match_transformers(compiled):
+    """--kernels cpu: MLA decode through the fused C kernel, checked like the torch reference."""
+    report = verify(compiled("deepseek_mla_tp_ep.yaml", 2), max_new_tokens=9, kernels="cpu", timeout_s=300)
+    assert report["token_agreement"] == 1.0 and report["max_logit_diff"] <= 1e-4, report
 
 
 def test_failing_rank_ends_the_run(compiled, tmp_path, capsys):

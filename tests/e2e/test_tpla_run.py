@@ -107,3 +107,11 @@ def test_triton_slice_kernel_gives_the_same_tokens(artifacts):
     torch_run = run(art, prompts=["x = 1"], max_new_tokens=4, kernels="torch", timeout_s=300)
     triton_run = run(art, prompts=["x = 1"], max_new_tokens=4, kernels="triton", timeout_s=500)
     assert triton_run["tokens"] == torch_run["tokens"]
+
+
+def test_cpu_slice_kernel_gives_the_same_tokens(artifacts):
+    """--kernels cpu runs TPLA decode through the fused C kernel at the slice width (C/g + R)."""
+    art = Path(artifacts["g2"])
+    torch_run = run(art, prompts=["x = 1", "def f("], max_new_tokens=8, kernels="torch", timeout_s=300)
+    cpu_run = run(art, prompts=["x = 1", "def f("], max_new_tokens=8, kernels="cpu", timeout_s=300)
+    assert cpu_run["tokens"] == torch_run["tokens"]

@@ -1,7 +1,11 @@
-"""`--kernels triton`: the reference ops with GEMM, RMSNorm and decode attention in Triton.
+"""The op implementations a run can choose (`--kernels`), over the reference ops (`torch`).
 
-The kernels are the artifact's own copies (ARTIFACT/kernels/*.py), so a run uses exactly the code
-the compile emitted. Prefill attention (S > 1) stays in PyTorch.
+- `triton`: GEMM, RMSNorm and decode attention in Triton (compiled on CUDA, interpreted on CPU).
+- `cpu`: MLA decode attention fused for a CPU core in C (kernels/mla_decode_cpu.c, built with the
+  machine's C compiler), float32; other dtypes and every other op run the reference.
+
+The kernels are the artifact's own copies (ARTIFACT/kernels/), so a run uses exactly the code the
+compile emitted. Prefill attention (S > 1) stays in PyTorch.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ class TritonOps(Ops):
     name = "triton"
 
     def __init__(self, kernel_dir: Path):
-        k = {p.stem: _load(p) for p in sorted(Path(kernel_dir).glob("*.py"))}
+        k = {name: _load(Path(kernel_dir) / f"{name}.py") for name in ("linear", "rmsnorm", "mla_decode", "gqa_decode")}
         self._linear, self._rmsnorm = k["linear"].linear, k["rmsnorm"].rmsnorm
         self._mla, self._gqa = k["mla_decode"].mla_decode, k["gqa_decode"].gqa_decode
 
@@ -43,12 +47,29 @@ class TritonOps(Ops):
         return self._gqa(q_BHD.contiguous(), k_BTGD, v_BTGD, key_mask_BT, scale)
 
 
+class CpuOps(Ops):
+    name = "cpu"
+
+    def __init__(self, kernel_dir: Path):
+        self._mla = _load(Path(kernel_dir) / "mla_decode_cpu.py").mla_decode_cpu
+
+    def mla_decode(self, q_lat_BHC, q_pe_BHR, ckv_BTC, kpe_BTR, key_mask_BT, scale):
+        if ckv_BTC.dtype != torch.float32:
+            return super().mla_decode(q_lat_BHC, q_pe_BHR, ckv_BTC, kpe_BTR, key_mask_BT, scale)
+        return self._mla(q_lat_BHC, q_pe_BHR, ckv_BTC, kpe_BTR, key_mask_BT, scale)
+
+
+KERNELS = ("torch", "triton", "cpu")
+
+
 def make_ops(kernels: str, artifact: Path) -> Ops:
     if kernels == "torch":
         return Ops()
     if kernels == "triton":
         return TritonOps(artifact / "kernels")
-    raise ValueError(f"--kernels {kernels!r}: choose torch or triton")
+    if kernels == "cpu":
+        return CpuOps(artifact / "kernels")
+    raise ValueError(f"--kernels {kernels!r}: choose one of {', '.join(KERNELS)}")
 
 
 def default_kernels() -> str:
