@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,17 +37,22 @@ class Hardware:
 
 # Public spec-sheet figures (SXM parts; dense = without 2:4 sparsity). The H800 is an H100 SXM
 # with NVLink cut to 400 GB/s total (NVIDIA H800 product brief); its HBM3 and tensor cores match.
-# NVLink is quoted as total bidirectional bandwidth, so per direction is half. Latency: ~10 us,
-# the order of a small-message NCCL all-reduce inside one NVLink node (nccl-tests); a round figure.
+# NVLink is quoted as total bidirectional bandwidth, so per direction is half. Memory is what the
+# device reports as its total (nvidia-smi, torch.cuda.mem_get_info), the figure vLLM's
+# gpu_memory_utilization multiplies: the "80 GB" of the sheets is 80 GiB of HBM, of which
+# 81,559 MiB is visible on H100/H800 and 81,920 MiB on A100; H200's 141 GB shows as 143,771 MiB.
+# Latency: ~10 us, the order of a small-message NCCL all-reduce inside one NVLink node
+# (nccl-tests); a round figure.
+MiB = 1 << 20
 PROFILES = {
     # H100 SXM5 datasheet: 989 TFLOPS BF16 dense, 80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s.
-    "H100": Hardware("H100", 989e12, 3.35e12, 80e9, 450e9, 10e-6),
+    "H100": Hardware("H100", 989e12, 3.35e12, 81559 * MiB, 450e9, 10e-6),
     # H800 SXM5: as H100, NVLink 400 GB/s.
-    "H800": Hardware("H800", 989e12, 3.35e12, 80e9, 200e9, 10e-6),
+    "H800": Hardware("H800", 989e12, 3.35e12, 81559 * MiB, 200e9, 10e-6),
     # H200 SXM datasheet: 989 TFLOPS BF16 dense, 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s.
-    "H200": Hardware("H200", 989e12, 4.8e12, 141e9, 450e9, 10e-6),
+    "H200": Hardware("H200", 989e12, 4.8e12, 143771 * MiB, 450e9, 10e-6),
     # A100 SXM 80GB datasheet: 312 TFLOPS BF16 dense, 80 GB HBM2e at 2,039 GB/s, NVLink 600 GB/s.
-    "A100": Hardware("A100", 312e12, 2.039e12, 80e9, 300e9, 10e-6),
+    "A100": Hardware("A100", 312e12, 2.039e12, 81920 * MiB, 300e9, 10e-6),
 }
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 USABLE_MEMORY = 0.9  # share of HBM for weights + KV: vLLM's default gpu_memory_utilization
@@ -65,27 +69,29 @@ def cpu_profile() -> Hardware:
                     link_bw=math.inf, latency=0.0)  # collectives are not predicted on the CPU
 
 
-def stream_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+def stream_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> float:
     """B/s of a read-only sweep (sum) over a buffer far larger than the last-level cache."""
     x = torch.ones(nbytes // 4)
     x.sum()  # first touch: page faults are not bandwidth
-    return nbytes / _median_seconds(lambda: x.sum(), repeats)
+    return nbytes / _best_seconds(lambda: x.sum(), repeats)
 
 
-def matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+def matmul_flops(n: int = 1024, repeats: int = 7) -> float:
     """fp32 FLOP/s of an n x n x n matmul."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
-    return 2 * n ** 3 / _median_seconds(lambda: a @ b, repeats)
+    return 2 * n ** 3 / _best_seconds(lambda: a @ b, repeats)
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def _best_seconds(fn, repeats: int) -> float:
+    """The fastest of `repeats` calls: a roofline's ceilings are the best this machine does (a
+    median would fold the co-runners of a shared machine into the ceiling)."""
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return min(samples)
 
 
 def last_level_cache_bytes() -> int:

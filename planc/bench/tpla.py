@@ -245,6 +245,14 @@ def reference_ops(B: int, H: int, C: int, R: int, T: int, e: int = 4) -> list[co
             cost.Op("p.ckv", 2 * B * H * T * C, B * T * C * e + logits)]
 
 
+def step_ratio_quartiles(ranks: list[dict], probe: str) -> list[float]:
+    """Quartiles over steps of one step's ratio (mla_tp over tpla_g2, each the slower rank's time):
+    how much the headline median moves from step to step."""
+    slower = {name: [max(per_rank) for per_rank in zip(*(r["times"][name][probe] for r in ranks))]
+              for name in ("mla_tp", "tpla_g2")}
+    return statistics.quantiles([a / b for a, b in zip(slower["mla_tp"], slower["tpla_g2"])], n=4)
+
+
 def step_stat(ranks: list[dict], stat: Callable = statistics.median) -> dict[str, dict[str, float]]:
     """Per variant and probe: `stat` over steps of the slower rank's seconds."""
     variants = ranks[0]["times"]
@@ -269,6 +277,7 @@ def decode_attention(repeats: int = 30, context: int = CONTEXT) -> dict:
     unfused = {n: cost.step_seconds(reference_ops(batch, h, c, R, context), cpu) for n, (h, c) in shapes.items()}
     return {
         "decode_attention_ratio": _ratio(median)["fused_cpu"],
+        "decode_attention_ratio_step_quartiles": step_ratio_quartiles(ranks, "fused_cpu"),
         "decode_attention_ratio_roofline": cost.op_time(fused["mla_tp"], cpu) / cost.op_time(fused["tpla_g2"], cpu),
         "decode_attention_ratio_roofline_unfused": unfused["mla_tp"] / unfused["tpla_g2"],
         "decode_attention_width_ceiling": (C + R) / (C // 2 + R),
@@ -350,7 +359,8 @@ def table(result: dict) -> str:
     rows.append(f"decode attention, B {d['batch']} T {d['context']}, median ms of {d['steps']} steps (slower rank)")
     rows += [f"  {p:<11} mla_tp {d['median_ms']['mla_tp'][p]:8.2f}  tpla_g2 {d['median_ms']['tpla_g2'][p]:8.2f}  "
              f"ratio {r:.3f}" for p, r in d["ratio_by_probe"].items()]
-    rows.append(f"  ratio {result['decode_attention_ratio']:.3f}  "
+    q1, _, q3 = result["decode_attention_ratio_step_quartiles"]
+    rows.append(f"  ratio {result['decode_attention_ratio']:.3f} (steps' quartiles {q1:.3f}-{q3:.3f})  "
                 f"roofline {result['decode_attention_ratio_roofline']:.3f}  "
                 f"unfused roofline {result['decode_attention_ratio_roofline_unfused']:.3f}  "
                 f"width ceiling {result['decode_attention_width_ceiling']:.3f}")

@@ -41,6 +41,13 @@ def test_step_time_is_the_slower_rank_then_the_median_over_steps():
     assert tpla_case.step_stat(ranks, min) == {"v": {"p": 2.5}}
 
 
+def test_step_ratio_quartiles_pair_each_steps_slower_ranks():
+    times = lambda mla, tpla: {"times": {"mla_tp": {"p": mla}, "tpla_g2": {"p": tpla}}}  # noqa: E731
+    ranks = [times([2.0, 4.0, 6.0, 8.0, 10.0], [1.0, 1.0, 1.0, 1.0, 1.0]),
+             times([1.0, 1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0, 2.0])]
+    assert tpla_case.step_ratio_quartiles(ranks, "p") == pytest.approx([1.5, 3.0, 4.5])  # of 1, 2, 3, 4, 5
+
+
 def test_attention_batch_puts_the_smaller_cache_past_twice_the_llc():
     llc, context, latent, rope = 32 << 20, 16384, 64, 16
     batch = tpla_case.attention_batch(context, latent, rope, llc)
