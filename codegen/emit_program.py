@@ -29,7 +29,7 @@ def _local_dims(meta: NodeInfo):
     if meta.kind in ("tpla_latent", "tpla_attention"):
         sh = meta.shard
         return TplaDims(meta.dims.local(sh["heads_per_rank"]), sh["latent_per_rank"], sh["group_size"],
-                        sh["prefill_heads_per_rank"])
+                        sh["prefill_heads_per_rank"], sh["rmsnorm"] == "recompute")
     if meta.kind == "mla_attention" and "heads_per_rank" in meta.shard:
         return meta.dims.local(meta.shard["heads_per_rank"])
     if meta.kind == "gqa_attention" and "heads_per_rank" in meta.shard:

@@ -104,11 +104,12 @@ def _tpla(W: Tensors, meta: NodeInfo, rank: int, fold) -> Tensors:
     out["o_proj.weight"] = _cols(full_o, h_lo * d.v_dim, h_hi * d.v_dim)
     if fold.scales is not None:  # this slice's calibrated RMS correction, applied to decode tokens
         out["tpla.scale"] = fold.scales[group:group + 1].to(dtype)
-    if sh["prefill_heads_per_rank"]:  # exact MLA prefill: this rank's prefill heads over the full latent
-        p_lo, p_hi = rank * sh["prefill_heads_per_rank"], (rank + 1) * sh["prefill_heads_per_rank"]
+    if sh["prefill_heads_per_rank"] or sh["rmsnorm"] == "recompute":  # the whole rotated latent's rows
         out["kv_a_proj_with_mqa.weight"] = kv_a
         if kv_a_bias is not None:
             out["kv_a_proj_with_mqa.bias"] = kv_a_bias
+    if sh["prefill_heads_per_rank"]:  # exact MLA prefill: this rank's prefill heads over the full latent
+        p_lo, p_hi = rank * sh["prefill_heads_per_rank"], (rank + 1) * sh["prefill_heads_per_rank"]
         out["kv_a_layernorm.weight"] = torch.ones_like(W["kv_a_layernorm.weight"])
         out[f"prefill.{q_name}"] = _rows(full_q, p_lo * qk, p_hi * qk)
         out["prefill.kv_b_proj.weight"] = _rows(kv_b, p_lo * kv, p_hi * kv)

@@ -2,7 +2,8 @@
 
     before:  a = mla_attention(x);  h = add(h, a)
     after:   lat = tpla_latent(x)                  this rank's latent slice c'_j (C/g wide) + rope key
-             ss = all_reduce(lat)                  only with rmsnorm: exact (per-token sum of squares)
+             ss = all_reduce(lat)                  only with rmsnorm: exact (per-token sum of squares;
+                                                   recompute gets the whole latent's on each rank instead)
              a = tpla_attention(x, lat, ss)        H/(k/g) heads over slice j; per-slice softmax
              a' = all_reduce(a);  h = add(h, a')   the single all-reduce MLA-TP already has
 
@@ -36,9 +37,9 @@ def _shard(meta: NodeInfo, section, world: int, where: str) -> dict:
         raise PlanError(f"{where}: tpla cannot split {meta.fqn}'s {d.num_heads} heads over {need} ranks "
                         f"(devices / latent_groups{', and all devices for prefill: mla' if section.prefill == 'mla' else ''}); "
                         f"valid device counts: {', '.join(map(str, divisors(d.num_heads)))}")
-    if section.scales == "calibrated" and section.rmsnorm == "exact":
-        raise PlanError(f"{where}.scales: 'calibrated' corrects the sliced RMSNorm; with rmsnorm: exact there is "
-                        "nothing to correct. Use rmsnorm: sliced or scales: none")
+    if section.scales == "calibrated" and section.rmsnorm != "sliced":
+        raise PlanError(f"{where}.scales: 'calibrated' corrects the sliced RMSNorm; with rmsnorm: {section.rmsnorm} "
+                        "there is nothing to correct. Use rmsnorm: sliced or scales: none")
     return {"latent_groups": g, "group_size": group_size, "heads_per_rank": d.num_heads // group_size,
             "latent_per_rank": d.kv_lora_rank // g,
             "prefill_heads_per_rank": d.num_heads // world if section.prefill == "mla" else 0,

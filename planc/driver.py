@@ -31,7 +31,7 @@ from planc.passes.tpla import tpla
 from planc.passmanager import PassContext, run_passes
 from planc.plan import Plan, load_plan
 from planc.report.report import build_report, cache_specs
-from planc.transforms import latent_transforms
+from planc.transforms import latent_transforms, sliced_norm_advice
 from planc.runtime.engine import DTYPES
 
 # The fixed order in which passes run (printed by `planc compile`).
@@ -77,12 +77,16 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
     graph, ctx = parallelize(lifted.graph, plan, strict)
     log(f"passes   {' -> '.join(name for name, _ in PASSES)}: {sum(r.action == 'applied' for r in ctx.records)} rewrites")
     transforms, transform_notes = latent_transforms(graph, model, meta)
+    advice = sliced_norm_advice(graph, transform_notes)
+    for line in advice:
+        log(f"note     {line}")
     full = model_tensors(model)
     ranks = [partition(graph, full, r, transforms) for r in range(plan.mesh.devices)]
     manifest = _manifest(model, source, plan, graph, meta)
     report = build_report(graph, ctx, ranks, hidden=model.config.hidden_size,
                           elem=DTYPES[manifest["dtype"]].itemsize, checks=lifted.checks, meta=meta)
     report["latent_transforms"] = transform_notes
+    report["advice"] = advice
     report["compile_seconds"] = time.perf_counter() - started
     program = emit_program(graph, model=source, world_size=plan.mesh.devices, plan_hash=plan.hash())
     path = write_artifact(Path(out), manifest=manifest, program=program, report=report,

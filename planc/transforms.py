@@ -10,6 +10,8 @@ A unit-weight RMSNorm commutes with U, so the unsliced model is exactly MLA.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -91,8 +93,8 @@ def _rotation(meta, latents: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
         return hadamard(C, meta.shard["seed"]), {"transform": kind}
     if kind == "pca" and latents is not None:
         U, values = pca(latents)
-        share = float(values[: meta.shard["latent_per_rank"]].sum() / values.sum())
-        return U, {"transform": kind, "top_slice_energy": share}
+        shares = values.view(meta.shard["latent_groups"], -1).sum(-1) / values.sum()
+        return U, {"transform": kind, "slice_energy": [round(float(v), 6) for v in shares]}
     return torch.eye(C, dtype=torch.float64), {"transform": kind if kind != "pca" else "pca (identity on meta)"}
 
 
@@ -112,3 +114,28 @@ def latent_transforms(graph: fx.Graph, model: nn.Module, meta: bool) -> tuple[di
             notes[m.fqn]["slice_scales"] = [round(float(v), 6) for v in scales]
         folds[m.fqn] = LatentFold(U, scales)
     return folds, notes
+
+
+SLICED_NORM_WARN = 2.0  # a slice the sliced RMSNorm scales by more than this (or less than 1/this)
+
+
+def sliced_norm_advice(graph: fx.Graph, notes: dict) -> list[str]:
+    """Where a layer normalizes each slice alone (rmsnorm: sliced, scales: none) and the calibrated
+    slice energies are far from even, what that norm does to a decode token's slices against the
+    exact norm: slice j is scaled by rms(c) / rms(c_j) ~ 1 / sqrt(g * energy_j)."""
+    gains = {}
+    for node in block_nodes(graph, "tpla_latent"):
+        m = info(node)
+        energy = notes.get(m.fqn, {}).get("slice_energy")
+        if energy and m.shard["rmsnorm"] == "sliced" and m.shard["scales"] == "none":
+            gains[m.fqn] = [1 / math.sqrt(len(energy) * max(e, 1e-12)) for e in energy]
+    off = {fqn: g for fqn, g in gains.items() if max(g) > SLICED_NORM_WARN or min(g) < 1 / SLICED_NORM_WARN}
+    if not off:
+        return []
+    worst = max(off, key=lambda fqn: max(off[fqn]))
+    energy = ", ".join(f"{e:.1%}" for e in notes[worst]["slice_energy"])
+    return [f"{len(off)} of {len(gains)} TPLA layers have uneven slice energies with rmsnorm: sliced; worst "
+            f"{worst}: slices hold {energy} of the latent energy on the calibration split, so the sliced "
+            f"RMSNorm scales a decode token's slices by {', '.join(f'{g:.2f}x' for g in off[worst])} against the "
+            f"exact norm. rmsnorm: recompute normalizes exactly with no extra communication "
+            f"(or scales: calibrated corrects the mean)"]

@@ -54,11 +54,13 @@ class TplaDims:
 
     mla.num_heads: decode heads on this rank (heads split over the group_size ranks of a group);
     latent: this rank's slice width C/g; prefill_heads: heads per rank in exact-MLA prefill
-    (0 when prefill uses the sliced formula too); group_size: ranks sharing one slice. Whether
-    the RMSNorm is exact is in the program itself: an all-reduced sum of squares is passed or not.
+    (0 when prefill uses the sliced formula too); group_size: ranks sharing one slice;
+    recompute_rms: the RMS is over the whole latent, recomputed on this rank (rmsnorm: recompute).
+    With rmsnorm: exact the program passes an all-reduced sum of squares instead.
     """
 
     mla: MlaDims
     latent: int
     group_size: int
     prefill_heads: int
+    recompute_rms: bool = False

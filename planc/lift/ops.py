@@ -176,9 +176,15 @@ class Ops:
         return q_nope, apply_rope(q_pe, cos, sin, d.rope_interleave), (cos, sin)
 
     def tpla_latent(self, x_BSD, W: Weights, d: TplaDims) -> TplaLatent:
-        """This rank's latent slice c'_j = (U^T W_DKV)_j x and the shared rope key (not yet rotated)."""
+        """This rank's latent slice c'_j = (U^T W_DKV)_j x, the shared rope key (not yet rotated) and
+        the per-token sum of squares: of the slice, or with recompute_rms of the whole latent."""
         c, k_pe = self.linear(x_BSD, W["tpla.kv_a.weight"], W.get("tpla.kv_a.bias")).split([d.latent, d.mla.rope_dim], dim=-1)
-        return TplaLatent(c, k_pe, acc(c).pow(2).sum(-1, keepdim=True))
+        if not d.recompute_rms:
+            return TplaLatent(c, k_pe, acc(c).pow(2).sum(-1, keepdim=True))
+        C = d.mla.kv_lora_rank
+        bias = W.get("kv_a_proj_with_mqa.bias")
+        whole = self.linear(x_BSD, W["kv_a_proj_with_mqa.weight"][:C], bias[:C] if bias is not None else None)
+        return TplaLatent(c, k_pe, acc(whole).pow(2).sum(-1, keepdim=True))
 
     def tpla_attention(self, x_BSD, lat: TplaLatent, sumsq_BS1, step: Step, cache: MlaCache, W: Weights,
                        d: TplaDims) -> torch.Tensor:
@@ -186,14 +192,16 @@ class Ops:
 
         Prefill with PD separation runs exact MLA (full latent, prefill head split) and caches
         the slice; otherwise: normalize the slice (sliced: over the slice; exact: with the
-        all-reduced sum of squares), per-slice softmax, W_UV slice, o_proj -> partial [B, S, D].
+        all-reduced sum of squares; recompute: with the whole latent's, computed here), per-slice
+        softmax, W_UV slice, o_proj -> partial [B, S, D].
         """
         if step.start == 0 and d.prefill_heads:
             return self._tpla_exact_prefill(x_BSD, lat, step, cache, W, d)
         m = d.mla
         B, S, _ = x_BSD.shape
         q_nope, q_pe, (cos, sin) = self._mla_queries(x_BSD, step, W, m)
-        width = m.kv_lora_rank if sumsq_BS1 is not None else d.latent  # the RMS is over the whole latent when exact
+        whole = sumsq_BS1 is not None or d.recompute_rms  # the RMS is over the whole latent
+        width = m.kv_lora_rank if whole else d.latent
         sumsq = sumsq_BS1 / d.group_size if sumsq_BS1 is not None else lat.sumsq_BS1
         c = acc(lat.c_BSC) * torch.rsqrt(sumsq / width + m.eps)
         if sumsq_BS1 is None and "tpla.scale" in W:  # calibrated slice scale (scales: calibrated)

@@ -72,9 +72,11 @@ class AttentionSection(Section):
         "mla", description="tpla: mla = exact MLA prefill, each rank keeps its latent slice (PD separation); "
         "tpla = prefill with the sliced formula too."
     )
-    rmsnorm: Literal["sliced", "exact"] = Field(
+    rmsnorm: Literal["sliced", "exact", "recompute"] = Field(
         "sliced", description="tpla: sliced = RMSNorm over each slice (the paper); exact = one small all-reduce "
-        "of per-token sums of squares per layer."
+        "of per-token sums of squares per layer; recompute = the exact RMS without communication: every rank "
+        "recomputes a token's whole latent from the full kv_a_proj latent rows (which prefill: mla already "
+        "keeps on every rank) and normalizes its slice by it."
     )
     scales: Literal["none", "calibrated"] = Field(
         "none", description="tpla + rmsnorm sliced: calibrated = one scale per latent slice, the mean ratio of the "

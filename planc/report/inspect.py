@@ -206,6 +206,7 @@ def _alerts(report: dict) -> str:
     failed = [c for c in checks if not c.get("ok")] if isinstance(checks, list) else []
     notes = [f"{len(report.get('declines', []))} declined rewrite(s)"] if report.get("declines") else []
     notes += [f"{len(failed)} lift check(s) failed"] if failed else []
+    notes += report.get("advice") or []
     return "".join(f'<div class="alert">{escape(n)}</div>' for n in notes)
 
 

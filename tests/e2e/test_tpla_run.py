@@ -32,6 +32,7 @@ def artifacts(tmp_path_factory):
         "g1": build("g1", 2, 1, transform="hadamard", prefill="mla"),
         "g2": build("g2", 2, 2, transform="pca", prefill="mla"),
         "g2_exact": build("g2_exact", 2, 2, transform="pca", prefill="tpla", rmsnorm="exact"),
+        "g2_recompute": build("g2_recompute", 2, 2, transform="pca", prefill="mla", rmsnorm="recompute"),
     }
 
 
@@ -80,7 +81,19 @@ def test_each_rank_caches_its_slice_of_the_exact_prefill_latent(artifacts):
     torch.testing.assert_close(decoded.pow(2).mean(-1).sqrt(), torch.ones(2, 3), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name,all_reduces", [("g2", 4), ("g2_exact", 8)])
+def test_recompute_caches_slices_of_the_exactly_normalized_decode_latent(artifacts):
+    """rmsnorm: recompute, no communication beyond the one all-reduce: decode tokens, like the
+    prefill, are cached as slices of the whole latent normalized exactly."""
+    ranks = _threads(artifacts["g2_recompute"], 2)
+    layer, prompt_len = "model.layers.2.self_attn", max(map(len, PROMPTS))
+    joined = torch.cat([ranks[0][1].kv[layer].ckv_BTC, ranks[1][1].kv[layer].ckv_BTC], dim=-1)
+    rms = joined[:, :prompt_len + 3].pow(2).mean(-1).sqrt()
+    valid = rms > 0  # left padding: slots before a shorter prompt are empty
+    torch.testing.assert_close(rms[valid], torch.ones_like(rms[valid]), rtol=1e-4, atol=1e-4)
+    assert bool(valid[:, prompt_len:].all())
+
+
+@pytest.mark.parametrize("name,all_reduces", [("g2", 4), ("g2_exact", 8), ("g2_recompute", 4)])
 def test_one_all_reduce_per_attention_layer_per_decode_step(artifacts, name, all_reduces):
     report = json.loads((Path(artifacts[name]) / "report.json").read_text())
     result = run(Path(artifacts[name]), max_new_tokens=4, timeout_s=300)
@@ -115,3 +128,14 @@ def test_cpu_slice_kernel_gives_the_same_tokens(artifacts):
     torch_run = run(art, prompts=["x = 1", "def f("], max_new_tokens=8, kernels="torch", timeout_s=300)
     cpu_run = run(art, prompts=["x = 1", "def f("], max_new_tokens=8, kernels="cpu", timeout_s=300)
     assert cpu_run["tokens"] == torch_run["tokens"]
+
+
+def test_compile_advises_against_the_sliced_norm_on_uneven_slices(artifacts):
+    """PCA puts nearly all the latent energy in slice 0; the report says what the sliced RMSNorm
+    then does to the other slice, and nothing when the norm is exact."""
+    sliced = json.loads((Path(artifacts["g2"]) / "report.json").read_text())
+    energy = sliced["latent_transforms"]["model.layers.1.self_attn"]["slice_energy"]
+    assert energy[0] > 0.9 and sum(energy) == pytest.approx(1.0, abs=1e-5)
+    assert len(sliced["advice"]) == 1 and "rmsnorm: recompute" in sliced["advice"][0]
+    recompute = json.loads((Path(artifacts["g2_recompute"]) / "report.json").read_text())
+    assert recompute["advice"] == []

@@ -116,12 +116,14 @@ def tpla_formula(model, U, x, g: int, exact: bool, scales=None):
 
 
 @pytest.mark.parametrize("devices,g", [(2, 2), (4, 2), (4, 4)])
-@pytest.mark.parametrize("rmsnorm", ["sliced", "exact"])
+@pytest.mark.parametrize("rmsnorm", ["sliced", "exact", "recompute"])
 def test_ranks_sum_to_the_single_process_formula(model64, lifted64, devices, g, rmsnorm):
+    """exact all-reduces the slices' sums of squares, recompute computes the whole latent's on
+    every rank: the same formula, the RMS over the whole latent."""
     meta, fold, ranks = shards(model64, lifted64, plan_text(devices, g, "pca", "tpla", rmsnorm))
     x = torch.randn(2, 6, model64.config.hidden_size, dtype=torch.float64)
     got, caches = run_ranks(meta, ranks, x, exact=rmsnorm == "exact", steps=2)
-    want = tpla_formula(model64, fold.U, x, g, exact=rmsnorm == "exact")
+    want = tpla_formula(model64, fold.U, x, g, exact=rmsnorm != "sliced")
     assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-10
     C = meta.dims.kv_lora_rank
     assert all(c.ckv_BTC.shape[-1] == C // g for c in caches)  # a rank holds its slice and nothing else
@@ -146,6 +148,24 @@ def test_rank_weights_hold_only_their_latent_slice(model64, lifted64):
         assert w["tpla.kv_a.weight"].shape[0] == d.kv_lora_rank // 2 + d.rope_dim
         assert w["kv_b_proj.weight"].shape[1] == d.kv_lora_rank // 2
         assert "kv_a_proj_with_mqa.weight" not in w  # no full latent projection without PD separation
+
+
+def test_recompute_holds_the_whole_latent_projection_and_caches_only_its_slice(model64, lifted64):
+    meta, _, ranks = shards(model64, lifted64, plan_text(2, 2, prefill="tpla", rmsnorm="recompute"))
+    d = meta.dims
+    for W in ranks:
+        w = scoped(W)
+        assert w["kv_a_proj_with_mqa.weight"].shape[0] == d.kv_lora_rank + d.rope_dim  # to recompute the RMS
+        assert w["kv_b_proj.weight"].shape[1] == d.kv_lora_rank // 2
+    x = torch.randn(2, 6, model64.config.hidden_size, dtype=torch.float64)
+    _, caches = run_ranks(meta, ranks, x, exact=False, steps=2)
+    assert all(c.ckv_BTC.shape[-1] == d.kv_lora_rank // 2 for c in caches)
+
+
+@pytest.mark.parametrize("rmsnorm", ["exact", "recompute"])
+def test_calibrated_scales_need_the_sliced_norm(model64, lifted64, rmsnorm):
+    with pytest.raises(PlanError, match=f"with rmsnorm: {rmsnorm} there is nothing to correct"):
+        shards(model64, lifted64, plan_text(2, 2, rmsnorm=rmsnorm, scales="calibrated"))
 
 
 def test_invalid_groups_list_the_valid_ones(model64, lifted64):
