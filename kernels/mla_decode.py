@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from planc.kernels.mla_inputs import check_shapes
 from planc.kernels.split_merge import default_num_splits, merge_splits
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -109,24 +110,11 @@ def _pad(dim: int) -> int:
 
 def _check(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor,
            key_mask: torch.Tensor) -> None:
-    shapes = (f"q_lat {tuple(q_lat.shape)}, q_pe {tuple(q_pe.shape)}, ckv {tuple(ckv.shape)}, "
-              f"kpe {tuple(kpe.shape)}, key_mask {tuple(key_mask.shape)}")
-    if not (q_lat.dim() == q_pe.dim() == ckv.dim() == kpe.dim() == 3 and key_mask.dim() == 2):
-        raise ValueError(f"mla_decode: expected q_lat [B,H,C], q_pe [B,H,R], ckv [B,T,C], kpe [B,T,R], "
-                         f"key_mask [B,T]; got {shapes}")
-    b, h, c = q_lat.shape
-    t, r = ckv.shape[1], kpe.shape[2]
-    if (tuple(q_pe.shape) != (b, h, r) or tuple(ckv.shape) != (b, t, c) or tuple(kpe.shape) != (b, t, r)
-            or tuple(key_mask.shape) != (b, t)):
-        raise ValueError(f"mla_decode: inconsistent shapes (B={b}, H={h}, C={c}, T={t}, R={r}): {shapes}")
+    check_shapes("mla_decode", q_lat, q_pe, ckv, kpe, key_mask)
     dtypes = {q_lat.dtype, q_pe.dtype, ckv.dtype, kpe.dtype}
     if len(dtypes) != 1 or q_lat.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"mla_decode: q_lat, q_pe, ckv, kpe must share one dtype among {SUPPORTED_DTYPES}; "
                          f"got {q_lat.dtype}, {q_pe.dtype}, {ckv.dtype}, {kpe.dtype}")
-    if key_mask.dtype != torch.bool:
-        raise ValueError(f"mla_decode: key_mask must be torch.bool (True = attend), got {key_mask.dtype}")
-    if len({x.device for x in (q_lat, q_pe, ckv, kpe, key_mask)}) != 1:
-        raise ValueError("mla_decode: all inputs must be on one device")
 
 
 def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor,

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from planc.kernels.mla_inputs import check_shapes
+
 SOURCE = Path(__file__).with_suffix(".c")
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-std=c11")
 
@@ -109,19 +111,8 @@ def mla_decode_cpu(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, k
 
 
 def _check(q_lat, q_pe, ckv, kpe, key_mask) -> None:
-    shapes = (f"q_lat {tuple(q_lat.shape)}, q_pe {tuple(q_pe.shape)}, ckv {tuple(ckv.shape)}, "
-              f"kpe {tuple(kpe.shape)}, key_mask {tuple(key_mask.shape)}")
-    if not (q_lat.dim() == q_pe.dim() == ckv.dim() == kpe.dim() == 3 and key_mask.dim() == 2):
-        raise ValueError(f"mla_decode_cpu: expected q_lat [B,H,C], q_pe [B,H,R], ckv [B,T,C], kpe [B,T,R], "
-                         f"key_mask [B,T]; got {shapes}")
-    b, h, c = q_lat.shape
-    t, r = ckv.shape[1], kpe.shape[2]
-    if (tuple(q_pe.shape) != (b, h, r) or tuple(ckv.shape) != (b, t, c) or tuple(kpe.shape) != (b, t, r)
-            or tuple(key_mask.shape) != (b, t)):
-        raise ValueError(f"mla_decode_cpu: inconsistent shapes (B={b}, H={h}, C={c}, T={t}, R={r}): {shapes}")
+    check_shapes("mla_decode_cpu", q_lat, q_pe, ckv, kpe, key_mask)
     if {x.dtype for x in (q_lat, q_pe, ckv, kpe)} != {torch.float32}:
         raise ValueError(f"mla_decode_cpu: float32 only; got {q_lat.dtype}, {q_pe.dtype}, {ckv.dtype}, {kpe.dtype}")
-    if key_mask.dtype != torch.bool:
-        raise ValueError(f"mla_decode_cpu: key_mask must be torch.bool (True = attend), got {key_mask.dtype}")
-    if any(x.device.type != "cpu" for x in (q_lat, q_pe, ckv, kpe, key_mask)):
-        raise ValueError("mla_decode_cpu: all inputs must be CPU tensors")
+    if q_lat.device.type != "cpu":
+        raise ValueError("mla_decode_cpu: inputs must be CPU tensors")
