@@ -253,6 +253,39 @@ def max_batch(hw: Hardware, weights_per_rank: float, kv_bytes_per_seq: float, us
     return max(0, math.floor((usable * hw.mem_bytes - weights_per_rank) / kv_bytes_per_seq))
 
 
+# -- a compiled artifact ------------------------------------------------------------------------
+
+
+def artifact_step(report: dict, hw: Hardware, batch: int, context: int) -> dict:
+    """One decode step of a compiled artifact on `hw`, from report.json's exact per-rank figures.
+
+    Every rank reads its weights once and `batch x context` cached tokens of kv_bytes_per_token,
+    both taken as memory-bound (decode GEMVs sit below the ridge until the batch nears peak FLOP/s
+    over bandwidth per weight byte; report.json carries no FLOPs), and an MoE rank is taken to
+    touch all its experts (a large batch does; a small one reads only its routed experts), then
+    runs the step's collectives (latency + logical ring bytes / link bandwidth each; all-to-all at
+    its upper bound). The slowest rank sets the step."""
+    collectives = [Collective(op, entry.get("bytes_per_token", entry.get("bytes_per_token_max", 0)) * batch)
+                   for op, entry in report.get("collectives_per_decode_step", {}).items()
+                   for _ in range(entry.get("calls", 0))]
+    comm = step_seconds(collectives, hw)
+    ranks = []
+    for r in report["per_rank"]:
+        weights = Op("weights", 0.0, r["weight_bytes"], r["weight_bytes"])
+        kv = Op("kv", 0.0, batch * context * r["kv_bytes_per_token"])
+        ranks.append({"rank": r["rank"], "weights_s": op_time(weights, hw), "kv_s": op_time(kv, hw),
+                      "collectives_s": comm})
+    slowest = max(ranks, key=lambda t: t["weights_s"] + t["kv_s"] + t["collectives_s"])
+    step = slowest["weights_s"] + slowest["kv_s"] + slowest["collectives_s"]
+    return {"batch": batch, "context": context, "step_s": step, "tokens_per_s": batch / step, "slowest": slowest}
+
+
+def artifact_max_batch(report: dict, hw: Hardware, context: int) -> int:
+    """Most sequences of `context` tokens whose cache fits beside the weights on every rank."""
+    return min(max_batch(hw, r["weight_bytes"], r["kv_bytes_per_token"] * context) if r["kv_bytes_per_token"]
+               else 0 for r in report["per_rank"])
+
+
 # -- the TPLA paper's setting -------------------------------------------------------------------
 
 

@@ -75,3 +75,20 @@ def test_cpu_profile_is_measured_once_per_process():
 def test_last_level_cache_size_is_read_from_sysfs():
     size = cost.last_level_cache_bytes()
     assert size >= 256 << 10 and size % 1024 == 0  # sysfs sizes are whole KiB
+
+
+def test_artifact_step_from_report_figures():
+    """Weights + batch x context cached tokens at HBM bandwidth, collectives at latency + bytes /
+    link; the slower rank sets the step; max batch fits every rank."""
+    hw = cost.Hardware("toy", flops=1.0, mem_bw=100.0, mem_bytes=10_000.0, link_bw=10.0, latency=0.5)
+    report = {"per_rank": [{"rank": 0, "weight_bytes": 1000, "kv_bytes_per_token": 2},
+                           {"rank": 1, "weight_bytes": 2000, "kv_bytes_per_token": 2}],
+              "collectives_per_decode_step": {"all_reduce": {"calls": 2, "bytes_per_token": 5},
+                                              "all_to_all": {"calls": 1, "bytes_per_token_max": 10}}}
+    step = cost.artifact_step(report, hw, batch=3, context=50)
+    assert step["slowest"]["rank"] == 1
+    assert step["slowest"]["weights_s"] == pytest.approx(20.0) and step["slowest"]["kv_s"] == pytest.approx(3.0)
+    assert step["slowest"]["collectives_s"] == pytest.approx(3 * 0.5 + (2 * 5 * 3 + 10 * 3) / 10.0)
+    assert step["tokens_per_s"] == pytest.approx(3 / step["step_s"])
+    # (0.9 x 10,000 - 2,000) / (2 x 50) = 70 sequences on rank 1, 80 on rank 0
+    assert cost.artifact_max_batch(report, hw, context=50) == 70

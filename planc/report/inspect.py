@@ -270,6 +270,38 @@ def collectives_section(report: dict) -> str:
     return _section("Collectives per decode step", _table(["op", "calls", "logical bytes / token"], rows) + note, "collectives")
 
 
+PREDICT_CONTEXT = 32768  # cached tokens per sequence in the predicted decode step
+
+
+def prediction_section(report: dict) -> str:
+    """planc.cost on this artifact's per-rank bytes and collectives, for each hardware profile."""
+    from planc import cost
+
+    rows = []
+    for name, hw in cost.PROFILES.items():
+        most = cost.artifact_max_batch(report, hw, PREDICT_CONTEXT)
+        one = cost.artifact_step(report, hw, 1, PREDICT_CONTEXT)
+        if most < 1:
+            rows.append([escape(name), "0", _ms(one["step_s"]), "does not fit", "", ""])
+            continue
+        full = cost.artifact_step(report, hw, most, PREDICT_CONTEXT)
+        parts = full["slowest"]
+        split = " / ".join(f"{100 * parts[k] / full['step_s']:.0f}%" for k in ("weights_s", "kv_s", "collectives_s"))
+        rows.append([escape(name), f"{most:,}", _ms(one["step_s"]), _ms(full["step_s"]),
+                     f"{full['tokens_per_s']:,.0f}", split])
+    note = (f'<p class="note">planc.cost at {PREDICT_CONTEXT:,} cached tokens per sequence, from this report\'s '
+            "per-rank weight and KV bytes and its collectives: each rank reads all its weights (every expert, as a "
+            "large batch does) and its cache once per step at HBM bandwidth, collectives cost latency + ring bytes / "
+            "link bandwidth; the slowest rank sets the step. Max batch: the most sequences whose cache fits "
+            f"beside the weights in {cost.USABLE_MEMORY:.0%} of device memory on every rank.</p>")
+    head = ["profile", "max batch", "step, batch 1", "step, max batch", "tokens/s", "weights / KV / collectives"]
+    return _section("Predicted decode step", _table(head, rows) + note, "predicted")
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms"
+
+
 def _logical_bytes(entry: dict) -> str:
     if "bytes_per_token" in entry:
         n = entry["bytes_per_token"]
@@ -392,7 +424,8 @@ def render(artifact: Path) -> str:
     manifest, report, program = _read(artifact)
     lines = parse_program(program, manifest.get("plan", {}).get("rules", []))
     left = [plan_section(manifest.get("plan", {})), memory_section(report, bool(manifest.get("meta"))),
-            collectives_section(report), lift_section(report), transforms_section(report)]
+            collectives_section(report), prediction_section(report),
+            lift_section(report), transforms_section(report)]
     right = [grid_section(build_grid(report, lines))]
     wide = [passes_section(report), program_section(lines), graphs_section(report)]
     title = f"planc inspect: {manifest.get('model', {}).get('source', artifact.name)}"

@@ -116,6 +116,17 @@ def test_pass_records_lift_checks_and_graphs(page, report):
     assert html.escape(report["graphs"]["ep"]) in graphs
 
 
+def test_predicted_decode_step_uses_the_cost_model_per_profile(page, report):
+    from planc import cost
+
+    predicted = _section(page, "predicted")
+    for name, hw in cost.PROFILES.items():
+        most = cost.artifact_max_batch(report, hw, inspect.PREDICT_CONTEXT)
+        step = cost.artifact_step(report, hw, most, inspect.PREDICT_CONTEXT)
+        assert f"<td>{name}</td><td>{most:,}</td>" in predicted
+        assert f"{step['tokens_per_s']:,.0f}" in predicted
+
+
 def test_meta_artifact_renders_without_weights(meta_artifact):
     assert not (meta_artifact / "weights").exists()
     page = inspect.render(meta_artifact)
