@@ -9,25 +9,7 @@ import pytest
 import torch
 
 from planc.kernels.gqa_decode import gqa_decode, gqa_decode_reference
-
-JUNK = 1e4  # what invalid cache slots hold; a kernel that reads them is far off
-
-
-def _mask(b: int, t: int, kind: str, gen: torch.Generator) -> torch.Tensor:
-    if kind == "full":
-        return torch.ones(b, t, dtype=torch.bool)
-    if kind == "holes":
-        mask = torch.rand(b, t, generator=gen) < 0.6
-        mask[:, -1] = True
-        return mask
-    if kind == "left_pad":  # row i starts with i * t // (b + 1) + 1 padding slots (at least one valid)
-        pad = torch.tensor([min(t - 1, i * t // (b + 1) + 1) for i in range(b)])
-        return torch.arange(t)[None, :] >= pad[:, None]
-    if kind == "empty_row":  # row 0 attends to nothing and must come back as zeros
-        mask = torch.rand(b, t, generator=gen) < 0.6
-        mask[0] = False
-        return mask
-    raise AssertionError(kind)
+from tests.kernels import JUNK, _mask
 
 
 def _inputs(b, hq, hkv, t, d, kind, dtype=torch.float32, device="cpu", seed=0, junk=JUNK):
