@@ -281,9 +281,10 @@ def artifact_step(report: dict, hw: Hardware, batch: int, context: int) -> dict:
 
 
 def artifact_max_batch(report: dict, hw: Hardware, context: int) -> int:
-    """Most sequences of `context` tokens whose cache fits beside the weights on every rank."""
-    return min(max_batch(hw, r["weight_bytes"], r["kv_bytes_per_token"] * context) if r["kv_bytes_per_token"]
-               else 0 for r in report["per_rank"])
+    """Most sequences of `context` tokens whose cache fits beside the weights on every rank that
+    has a cache (0 when none has: memory does not bound the batch)."""
+    return min((max_batch(hw, r["weight_bytes"], r["kv_bytes_per_token"] * context)
+                for r in report["per_rank"] if r["kv_bytes_per_token"]), default=0)
 
 
 # -- the TPLA paper's setting -------------------------------------------------------------------

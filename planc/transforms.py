@@ -11,7 +11,6 @@ A unit-weight RMSNorm commutes with U, so the unsliced model is exactly MLA.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch

@@ -277,6 +277,9 @@ def prediction_section(report: dict) -> str:
     """planc.cost on this artifact's per-rank bytes and collectives, for each hardware profile."""
     from planc import cost
 
+    if not any(r["kv_bytes_per_token"] for r in report.get("per_rank", [])):
+        return _section("Predicted decode step", '<p class="note">No KV cache: nothing to predict a decode step of.</p>',
+                        "predicted")
     rows = []
     for name, hw in cost.PROFILES.items():
         most = cost.artifact_max_batch(report, hw, PREDICT_CONTEXT)
