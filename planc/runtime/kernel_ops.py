@@ -15,10 +15,14 @@ from types import ModuleType
 
 import torch
 
+from planc.errors import ArtifactError
 from planc.lift.ops import Ops
 
 
 def _load(path: Path) -> ModuleType:
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: this artifact was written without the kernel its --kernels "
+                            f"choice runs (by an older planc, or edited since); recompile it with `planc compile`")
     spec = importlib.util.spec_from_file_location(f"planc_artifact_kernels.{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -100,3 +100,13 @@ def test_a_meta_artifact_cannot_run(tmp_path, capsys):
     artifact = compile("tiny-deepseek", PLANS / "deepseek_mla_tp_ep.yaml", tmp_path / "dry", meta=True).path
     assert main(["run", str(artifact)]) == 2
     assert "--meta" in capsys.readouterr().err
+
+
+def test_an_artifact_without_the_chosen_kernel_says_recompile(compiled, tmp_path, capsys):
+    import shutil
+
+    artifact = shutil.copytree(compiled("deepseek_mla_tp_ep.yaml", 2), tmp_path / "old")
+    (artifact / "kernels" / "mla_decode_cpu.py").unlink()
+    assert main(["run", str(artifact), "--kernels", "cpu", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "mla_decode_cpu.py is missing" in err and "planc compile" in err
