@@ -57,12 +57,13 @@ WIDTH_PLANS = {"mla_tp": "{strategy: mla_tp}",
 BPB_PLANS = {"mla_tp": "{strategy: mla_tp}"} | {
     f"tpla_{t}_{pd}": f"{{strategy: tpla, latent_groups: 2, transform: {t}, prefill: {prefill}, rmsnorm: sliced}}"
     for pd, prefill in (("pd", "mla"), ("nopd", "tpla")) for t in ("none", "hadamard", "pca")}
-# Beside them, to tell the per-slice softmax from the per-slice RMSNorm: PCA with the exact norm
-# (all-reduced, or recomputed on every rank without communication) and with calibrated slice scales.
+# Beside them, to tell the per-slice softmax from the per-slice RMSNorm: every transform with the
+# exact norm recomputed on each rank (no communication), PCA with it all-reduced, and PCA with
+# calibrated slice scales.
 BPB_DIAGNOSTIC_PLANS = {
+    f"tpla_{t}_pd_rmsnorm_recompute": f"{{strategy: tpla, latent_groups: 2, transform: {t}, prefill: mla, "
+                                      f"rmsnorm: recompute}}" for t in ("none", "hadamard", "pca")} | {
     "tpla_pca_pd_rmsnorm_exact": "{strategy: tpla, latent_groups: 2, transform: pca, prefill: mla, rmsnorm: exact}",
-    "tpla_pca_pd_rmsnorm_recompute": "{strategy: tpla, latent_groups: 2, transform: pca, prefill: mla, "
-                                     "rmsnorm: recompute}",
     "tpla_pca_pd_scales_calibrated": "{strategy: tpla, latent_groups: 2, transform: pca, prefill: mla, "
                                      "rmsnorm: sliced, scales: calibrated}"}
 BPB_WINDOWS = 32  # of eval_ids: 32 x 256 tokens evenly spaced over the held-out split
