@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 
 from planc.errors import PlancError
-
-KERNELS = ("torch", "triton", "cpu")  # planc.runtime.kernel_ops.make_ops; not imported here to keep startup light
+from planc.runtime import KERNELS
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 
+from planc import cost
 from planc.errors import ArtifactError
 from planc.runtime.engine import read_manifest
 
@@ -275,8 +276,6 @@ PREDICT_CONTEXT = 32768  # cached tokens per sequence in the predicted decode st
 
 def prediction_section(report: dict) -> str:
     """planc.cost on this artifact's per-rank bytes and collectives, for each hardware profile."""
-    from planc import cost
-
     if not any(r["kv_bytes_per_token"] for r in report.get("per_rank", [])):
         return _section("Predicted decode step", '<p class="note">No KV cache: nothing to predict a decode step of.</p>',
                         "predicted")

@@ -17,6 +17,7 @@ import torch
 
 from planc.errors import ArtifactError
 from planc.lift.ops import Ops
+from planc.runtime import KERNELS
 
 
 def _load(path: Path) -> ModuleType:
@@ -61,9 +62,6 @@ class CpuOps(Ops):
         if ckv_BTC.dtype != torch.float32:
             return super().mla_decode(q_lat_BHC, q_pe_BHR, ckv_BTC, kpe_BTR, key_mask_BT, scale)
         return self._mla(q_lat_BHC, q_pe_BHR, ckv_BTC, kpe_BTR, key_mask_BT, scale)
-
-
-KERNELS = ("torch", "triton", "cpu")
 
 
 def make_ops(kernels: str, artifact: Path) -> Ops:
