@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from planc.ir import NodeInfo, block_nodes, info
-from planc.runtime.weights import scoped
+from planc.weights import scoped
 
 Tensors = dict[str, torch.Tensor]
 ROTARY = "model.rotary_emb.inv_freq"

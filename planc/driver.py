@@ -32,7 +32,7 @@ from planc.passmanager import PassContext, run_passes
 from planc.plan import Plan, load_plan
 from planc.report.report import build_report, cache_specs
 from planc.transforms import latent_transforms, sliced_norm_advice
-from planc.runtime.engine import DTYPES
+from planc.dims import DTYPES
 
 # The fixed order in which passes run (printed by `planc compile`).
 PASSES = [("mla_tp", mla_tp), ("tpla", tpla), ("attention_tp", attention_tp), ("dense_tp", dense_tp), ("ep", ep)]

@@ -11,7 +11,8 @@ import torch
 
 from planc.models.registry import load_model
 from planc.models.tokenizer import encode
-from planc.runtime.engine import DTYPES, read_manifest
+from planc.dims import DTYPES
+from planc.runtime.engine import read_manifest
 from planc.runtime.launch import launch
 
 # Each ends mid-line: a model this small, asked to start a fresh line, tends to emit indentation only.

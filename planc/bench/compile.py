@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from planc.driver import compile
 from planc.models.registry import bundled_config
 from planc.plan import Plan, load_plan
-from planc.runtime.engine import DTYPES
+from planc.dims import DTYPES
 
 PLAN = Path(__file__).resolve().parents[2] / "plans" / "deepseek_v3_mla_tp_ep8.yaml"
 # The driver logs one line after each step; a stage is named by the line that closes it.

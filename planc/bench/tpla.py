@@ -40,7 +40,7 @@ from planc.bench.decode import cores, rank_threads
 from planc.driver import compile, parallelize
 from planc.kernels.mla_decode_cpu import mla_decode_cpu
 from planc.lift import build_graph
-from planc.lift.ops import Ops, Step, masked_softmax
+from planc.ops import Ops, Step, masked_softmax
 from planc.lift.recognize import recognize
 from planc.models.registry import WEIGHTS_DIR, bundled_config, load_model
 from planc.plan import parse_plan_text

@@ -14,9 +14,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from planc.lift.ops import GqaCache, MlaCache, Ops, Step
+from planc.ops import GqaCache, MlaCache, Ops, Step
 from planc.lift.recognize import Block
-from planc.runtime.weights import scoped
+from planc.weights import scoped
 
 # fp64 is loose because transformers computes RMSNorm in fp32 whatever the model dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 2e-2, torch.float16: 5e-3}

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from planc.errors import ModelError
-from planc.lift.dims import GqaDims, MlaDims, RouterDims
+from planc.dims import GqaDims, MlaDims, RouterDims
 
 MLA_CHILDREN = frozenset(("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"))
 GQA_CHILDREN = frozenset(("q_proj", "k_proj", "v_proj", "o_proj"))

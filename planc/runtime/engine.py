@@ -16,12 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 from planc.errors import ArtifactError
-from planc.lift.ops import GqaCache, MlaCache, Step
+from planc.dims import DTYPES
+from planc.ops import GqaCache, MlaCache, Step
 from planc.runtime.comm import Comm
 from planc.runtime.kernel_ops import make_ops
-from planc.runtime.weights import Weights
+from planc.weights import Weights
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def read_manifest(artifact: Path) -> dict:

@@ -16,7 +16,7 @@ from types import ModuleType
 import torch
 
 from planc.errors import ArtifactError
-from planc.lift.ops import Ops
+from planc.ops import Ops
 from planc.runtime import KERNELS
 
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from planc.lift.ops import Step
+from planc.ops import Step
 from planc.models.registry import WEIGHTS_DIR, load_model
 from planc.zoo import corpus
 

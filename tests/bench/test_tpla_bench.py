@@ -8,7 +8,7 @@ import torch
 
 from planc import cost
 from planc.bench import tpla as tpla_case
-from planc.lift.ops import Step
+from planc.ops import Step
 from planc.runtime.comm import Comm
 from planc.zoo import eval as zoo_eval
 

@@ -7,7 +7,7 @@ from hypothesis import given, strategies as st
 
 from planc.cli import main
 from planc.codegen.partition import kv_head_range
-from planc.runtime.ep import token_slices
+from planc.passes.ep_route import token_slices
 from tests.conftest import PLANS
 
 

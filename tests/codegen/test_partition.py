@@ -11,11 +11,11 @@ from planc.driver import PASSES
 from planc.ir import block_nodes, info
 from planc.lift import lift
 from planc.lift.check import block_weights, run_reference
-from planc.lift.ops import MlaCache, GqaCache, Ops, Step
+from planc.ops import MlaCache, GqaCache, Ops, Step
 from planc.models.registry import load_model
 from planc.passmanager import PassContext, run_passes
 from planc.plan import parse_plan_text
-from planc.runtime.ep import route
+from planc.passes.ep_route import route
 from tests.conftest import PLANS
 
 

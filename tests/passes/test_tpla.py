@@ -13,7 +13,7 @@ from planc.errors import PlanError
 from planc.ir import block_nodes, info
 from planc.lift import lift
 from planc.lift.check import block_weights, run_reference
-from planc.lift.ops import MlaCache, Ops, Step, apply_rope, masked_softmax, attention_mask, rope_cos_sin
+from planc.ops import MlaCache, Ops, Step, apply_rope, masked_softmax, attention_mask, rope_cos_sin
 from planc.models.registry import load_model
 from planc.passmanager import PassContext, run_passes
 from planc.plan import parse_plan_text

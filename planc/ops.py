@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from planc.lift.dims import GqaDims, MlaDims, RouterDims, TplaDims
-from planc.runtime.weights import scoped
+from planc.dims import GqaDims, MlaDims, RouterDims, TplaDims
+from planc.weights import scoped
 
 Weights = dict[str, torch.Tensor]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from planc.lift.dims import RouterDims
+from planc.dims import RouterDims
 
 
 def token_slices(num_tokens: int, world_size: int) -> list[tuple[int, int]]:
