@@ -39,7 +39,7 @@ from planc import cost
 from planc.bench.decode import cores, rank_threads
 from planc.driver import compile, parallelize
 from planc.kernels.mla_decode_cpu import mla_decode_cpu
-from planc.lift import build_graph
+from planc.lift.graph import build_graph
 from planc.ops import Ops, Step, masked_softmax
 from planc.lift.recognize import recognize
 from planc.models.registry import WEIGHTS_DIR, bundled_config, load_model

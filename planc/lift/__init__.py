@@ -15,8 +15,8 @@ from torch import nn
 
 from planc.capture import Captured, module_fqns
 from planc.errors import CompileError
-from planc.ir import NodeInfo, add_node
 from planc.lift.check import Check, check_blocks
+from planc.lift.graph import build_graph
 from planc.lift.recognize import Block, recognize
 
 
@@ -39,26 +39,3 @@ def lift(model: nn.Module, captured: Captured, *, check: bool = True) -> Lifted:
         raise CompileError(f"lift declined for {len(failed)} block(s); the semantic op does not reproduce "
                            f"the captured graph:\n{lines}")
     return Lifted(build_graph(blocks), blocks, checks)
-
-
-def _meta(b: Block) -> NodeInfo:
-    return NodeInfo(kind=b.kind, fqn=b.fqn, cls=b.cls, layer=b.layer, dims=b.dims, attrs=dict(b.attrs))
-
-
-def build_graph(blocks: list[Block]) -> fx.Graph:
-    """Wire the blocks as a pre-norm residual decoder (the skeleton the check confirmed)."""
-    g = fx.Graph()
-    ids = g.placeholder("ids")
-    it = iter(blocks)
-    h = add_node(g, "embedding", (ids,), _meta(next(it)), "h")
-    for b in it:
-        if b.kind == "lm_head":
-            g.output(add_node(g, "lm_head", (h,), _meta(b), "logits"))
-        elif b.kind == "rmsnorm" and b.layer is None:
-            h = add_node(g, "rmsnorm", (h,), _meta(b), "h")
-        else:  # a norm, then its block, then the residual add
-            x = add_node(g, "rmsnorm", (h,), _meta(b), "x")
-            blk = next(it)
-            y = add_node(g, blk.kind, (x,), _meta(blk), "a" if "attention" in blk.kind else "m")
-            h = add_node(g, "add", (h, y), NodeInfo(kind="add", layer=blk.layer), "h")
-    return g
