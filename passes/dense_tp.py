@@ -1,27 +1,57 @@
 """`mlp: {strategy: tp}` — gated MLP, column-parallel gate/up, row-parallel down.
 
-    before:  m = mlp(x);              h = add(h, m)
-    after:   m = mlp(x) [I/n wide];   m' = all_reduce(m);  h = add(h, m')
+    before:  g, u = linear[gate_proj](x), linear[up_proj](x);  m = linear[down_proj](mlp(g, u))
+    after:   g, u column-parallel (I/n wide);  m = linear[down_proj] (row);  m' = all_reduce(m)
+
+The same rewrite serves a MoE block's shared experts when a rule matches `*.mlp.shared_experts`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch.fx as fx
+from pydantic import Field
 
-from planc.errors import PlanError
-from planc.ir import copy_graph, divisors, info, planned, sum_partials_after
-from planc.passmanager import PassContext
+from planc.dims import MlpDims
+from planc.ir import (LinearShard, Shard, members, copy_graph, divisors, even_ranges, info, mark,
+                      sum_partials_after)
+from planc.strategy import Section, Strategy
 
 
-def dense_tp(graph: fx.Graph, ctx: PassContext) -> fx.Graph:
+class DenseTpSection(Section):
+    """Dense MLP intermediate dim split over all devices."""
+
+    strategy: Literal["tp"] = Field(description="tp: column-parallel gate/up projections, row-parallel down projection.")
+
+
+@dataclass(frozen=True)
+class Intermediate(Shard):
+    intermediate_per_rank: int
+
+    def local(self, dims: MlpDims) -> MlpDims:
+        return MlpDims(self.intermediate_per_rank, dims.act)
+
+
+def dense_tp(graph: fx.Graph, section: DenseTpSection, ctx) -> fx.Graph:
     graph = copy_graph(graph)
     n = ctx.world_size
-    for node in planned(graph, "mlp", "tp"):
-        meta = info(node)
-        width = meta.attrs["intermediate"]
+    for act in ctx.bound(graph, ("mlp",)):
+        width = info(act).dims.intermediate
         if width % n:
-            raise PlanError(f"{ctx.where(meta)}: tp cannot split {meta.fqn}'s intermediate size {width} over {n} "
-                            f"devices; valid degrees: {', '.join(map(str, divisors(width)))}")
-        node.meta["planc"] = meta.with_(shard={"intermediate_per_rank": width // n})
-        sum_partials_after(graph, node, "down_proj is row-parallel: sum the per-rank partial outputs")
-        ctx.applied(node, f"intermediate {width // n} of {width} per rank")
+            ctx.decline(act, f"intermediate size {width} does not split over {n} devices; valid degrees: "
+                             f"{', '.join(map(str, divisors(width)))}")
+            continue
+        fqn, rule = info(act).fqn, info(act).rule
+        linears = members(graph, fqn)
+        ranges = even_ranges(width, n)
+        for name in ("gate_proj", "up_proj"):
+            mark(linears[name], strategy="tp", rule=rule, shard=LinearShard("column", ranges))
+        mark(linears["down_proj"], strategy="tp", rule=rule, shard=LinearShard("row", ranges))
+        mark(act, strategy="tp", shard=Intermediate(width // n))
+        sum_partials_after(graph, linears["down_proj"], "down_proj is row-parallel: sum the per-rank partial outputs")
+        ctx.applied(act, f"intermediate {width // n} of {width} per rank")
     return graph
+
+
+STRATEGY = Strategy("dense_tp", "mlp", "tp", ("mlp",), DenseTpSection, dense_tp, "dense MLP intermediate split")

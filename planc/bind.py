@@ -1,8 +1,10 @@
 """Bind plan rules to semantic-graph nodes by module-FQN glob.
 
-For each block the first rule whose `match` glob fits its FQN *and* whose section fits its kind
-wins (an `attention` section fits MLA and GQA blocks, `mlp` dense MLPs, `moe` MoE blocks).
-A rule that binds nothing is an error that lists what it could have matched — never skipped.
+A rule's section offers strategies (passes/); each strategy names the node kinds it applies to
+(an attention section's: the MLA and GQA cores; a future overlap section's: `linear` nodes). For
+each such node, the first rule whose `match` glob fits its FQN and whose section offers a strategy
+for its kind wins. A rule that binds nothing is an error that lists what it could have matched —
+never skipped. Binding records the rule on the node; the strategy is set by its pass.
 """
 from __future__ import annotations
 
@@ -11,56 +13,63 @@ from fnmatch import fnmatchcase
 import torch.fx as fx
 
 from planc.errors import PlanError
-from planc.ir import block_nodes, copy_graph, info
+from planc.ir import RuleRef, copy_graph, info, mark
+from planc.passes import STRATEGIES
 from planc.plan import Plan, locate
+from planc.strategy import Section
 
-SECTION_KINDS = {"attention": ("mla_attention", "gqa_attention"), "mlp": ("mlp",), "moe": ("moe",)}
-STRATEGY_KINDS = {"mla_tp": ("mla_attention",), "tpla": ("mla_attention",), "tp": ("gqa_attention", "mlp"), "ep": ("moe",)}
+
+def section_kinds(key: str) -> tuple[str, ...]:
+    """Every node kind some strategy of section `key` applies to."""
+    return tuple(dict.fromkeys(k for s in STRATEGIES if s.section == key for k in s.kinds))
+
+
+def strategy_kinds(key: str, value: str) -> tuple[str, ...]:
+    return next(s.kinds for s in STRATEGIES if (s.section, s.value) == (key, value))
+
+
+def matching(graph: fx.Graph, glob: str, kinds: tuple[str, ...]) -> list[fx.Node]:
+    """The nodes of `kinds` whose module FQN fits `glob`, in graph order."""
+    return [n for n in graph.nodes if "planc" in n.meta and info(n).kind in kinds and fnmatchcase(info(n).fqn, glob)]
+
+
+def rule_refs(plan: Plan) -> list[tuple[RuleRef, str, Section]]:
+    """(where the rule is, its section key, its section) for every rule, in order."""
+    return [(RuleRef(i, r.match, locate(plan, ("rules", i)) or "plan", r.section.required), r.section_name, r.section)
+            for i, r in enumerate(plan.rules)]
 
 
 def bind(graph: fx.Graph, plan: Plan) -> fx.Graph:
     graph = copy_graph(graph)
-    nodes = block_nodes(graph, *sorted({k for kinds in SECTION_KINDS.values() for k in kinds}))
     used: set[int] = set()
-    for node in nodes:
-        index = _first_rule(plan, node)
-        if index is None:
-            continue
-        used.add(index)
-        _apply(plan, index, node)
-    for index, rule in enumerate(plan.rules):
-        if index not in used:
-            _unmatched(plan, index, nodes)
+    for ref, key, section in rule_refs(plan):
+        nodes = [n for n in matching(graph, ref.match, section_kinds(key)) if info(n).rule is None]
+        if nodes:
+            used.add(ref.index)
+            _check_fits(plan, ref, key, section, nodes)
+        for node in nodes:
+            mark(node, rule=ref)
+    for ref, key, _ in rule_refs(plan):
+        if ref.index not in used:
+            _unmatched(plan, ref, key, graph)
     return graph
 
 
-def _first_rule(plan: Plan, node: fx.Node) -> int | None:
-    meta = info(node)
-    for index, rule in enumerate(plan.rules):
-        if fnmatchcase(meta.fqn, rule.match) and meta.kind in SECTION_KINDS[rule.section_name]:
-            return index
-    return None
+def _check_fits(plan: Plan, ref: RuleRef, key: str, section: Section, nodes: list[fx.Node]) -> None:
+    fits = strategy_kinds(key, section.strategy)
+    wrong = [n for n in nodes if info(n).kind not in fits]
+    if wrong:
+        kind = info(wrong[0]).kind
+        others = [s.value for s in STRATEGIES if s.section == key and kind in s.kinds]
+        raise PlanError(f"{locate(plan, ('rules', ref.index, key, 'strategy')) or 'plan'}: "
+                        f"rules[{ref.index}].{key}.strategy: {section.strategy!r} does not apply to "
+                        f"{info(wrong[0]).fqn} ({kind}); use one of {', '.join(map(repr, others))}")
 
 
-def _apply(plan: Plan, index: int, node: fx.Node) -> None:
-    rule, meta = plan.rules[index], info(node)
-    strategy = rule.section.strategy
-    fits = STRATEGY_KINDS.get(strategy)
-    if fits is not None and meta.kind not in fits:
-        other = "mla_tp" if meta.kind == "mla_attention" else "tp"
-        raise PlanError(f"{locate(plan, ('rules', index, rule.section_name, 'strategy')) or 'plan'}: "
-                        f"rules[{index}].{rule.section_name}.strategy: {strategy!r} does not apply to "
-                        f"{meta.fqn} ({meta.kind}); use {other!r} or 'replicated'")
-    attrs = meta.attrs | {"rule_index": index, "required": rule.section.required}
-    node.meta["planc"] = meta.with_(strategy=strategy, rule=f"rules[{index}] ({rule.match})", attrs=attrs)
-
-
-def _unmatched(plan: Plan, index: int, nodes: list[fx.Node]) -> None:
-    rule = plan.rules[index]
-    kinds = SECTION_KINDS[rule.section_name]
-    candidates = [info(n).fqn for n in nodes if info(n).kind in kinds]
+def _unmatched(plan: Plan, ref: RuleRef, key: str, graph: fx.Graph) -> None:
+    candidates = [info(n).fqn for n in matching(graph, "*", section_kinds(key))]
     shown = ", ".join(candidates[:6]) + (", ..." if len(candidates) > 6 else "")
-    why = "an earlier rule already took every match" if any(fnmatchcase(c, rule.match) for c in candidates) else "no module matches"
-    raise PlanError(f"{locate(plan, ('rules', index, 'match')) or 'plan'}: rules[{index}].match {rule.match!r} "
-                    f"bound no {rule.section_name} block ({why}). {rule.section_name} blocks in this model: "
-                    f"{shown or 'none'}")
+    why = ("an earlier rule already took every match" if any(fnmatchcase(c, ref.match) for c in candidates)
+           else "no module matches")
+    raise PlanError(f"{locate(plan, ('rules', ref.index, 'match')) or 'plan'}: rules[{ref.index}].match {ref.match!r} "
+                    f"bound no {key} block ({why}). {key} blocks in this model: {shown or 'none'}")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from planc.models.registry import bundled_config
-from planc.runtime.comm import ring_all_gather_bytes, ring_all_reduce_bytes
+from planc.ring import ring_all_gather_bytes, ring_all_reduce_bytes
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ def mla_model(name: str) -> MlaModel:
 
 @dataclass(frozen=True)
 class Split:
-    """One rank's share of an MLA layer."""
+    """One rank's share of an MLA layer (a strategy's `cost_split` builds it)."""
 
     name: str
     tp: int
@@ -189,21 +189,12 @@ class Split:
     latent: int  # Cs
 
 
-def mla_tp(m: MlaModel, tp: int) -> Split:
-    return Split("mla_tp", tp, m.H // tp, m.C)
-
-
-def tpla(m: MlaModel, tp: int, groups: int) -> Split:
-    """g latent groups over tp ranks: heads split over the tp/g ranks of a group."""
-    return Split(f"tpla_g{groups}", tp, m.H // (tp // groups), m.C // groups)
-
-
 def mla_layer(m: MlaModel, s: Split, b: int, context: int, e: int) -> list[Op | Collective]:
     """One rank's decode step of an MLA layer (absorbed form), ending in the one all-reduce."""
     return [
         gemm("q_a_proj", b, m.D, m.Q, e),  # replicated
         gemm("q_b_proj", b, m.Q, s.heads * (m.P + m.R), e),
-        gemm("kv_a_proj", b, m.D, s.latent + m.R, e),  # mla_tp: every rank makes the full latent
+        gemm("kv_a_proj", b, m.D, s.latent + m.R, e),  # an unsplit latent: every rank makes all of it
         _per_head("absorb_uk", b, s.heads, m.P, s.latent, e),
         attention(b, s.heads, s.latent, m.R, context, e),
         _per_head("w_uv", b, s.heads, s.latent, m.V, e),
@@ -307,18 +298,14 @@ def throughput(m: MlaModel, s: Split, hw: Hardware, context: int, e: int) -> dic
             "step_ms_by_op": {k: v * 1e3 for k, v in by_name.items()}}
 
 
-def compare(model: str = "deepseek-v3", hw: str = "H800", tp: int = 2, context: int = 32768,
+def compare(model: str, base_split, ours_split, hw: str = "H800", context: int = 32768,
             dtype: str = "bfloat16") -> dict:
-    """TPLA (g = tp, all heads on every rank; PD separation: the decode ranks hold decode weights
-    only) against MLA-TP, each at its maximal batch."""
+    """Two splits of one model (`base_split(m)`, `ours_split(m)`: strategies' cost_split), each at its
+    maximal batch: their throughputs, the speedup and the batch and KV-width ratios."""
     m, profile, e = mla_model(model), PROFILES[hw], DTYPE_BYTES[dtype]
-    base = throughput(m, mla_tp(m, tp), profile, context, e)
-    ours = throughput(m, tpla(m, tp, tp), profile, context, e)
-    return {"mla_tp": base, "tpla": ours, "speedup": ours["tokens_per_s"] / base["tokens_per_s"],
-            "batch_ratio": ours["batch"] / base["batch"], "kv_width_ratio": (m.C + m.R) / (m.C // tp + m.R)}
-
-
-def predicted_speedup(model: str = "deepseek-v3", hw: str = "H800", tp: int = 2, context: int = 32768,
-                      dtype: str = "bfloat16") -> float:
-    """Decode throughput of TPLA (g = tp) over MLA-TP, each at its maximal batch."""
-    return compare(model, hw, tp, context, dtype)["speedup"]
+    base_s, ours_s = base_split(m), ours_split(m)
+    base = throughput(m, base_s, profile, context, e)
+    ours = throughput(m, ours_s, profile, context, e)
+    return {"base": base, "ours": ours, "speedup": ours["tokens_per_s"] / base["tokens_per_s"],
+            "batch_ratio": ours["batch"] / base["batch"],
+            "kv_width_ratio": (base_s.latent + m.R) / (ours_s.latent + m.R)}

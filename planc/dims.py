@@ -28,6 +28,10 @@ class MlaDims:
     def local(self, num_heads: int) -> "MlaDims":
         return replace(self, num_heads=num_heads)
 
+    def cache(self) -> dict:
+        """What one rank caches per token: the normalized latent and the rotated rope key."""
+        return {"kind": "mla", "ckv": self.kv_lora_rank, "kpe": self.rope_dim}
+
 
 @dataclass(frozen=True)
 class GqaDims:
@@ -41,6 +45,9 @@ class GqaDims:
     def local(self, num_heads: int, num_kv_heads: int) -> "GqaDims":
         return replace(self, num_heads=num_heads, num_kv_heads=num_kv_heads)
 
+    def cache(self) -> dict:
+        return {"kind": "gqa", "kv_heads": self.num_kv_heads, "head_dim": self.head_dim}
+
 
 @dataclass(frozen=True)
 class RouterDims:
@@ -53,18 +60,46 @@ class RouterDims:
 
 
 @dataclass(frozen=True)
-class TplaDims:
-    """One rank's share of a TPLA layer (every rank has the same numbers; slices live in weights).
+class NormDims:
+    eps: float
 
-    mla.num_heads: decode heads on this rank (heads split over the group_size ranks of a group);
-    latent: this rank's slice width C/g; prefill_heads: heads per rank in exact-MLA prefill
-    (0 when prefill uses the sliced formula too); group_size: ranks sharing one slice;
-    recompute_rms: the RMS is over the whole latent, recomputed on this rank (rmsnorm: recompute).
-    With rmsnorm: exact the program passes an all-reduced sum of squares instead.
-    """
 
-    mla: MlaDims
-    latent: int
-    group_size: int
-    prefill_heads: int
-    recompute_rms: bool = False
+@dataclass(frozen=True)
+class LinearDims:
+    """y = x W^T (+ b): W is [out_features, in_features] (column-parallel splits out, row-parallel in)."""
+
+    in_features: int
+    out_features: int
+    bias: bool
+
+
+@dataclass(frozen=True)
+class EmbeddingDims:
+    vocab: int
+    hidden: int
+
+
+@dataclass(frozen=True)
+class MlpDims:
+    """The gated activation act(gate) * up between a gated MLP's projections."""
+
+    intermediate: int
+    act: str
+
+
+@dataclass(frozen=True)
+class MoeDims:
+    router: RouterDims
+    hidden: int
+    intermediate: int  # per expert
+    act: str
+
+
+@dataclass(frozen=True)
+class CommDims:
+    """A collective's payload per token: `width` elements of the model dtype, or `fixed_bytes`
+    (e.g. one fp32 per token) when set; all-to-all sends a row to at most `fanout` other ranks."""
+
+    width: int
+    fixed_bytes: int = 0
+    fanout: int = 0

@@ -15,27 +15,20 @@ import triton
 from torch import nn
 
 from planc import __version__
-from planc.bind import bind
+from planc.bind import bind, rule_refs
+from planc.calibrate import Profiles
 from planc.capture import capture
 from planc.codegen.artifact import KERNEL_FILES, write_artifact
 from planc.codegen.emit_program import emit_program
 from planc.codegen.partition import model_tensors, partition
+from planc.dims import DTYPES
 from planc.errors import PlanError
 from planc.lift import lift
 from planc.models.registry import BUNDLED, BYTE_VOCAB, load_model
-from planc.passes.attention_tp import attention_tp
-from planc.passes.dense_tp import dense_tp
-from planc.passes.ep import ep
-from planc.passes.mla_tp import mla_tp
-from planc.passes.tpla import tpla
+from planc.passes import STRATEGIES
 from planc.passmanager import PassContext, run_passes
 from planc.plan import Plan, load_plan
 from planc.report.report import build_report, cache_specs
-from planc.transforms import latent_transforms, sliced_norm_advice
-from planc.dims import DTYPES
-
-# The fixed order in which passes run (printed by `planc compile`).
-PASSES = [("mla_tp", mla_tp), ("tpla", tpla), ("attention_tp", attention_tp), ("dense_tp", dense_tp), ("ep", ep)]
 
 
 @dataclass
@@ -58,14 +51,19 @@ def resolve_model(model: nn.Module | str | None, plan: Plan, meta: bool) -> tupl
     return load_model(source, dtype=dtype, meta=meta), source
 
 
-def parallelize(lifted: fx.Graph, plan: Plan, strict: bool = True) -> tuple[fx.Graph, PassContext]:
-    """Bind the plan's rules to the lifted graph and run every pass, in PASSES order."""
-    ctx = PassContext(plan, plan.mesh.devices, strict)
-    return run_passes(bind(lifted, plan), PASSES, ctx), ctx
+def parallelize(lifted: fx.Graph, plan: Plan, model: nn.Module | None = None, *, strict: bool = False,
+                meta: bool = False) -> tuple[fx.Graph, PassContext]:
+    """Bind the plan's rules to the lifted graph and run every strategy's pass, in STRATEGIES order."""
+    ctx = PassContext(plan.mesh.devices, strict, Profiles(model, meta))
+    return run_passes(bind(lifted, plan), STRATEGIES, rule_refs(plan), ctx), ctx
+
+
+def pass_order() -> str:
+    return " -> ".join(dict.fromkeys(s.name for s in STRATEGIES))
 
 
 def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | Path, *,
-            meta: bool = False, strict: bool = True, log=None) -> Artifact:
+            meta: bool = False, strict: bool = False, log=None) -> Artifact:
     log = log or (lambda msg: None)
     started = time.perf_counter()
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
@@ -74,19 +72,18 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
     captured = capture(model)
     lifted = lift(model, captured, check=not meta)
     log(f"lift     {len(lifted.blocks)} blocks" + (f", {len(lifted.checks)} checked against the captured graph" if lifted.checks else ""))
-    graph, ctx = parallelize(lifted.graph, plan, strict)
-    log(f"passes   {' -> '.join(name for name, _ in PASSES)}: {sum(r.action == 'applied' for r in ctx.records)} rewrites")
-    transforms, transform_notes = latent_transforms(graph, model, meta)
-    advice = sliced_norm_advice(graph, transform_notes)
-    for line in advice:
+    graph, ctx = parallelize(lifted.graph, plan, model, strict=strict, meta=meta)
+    log(f"passes   {pass_order()}: {sum(r.action == 'applied' for r in ctx.records)} rewrites, "
+        f"{sum(r.action == 'declined' for r in ctx.records)} declined")
+    for record in ctx.records:
+        if record.action == "declined":
+            log(f"declined {record.pass_name} on {record.target} (rules[{record.rule}]): {record.detail}")
+    for line in ctx.advice:
         log(f"note     {line}")
     full = model_tensors(model)
-    ranks = [partition(graph, full, r, transforms) for r in range(plan.mesh.devices)]
+    ranks = [partition(graph, full, r) for r in range(plan.mesh.devices)]
     manifest = _manifest(model, source, plan, graph, meta)
-    report = build_report(graph, ctx, ranks, hidden=model.config.hidden_size,
-                          elem=DTYPES[manifest["dtype"]].itemsize, checks=lifted.checks, meta=meta)
-    report["latent_transforms"] = transform_notes
-    report["advice"] = advice
+    report = build_report(graph, ctx, ranks, elem=DTYPES[manifest["dtype"]].itemsize, checks=lifted.checks, meta=meta)
     report["compile_seconds"] = time.perf_counter() - started
     program = emit_program(graph, model=source, world_size=plan.mesh.devices, plan_hash=plan.hash())
     path = write_artifact(Path(out), manifest=manifest, program=program, report=report,
@@ -113,13 +110,17 @@ def _manifest(model: nn.Module, source: str, plan: Plan, graph, meta: bool) -> d
     }
 
 
-def validate(plan_path: str | Path, model: str | None = None, *, meta: bool = False) -> str:
-    """Schema check, and with a model: bind and run the passes (no partition, nothing written)."""
+def validate(plan_path: str | Path, model: str | None = None, *, meta: bool = False, strict: bool = False) -> str:
+    """Schema check, and with a model: bind and run the passes exactly as compile does (no
+    partition, nothing written)."""
     plan = load_plan(plan_path)
     if model is None and plan.model is None:
         return f"{plan_path}: valid plan ({len(plan.rules)} rules, {plan.mesh.devices} devices); no model to check against"
     module, source = resolve_model(model, plan, meta)
     lifted = lift(module, capture(module), check=False)
-    _, ctx = parallelize(lifted.graph, plan)
+    _, ctx = parallelize(lifted.graph, plan, module, strict=strict, meta=meta)
     applied = sum(r.action == "applied" for r in ctx.records)
-    return f"{plan_path}: valid for {source} ({len(plan.rules)} rules, {applied} blocks rewritten, {plan.mesh.devices} devices)"
+    declines = [f"\n  declined {r.pass_name} on {r.target} (rules[{r.rule}]): {r.detail}"
+                for r in ctx.records if r.action == "declined"]
+    return (f"{plan_path}: valid for {source} ({len(plan.rules)} rules, {applied} blocks rewritten, "
+            f"{len(declines)} declined, {plan.mesh.devices} devices)" + "".join(declines))

@@ -1,61 +1,194 @@
-"""The semantic graph: one torch.fx node per recognized block, annotated under meta["planc"].
+"""The semantic graph: torch.fx nodes annotated under meta["planc"] with a typed NodeInfo.
 
-Node targets are the stand-in functions below, so `print(graph)` reads like the model:
+Node targets are stand-in functions named after their op kind, so `print(graph)` reads like the
+model at GEMM level:
 
-    h = embedding(ids);  x = rmsnorm(h);  a = mla_attention(x);  h_1 = add(h, a); ...
+    q = linear(x)  [model.layers.0.self_attn.q_b_proj]
+    o = mla_attention(q, kv)  [model.layers.0.self_attn]
+    a = linear(o)  [model.layers.0.self_attn.o_proj];  a_1 = all_reduce(a)
 
-Passes rewrite strategies and insert explicit collective nodes; codegen turns each node into a
-line of the per-rank program.
+Every op kind is declared once as an OpSpec (its emitted call, whether it holds weights, which
+collective it is); base kinds in planc.semantic, a strategy's own kinds in its module under
+passes/. Passes rewrite strategies and shards; codegen, partition and the report read only the
+OpSpecs and the typed NodeInfo.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
+import torch
 import torch.fx as fx
 
-BLOCK_KINDS = ("embedding", "rmsnorm", "mla_attention", "gqa_attention", "mlp", "moe", "lm_head")
-COLLECTIVES = ("all_reduce", "all_to_all", "all_gather_varlen", "reduce_scatter")
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RuleRef:
+    """The plan rule that put a node under its strategy, and where that rule is written."""
+
+    index: int
+    match: str
+    where: str  # "plan.yaml:7:5" (or "plan" without a source)
+    required: bool = False
+
+    def __str__(self) -> str:
+        return f"rules[{self.index}] ({self.match})"
+
+    @property
+    def label(self) -> str:
+        return f"rules[{self.index}]"
+
+
+class Shard:
+    """A strategy's typed per-rank layout of one node (subclasses are frozen dataclasses).
+
+    `local` gives the dims one rank's op sees, `slice` one rank's tensors of the node (keyed by
+    their name under the node's FQN), `describe` the scalars shown in the report and program."""
+
+    def local(self, dims: Any) -> Any:
+        return dims
+
+    def slice(self, W: Tensors, info: "NodeInfo", rank: int) -> Tensors:
+        return W
+
+    def describe(self) -> dict[str, Any]:
+        return {f.name: v for f in dataclasses.fields(self)
+                if isinstance(v := getattr(self, f.name), (int, float, str, bool)) and f.repr}
+
+
+Segments = tuple[tuple[int, int], ...]  # [lo, hi) pieces, concatenated in order
+
+
+@dataclass(frozen=True)
+class LinearShard(Shard):
+    """A GEMM split over ranks. column: rank r holds output rows segments[r] of W (and of the bias);
+    row: rank r holds input columns segments[r] of W, its output is a partial sum, and the bias
+    stays on rank 0 (the all-reduce would add it n times)."""
+
+    layout: Literal["column", "row"]
+    segments: tuple[Segments, ...] = field(repr=False)
+
+    def width(self, rank: int = 0) -> int:
+        return sum(hi - lo for lo, hi in self.segments[rank])
+
+    def local(self, dims: Any) -> Any:
+        return replace(dims, out_features=self.width()) if self.layout == "column" else replace(dims, in_features=self.width())
+
+    def slice(self, W: Tensors, info: "NodeInfo", rank: int) -> Tensors:
+        out = dict(W)
+        if self.layout == "column":
+            out["weight"] = take(W["weight"], self.segments[rank], 0)
+            if "bias" in W:
+                out["bias"] = take(W["bias"], self.segments[rank], 0)
+        else:
+            out["weight"] = take(W["weight"], self.segments[rank], 1)
+            if "bias" in W and rank != 0:
+                out["bias"] = torch.zeros_like(W["bias"])
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"layout": self.layout, "width_per_rank": self.width()}
+
+
+def take(t: torch.Tensor, segments: Segments, dim: int) -> torch.Tensor:
+    """The pieces of `t` along `dim`, concatenated (a view when there is one piece)."""
+    pieces = [t.narrow(dim, lo, hi - lo) for lo, hi in segments]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+
+
+def even_ranges(total: int, parts: int, unit: int = 1) -> tuple[Segments, ...]:
+    """One [lo, hi) piece per rank: `parts` equal pieces of `total` units of `unit` elements each."""
+    per = total // parts
+    return tuple((((r * per * unit, (r + 1) * per * unit),)) for r in range(parts))
 
 
 @dataclass(frozen=True)
 class NodeInfo:
-    kind: str
-    fqn: str = ""
+    kind: str  # the op kind (an OpSpec)
+    fqn: str = ""  # module FQN the node computes (a projection, a block core, a norm)
+    block: str = ""  # FQN of the block the node belongs to (attention or feed-forward), "" outside
     cls: str = ""
     layer: int | None = None
-    dims: Any = None  # MlaDims | GqaDims | RouterDims | None
-    attrs: dict = field(default_factory=dict)  # eps, act, vocab, ...
+    dims: Any = None  # a planc.dims dataclass: the op's whole (unsharded) shape facts
     strategy: str = "replicated"
-    rule: str | None = None  # "rules[0] (match 'model.layers.*.self_attn')"
-    shard: dict = field(default_factory=dict)  # strategy-specific per-rank layout
+    rule: RuleRef | None = None
+    shard: Shard | None = None
+    why: str = ""  # collectives: what they sum or move
 
     def with_(self, **changes: Any) -> "NodeInfo":
         return replace(self, **changes)
+
+    def local_dims(self) -> Any:
+        """The dims one rank's op sees."""
+        return self.shard.local(self.dims) if self.shard is not None else self.dims
 
 
 def info(node: fx.Node) -> NodeInfo:
     return node.meta["planc"]
 
 
-def _stand_in(name: str):
-    def op(*args: Any) -> Any:
-        raise RuntimeError(f"semantic graph node {name} is a description; run the generated program")
-
-    op.__name__ = op.__qualname__ = name
-    return op
+# -- op kinds ------------------------------------------------------------------------------------
 
 
-OPS = {name: _stand_in(name) for name in BLOCK_KINDS + COLLECTIVES + (
-    "add", "moe_route", "moe_dispatch", "moe_experts", "moe_combine", "tpla_latent", "tpla_attention")}
+@dataclass
+class Call:
+    """What an OpSpec's emitter sees: the node, its argument names, and constants to declare."""
+
+    node: fx.Node
+    info: NodeInfo
+    args: list[str]
+    const: Callable[[str, Any], str]  # (prefix, value) -> name of a module-level constant
+
+    @property
+    def W(self) -> str:
+        return f"W.scope({self.info.fqn!r})"
+
+    def weight(self, name: str) -> str:
+        return f"W[{f'{self.info.fqn}.{name}'!r}]"
+
+    def maybe(self, name: str) -> str:
+        return f"W.get({f'{self.info.fqn}.{name}'!r})"
+
+    @property
+    def dims(self) -> str:
+        return self.const(type(self.info.dims).__name__.removesuffix("Dims").upper() or "DIMS", self.info.local_dims())
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    kind: str
+    emit: Callable[[Call], str]  # the program expression computing the node
+    owns_weights: bool = False  # partition gives the node the tensors under its FQN
+    rotary: bool = False  # ... plus `rotary.inv_freq` (the model's rope frequencies)
+    imports: tuple[str, ...] = ()  # lines the program needs for the emitted call
+    collective: Literal["all_reduce", "all_gather", "all_to_all", "reduce_scatter"] | None = None
+    step: bool = False  # the op depends on the position in the sequence (prefill vs decode)
+
+
+OPS: dict[str, OpSpec] = {}
+_TARGETS: dict[str, Callable] = {}
+
+
+def declare_op(kind: str, emit: Callable[[Call], str], **traits: Any) -> None:
+    """Declare an op kind (once per kind; a module reloaded by a test may declare it again)."""
+    OPS[kind] = OpSpec(kind, emit, **traits)
+    if kind not in _TARGETS:
+        def stand_in(*args: Any) -> Any:
+            raise RuntimeError(f"semantic graph node {kind} is a description; run the generated program")
+
+        stand_in.__name__ = stand_in.__qualname__ = kind
+        _TARGETS[kind] = stand_in
 
 
 def add_node(graph: fx.Graph, kind: str, args: tuple, meta: NodeInfo, name: str | None = None) -> fx.Node:
-    node = graph.call_function(OPS[kind], args)
+    node = graph.call_function(_TARGETS[kind], args)
     node.meta["planc"] = meta
     if name:
-        node.name = graph._graph_namespace.create_name(name, node)
+        node._rename(name)
     return node
 
 
@@ -70,8 +203,18 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
     return new
 
 
-def block_nodes(graph: fx.Graph, *kinds: str) -> list[fx.Node]:
+def nodes_of(graph: fx.Graph, *kinds: str) -> list[fx.Node]:
     return [n for n in graph.nodes if "planc" in n.meta and info(n).kind in kinds]
+
+
+def members(graph: fx.Graph, fqn: str) -> dict[str, fx.Node]:
+    """The nodes computing `fqn` and its submodules, keyed by FQN relative to it ("" for the node
+    of `fqn` itself, "o_proj", "shared_experts.down_proj", ...); the first node of each FQN."""
+    found = {}
+    for n in graph.nodes:
+        if "planc" in n.meta and (info(n).fqn == fqn or info(n).fqn.startswith(fqn + ".")):
+            found.setdefault(info(n).fqn[len(fqn):].lstrip("."), n)
+    return found
 
 
 def insert_after(graph: fx.Graph, node: fx.Node, kind: str, meta: NodeInfo, extra_args: tuple = ()) -> fx.Node:
@@ -88,13 +231,52 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def planned(graph: fx.Graph, kind: str, strategy: str) -> list[fx.Node]:
-    """The `kind` blocks that a plan rule put under `strategy`."""
-    return [n for n in block_nodes(graph, kind) if info(n).strategy == strategy]
+def node_json(node: fx.Node) -> dict[str, Any]:
+    """One node of an intermediate graph as data (report.json, inspect, the cost model)."""
+    if "planc" not in node.meta:
+        return {"name": node.name, "kind": node.op, "args": [a.name for a in node.all_input_nodes]}
+    m = info(node)
+    return {"name": node.name, "kind": m.kind, "fqn": m.fqn, "block": m.block, "layer": m.layer,
+            "strategy": m.strategy, "rule": m.rule.index if m.rule else None, "why": m.why,
+            "shard": m.shard.describe() if m.shard is not None else {},
+            "args": [a.name if isinstance(a, fx.Node) else None for a in node.args]}
+
+
+def graph_json(graph: fx.Graph) -> list[dict[str, Any]]:
+    return [node_json(n) for n in graph.nodes]
+
+
+def format_graph(graph: fx.Graph) -> str:
+    """One line per node: `name = kind(args)  # fqn  strategy rule  shard`, the form `planc compile
+    --graph` prints and report.json keeps."""
+    lines = []
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            lines.append(f"{n.name} = input")
+        elif n.op == "output":
+            lines.append(f"return {n.args[0].name}")
+        else:
+            m = info(n)
+            args = ", ".join(a.name if isinstance(a, fx.Node) else repr(a) for a in n.args)
+            notes = [m.fqn] if m.fqn else []
+            if m.rule is not None:
+                notes.append(f"{m.strategy} {m.rule.label}")
+            notes += [f"{k}={v}" for k, v in (m.shard.describe() if m.shard is not None else {}).items()]
+            notes += [m.why] if m.why else []
+            lines.append(f"{n.name} = {m.kind}({args})" + (f"  # {'  '.join(notes)}" if notes else ""))
+    return "\n".join(lines)
+
+
+def mark(node: fx.Node, **changes: Any) -> None:
+    """Replace a node's NodeInfo with an updated copy (NodeInfo is frozen)."""
+    node.meta["planc"] = info(node).with_(**changes)
 
 
 def sum_partials_after(graph: fx.Graph, node: fx.Node, why: str) -> fx.Node:
-    """A row-parallel block's output is a per-rank partial sum: all-reduce it before its users."""
-    meta = info(node)
+    """A row-parallel GEMM's output is a per-rank partial sum: all-reduce it before its users."""
+    from planc.dims import CommDims
+
+    m = info(node)
     return insert_after(graph, node, "all_reduce", NodeInfo(
-        kind="all_reduce", fqn=meta.fqn, layer=meta.layer, rule=meta.rule, strategy=meta.strategy, attrs={"why": why}))
+        kind="all_reduce", fqn=m.fqn, block=m.block, layer=m.layer, rule=m.rule, strategy=m.strategy,
+        dims=CommDims(m.dims.out_features), why=why))

@@ -1,6 +1,9 @@
-"""Semantic ops: one pure-PyTorch reference per recognized block.
+"""Semantic ops: one pure-PyTorch reference per node kind of the semantic graph, and per block.
 
-The same functions run a block on one device (full weights) and on one rank (that rank's shard
+Node-level ops (linear, rmsnorm, mla_core, gqa_core, gated_act, moe_routed) are what a generated
+program calls; block-level ops (mla_attention, gqa_attention, mlp, moe) compose them into a whole
+recognized block, which is what the lift check compares with the captured graph. The same
+functions run a block on one device (full weights) and on one rank (that rank's shard
 of the weights: fewer heads, fewer experts, a slice of the intermediate dim). Partial outputs of
 row-parallel blocks are summed by an explicit collective in the generated program, never here.
 
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from planc.dims import GqaDims, MlaDims, RouterDims, TplaDims
+from planc.dims import GqaDims, MlaDims, MoeDims, RouterDims
 from planc.weights import scoped
 
 Weights = dict[str, torch.Tensor]
@@ -42,15 +45,6 @@ class Step:
 class MlaCache:
     ckv_BTC: torch.Tensor  # normalized latent; also the value
     kpe_BTR: torch.Tensor  # rotated rope key, shared by all heads
-
-
-@dataclass
-class TplaLatent:
-    """This step's latent slice (before normalization), rope key, and per-token sum of squares."""
-
-    c_BSC: torch.Tensor
-    k_pe_BSR: torch.Tensor
-    sumsq_BS1: torch.Tensor
 
 
 @dataclass
@@ -136,21 +130,26 @@ class Ops:
         probs = masked_softmax(logits, key_mask_BT[:, None, :]).to(v.dtype)
         return torch.einsum("bht,bthd->bhd", probs, v)
 
-    # -- composite ops ---------------------------------------------------------------------------
+    # -- node-level ops --------------------------------------------------------------------------
     def embedding(self, ids_BS: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids_BS, w)
 
-    def mlp(self, x: torch.Tensor, W: Weights, act_name: str) -> torch.Tensor:
-        gate = self.linear(x, W["gate_proj.weight"])
-        up = self.linear(x, W["up_proj.weight"])
-        return self.linear(act(act_name, gate) * up, W["down_proj.weight"])
+    def gated_act(self, gate: torch.Tensor, up: torch.Tensor, act_name: str) -> torch.Tensor:
+        return act(act_name, gate) * up
 
-    def mla_attention(self, x_BSD, step: Step, cache: MlaCache, W: Weights, d: MlaDims) -> torch.Tensor:
-        """MLA in the absorbed form over the latent cache; returns this rank's partial o_proj output."""
-        B, S, _ = x_BSD.shape
-        q_nope, q_pe, (cos, sin) = self._mla_queries(x_BSD, step, W, d)
-        kv = self.linear(x_BSD, W["kv_a_proj_with_mqa.weight"], W.get("kv_a_proj_with_mqa.bias"))
-        c_kv, k_pe = kv.split([d.kv_lora_rank, d.rope_dim], dim=-1)
+    def mla_queries(self, q_BSX: torch.Tensor, step: Step, W: Weights, d: MlaDims):
+        """[B, S, H(P+R)] from q_b_proj -> (q_nope [B,S,H,P], rotated q_pe [B,S,H,R], (cos, sin))."""
+        B, S, _ = q_BSX.shape
+        q_nope, q_pe = q_BSX.view(B, S, d.num_heads, -1).split([d.nope_dim, d.rope_dim], dim=-1)
+        cos, sin = rope_cos_sin(step.pos_BS, W["rotary.inv_freq"], d.rope_scaling, q_BSX.dtype)
+        return q_nope, apply_rope(q_pe, cos, sin, d.rope_interleave), (cos, sin)
+
+    def mla_core(self, q_BSX, kv_BSY, step: Step, cache: MlaCache, W: Weights, d: MlaDims) -> torch.Tensor:
+        """MLA between its projections, absorbed form: q [B,S,H(P+R)] and kv_a's output [B,S,C+R]
+        -> per-head values before o_proj [B,S,HV]; writes the normalized latent + rope key."""
+        B, S, _ = q_BSX.shape
+        q_nope, q_pe, (cos, sin) = self.mla_queries(q_BSX, step, W, d)
+        c_kv, k_pe = kv_BSY.split([d.kv_lora_rank, d.rope_dim], dim=-1)
         c_kv = self.rmsnorm(c_kv, W["kv_a_layernorm.weight"], d.eps)
         k_pe = apply_rope(k_pe[:, :, None, :], cos, sin, d.rope_interleave)[:, :, 0]
         end = step.start + S
@@ -159,104 +158,37 @@ class Ops:
         w_kv = W["kv_b_proj.weight"].view(d.num_heads, d.nope_dim + d.v_dim, d.kv_lora_rank)
         w_uk, w_uv = w_kv.split([d.nope_dim, d.v_dim], dim=1)
         q_lat = torch.einsum("bshp,hpc->bshc", q_nope, w_uk)
-        o_lat = self._mla_core(q_lat, q_pe, cache, step, S, d.scale)
-        o = torch.einsum("bshc,hvc->bshv", o_lat, w_uv).reshape(B, S, d.num_heads * d.v_dim)
-        return self.linear(o, W["o_proj.weight"], W.get("o_proj.bias"))
+        o_lat = self.mla_attend(q_lat, q_pe, cache, step, S, d.scale)
+        return torch.einsum("bshc,hvc->bshv", o_lat, w_uv).reshape(B, S, d.num_heads * d.v_dim)
 
-    def _mla_queries(self, x_BSD, step: Step, W: Weights, d: MlaDims):
-        B, S, _ = x_BSD.shape
-        if d.q_lora_rank:
-            q_lat = self.rmsnorm(self.linear(x_BSD, W["q_a_proj.weight"], W.get("q_a_proj.bias")),
-                                 W["q_a_layernorm.weight"], d.eps)
-            q = self.linear(q_lat, W["q_b_proj.weight"])
-        else:
-            q = self.linear(x_BSD, W["q_proj.weight"])
-        q_nope, q_pe = q.view(B, S, d.num_heads, -1).split([d.nope_dim, d.rope_dim], dim=-1)
-        cos, sin = rope_cos_sin(step.pos_BS, W["rotary.inv_freq"], d.rope_scaling, x_BSD.dtype)
-        return q_nope, apply_rope(q_pe, cos, sin, d.rope_interleave), (cos, sin)
-
-    def tpla_latent(self, x_BSD, W: Weights, d: TplaDims) -> TplaLatent:
-        """This rank's latent slice c'_j = (U^T W_DKV)_j x, the shared rope key (not yet rotated) and
-        the per-token sum of squares: of the slice, or with recompute_rms of the whole latent."""
-        c, k_pe = self.linear(x_BSD, W["tpla.kv_a.weight"], W.get("tpla.kv_a.bias")).split([d.latent, d.mla.rope_dim], dim=-1)
-        if not d.recompute_rms:
-            return TplaLatent(c, k_pe, acc(c).pow(2).sum(-1, keepdim=True))
-        C = d.mla.kv_lora_rank
-        bias = W.get("kv_a_proj_with_mqa.bias")
-        whole = self.linear(x_BSD, W["kv_a_proj_with_mqa.weight"][:C], bias[:C] if bias is not None else None)
-        return TplaLatent(c, k_pe, acc(whole).pow(2).sum(-1, keepdim=True))
-
-    def tpla_attention(self, x_BSD, lat: TplaLatent, sumsq_BS1, step: Step, cache: MlaCache, W: Weights,
-                       d: TplaDims) -> torch.Tensor:
-        """TPLA on one rank: attention of this rank's heads over its latent slice only.
-
-        Prefill with PD separation runs exact MLA (full latent, prefill head split) and caches
-        the slice; otherwise: normalize the slice (sliced: over the slice; exact: with the
-        all-reduced sum of squares; recompute: with the whole latent's, computed here), per-slice
-        softmax, W_UV slice, o_proj -> partial [B, S, D].
-        """
-        if step.start == 0 and d.prefill_heads:
-            return self._tpla_exact_prefill(x_BSD, lat, step, cache, W, d)
-        m = d.mla
-        B, S, _ = x_BSD.shape
-        q_nope, q_pe, (cos, sin) = self._mla_queries(x_BSD, step, W, m)
-        whole = sumsq_BS1 is not None or d.recompute_rms  # the RMS is over the whole latent
-        width = m.kv_lora_rank if whole else d.latent
-        sumsq = sumsq_BS1 / d.group_size if sumsq_BS1 is not None else lat.sumsq_BS1
-        c = acc(lat.c_BSC) * torch.rsqrt(sumsq / width + m.eps)
-        if sumsq_BS1 is None and "tpla.scale" in W:  # calibrated slice scale (scales: calibrated)
-            c = c * W["tpla.scale"]
-        c = c.to(x_BSD.dtype)
-        k_pe = apply_rope(lat.k_pe_BSR[:, :, None, :], cos, sin, m.rope_interleave)[:, :, 0]
-        end = step.start + S
-        cache.ckv_BTC[:, step.start:end] = c
-        cache.kpe_BTR[:, step.start:end] = k_pe
-        w_kv = W["kv_b_proj.weight"].view(m.num_heads, m.nope_dim + m.v_dim, d.latent)
-        w_uk, w_uv = w_kv.split([m.nope_dim, m.v_dim], dim=1)
-        o_lat = self._mla_core(torch.einsum("bshp,hpc->bshc", q_nope, w_uk), q_pe, cache, step, S, m.scale)
-        o = torch.einsum("bshc,hvc->bshv", o_lat, w_uv).reshape(B, S, m.num_heads * m.v_dim)
-        return self.linear(o, W["o_proj.weight"], W.get("o_proj.bias"))
-
-    def _tpla_exact_prefill(self, x_BSD, lat: TplaLatent, step: Step, cache: MlaCache, W: Weights, d: TplaDims):
-        """Exact MLA over the full reparameterized latent; the cache keeps this rank's slice of it."""
-        m, S = d.mla.local(d.prefill_heads), x_BSD.shape[1]
-        prefill = {k: W[f"prefill.{k}"] if f"prefill.{k}" in W else v for k, v in W.items() if not k.startswith("prefill.")}
-        full = MlaCache(cache.ckv_BTC.new_zeros(x_BSD.shape[0], S, m.kv_lora_rank), cache.kpe_BTR[:, :S].clone())
-        out = self.mla_attention(x_BSD, step, full, prefill, m)
-        c_all, _ = self.linear(x_BSD, W["kv_a_proj_with_mqa.weight"], W.get("kv_a_proj_with_mqa.bias")).split([m.kv_lora_rank, m.rope_dim], dim=-1)
-        rms = torch.rsqrt(acc(c_all).pow(2).mean(-1, keepdim=True) + m.eps)
-        cache.ckv_BTC[:, :S] = (acc(lat.c_BSC) * rms).to(x_BSD.dtype)
-        cache.kpe_BTR[:, :S] = full.kpe_BTR
-        return out
-
-    def _mla_core(self, q_lat_BSHC, q_pe_BSHR, cache: MlaCache, step: Step, S: int, scale: float):
+    def mla_attend(self, q_lat_BSHC, q_pe_BSHR, cache: MlaCache, step: Step, S: int, scale: float):
+        """Latent-space attention of S queries over the cache (decode: the kernel path)."""
         end = step.start + S
         ckv, kpe = cache.ckv_BTC[:, :end], cache.kpe_BTR[:, :end]
-        if S == 1:  # decode: the kernel path
+        if S == 1:
             out = self.mla_decode(q_lat_BSHC[:, 0], q_pe_BSHR[:, 0], ckv, kpe, step.key_mask_BT[:, :end], scale)
             return out[:, None]
         logits = torch.einsum("bshc,btc->bhst", q_lat_BSHC, ckv) + torch.einsum("bshr,btr->bhst", q_pe_BSHR, kpe)
         probs = masked_softmax(logits * scale, attention_mask(step, S)).to(ckv.dtype)
         return torch.einsum("bhst,btc->bshc", probs, ckv)
 
-    def gqa_attention(self, x_BSD, step: Step, cache: GqaCache, W: Weights, d: GqaDims) -> torch.Tensor:
-        """Grouped-query attention on this rank's heads; returns the partial o_proj output."""
-        B, S, _ = x_BSD.shape
-        q = self.linear(x_BSD, W["q_proj.weight"], W.get("q_proj.bias")).view(B, S, d.num_heads, d.head_dim)
-        k = self.linear(x_BSD, W["k_proj.weight"], W.get("k_proj.bias")).view(B, S, d.num_kv_heads, d.head_dim)
-        v = self.linear(x_BSD, W["v_proj.weight"], W.get("v_proj.bias")).view(B, S, d.num_kv_heads, d.head_dim)
+    def gqa_core(self, q_BSX, k_BSX, v_BSX, step: Step, cache: GqaCache, W: Weights, d: GqaDims) -> torch.Tensor:
+        """Grouped-query attention between its projections -> [B, S, H Dh] before o_proj."""
+        B, S, _ = q_BSX.shape
+        q = q_BSX.view(B, S, d.num_heads, d.head_dim)
+        k = k_BSX.view(B, S, d.num_kv_heads, d.head_dim)
+        v = v_BSX.view(B, S, d.num_kv_heads, d.head_dim)
         if "q_norm.weight" in W:
             q = self.rmsnorm(q, W["q_norm.weight"], d.eps)
             k = self.rmsnorm(k, W["k_norm.weight"], d.eps)
-        cos, sin = rope_cos_sin(step.pos_BS, W["rotary.inv_freq"], d.rope_scaling, x_BSD.dtype)
+        cos, sin = rope_cos_sin(step.pos_BS, W["rotary.inv_freq"], d.rope_scaling, q_BSX.dtype)
         q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
         end = step.start + S
         cache.k_BTHD[:, step.start:end] = k
         cache.v_BTHD[:, step.start:end] = v
-        o = self._gqa_core(q, cache, step, S, d.scale).reshape(B, S, d.num_heads * d.head_dim)
-        return self.linear(o, W["o_proj.weight"], W.get("o_proj.bias"))
+        return self._gqa_attend(q, cache, step, S, d.scale).reshape(B, S, d.num_heads * d.head_dim)
 
-    def _gqa_core(self, q_BSHD, cache: GqaCache, step: Step, S: int, scale: float):
+    def _gqa_attend(self, q_BSHD, cache: GqaCache, step: Step, S: int, scale: float):
         end = step.start + S
         k, v = cache.k_BTHD[:, :end], cache.v_BTHD[:, :end]
         if S == 1:
@@ -296,13 +228,39 @@ class Ops:
             out.index_add_(0, rows, (y * weight_NE[rows, e, None]).to(out.dtype))
         return out
 
-    def moe(self, x_BSD: torch.Tensor, W: Weights, d: RouterDims, act_name: str) -> torch.Tensor:
-        """The whole MoE block on one device (the reference the EP program must reproduce)."""
+    def moe_routed(self, x_BSD: torch.Tensor, W: Weights, d: MoeDims) -> torch.Tensor:
+        """Router + routed experts on one device (shared experts are their own linear nodes)."""
         x = x_BSD.reshape(-1, x_BSD.shape[-1])
-        idx, w = self.moe_route(x, scoped(W, "gate"), d)
-        dense = torch.zeros(x.shape[0], d.num_experts, dtype=w.dtype).scatter_(1, idx, w)
-        experts = scoped(W, "experts")
-        y = self.moe_experts(x, dense, experts, act_name)
+        idx, w = self.moe_route(x, scoped(W, "gate"), d.router)
+        dense = torch.zeros(x.shape[0], d.router.num_experts, dtype=w.dtype).scatter_(1, idx, w)
+        return self.moe_experts(x, dense, scoped(W, "experts"), d.act).view_as(x_BSD)
+
+    # -- whole blocks (the lift check's references), composed from the node-level ops ------------
+    def mlp(self, x: torch.Tensor, W: Weights, act_name: str) -> torch.Tensor:
+        gate = self.linear(x, W["gate_proj.weight"], W.get("gate_proj.bias"))
+        up = self.linear(x, W["up_proj.weight"], W.get("up_proj.bias"))
+        return self.linear(self.gated_act(gate, up, act_name), W["down_proj.weight"], W.get("down_proj.bias"))
+
+    def mla_attention(self, x_BSD, step: Step, cache: MlaCache, W: Weights, d: MlaDims) -> torch.Tensor:
+        if d.q_lora_rank:
+            q_lat = self.rmsnorm(self.linear(x_BSD, W["q_a_proj.weight"], W.get("q_a_proj.bias")),
+                                 W["q_a_layernorm.weight"], d.eps)
+            q = self.linear(q_lat, W["q_b_proj.weight"], W.get("q_b_proj.bias"))
+        else:
+            q = self.linear(x_BSD, W["q_proj.weight"], W.get("q_proj.bias"))
+        kv = self.linear(x_BSD, W["kv_a_proj_with_mqa.weight"], W.get("kv_a_proj_with_mqa.bias"))
+        o = self.mla_core(q, kv, step, cache, W, d)
+        return self.linear(o, W["o_proj.weight"], W.get("o_proj.bias"))
+
+    def gqa_attention(self, x_BSD, step: Step, cache: GqaCache, W: Weights, d: GqaDims) -> torch.Tensor:
+        q, k, v = (self.linear(x_BSD, W[f"{p}_proj.weight"], W.get(f"{p}_proj.bias")) for p in "qkv")
+        o = self.gqa_core(q, k, v, step, cache, W, d)
+        return self.linear(o, W["o_proj.weight"], W.get("o_proj.bias"))
+
+    def moe(self, x_BSD: torch.Tensor, W: Weights, d: RouterDims, act_name: str) -> torch.Tensor:
+        """The whole MoE block on one device: routed experts plus shared experts."""
+        hidden, intermediate = W["experts.down_proj"].shape[-2:]
+        y = self.moe_routed(x_BSD, W, MoeDims(d, hidden, intermediate, act_name))
         if any(k.startswith("shared_experts.") for k in W):
-            y = y + self.mlp(x, scoped(W, "shared_experts"), act_name)
-        return y.view_as(x_BSD)
+            y = y + self.mlp(x_BSD, scoped(W, "shared_experts"), act_name)
+        return y

@@ -1,19 +1,22 @@
-"""Run passes in a fixed order, keep every intermediate graph printable, record what each did.
+"""Run the strategies' passes in a fixed order, keep every intermediate graph, record what each did.
 
-A pass is `(graph, ctx) -> graph`, pure: it copies before rewriting (planc.ir.copy_graph). A
-pass that cannot honour a rule calls `ctx.decline(node, reason)`; in strict mode, or when the
-rule says `required: true`, the decline is an error naming the plan field.
+Each strategy's pass runs once per plan rule that selects it, as `(graph, section, ctx)`, on the
+nodes that rule bound (`ctx.bound(graph)`); it is pure: it copies before rewriting. A pass that
+cannot honour a rule on a node calls `ctx.decline(node, reason)`: the node keeps its previous
+strategy and the decline is recorded; under `strict`, or when the rule says `required: true`,
+the decline is an error naming the rule's file:line:column.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch.fx as fx
 
+from planc.calibrate import Profiles
 from planc.errors import CompileError, PlancError
-from planc.ir import NodeInfo
-from planc.plan import Plan, locate
+from planc.ir import NodeInfo, RuleRef, format_graph, graph_json, info
+from planc.strategy import Section, Strategy
 
 
 @dataclass(frozen=True)
@@ -22,50 +25,69 @@ class Record:
     target: str  # module FQN
     action: str  # "applied" | "declined"
     detail: str
+    rule: int | None = None
 
 
 @dataclass
 class PassContext:
-    plan: Plan
     world_size: int
-    strict: bool = True
+    strict: bool = False
+    profiles: Profiles = field(default_factory=lambda: Profiles(None))
     records: list[Record] = field(default_factory=list)
     current: str = ""
-    graphs: list[tuple[str, str]] = field(default_factory=list)  # (after pass, printed graph)
+    rule: RuleRef | None = None
+    graphs: list[tuple[str, fx.Graph]] = field(default_factory=list)  # (after pass, graph)
+    notes: dict[str, dict] = field(default_factory=dict)  # pass -> FQN -> what it decided from data
+    advice: list[str] = field(default_factory=list)  # things a user should know about the plan
+
+    def note(self, node: fx.Node, **facts) -> None:
+        self.notes.setdefault(self.current, {}).setdefault(info(node).fqn, {}).update(facts)
+
+    def bound(self, graph: fx.Graph, kinds: Sequence[str]) -> list[fx.Node]:
+        """The nodes of `kinds` that the current rule bound."""
+        return [n for n in graph.nodes if "planc" in n.meta and info(n).kind in kinds
+                and info(n).rule is not None and info(n).rule.index == self.rule.index]
 
     def applied(self, node: fx.Node, detail: str) -> None:
-        self.records.append(Record(self.current, node.meta["planc"].fqn, "applied", detail))
+        self.records.append(Record(self.current, info(node).fqn, "applied", detail, self.rule.index))
 
     def decline(self, node: fx.Node, reason: str) -> None:
-        meta: NodeInfo = node.meta["planc"]
-        self.records.append(Record(self.current, meta.fqn, "declined", reason))
-        required = meta.attrs.get("required", False)
-        if self.strict or required:
-            raise CompileError(f"{self.where(meta)}: {self.current} declined on {meta.fqn}: {reason}")
+        meta: NodeInfo = info(node)
+        self.records.append(Record(self.current, meta.fqn, "declined", reason, self.rule.index))
+        if self.strict or self.rule.required:
+            why = "required: true" if self.rule.required else "strict mode"
+            raise CompileError(f"{self.rule.where}: {self.rule.label}: {self.current} declined on {meta.fqn} "
+                               f"({why}): {reason}")
 
-    def where(self, meta: NodeInfo) -> str:
-        """'plan.yaml:7:5: rules[1]' for the rule that put a node under a pass."""
-        index = meta.attrs.get("rule_index")
-        if index is None:
-            return "plan"
-        return f"{locate(self.plan, ('rules', index)) or 'plan'}: rules[{index}]"
+    def where(self, field_name: str = "") -> str:
+        """'plan.yaml:7:5: rules[1].attention.latent_groups' for errors about the current rule."""
+        return f"{self.rule.where}: {self.rule.label}{'.' + field_name if field_name else ''}"
+
+    def graph_texts(self) -> dict[str, str]:
+        return {name: format_graph(g) for name, g in self.graphs}
+
+    def graph_nodes(self) -> dict[str, list[dict]]:
+        return {name: graph_json(g) for name, g in self.graphs}
 
 
-Pass = Callable[[fx.Graph, PassContext], fx.Graph]
-
-
-def run_passes(graph: fx.Graph, passes: list[tuple[str, Pass]], ctx: PassContext) -> fx.Graph:
-    ctx.graphs.append(("lift", str(graph)))
+def run_passes(graph: fx.Graph, strategies: Sequence[Strategy], rules: Sequence[tuple[RuleRef, str, Section]],
+               ctx: PassContext) -> fx.Graph:
+    """Every strategy in order, once per rule (ref, section key, section) that selects it, in rule order."""
+    ctx.graphs.append(("lift", graph))
     done: list[str] = []
-    for name, fn in passes:
-        ctx.current = name
-        try:
-            graph = fn(graph, ctx)
-        except PlancError:
-            raise
-        except Exception as exc:  # a bug in a pass: say where the pipeline was
-            raise RuntimeError(f"pass {name!r} failed after {done or 'no passes'}: {exc}") from exc
-        graph.lint()
-        done.append(name)
-        ctx.graphs.append((name, str(graph)))
+    for strategy in strategies:
+        ctx.current = strategy.name
+        for ref, key, section in rules:
+            if (key, section.strategy) != (strategy.section, strategy.value):
+                continue
+            ctx.rule = ref
+            try:
+                graph = strategy.rewrite(graph, section, ctx)
+            except PlancError:
+                raise
+            except Exception as exc:  # a bug in a pass: say where the pipeline was
+                raise RuntimeError(f"pass {strategy.name!r} on {ref} failed after {done or 'no passes'}: {exc}") from exc
+            graph.lint()
+        done.append(strategy.name)
+        ctx.graphs.append((strategy.name, graph))
     return graph

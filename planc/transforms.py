@@ -5,19 +5,12 @@ spreads every direction's energy evenly over the slices. pca: eigenvectors of th
 the RMS-normalized latent on the corpus's calibration split, sorted by eigenvalue (descending),
 so slice 0 carries the most energy (the paper's default).
 
-Folding (planc.codegen.partition): c' = U^T c, W_UK <- W_UK diag(gamma) U, W_UV likewise, gamma <- 1.
+Folding (planc.passes.tpla): c' = U^T c, W_UK <- W_UK diag(gamma) U, W_UV likewise, gamma <- 1.
 A unit-weight RMSNorm commutes with U, so the unsliced model is exactly MLA.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
-import torch.fx as fx
-from torch import nn
-
-from planc.ir import block_nodes, info
 
 def hadamard(n: int, seed: int) -> torch.Tensor:
     if n & (n - 1):
@@ -38,44 +31,6 @@ def pca(latents_NC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return vectors[:, order], values[order]
 
 
-def calibration_latents(model: nn.Module, fqns: list[str], num_tokens: int) -> dict[str, torch.Tensor]:
-    """RMS-normalized (unit-weight) latents c/rms(c) of each MLA layer on the calibration split."""
-    from planc.zoo.corpus import windows
-
-    seq = min(256, num_tokens)
-    ids = windows("calibration", max(1, num_tokens // seq), seq)
-    seen: dict[str, list[torch.Tensor]] = {f: [] for f in fqns}
-    modules = dict(model.named_modules())
-    hooks = [modules[f"{f}.kv_a_layernorm"].register_forward_hook(_keep(seen[f], modules[f"{f}.kv_a_layernorm"]))
-             for f in fqns]
-    try:
-        with torch.no_grad():
-            model(ids, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {f: torch.cat(v) for f, v in seen.items()}
-
-
-def _keep(store: list, norm: nn.Module):
-    def hook(module, inputs, output):
-        c = inputs[0].double().reshape(-1, inputs[0].shape[-1])
-        store.append(c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
-    return hook
-
-
-@dataclass(frozen=True)
-class LatentFold:
-    """What partition folds into one TPLA layer's weights."""
-
-    U: torch.Tensor  # C x C orthogonal, fp64
-    scales: torch.Tensor | None  # [g]: calibrated slice-RMS / latent-RMS; None = plain per-slice RMSNorm
-
-
-def _needs_data(shard: dict) -> bool:
-    return shard["transform"] == "pca" or shard["scales"] == "calibrated"
-
-
 def slice_scales(latents_NC: torch.Tensor, U: torch.Tensor, groups: int) -> torch.Tensor:
     """Mean over tokens of each rotated slice's RMS (the latents have unit RMS as a whole).
 
@@ -84,57 +39,3 @@ def slice_scales(latents_NC: torch.Tensor, U: torch.Tensor, groups: int) -> torc
     sliced result by its calibrated mean restores the exact scale on average."""
     rotated = latents_NC.double() @ U
     return torch.stack([s.pow(2).mean(-1).sqrt().mean() for s in rotated.chunk(groups, dim=-1)])
-
-
-def _rotation(meta, latents: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-    C, kind = meta.dims.kv_lora_rank, meta.shard["transform"]
-    if kind == "hadamard":
-        return hadamard(C, meta.shard["seed"]), {"transform": kind}
-    if kind == "pca" and latents is not None:
-        U, values = pca(latents)
-        shares = values.view(meta.shard["latent_groups"], -1).sum(-1) / values.sum()
-        return U, {"transform": kind, "slice_energy": [round(float(v), 6) for v in shares]}
-    return torch.eye(C, dtype=torch.float64), {"transform": kind if kind != "pca" else "pca (identity on meta)"}
-
-
-def latent_transforms(graph: fx.Graph, model: nn.Module, meta: bool) -> tuple[dict[str, LatentFold], dict]:
-    """The fold of every TPLA layer, plus what to report (transform, energy share, scales)."""
-    nodes = block_nodes(graph, "tpla_latent")
-    data = [info(n).fqn for n in nodes if _needs_data(info(n).shard)]
-    latents = calibration_latents(model, data, info(nodes[0]).shard["calibration_tokens"]) if data and not meta else {}
-    folds: dict[str, LatentFold] = {}
-    notes: dict = {}
-    for node in nodes:
-        m = info(node)
-        U, notes[m.fqn] = _rotation(m, latents.get(m.fqn))
-        scales = None
-        if m.shard["scales"] == "calibrated" and m.fqn in latents:
-            scales = slice_scales(latents[m.fqn], U, m.shard["latent_groups"])
-            notes[m.fqn]["slice_scales"] = [round(float(v), 6) for v in scales]
-        folds[m.fqn] = LatentFold(U, scales)
-    return folds, notes
-
-
-SLICED_NORM_WARN = 2.0  # a slice the sliced RMSNorm scales by more than this (or less than 1/this)
-
-
-def sliced_norm_advice(graph: fx.Graph, notes: dict) -> list[str]:
-    """Where a layer normalizes each slice alone (rmsnorm: sliced, scales: none) and the calibrated
-    slice energies are far from even, what that norm does to a decode token's slices against the
-    exact norm: slice j is scaled by rms(c) / rms(c_j) ~ 1 / sqrt(g * energy_j)."""
-    gains = {}
-    for node in block_nodes(graph, "tpla_latent"):
-        m = info(node)
-        energy = notes.get(m.fqn, {}).get("slice_energy")
-        if energy and m.shard["rmsnorm"] == "sliced" and m.shard["scales"] == "none":
-            gains[m.fqn] = [1 / math.sqrt(len(energy) * max(e, 1e-12)) for e in energy]
-    off = {fqn: g for fqn, g in gains.items() if max(g) > SLICED_NORM_WARN or min(g) < 1 / SLICED_NORM_WARN}
-    if not off:
-        return []
-    worst = max(off, key=lambda fqn: max(off[fqn]))
-    energy = ", ".join(f"{e:.1%}" for e in notes[worst]["slice_energy"])
-    return [f"{len(off)} of {len(gains)} TPLA layers have uneven slice energies with rmsnorm: sliced; worst "
-            f"{worst}: slices hold {energy} of the latent energy on the calibration split, so the sliced "
-            f"RMSNorm scales a decode token's slices by {', '.join(f'{g:.2f}x' for g in off[worst])} against the "
-            f"exact norm. rmsnorm: recompute normalizes exactly with no extra communication "
-            f"(or scales: calibrated corrects the mean)"]

@@ -38,4 +38,4 @@ def lift(model: nn.Module, captured: Captured, *, check: bool = True) -> Lifted:
         lines = "\n".join(f"  {c.fqn}: {c.reason}" for c in failed)
         raise CompileError(f"lift declined for {len(failed)} block(s); the semantic op does not reproduce "
                            f"the captured graph:\n{lines}")
-    return Lifted(build_graph(blocks), blocks, checks)
+    return Lifted(build_graph(blocks, model), blocks, checks)

@@ -1,30 +1,109 @@
-"""The semantic graph of a recognized decoder: blocks wired as a pre-norm residual stack."""
+"""The semantic graph of a recognized decoder, at GEMM level.
+
+Blocks are wired as a pre-norm residual stack, and each block is expanded into the projections a
+strategy splits — each a `linear` node with its own module FQN — around a semantic core:
+
+    MLA   q = linear[q_a_proj] -> rmsnorm[q_a_layernorm] -> linear[q_b_proj]   (or linear[q_proj])
+          kv = linear[kv_a_proj_with_mqa];  o = mla_attention(q, kv);  a = linear[o_proj](o)
+    GQA   q, k, v = linear[q_proj], linear[k_proj], linear[v_proj]
+          o = gqa_attention(q, k, v);  a = linear[o_proj](o)
+    MLP   g, u = linear[gate_proj], linear[up_proj];  m = linear[down_proj](mlp(g, u))
+    MoE   r = moe(x)  (router + routed experts);  shared experts as an MLP;  m = add(r, shared)
+
+so a collective inserted by a pass follows the GEMM that produces its input.
+"""
 from __future__ import annotations
 
 import torch.fx as fx
+from torch import nn
 
+import planc.semantic  # noqa: F401  (declares the base op kinds)
+from planc.dims import EmbeddingDims, LinearDims, MlpDims, MoeDims, NormDims
 from planc.ir import NodeInfo, add_node
-from planc.lift.recognize import Block
+from planc.lift.recognize import Block, rmsnorm_eps
 
 
-def _meta(b: Block) -> NodeInfo:
-    return NodeInfo(kind=b.kind, fqn=b.fqn, cls=b.cls, layer=b.layer, dims=b.dims, attrs=dict(b.attrs))
+class _Builder:
+    def __init__(self, graph: fx.Graph, model: nn.Module):
+        self.g = graph
+        self.modules = dict(model.named_modules())
+
+    def node(self, kind: str, args: tuple, name: str, **meta) -> fx.Node:
+        return add_node(self.g, kind, args, NodeInfo(kind=kind, **meta), name)
+
+    def linear(self, fqn: str, x: fx.Node, name: str, block: str, layer: int | None) -> fx.Node:
+        m = self.modules[fqn]
+        dims = LinearDims(m.in_features, m.out_features, m.bias is not None)
+        return self.node("linear", (x,), name, fqn=fqn, block=block, cls=type(m).__name__, layer=layer, dims=dims)
+
+    def norm(self, fqn: str, x: fx.Node, name: str, block: str, layer: int | None) -> fx.Node:
+        m = self.modules[fqn]
+        return self.node("rmsnorm", (x,), name, fqn=fqn, block=block, cls=type(m).__name__, layer=layer,
+                         dims=NormDims(rmsnorm_eps(m)))
+
+    def mla(self, b: Block, x: fx.Node) -> fx.Node:
+        A, L = b.fqn, b.layer
+        if b.dims.q_lora_rank:
+            q = self.linear(f"{A}.q_a_proj", x, "q", A, L)
+            q = self.norm(f"{A}.q_a_layernorm", q, "q", A, L)
+            q = self.linear(f"{A}.q_b_proj", q, "q", A, L)
+        else:
+            q = self.linear(f"{A}.q_proj", x, "q", A, L)
+        kv = self.linear(f"{A}.kv_a_proj_with_mqa", x, "kv_a", A, L)
+        o = self.node("mla_attention", (q, kv), "o", fqn=A, block=A, cls=b.cls, layer=L, dims=b.dims)
+        return self.linear(f"{A}.o_proj", o, "a", A, L)
+
+    def gqa(self, b: Block, x: fx.Node) -> fx.Node:
+        A, L = b.fqn, b.layer
+        qkv = [self.linear(f"{A}.{p}_proj", x, p, A, L) for p in "qkv"]
+        o = self.node("gqa_attention", tuple(qkv), "o", fqn=A, block=A, cls=b.cls, layer=L, dims=b.dims)
+        return self.linear(f"{A}.o_proj", o, "a", A, L)
+
+    def mlp(self, fqn: str, x: fx.Node, block: str, layer: int | None, act: str, cls: str) -> fx.Node:
+        gate = self.linear(f"{fqn}.gate_proj", x, "g", block, layer)
+        up = self.linear(f"{fqn}.up_proj", x, "u", block, layer)
+        dims = MlpDims(self.modules[f"{fqn}.gate_proj"].out_features, act)
+        act_node = self.node("mlp", (gate, up), "act", fqn=fqn, block=block, cls=cls, layer=layer, dims=dims)
+        return self.linear(f"{fqn}.down_proj", act_node, "m", block, layer)
+
+    def moe(self, b: Block, x: fx.Node) -> fx.Node:
+        M, L = b.fqn, b.layer
+        hidden = self.modules[f"{M}.experts"].gate_up_proj.shape[-1]
+        dims = MoeDims(b.dims, hidden, b.attrs["intermediate"], b.attrs["act"])
+        routed = self.node("moe", (x,), "r", fqn=M, block=M, cls=b.cls, layer=L, dims=dims)
+        if not b.attrs["shared"]:
+            return routed
+        shared_cls = type(self.modules[f"{M}.shared_experts"]).__name__
+        shared = self.mlp(f"{M}.shared_experts", x, M, L, b.attrs["act"], shared_cls)
+        return self.node("add", (routed, shared), "m", block=M, layer=L)
+
+    def block(self, b: Block, x: fx.Node) -> fx.Node:
+        if b.kind == "mla_attention":
+            return self.mla(b, x)
+        if b.kind == "gqa_attention":
+            return self.gqa(b, x)
+        if b.kind == "moe":
+            return self.moe(b, x)
+        return self.mlp(b.fqn, x, b.fqn, b.layer, b.attrs["act"], b.cls)
 
 
-def build_graph(blocks: list[Block]) -> fx.Graph:
-    """Wire the blocks as a pre-norm residual decoder (the skeleton the check confirmed)."""
+def build_graph(blocks: list[Block], model: nn.Module) -> fx.Graph:
+    """Wire the blocks as a pre-norm residual decoder (the skeleton the lift check confirmed)."""
     g = fx.Graph()
+    build = _Builder(g, model)
     ids = g.placeholder("ids")
     it = iter(blocks)
-    h = add_node(g, "embedding", (ids,), _meta(next(it)), "h")
+    emb = next(it)
+    weight = build.modules[emb.fqn].weight
+    h = build.node("embedding", (ids,), "h", fqn=emb.fqn, cls=emb.cls,
+                   dims=EmbeddingDims(weight.shape[0], weight.shape[1]))
     for b in it:
         if b.kind == "lm_head":
-            g.output(add_node(g, "lm_head", (h,), _meta(b), "logits"))
+            g.output(build.linear(b.fqn, h, "logits", "", None))
         elif b.kind == "rmsnorm" and b.layer is None:
-            h = add_node(g, "rmsnorm", (h,), _meta(b), "h")
+            h = build.norm(b.fqn, h, "h", "", None)
         else:  # a norm, then its block, then the residual add
-            x = add_node(g, "rmsnorm", (h,), _meta(b), "x")
+            x = build.norm(b.fqn, h, "x", "", b.layer)
             blk = next(it)
-            y = add_node(g, blk.kind, (x,), _meta(blk), "a" if "attention" in blk.kind else "m")
-            h = add_node(g, "add", (h, y), NodeInfo(kind="add", layer=blk.layer), "h")
+            h = build.node("add", (h, build.block(blk, x)), "h", layer=blk.layer)
     return g

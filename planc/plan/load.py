@@ -155,11 +155,33 @@ def _where(source: str, positions: Positions, path: FieldPath) -> str:
 
 
 def _describe(error: ErrorDetails, source: str, positions: Positions) -> str:
-    path = tuple(error["loc"])
+    path, chosen = _without_tags(tuple(error["loc"]))
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found"):  # a section's strategy value
+        path += ("strategy",)
+    if error["type"] == "extra_forbidden":
+        return f"{_where(source, positions, path)}: {field_path(path)}: {_unknown_key(path, chosen.get(path[:-1]))}"
     return f"{_where(source, positions, path)}: {field_path(path)}: {_explain(error, path)}"
 
 
+def _without_tags(loc: FieldPath) -> tuple[FieldPath, dict[FieldPath, type[BaseModel]]]:
+    """pydantic puts the tag of a section union in the error location ("...attention.tpla.seed");
+    the YAML has no such level. Returns the path without it, and the member each tag chose."""
+    path: list[str | int] = []
+    chosen: dict[FieldPath, type[BaseModel]] = {}
+    for part in loc:
+        members = _union_members(tuple(path)) if isinstance(part, str) else {}
+        if part in members:
+            chosen[tuple(path)] = members[part]
+            continue
+        path.append(part)
+    return tuple(path), chosen
+
+
 def _explain(error: ErrorDetails, path: FieldPath) -> str:
+    if error["type"] == "union_tag_invalid":
+        return f"unknown strategy {error['ctx']['tag']!r}; allowed values: {_literal_values(path)}"
+    if error["type"] == "union_tag_not_found":
+        return f"required key is missing; allowed values: {_literal_values(path)}"
     if error["type"] == "extra_forbidden":
         return _unknown_key(path)
     if error["type"] == "missing":
@@ -172,8 +194,8 @@ def _explain(error: ErrorDetails, path: FieldPath) -> str:
     return message
 
 
-def _unknown_key(path: FieldPath) -> str:
-    model = _model_at(path[:-1])
+def _unknown_key(path: FieldPath, model: type[BaseModel] | None = None) -> str:
+    model = model or _model_at(path[:-1])
     allowed = sorted(model.model_fields) if model else []
     close = difflib.get_close_matches(str(path[-1]), allowed, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else "."
@@ -181,27 +203,44 @@ def _unknown_key(path: FieldPath) -> str:
 
 
 def _literal_values(path: FieldPath) -> str:
-    """The allowed values of a Literal-typed field, quoted and comma-separated, or ""."""
-    model = _model_at(path[:-1])
-    field = model.model_fields.get(str(path[-1])) if model else None
-    if field is None or get_origin(field.annotation) is not Literal:
-        return ""
-    return ", ".join(repr(value) for value in get_args(field.annotation))
+    """The allowed values of a Literal-typed field, quoted and comma-separated, or ""; for a
+    section's `strategy`, the values of every strategy the section offers."""
+    values = [v for model in _models_at(path[:-1]) for v in _literal_args(model, str(path[-1]))]
+    return ", ".join(repr(v) for v in dict.fromkeys(values))
+
+
+def _literal_args(model: type[BaseModel], name: str) -> tuple:
+    field = model.model_fields.get(name)
+    return get_args(field.annotation) if field is not None and get_origin(field.annotation) is Literal else ()
 
 
 def _model_at(path: FieldPath) -> type[BaseModel] | None:
-    """The model class that validates the mapping at `path` (sequence indices are skipped)."""
-    model: type[BaseModel] | None = Plan
+    """The model class that validates the mapping at `path` (sequence indices are skipped); for a
+    section, the member its written `strategy` selects is unknown here: the union's first."""
+    models = _models_at(path)
+    return models[0] if models else None
+
+
+def _models_at(path: FieldPath) -> list[type[BaseModel]]:
+    models: list[type[BaseModel]] = [Plan]
     for part in path:
-        if model is None or isinstance(part, int):
+        if isinstance(part, int):
             continue
-        field = model.model_fields.get(part)
-        model = _model_in(field.annotation) if field else None
-    return model
+        fields = [m.model_fields[part] for m in models if part in m.model_fields]
+        models = [m for f in fields for m in _models_in(f.annotation)]
+    return models
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    # Unwraps `X | None` and `tuple[X, ...]` to the model class inside.
+def _union_members(path: FieldPath) -> dict[str, type[BaseModel]]:
+    """strategy value -> section model, when `path` is a section with several strategies."""
+    models = _models_at(path)
+    if len(models) < 2:
+        return {}
+    return {v: m for m in models for v in _literal_args(m, "strategy")}
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    # Unwraps `X | None`, unions, Annotated and `tuple[X, ...]` to the model classes inside.
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    return next(filter(None, map(_model_in, get_args(annotation))), None)
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]

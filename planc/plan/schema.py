@@ -1,22 +1,19 @@
 """The plan file as typed, frozen pydantic models (DESIGN.md §3).
 
-One plan section (`attention`, `mlp`, `moe`) is one pass; a new section is a new `Section`
-subclass plus one optional field on `Rule`. Only values that a pass implements are listed in the
-`strategy` literals, so the exported JSON Schema never offers a choice that cannot compile.
+A rule has one section (`attention`, `mlp`, `moe`); each section is a union of the section models
+the strategies declare (passes/), told apart by their `strategy` value. A new strategy is a new
+module under passes/; a new section key is a new `Strategy.section` there: this file lists neither.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, model_validator
 
-
-class _Frozen(BaseModel):
-    # Unknown keys are errors (typos must not be ignored) and plans are values: they key caches.
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+from planc.passes import STRATEGIES
+from planc.strategy import Frozen as _Frozen, Section
 
 class Mesh(_Frozen):
     """The devices the compiled program runs on."""
@@ -41,82 +38,7 @@ class ModelRef(_Frozen):
     )
 
 
-class Section(_Frozen):
-    """Fields every rule section shares; each subclass is the input of one pass."""
-
-    required: bool = Field(
-        False,
-        strict=True,
-        description="If true, compilation fails when the rewrite cannot be applied to a "
-        "matched module, instead of recording why it was declined.",
-    )
-
-
-TPLA_FIELDS = ("latent_groups", "transform", "prefill", "rmsnorm", "scales", "calibration_tokens", "seed")
-
-
-class AttentionSection(Section):
-    """How the attention modules matched by the rule are parallelised."""
-
-    strategy: Literal["replicated", "tp", "mla_tp", "tpla"] = Field(
-        description="replicated: every rank holds all heads; tp: GQA heads split over devices; "
-        "mla_tp: MLA heads split over devices, latent KV cache replicated; tpla: MLA latent "
-        "dimension split into latent_groups slices, heads split inside each group."
-    )
-    latent_groups: int = Field(1, ge=1, strict=True, description="tpla: g, the number of latent slices; g divides the devices.")
-    transform: Literal["none", "hadamard", "pca"] = Field(
-        "none", description="tpla: orthogonal transform folded into the latent weights before slicing "
-        "(pca: eigenvectors of the latent covariance on the calibration split)."
-    )
-    prefill: Literal["mla", "tpla"] = Field(
-        "mla", description="tpla: mla = exact MLA prefill, each rank keeps its latent slice (PD separation); "
-        "tpla = prefill with the sliced formula too."
-    )
-    rmsnorm: Literal["sliced", "exact", "recompute"] = Field(
-        "sliced", description="tpla: sliced = RMSNorm over each slice (the paper); exact = one small all-reduce "
-        "of per-token sums of squares per layer; recompute = the exact RMS without communication: every rank "
-        "recomputes a token's whole latent from the full kv_a_proj latent rows (which prefill: mla already "
-        "keeps on every rank) and normalizes its slice by it."
-    )
-    scales: Literal["none", "calibrated"] = Field(
-        "none", description="tpla + rmsnorm sliced: calibrated = one scale per latent slice, the mean ratio of the "
-        "slice's RMS to the whole latent's on the calibration split, applied when a token's slice is written "
-        "to the cache (recorded in report.json); none = the paper's plain per-slice RMSNorm."
-    )
-    calibration_tokens: int = Field(4096, ge=1, strict=True, description="tpla + pca or scales: calibration tokens.")
-    seed: int = Field(0, strict=True, description="tpla + hadamard: seed of the random sign diagonal.")
-
-    @model_validator(mode="after")
-    def _tpla_fields_need_tpla(self) -> "AttentionSection":
-        # Compare with the defaults, not with what was written: a dumped plan spells every field.
-        stray = [f for f in TPLA_FIELDS if getattr(self, f) != type(self).model_fields[f].default]
-        if stray and self.strategy != "tpla":
-            raise ValueError(f"{', '.join(stray)} only apply to strategy 'tpla' (strategy is {self.strategy!r})")
-        return self
-
-
-class MlpSection(Section):
-    """How the dense MLP modules matched by the rule are parallelised."""
-
-    strategy: Literal["replicated", "tp"] = Field(
-        description="replicated: every rank holds the whole MLP; tp: column-parallel gate/up "
-        "projections, row-parallel down projection."
-    )
-
-
-class MoeSection(Section):
-    """How the mixture-of-experts modules matched by the rule are parallelised."""
-
-    strategy: Literal["replicated", "ep"] = Field(
-        description="replicated: every rank holds every expert; ep: experts split over devices."
-    )
-    placement: Literal["contiguous"] = Field(
-        "contiguous",
-        description="Expert-to-device map; contiguous: rank r owns the r-th block of experts.",
-    )
-
-
-class Rule(_Frozen):
+class _RuleBase(_Frozen):
     """Apply one section to every module whose FQN matches `match`; the first matching rule wins."""
 
     match: str = Field(
@@ -124,9 +46,6 @@ class Rule(_Frozen):
         strict=True,
         description='fnmatch-style glob over module FQNs, e.g. "model.layers.*.self_attn".',
     )
-    attention: AttentionSection | None = Field(None, description="Attention parallelism.")
-    mlp: MlpSection | None = Field(None, description="Dense MLP parallelism.")
-    moe: MoeSection | None = Field(None, description="Mixture-of-experts parallelism.")
 
     @classmethod
     def section_names(cls) -> tuple[str, ...]:
@@ -134,7 +53,7 @@ class Rule(_Frozen):
         return tuple(name for name in cls.model_fields if name != "match")
 
     @model_validator(mode="after")
-    def _exactly_one_section(self) -> Rule:
+    def _exactly_one_section(self) -> "_RuleBase":
         present = [name for name in self.section_names() if getattr(self, name) is not None]
         if len(present) != 1:
             allowed = ", ".join(self.section_names())
@@ -152,6 +71,21 @@ class Rule(_Frozen):
     def section(self) -> Section:
         """The rule's single section."""
         return getattr(self, self.section_name)
+
+
+SECTION_DESCRIPTIONS = {"attention": "Attention parallelism.", "mlp": "Dense MLP parallelism.",
+                        "moe": "Mixture-of-experts parallelism."}
+
+
+def _section_field(key: str) -> tuple[Any, Any]:
+    configs = tuple(dict.fromkeys(s.config for s in STRATEGIES if s.section == key))
+    union = configs[0] if len(configs) == 1 else Annotated[Union[configs], Field(discriminator="strategy")]
+    return union | None, Field(None, description=SECTION_DESCRIPTIONS.get(key, f"{key} section."))
+
+
+SECTIONS = tuple(dict.fromkeys(s.section for s in STRATEGIES))
+Rule = create_model("Rule", __base__=_RuleBase, __doc__=_RuleBase.__doc__,
+                    **{key: _section_field(key) for key in SECTIONS})
 
 
 class Plan(_Frozen):

@@ -1,0 +1,26 @@
+"""The base op kinds of the semantic graph: what each emits into the program and what it holds.
+
+A strategy that introduces kinds of its own (EP's dispatch, TPLA's latent slice) declares them in
+its module under passes/ the same way; codegen, partition and the report read only OpSpecs.
+"""
+from __future__ import annotations
+
+from planc.ir import Call, declare_op
+
+
+def _core_args(c: Call) -> str:
+    return ", ".join(c.args)
+
+
+declare_op("embedding", lambda c: f"ops.embedding({c.args[0]}, {c.weight('weight')})", owns_weights=True)
+declare_op("rmsnorm", lambda c: f"ops.rmsnorm({c.args[0]}, {c.weight('weight')}, {c.info.dims.eps!r})",
+           owns_weights=True)
+declare_op("linear", lambda c: f"ops.linear({c.args[0]}, {c.weight('weight')}, {c.maybe('bias')})", owns_weights=True)
+declare_op("add", lambda c: f"{c.args[0]} + {c.args[1]}")
+declare_op("mlp", lambda c: f"ops.gated_act({c.args[0]}, {c.args[1]}, {c.info.dims.act!r})")
+declare_op("mla_attention", lambda c: f"ops.mla_core({_core_args(c)}, step, caches[{c.info.fqn!r}], {c.W}, {c.dims})",
+           owns_weights=True, rotary=True, step=True)
+declare_op("gqa_attention", lambda c: f"ops.gqa_core({_core_args(c)}, step, caches[{c.info.fqn!r}], {c.W}, {c.dims})",
+           owns_weights=True, rotary=True, step=True)
+declare_op("moe", lambda c: f"ops.moe_routed({c.args[0]}, {c.W}, {c.dims})", owns_weights=True)
+declare_op("all_reduce", lambda c: f"comm.all_reduce({c.args[0]})", collective="all_reduce")

@@ -1,0 +1,53 @@
+"""What a plan strategy declares. Each module under passes/ declares one `Strategy` (or a few, for
+`replicated`, which every section offers) and the op kinds and typed shards it introduces; the
+plan schema, bind, the pass manager, partition, codegen, the report and inspect read these.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch.fx as fx
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from planc.passmanager import PassContext
+
+
+class Frozen(BaseModel):
+    # Unknown keys are errors (typos must not be ignored) and plans are values: they key caches.
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Section(Frozen):
+    """Fields every rule section shares; each strategy's section model derives from it and
+    narrows `strategy` to its own Literal (the discriminator of the section's union)."""
+
+    required: bool = Field(
+        False,
+        strict=True,
+        description="If true, compilation fails when the rewrite cannot be applied to a "
+        "matched module, instead of recording why it was declined.",
+    )
+
+
+Pass = Callable[[fx.Graph, Section, "PassContext"], fx.Graph]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One plan strategy.
+
+    name: the pass's name everywhere (module, CLI output, report); section: the plan key it is
+    written under; value: its `strategy:` value there; kinds: the node kinds its rules bind;
+    config: the section's pydantic model; rewrite: the pass, `(graph, section, ctx) -> graph`,
+    called once per rule that selects it, on the nodes that rule bound (`ctx.bound(graph)`)."""
+
+    name: str
+    section: str
+    value: str
+    kinds: tuple[str, ...]
+    config: type[Section]
+    rewrite: Pass
+    summary: str = ""
