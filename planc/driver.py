@@ -16,7 +16,6 @@ from torch import nn
 
 from planc import __version__
 from planc.bind import bind
-from planc.capture import capture
 from planc.codegen.artifact import KERNEL_FILES, write_artifact
 from planc.codegen.emit_program import emit_program
 from planc.codegen.partition import model_tensors, partition
@@ -71,8 +70,7 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
     model, source = resolve_model(model, plan, meta)
     log(f"model    {source} ({type(model).__name__}{', meta' if meta else ''})")
-    captured = capture(model)
-    lifted = lift(model, captured, check=not meta)
+    lifted = lift(model, check=not meta)
     log(f"lift     {len(lifted.blocks)} blocks" + (f", {len(lifted.checks)} checked against the captured graph" if lifted.checks else ""))
     graph, ctx = parallelize(lifted.graph, plan, strict)
     log(f"passes   {' -> '.join(name for name, _ in PASSES)}: {sum(r.action == 'applied' for r in ctx.records)} rewrites")
@@ -119,7 +117,7 @@ def validate(plan_path: str | Path, model: str | None = None, *, meta: bool = Fa
     if model is None and plan.model is None:
         return f"{plan_path}: valid plan ({len(plan.rules)} rules, {plan.mesh.devices} devices); no model to check against"
     module, source = resolve_model(model, plan, meta)
-    lifted = lift(module, capture(module), check=False)
+    lifted = lift(module, check=False)
     _, ctx = parallelize(lifted.graph, plan)
     applied = sum(r.action == "applied" for r in ctx.records)
     return f"{plan_path}: valid for {source} ({len(plan.rules)} rules, {applied} blocks rewritten, {plan.mesh.devices} devices)"

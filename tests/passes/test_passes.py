@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 
 from planc.bind import bind
-from planc.capture import capture
 from planc.driver import PASSES
 from planc.errors import PlanError
 from planc.lift import lift
@@ -17,7 +16,7 @@ from tests.conftest import PLANS
 @pytest.fixture(scope="module")
 def lifted_deepseek():
     model = load_model("tiny-deepseek")
-    return lift(model, capture(model), check=False).graph
+    return lift(model, check=False).graph
 
 
 def _plan(devices: int, name: str = "deepseek_mla_tp_ep.yaml"):

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from planc.bind import bind
-from planc.capture import capture
 from planc.codegen.emit_program import _local_dims
 from planc.codegen.partition import model_tensors, partition
 from planc.driver import PASSES
@@ -40,7 +39,7 @@ def model64():
 
 @pytest.fixture(scope="module")
 def lifted64(model64):
-    return lift(model64, capture(model64), check=False).graph
+    return lift(model64, check=False).graph
 
 
 def shards(model, lifted, text: str):
