@@ -17,7 +17,6 @@ from torch import nn
 from planc import __version__
 from planc.bind import bind, rule_refs
 from planc.calibrate import Profiles
-from planc.capture import capture
 from planc.codegen.artifact import KERNEL_FILES, write_artifact
 from planc.codegen.emit_program import emit_program
 from planc.codegen.partition import model_tensors, partition
@@ -69,9 +68,9 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
     model, source = resolve_model(model, plan, meta)
     log(f"model    {source} ({type(model).__name__}{', meta' if meta else ''})")
-    captured = capture(model)
-    lifted = lift(model, captured, check=not meta)
-    log(f"lift     {len(lifted.blocks)} blocks" + (f", {len(lifted.checks)} checked against the captured graph" if lifted.checks else ""))
+    lifted = lift(model, check=not meta)
+    log(f"lift     {len(lifted.blocks)} blocks" + (f", {sum(c.method == 'numeric' for c in lifted.checks)} checked numerically against the captured graph, "
+                                             f"{sum(c.method != 'numeric' for c in lifted.checks)} structurally" if lifted.checks else ""))
     graph, ctx = parallelize(lifted.graph, plan, model, strict=strict, meta=meta)
     log(f"passes   {pass_order()}: {sum(r.action == 'applied' for r in ctx.records)} rewrites, "
         f"{sum(r.action == 'declined' for r in ctx.records)} declined")
@@ -117,7 +116,7 @@ def validate(plan_path: str | Path, model: str | None = None, *, meta: bool = Fa
     if model is None and plan.model is None:
         return f"{plan_path}: valid plan ({len(plan.rules)} rules, {plan.mesh.devices} devices); no model to check against"
     module, source = resolve_model(model, plan, meta)
-    lifted = lift(module, capture(module), check=False)
+    lifted = lift(module, check=False)
     _, ctx = parallelize(lifted.graph, plan, module, strict=strict, meta=meta)
     applied = sum(r.action == "applied" for r in ctx.records)
     declines = [f"\n  declined {r.pass_name} on {r.target} (rules[{r.rule}]): {r.detail}"

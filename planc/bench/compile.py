@@ -62,7 +62,7 @@ def _repeats_per_depth(layers: Sequence[int], repeats: int | Sequence[int]) -> l
     return counts
 
 
-def run(layers: Sequence[int] = (4, 16, 61), repeats: int | Sequence[int] = (3, 3, 1)) -> dict:
+def run(layers: Sequence[int] = (4, 16, 61), repeats: int | Sequence[int] = 3) -> dict:
     dense = bundled_config("deepseek-v3").first_k_dense_replace
     if min(layers) <= dense:
         raise ValueError(f"layers {list(layers)}: DeepSeek-V3's first {dense} layers are dense, so the plan's "
@@ -86,7 +86,7 @@ def run(layers: Sequence[int] = (4, 16, 61), repeats: int | Sequence[int] = (3, 
         "seconds": seconds,
         "repeats": counts,
         "seconds_per_layer": _marginal(list(layers), seconds),
-        "stages": [{name: statistics.median(s.get(name, 0.0) for s in depth) for name in STAGES} for depth in samples],
+        "stages": [{name: statistics.median(s[name] for s in depth) for name in STAGES} for depth in samples],
         "samples": [[s["total"] for s in depth] for depth in samples],
         "note": "median of `repeats` compiles per depth (a single sample where repeats is 1), rounds "
                 "interleaved across depths after one untimed warm-up; seconds = model build on meta + "

@@ -1,10 +1,12 @@
-"""Lift: captured aten graph -> semantic graph (one node per recognized block).
+"""Lift: a causal LM -> semantic graph (one node per recognized block).
 
     captured: embedding, aten.mm, aten.rsqrt, ... (~700 nodes for a 4-layer model)
     lifted:   h = embedding(ids); x = rmsnorm(h); a = mla_attention(x); h_1 = add(h, a); ...
 
-Recognition is structural (planc.lift.recognize) and each block is confirmed numerically against
-the captured subgraph (planc.lift.check) unless the model lives on the meta device.
+Recognition is structural (planc.lift.recognize). The model is captured with one decoder layer
+per structure (planc.lift.structure), so capture costs the same at any depth; each captured block
+is confirmed numerically against the captured subgraph (planc.lift.check) unless the model lives
+on the meta device, and every other layer stands on its representative's checks.
 """
 from __future__ import annotations
 
@@ -13,11 +15,12 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-from planc.capture import Captured, module_fqns
+from planc.capture import Captured, capture, module_fqns
 from planc.errors import CompileError
-from planc.lift.check import Check, check_blocks
+from planc.lift.check import Check, check_blocks, structural_checks
 from planc.lift.graph import build_graph
 from planc.lift.recognize import Block, recognize
+from planc.lift.structure import representatives
 
 
 @dataclass
@@ -25,17 +28,26 @@ class Lifted:
     graph: fx.Graph
     blocks: list[Block]
     checks: list[Check]  # empty when the model is on meta (nothing to run)
+    captured: Captured  # the model with one decoder layer per structure
 
 
-def lift(model: nn.Module, captured: Captured, *, check: bool = True) -> Lifted:
+def lift(model: nn.Module, *, check: bool) -> Lifted:
+    """Recognize every block, capture one layer per structure, and (with `check`) run the checks."""
     blocks = recognize(model)
-    missing = [b.fqn for b in blocks if b.kind != "lm_head" and b.fqn not in module_fqns(captured.program)]
+    representative = representatives(model.model.layers, blocks)
+    captured = capture(model, layers=sorted(set(representative.values())))
+    ran = [b for b in blocks if b.layer is None or representative[b.layer] == b.layer]
+    seen = module_fqns(captured.program)
+    missing = [b.fqn for b in ran if b.kind != "lm_head" and b.fqn not in seen]
     if missing:
         raise CompileError(f"recognized blocks never ran in the captured graph: {', '.join(missing[:4])}")
-    checks = check_blocks(model, captured.module, blocks, captured.args, captured.kwargs) if check else []
+    checks = []
+    if check:
+        checks = check_blocks(model, captured.module, ran, captured.args, captured.kwargs)
+        checks += structural_checks(blocks, representative)
     failed = [c for c in checks if not c.ok]
     if failed:
         lines = "\n".join(f"  {c.fqn}: {c.reason}" for c in failed)
         raise CompileError(f"lift declined for {len(failed)} block(s); the semantic op does not reproduce "
                            f"the captured graph:\n{lines}")
-    return Lifted(build_graph(blocks, model), blocks, checks)
+    return Lifted(build_graph(blocks, model), blocks, checks, captured)

@@ -5,6 +5,10 @@ entering it and the value leaving it — found from `nn_module_stack`, not assum
 block's semantic reference on the recorded input. A block whose reference disagrees is declined
 with the numbers. Residual wiring is checked the same way: a layer's input plus its attention
 output must equal what enters the post-attention norm.
+
+Only one layer per structure is captured (planc.lift.structure): its blocks are checked as above,
+on their own weights ("numeric"); every other layer's blocks are recorded as "structural" checks
+against that representative, whose structure they equal.
 """
 from __future__ import annotations
 
@@ -26,8 +30,10 @@ TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 2e-2, tor
 class Check:
     fqn: str
     ok: bool
-    rel_err: float
+    rel_err: float | None  # None for a structural check: nothing was run
     reason: str = ""
+    method: str = "numeric"  # or "structural"
+    against: str | None = None  # the representative's check a structural one stands on
 
 
 def _stack_fqns(node: fx.Node) -> set[str]:
@@ -145,4 +151,20 @@ def _check_residuals(blocks: list[Block], bounds, values) -> list[Check]:
             continue
         err = _rel_err(values[h_in] + values[attn_out], values[post_in])
         checks.append(Check(f"{lp} (residual)", err <= 1e-6, err, "" if err <= 1e-6 else f"residual wiring differs: {err:.2e}"))
+    return checks
+
+
+def structural_checks(blocks: list[Block], representative: dict[int, int]) -> list[Check]:
+    """One check per block (and one residual check per layer) of each layer that was not
+    captured, against the same check of its representative layer."""
+    checks = []
+    for b in blocks:
+        rep = representative.get(b.layer, b.layer)
+        if rep == b.layer:
+            continue
+        layer, name = b.fqn.rsplit(".", 1)  # model.layers.5, self_attn
+        theirs = f"{layer.rsplit('.', 1)[0]}.{rep}"
+        checks.append(Check(b.fqn, True, None, method="structural", against=f"{theirs}.{name}"))
+        if b.kind in ("mla_attention", "gqa_attention"):
+            checks.append(Check(f"{layer} (residual)", True, None, method="structural", against=f"{theirs} (residual)"))
     return checks

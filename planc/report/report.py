@@ -77,7 +77,8 @@ def build_report(graph: fx.Graph, ctx: PassContext, rank_tensors: list[dict[str,
         "declines": [r.__dict__ for r in ctx.records if r.action == "declined"],
         "notes": ctx.notes,
         "advice": ctx.advice,
-        "lift_checks": [{"block": c.fqn, "ok": c.ok, "rel_err": c.rel_err} for c in checks]
+        "lift_checks": [{"block": c.fqn, "ok": c.ok, "rel_err": c.rel_err, "method": c.method,
+                         "against": c.against} for c in checks]
                        or ("not run: meta device has no values" if meta else []),
         "graphs": ctx.graph_texts(),
         "graph_nodes": ctx.graph_nodes(),

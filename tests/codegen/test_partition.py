@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from planc.bind import bind
-from planc.capture import capture
 from planc.codegen.partition import model_tensors, partition
 from planc.driver import PASSES
 from planc.ir import block_nodes, info
@@ -22,7 +21,7 @@ from tests.conftest import PLANS
 def _compiled_graph(model, plan_name, devices):
     text = (PLANS / plan_name).read_text().replace("devices: 2", f"devices: {devices}")
     plan = parse_plan_text(text, "plan.yaml")
-    graph = lift(model, capture(model), check=False).graph
+    graph = lift(model, check=False).graph
     return run_passes(bind(graph, plan), PASSES, PassContext(plan, devices))
 
 

@@ -1,11 +1,13 @@
-"""Capture: torch.export of plain modules and of causal LMs keeps module FQN and class per node."""
+"""Capture: torch.export of plain modules and of causal LMs keeps module FQN and class per node;
+a causal LM captured with some of its layers computes what a model of only those layers does."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, Qwen3Config
 
-from planc.capture import capture, capture_module, module_fqns
+from planc.capture import capture, capture_module, example_ids, module_fqns
 from planc.errors import ModelError
 
 
@@ -40,3 +42,33 @@ def test_export_failure_is_a_model_error():
 
     with pytest.raises(ModelError, match="torch.export"):
         capture_module(Bad(), (torch.randn(2),))
+
+
+def _qwen3(layer_types: list[str]) -> nn.Module:
+    config = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=len(layer_types),
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, layer_types=layer_types,
+                         sliding_window=3, use_sliding_window=True)  # a window shorter than the example prompt
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_some_layers_of_a_causal_lm_compute_a_model_of_those_layers():
+    types = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    model = _qwen3(types)
+    captured = capture(model, layers=[1, 2])
+    assert {f for f in module_fqns(captured.program) if f.count(".") == 2} == {"model.layers.1", "model.layers.2"}
+    # Qwen3 picks each layer's mask by position in config.layer_types: the copy's list is cut too.
+    alone = _qwen3([types[1], types[2]])
+    renumber = {"model.layers.1.": "model.layers.0.", "model.layers.2.": "model.layers.1."}
+    alone.load_state_dict({_renamed(k, renumber): v for k, v in model.state_dict().items()
+                           if not k.startswith(("model.layers.0.", "model.layers.3."))})
+    with torch.no_grad():
+        want = alone(example_ids(model), use_cache=False).logits
+        got = captured.module(*captured.args, **captured.kwargs)["logits"]
+    assert torch.equal(got, want)  # the same ops on the same weights
+    assert model.config.num_hidden_layers == len(model.model.layers) == 4 and model.config.layer_types == types
+
+
+def _renamed(key: str, renumber: dict[str, str]) -> str:
+    return next((new + key.removeprefix(old) for old, new in renumber.items() if key.startswith(old)), key)

@@ -13,7 +13,6 @@ import torch.fx as fx
 
 from codegen.emit_program import _Emitter
 from planc.bind import bind, rule_refs
-from planc.capture import capture
 from planc.codegen.partition import model_tensors, partition
 from planc.driver import parallelize
 from planc.ir import info
@@ -34,7 +33,7 @@ def model(name: str, dtype: torch.dtype = torch.float32):
 @functools.cache
 def lifted(name: str, dtype: torch.dtype = torch.float32) -> fx.Graph:
     m = model(name, dtype)
-    return lift(m, capture(m), check=False).graph
+    return lift(m, check=False).graph
 
 
 def compiled(name: str, plan_text: str, dtype: torch.dtype = torch.float32, strict: bool = True):
