@@ -79,7 +79,7 @@ declare_op("moe_return", lambda c: f"comm.all_to_all({c.args[0]}, {c.args[1]}.re
 declare_op("moe_combine", lambda c: f"{c.args[2]}.combine({c.args[0]}, {c.args[1]})")
 declare_op("moe_slice", lambda c: f"{c.args[1]}.mine_rows({c.args[0]})")
 declare_op("all_gather_varlen", lambda c: f"comm.all_gather_varlen({c.args[0]}, {c.args[1]}.slice_sizes)"
-                                          f".view_as({c.args[2]})", collective="all_gather")
+                                          f".view_as({c.args[2]})", collective="all_gather_varlen")
 
 
 def ep(graph: fx.Graph, section: EpSection, ctx) -> fx.Graph:

@@ -31,13 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("plan")
     p.add_argument("--model", default=None)
     p.add_argument("--meta", action="store_true", help="build the model on the meta device (no weights)")
+    p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
+                   help="a declined rewrite is an error (as `planc compile --strict`)")
 
     p = sub.add_parser("compile", help="compile MODEL under PLAN into an artifact directory")
     p.add_argument("model", help="bundled name, checkpoint dir, config.json or package.module:factory")
     p.add_argument("plan")
     p.add_argument("-o", "--out", required=True, help="artifact directory to write")
     p.add_argument("--meta", action="store_true", help="weightless dry run: report only, no weights")
-    p.add_argument("--no-strict", dest="strict", action="store_false", help="record declined rewrites instead of failing")
+    p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
+                   help="fail on any declined rewrite (default: record and print declines; `required: true` "
+                        "on a rule fails on that rule's)")
+    p.add_argument("--graph", action="store_true", help="print the parallel graph the passes produced")
 
     p = sub.add_parser("run", help="launch an artifact on N ranks and generate")
     p.add_argument("artifact")
@@ -92,13 +97,15 @@ def cmd_schema(args) -> int:
 def cmd_validate(args) -> int:
     from planc.driver import validate
 
-    print(validate(args.plan, args.model, meta=args.meta))
+    print(validate(args.plan, args.model, meta=args.meta, strict=args.strict))
 
 
 def cmd_compile(args) -> int:
     from planc.driver import compile
 
     art = compile(args.model, args.plan, args.out, meta=args.meta, strict=args.strict, log=print)
+    if args.graph:
+        print(art.report["graphs"][list(art.report["graphs"])[-1]])
     for entry in art.report["per_rank"]:
         print(f"rank {entry['rank']}: weights {entry['weight_bytes'] / 2**20:.2f} MiB, "
               f"KV cache {entry['kv_bytes_per_token']} B/token")

@@ -165,7 +165,7 @@ class OpSpec:
     owns_weights: bool = False  # partition gives the node the tensors under its FQN
     rotary: bool = False  # ... plus `rotary.inv_freq` (the model's rope frequencies)
     imports: tuple[str, ...] = ()  # lines the program needs for the emitted call
-    collective: Literal["all_reduce", "all_gather", "all_to_all", "reduce_scatter"] | None = None
+    collective: Literal["all_reduce", "all_gather", "all_gather_varlen", "all_to_all", "reduce_scatter"] | None = None
     step: bool = False  # the op depends on the position in the sequence (prefill vs decode)
 
 

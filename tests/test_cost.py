@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from planc import cost
+from planc.passes import mla_tp, tpla
 from planc.runtime.comm import ring_all_reduce_bytes
 
 V3 = cost.mla_model("deepseek-v3")
@@ -21,7 +22,7 @@ def test_roofline_takes_the_binding_bound():
 
 
 def test_kv_bytes_per_sequence_is_layers_tokens_width_elem():
-    splits = [(cost.mla_tp(V3, 2), 512 + 64), (cost.tpla(V3, 2, 2), 256 + 64), (cost.tpla(V3, 4, 4), 128 + 64)]
+    splits = [(mla_tp.cost_split(V3, 2), 512 + 64), (tpla.cost_split(V3, 2, 2), 256 + 64), (tpla.cost_split(V3, 4, 4), 128 + 64)]
     for split, width in splits:
         assert cost.kv_bytes_per_seq(V3, split, 1000, 2) == 61 * 1000 * width * 2
 
@@ -35,13 +36,13 @@ def test_attention_op_reads_the_rank_cache_once_and_counts_absorbed_flops():
 
 
 def test_layer_has_one_all_reduce_of_the_hidden_state():
-    ops = cost.mla_layer(V3, cost.tpla(V3, 2, 2), b=8, context=10, e=2)
+    ops = cost.mla_layer(V3, tpla.cost_split(V3, 2, 2), b=8, context=10, e=2)
     collectives = [op for op in ops if isinstance(op, cost.Collective)]
     assert collectives == [cost.Collective("all_reduce", ring_all_reduce_bytes(8 * V3.D * 2, 2))]
 
 
 def test_tpla_at_g_equal_tp_holds_every_head_and_more_weights():
-    base, ours = cost.mla_tp(V3, 2), cost.tpla(V3, 2, 2)
+    base, ours = mla_tp.cost_split(V3, 2), tpla.cost_split(V3, 2, 2)
     assert (base.heads, base.latent, ours.heads, ours.latent) == (64, 512, 128, 256)
     assert cost.weights_per_rank(V3, ours, 2) > cost.weights_per_rank(V3, base, 2)  # q_b, o_proj not split
 
@@ -56,13 +57,16 @@ def test_max_batch_fills_usable_memory_and_grows_as_kv_shrinks():
 
 @pytest.mark.parametrize("model", ["deepseek-v3", "kimi-k2"])
 def test_predicted_speedup_lies_between_one_and_kv_streaming_limit(model):
-    detail = cost.compare(model)
+    detail = cost.compare(model, lambda m: mla_tp.cost_split(m, 2), lambda m: tpla.cost_split(m, 2, 2))
     m = cost.mla_model(model)
     # TPLA's step reads at least its batch's KV, so its tokens/s <= bandwidth / (KV bytes per sequence).
-    limit = H800.mem_bw / cost.kv_bytes_per_seq(m, cost.tpla(m, 2, 2), 32768, 2) / detail["mla_tp"]["tokens_per_s"]
+    limit = H800.mem_bw / cost.kv_bytes_per_seq(m, tpla.cost_split(m, 2, 2), 32768, 2) / detail["base"]["tokens_per_s"]
     assert 1.0 < detail["speedup"] < limit
-    assert detail["tpla"]["batch"] > detail["mla_tp"]["batch"]
-    assert cost.predicted_speedup(model) == detail["speedup"]
+    assert detail["ours"]["batch"] > detail["base"]["batch"]
+    # The speedup is the product of the batch ratio and the step-time ratio, both measured by the model.
+    step_ratio = detail["base"]["step_ms"] / detail["ours"]["step_ms"]
+    assert detail["speedup"] == pytest.approx(detail["batch_ratio"] * step_ratio, rel=1e-12)
+    assert detail["kv_width_ratio"] == (512 + 64) / (256 + 64)
 
 
 def test_cpu_profile_is_measured_once_per_process():

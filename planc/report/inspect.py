@@ -1,10 +1,11 @@
 """`planc inspect`: one self-contained HTML page showing what a compile decided.
 
 Everything comes from the artifact directory: manifest.json (plan, model, versions),
-report.json (pass records, memory, collectives, lift checks, graphs) and program.py, whose
-trailing `# rules[i] strategy: k=v, ...` comments tie each generated call to a plan rule and
-`# -- layer N` comments to a layer. The page has no dependencies: inline CSS, a few lines of
-vanilla JS to highlight a rule's program lines, every text value passed through html.escape.
+report.json (pass records, memory, collectives, lift checks, every intermediate graph as text and
+as JSON nodes) and program.py. A program line `name = ...` is the node `name` of the final graph,
+whose JSON gives its rule, strategy, layer, block and shard: nothing is read from comments. The
+page has no dependencies: inline CSS, a few lines of vanilla JS to highlight a rule's program
+lines, every text value passed through html.escape.
 """
 from __future__ import annotations
 
@@ -20,13 +21,10 @@ from planc import cost
 from planc.errors import ArtifactError
 from planc.runtime.engine import read_manifest
 
-RULE_COMMENT = re.compile(r"#\s*rules\[(\d+)\]\s+(\w+)(?::\s*(.*))?$")
-LAYER_MARK = re.compile(r"#\s*--\s*layer\s+(\d+)\s*$")
+ASSIGNMENT = re.compile(r"^\s+(\w+) = ")
 LAYER_FQN = re.compile(r"layers\.(\d+)\.(.+)$")
-NUMBER = re.compile(r"^(\w+)=(\S+)$")
 COLUMNS = ("attention", "ffn")
 FLOW_WIDTH = 64  # longer mappings of scalars are printed as blocks
-STRATEGY_HUES = {"tpla": 280, "mla_tp": 215, "attention_tp": 190, "dense_tp": 140, "ep": 30, "t3": 330}
 
 
 # ---- reading the artifact -------------------------------------------------------------------
@@ -51,14 +49,20 @@ class Cell:
     rules: set[int] = field(default_factory=set)
 
 
+def program_path(manifest: dict) -> str:
+    """The target program's file inside the artifact."""
+    return "programs/target/program.py" if "programs" in manifest else "program.py"
+
+
 def _read(artifact: Path) -> tuple[dict, dict, str]:
     manifest = read_manifest(artifact)
-    missing = [name for name in ("report.json", "program.py") if not (artifact / name).is_file()]
+    program = artifact / program_path(manifest)
+    missing = [p.name for p in (artifact / "report.json", program) if not p.is_file()]
     if missing:
         raise ArtifactError(f"{artifact}: incomplete artifact, {' and '.join(missing)} missing; "
                             "recompile it with `planc compile`")
     report = json.loads((artifact / "report.json").read_text())
-    return manifest, report, (artifact / "program.py").read_text()
+    return manifest, report, program.read_text()
 
 
 def column(path: str) -> str | None:
@@ -78,25 +82,24 @@ def cell_of(fqn: str) -> str | None:
     return f"{found.group(1)}:{col}" if col else None
 
 
-def parse_program(source: str, rules: list[dict]) -> list[Line]:
-    layer: str | None = None
+def final_nodes(report: dict) -> dict[str, dict]:
+    """The last graph's nodes by name (the program's variables)."""
+    graphs = report.get("graph_nodes") or {}
+    return {n["name"]: n for n in (list(graphs.values())[-1] if graphs else [])}
+
+
+def parse_program(source: str, nodes: dict[str, dict]) -> list[Line]:
     lines = []
     for text in source.splitlines():
-        mark = LAYER_MARK.search(text)
-        layer = mark.group(1) if mark else layer
-        lines.append(_line(text, layer, rules))
+        found = ASSIGNMENT.match(text)
+        node = nodes.get(found.group(1)) if found else None
+        if node is None or node.get("rule") is None:
+            lines.append(Line(text))
+            continue
+        where = node.get("block") or node.get("fqn", "")
+        lines.append(Line(text, node["rule"], cell_of(where), node["strategy"],
+                          {k: str(v) for k, v in node.get("shard", {}).items()}))
     return lines
-
-
-def _line(text: str, layer: str | None, rules: list[dict]) -> Line:
-    found = RULE_COMMENT.search(text)
-    if not found:
-        return Line(text)
-    index = int(found.group(1))
-    col = column(rules[index].get("match", "")) if index < len(rules) else None
-    cell = f"{layer}:{col}" if layer is not None and col else None
-    numbers = dict(m.groups() for part in (found.group(3) or "").split(", ") if (m := NUMBER.match(part.strip())))
-    return Line(text, index, cell, found.group(2), numbers)
 
 
 def build_grid(report: dict, lines: list[Line]) -> dict[str, Cell]:
@@ -119,7 +122,8 @@ def _add_record(cells: dict[str, Cell], record: dict) -> None:
     if key is None:
         return
     cell = cells.setdefault(key, Cell())
-    cell.strategy = record["pass_name"]
+    if record["action"] == "applied":
+        cell.strategy = record["pass_name"]
     cell.declined = cell.declined or record["action"] == "declined"
     cell.details.append(f"{record['action']}: {record['detail']}")
 
@@ -170,7 +174,7 @@ def _yaml_entry(head: str, item: object, indent: int) -> list[str]:
 def color(strategy: str) -> str:
     if strategy == "replicated":
         return "hsl(0 0% 93%)"
-    hue = STRATEGY_HUES.get(strategy, zlib.crc32(strategy.encode()) % 360)
+    hue = zlib.crc32(strategy.encode()) % 360
     return f"hsl({hue} 70% 88%)"
 
 
@@ -336,13 +340,15 @@ def lift_section(report: dict) -> str:
     return _section("Lift checks", f"<details{' open' if failed else ''}>{summary}{table}</details>", "lift")
 
 
-def transforms_section(report: dict) -> str:
-    notes = report.get("latent_transforms") or {}
-    if not notes:
-        return ""
-    keys = sorted({k for entry in notes.values() for k in entry})
-    rows = [[f"<code>{escape(fqn)}</code>", *(escape(_fmt(entry.get(k, ""))) for k in keys)] for fqn, entry in notes.items()]
-    return _section("Latent transforms", _table(["block", *keys], rows), "transforms")
+def notes_section(report: dict) -> str:
+    """What each pass decided from data (a transform, slice energies, ...), one table per pass."""
+    parts = []
+    for pass_name, notes in (report.get("notes") or {}).items():
+        keys = sorted({k for entry in notes.values() for k in entry})
+        rows = [[f"<code>{escape(fqn)}</code>", *(escape(_fmt(entry.get(k, ""))) for k in keys)]
+                for fqn, entry in notes.items()]
+        parts.append(f"<h3>{escape(pass_name)}</h3>" + _table(["block", *keys], rows))
+    return _section("Pass notes", "".join(parts), "notes") if parts else ""
 
 
 def _fmt(value: object, spec: str = ".4g") -> str:
@@ -424,10 +430,10 @@ def render(artifact: Path) -> str:
     """The inspection page of ARTIFACT as one HTML string."""
     artifact = Path(artifact)
     manifest, report, program = _read(artifact)
-    lines = parse_program(program, manifest.get("plan", {}).get("rules", []))
+    lines = parse_program(program, final_nodes(report))
     left = [plan_section(manifest.get("plan", {})), memory_section(report, bool(manifest.get("meta"))),
             collectives_section(report), prediction_section(report),
-            lift_section(report), transforms_section(report)]
+            lift_section(report), notes_section(report)]
     right = [grid_section(build_grid(report, lines))]
     wide = [passes_section(report), program_section(lines), graphs_section(report)]
     title = f"planc inspect: {manifest.get('model', {}).get('source', artifact.name)}"

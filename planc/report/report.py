@@ -33,7 +33,8 @@ def kv_bytes_per_token(specs: dict[str, dict], elem: int) -> int:
     return sum(cache_width(s) for s in specs.values()) * elem
 
 
-RING = {"all_reduce": ring_all_reduce_bytes, "all_gather": ring_all_gather_bytes, "reduce_scatter": ring_reduce_scatter_bytes}
+RING = {"all_reduce": ring_all_reduce_bytes, "all_gather": ring_all_gather_bytes, "all_gather_varlen": ring_all_gather_bytes,
+        "reduce_scatter": ring_reduce_scatter_bytes}
 
 
 def collectives_per_step(graph: fx.Graph, elem: int, world: int) -> dict[str, dict]:

@@ -6,8 +6,8 @@ import json
 from hypothesis import given, strategies as st
 
 from planc.cli import main
-from planc.codegen.partition import kv_head_range
-from planc.passes.ep_route import token_slices
+from planc.passes.attention_tp import kv_head_range
+from planc.passes.ep import token_slices
 from tests.conftest import PLANS
 
 

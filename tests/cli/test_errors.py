@@ -10,11 +10,11 @@ from tests.conftest import PLANS
 GOOD = (PLANS / "deepseek_mla_tp_ep.yaml").read_text()
 
 
-def compile_fails(tmp_path: Path, capsys, plan_text: str | None = None, model: str = "tiny-deepseek") -> str:
+def compile_fails(tmp_path: Path, capsys, plan_text: str | None = None, *flags: str, model: str = "tiny-deepseek") -> str:
     plan = tmp_path / "plan.yaml"
     plan.write_text(plan_text if plan_text is not None else GOOD)
     out = tmp_path / "artifact"
-    code = main(["compile", model, str(plan), "-o", str(out)])
+    code = main(["compile", model, str(plan), "-o", str(out), *flags])
     err = capsys.readouterr().err
     assert code == 2, err
     assert not out.exists()
@@ -43,13 +43,13 @@ def test_rule_matching_nothing(tmp_path, capsys):
 
 
 def test_heads_not_divisible_lists_valid_degrees(tmp_path, capsys):
-    err = compile_fails(tmp_path, capsys, GOOD.replace("devices: 2", "devices: 3"))
-    assert "4 heads over 3 devices" in err and "valid degrees: 1, 2, 4" in err
+    err = compile_fails(tmp_path, capsys, GOOD.replace("devices: 2", "devices: 3"), "--strict")
+    assert "4 heads do not split over 3 devices; valid degrees: 1, 2, 4" in err
 
 
 def test_strategy_for_wrong_block_kind(tmp_path, capsys):
     err = compile_fails(tmp_path, capsys, GOOD.replace("strategy: mla_tp", "strategy: tp"))
-    assert "'tp' does not apply" in err and "use 'mla_tp'" in err
+    assert "'tp' does not apply" in err and "'mla_tp'" in err and "'tpla'" in err
 
 
 def test_missing_checkpoint_weights(tmp_path, capsys):

@@ -1,73 +1,42 @@
-"""Partition numerics: the per-rank shards of a block, run and summed, equal the whole block."""
+"""Partition: every tensor goes to the deepest node that holds weights; shards slice it per rank."""
 from __future__ import annotations
 
-import pytest
 import torch
 
-from planc.bind import bind
-from planc.codegen.partition import model_tensors, partition
-from planc.driver import PASSES
-from planc.ir import block_nodes, info
-from planc.lift import lift
-from planc.lift.check import block_weights, run_reference
-from planc.ops import MlaCache, GqaCache, Ops, Step
-from planc.models.registry import load_model
-from planc.passmanager import PassContext, run_passes
-from planc.plan import parse_plan_text
-from planc.passes.ep_route import route
-from tests.conftest import PLANS
+from planc.codegen.partition import assign, model_tensors, partition
+from planc.dims import LinearDims
+from planc.ir import LinearShard, NodeInfo, even_ranges
+from tests.passes.blocks import compiled, model, plan
+
+ATTN = 'match: "model.layers.*.self_attn"\n    attention: {strategy: mla_tp}'
 
 
-def _compiled_graph(model, plan_name, devices):
-    text = (PLANS / plan_name).read_text().replace("devices: 2", f"devices: {devices}")
-    plan = parse_plan_text(text, "plan.yaml")
-    graph = lift(model, check=False).graph
-    return run_passes(bind(graph, plan), PASSES, PassContext(plan, devices))
+def test_each_tensor_goes_to_its_deepest_owner():
+    graph, _, _ = compiled("tiny-deepseek", plan(2, ATTN))
+    owned = assign(graph, model_tensors(model("tiny-deepseek")))
+    assert set(owned["model.layers.0.self_attn"]) == {"kv_a_layernorm.weight", "kv_b_proj.weight"}
+    assert set(owned["model.layers.0.self_attn.q_b_proj"]) == {"weight"}
+    assert set(owned["model.layers.1.mlp"]) == {"gate.weight", "gate.e_score_correction_bias", "experts.gate_up_proj",
+                                                 "experts.down_proj"}
+    held = {f"{fqn}.{name}" for fqn, tensors in owned.items() for name in tensors}
+    assert held == {n for n in model_tensors(model("tiny-deepseek")) if not n.startswith("model.rotary_emb.")}
 
 
-def _scope(tensors, fqn):
-    return {k[len(fqn) + 1:]: v for k, v in tensors.items() if k.startswith(fqn + ".")}
+def test_rank_bytes_add_up_to_the_model_where_split():
+    graph, _, ranks = compiled("tiny-deepseek", plan(2, ATTN))
+    full = model_tensors(model("tiny-deepseek"))
+    for name in ("model.layers.2.self_attn.q_b_proj.weight", "model.layers.2.self_attn.kv_b_proj.weight"):
+        assert torch.equal(torch.cat([r[name] for r in ranks]), full[name])
+    o = "model.layers.2.self_attn.o_proj.weight"
+    assert torch.equal(torch.cat([r[o] for r in ranks], dim=1), full[o])
+    assert all(r["model.layers.2.self_attn.rotary.inv_freq"].equal(full["model.rotary_emb.inv_freq"]) for r in ranks)
 
 
-@pytest.mark.parametrize("devices", [2, 4])
-def test_attention_shards_sum_to_the_block(devices):
-    for name, plan in (("tiny-deepseek", "deepseek_mla_tp_ep.yaml"), ("tiny-draft", "draft_tp.yaml")):
-        model = load_model(name)
-        graph = _compiled_graph(model, plan, devices)
-        node = block_nodes(graph, "mla_attention", "gqa_attention")[1]
-        meta = info(node)
-        ranks = [partition(graph, model_tensors(model), r) for r in range(devices)]
-        x = torch.randn(2, 5, model.config.hidden_size)
-        whole = run_reference(_block(model, meta.fqn), x, block_weights(model, meta.fqn))
-        parts = [_run_shard(meta, x, _scope(ranks[r], meta.fqn)) for r in range(devices)]
-        torch.testing.assert_close(sum(parts), whole, rtol=1e-5, atol=1e-5)
-
-
-def _block(model, fqn):
-    from planc.lift.recognize import recognize
-
-    return next(b for b in recognize(model) if b.fqn == fqn)
-
-
-def _run_shard(meta, x, W):
-    from codegen.emit_program import _local_dims
-
-    d = _local_dims(meta)
-    B, S, _ = x.shape
-    step = Step(0, torch.arange(S).expand(B, S), torch.ones(B, S, dtype=torch.bool))
-    if meta.kind == "mla_attention":
-        return Ops().mla_attention(x, step, MlaCache(x.new_zeros(B, S, d.kv_lora_rank), x.new_zeros(B, S, d.rope_dim)), W, d)
-    cache = GqaCache(x.new_zeros(B, S, d.num_kv_heads, d.head_dim), x.new_zeros(B, S, d.num_kv_heads, d.head_dim))
-    return Ops().gqa_attention(x, step, cache, W, d)
-
-
-def test_ep_route_sends_each_token_once_per_owner():
-    idx = torch.tensor([[0, 1], [0, 5], [6, 7], [2, 4], [3, 2]])
-    w = torch.ones(5, 2)
-    owner = [0, 0, 0, 0, 1, 1, 1, 1]
-    r0, r1 = route(idx, w, owner, 0, 2), route(idx, w, owner, 1, 2)
-    assert r0.mine == (0, 2) and r1.mine == (2, 5)
-    assert r0.send_splits == [2, 1] and r1.send_splits == [2, 2]  # rank 1's tokens 2..4: 3,4 need rank 0
-    assert r0.recv_splits == [2, 2] and r1.recv_splits == [1, 2]
-    assert r0.send_splits[1] == r1.recv_splits[0] and r1.send_splits[0] == r0.recv_splits[1]
-    assert r0.recv_weight_RE.shape == (4, 4) and r0.recv_weight_RE.sum() == 2 + 1 + 1 + 2
+def test_linear_shard_keeps_a_row_parallel_bias_on_rank_zero_only():
+    W = {"weight": torch.randn(4, 6), "bias": torch.randn(4)}
+    meta = NodeInfo("linear", dims=LinearDims(6, 4, True))
+    row = LinearShard("row", even_ranges(6, 2))
+    assert torch.equal(row.slice(W, meta, 0)["bias"], W["bias"]) and not row.slice(W, meta, 1)["bias"].any()
+    assert torch.equal(row.slice(W, meta, 1)["weight"], W["weight"][:, 3:])
+    col = LinearShard("column", ((((0, 1), (3, 4))), (((1, 3),))))  # segments: rank 0 rows 0 and 3
+    assert torch.equal(col.slice(W, meta, 0)["weight"], W["weight"][[0, 3]]) and col.local(meta.dims).out_features == 2

@@ -53,7 +53,9 @@ def test_every_block_checked_numerically_once_per_structure(deepseek):
 def test_graph_text_is_one_node_per_block(deepseek):
     text = str(lift(deepseek, check=False).graph)
     assert text.count("planc.ir.mla_attention") == 4 and text.count("planc.ir.moe") == 3
-    assert text.count("planc.ir.mlp") == 1 and "aten" not in text
+    assert text.count("planc.ir.mlp") == 1 + 3 and "aten" not in text  # the dense MLP, three shared experts
+    # GEMM level: q_a, q_b, kv_a, o_proj per MLA layer; gate, up, down per MLP; lm_head
+    assert text.count("planc.ir.linear") == 4 * 4 + 4 * 3 + 1
 
 
 def test_layers_of_one_structure_are_exported_once():

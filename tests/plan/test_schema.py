@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from planc.plan import Plan, parse_plan_text, plan_json_schema
-from planc.plan.schema import MoeSection, Rule
+from planc.passes.ep import EpSection
+from planc.plan.schema import Rule
 
 EXAMPLE = {
     "version": 1,
@@ -38,7 +39,7 @@ def test_defaults_and_sections() -> None:
     plan = Plan.model_validate(EXAMPLE)
     assert plan.mesh.backend == "auto"
     assert [rule.section_name for rule in plan.rules] == ["attention", "mlp", "moe"]
-    assert plan.rules[2].section == MoeSection(strategy="ep")
+    assert plan.rules[2].section == EpSection(strategy="ep")
     assert plan.rules[0].section.required is False
 
 

@@ -92,7 +92,8 @@ def test_program_lines_present_escaped_and_tagged(page, artifact):
         assert html.escape(code) in body
     assert "ids [B, S] -&gt; logits" in body and "ids [B, S] -> logits" not in body
     tagged = sum("# rules[0]" in line for line in program.splitlines())
-    assert tagged == 8 and body.count('data-rule="0" data-cell=') == tagged  # mla_tp + its all-reduce, 4 layers
+    # mla_tp's lines in 4 layers: q_b_proj, the core, o_proj and the all-reduce after it
+    assert tagged == 16 and body.count('data-rule="0" data-cell=') == tagged
 
 
 def test_plan_rules_pick_their_program_lines(page):
@@ -134,7 +135,7 @@ def test_meta_artifact_renders_without_weights(meta_artifact):
     assert "weightless dry run (--meta)" in page
     assert "not run: meta device has no values" in _section(page, "lift")
     assert "latent_per_rank <b>32</b>" in _cell(page, "1:attention")
-    assert 'id="transforms"' in page
+    assert 'id="notes"' in page and "pca (identity on meta)" in _section(page, "notes")
 
 
 def test_hostile_text_is_escaped_and_declines_highlighted(meta_artifact, tmp_path):
@@ -181,13 +182,14 @@ def test_not_an_artifact(tmp_path):
         inspect.render(tmp_path / "half")
 
 
-def test_parse_program_assigns_layers_columns_and_numbers():
-    rules = [{"match": "model.layers.*.self_attn"}, {"match": "model.layers.*.mlp"}]
-    source = ("x = 1\n# -- layer 5\n"
-              "a = f(x)  # rules[0] tpla: heads_per_rank=4, latent_per_rank=32\n"
-              "b = g(a)  # rules[1] ep: dispatch")
-    lines = inspect.parse_program(source, rules)
-    assert [(l.rule, l.cell) for l in lines] == [(None, None), (None, None), (0, "5:attention"), (1, "5:ffn")]
+def test_parse_program_reads_rules_cells_and_numbers_from_the_graph_nodes():
+    nodes = {"a": {"name": "a", "rule": 0, "strategy": "tpla", "block": "model.layers.5.self_attn",
+                   "shard": {"heads_per_rank": 4, "latent_per_rank": 32}},
+             "b": {"name": "b", "rule": 1, "strategy": "ep", "block": "model.layers.5.mlp", "shard": {}},
+             "x": {"name": "x", "rule": None, "strategy": "replicated", "block": ""}}
+    source = "def forward(rt, ids, step):\n    x = f(ids)\n    a = f(x)  # anything\n    b = g(a)\n    c = h(b)"
+    lines = inspect.parse_program(source, nodes)
+    assert [(l.rule, l.cell) for l in lines] == [(None, None), (None, None), (0, "5:attention"), (1, "5:ffn"), (None, None)]
     assert lines[2].numbers == {"heads_per_rank": "4", "latent_per_rank": "32"} and lines[3].numbers == {}
 
 

@@ -1,0 +1,49 @@
+"""Declines: recorded and printed by default, an error with file:line:column under required or strict."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import planc.report.inspect as inspect
+from planc.driver import compile
+from planc.errors import CompileError
+from tests.passes.blocks import plan
+
+ATTN = 'match: "model.layers.*.self_attn"\n    attention: {strategy: mla_tp%s}'
+
+
+def test_required_rule_that_a_pass_declines_fails_with_its_location(tmp_path):
+    path = tmp_path / "plan.yaml"
+    path.write_text(plan(3, ATTN % ", required: true"))
+    with pytest.raises(CompileError, match=rf"{path}:5:5: rules\[0\]: mla_tp declined on model.layers.0.self_attn "
+                                           r"\(required: true\): 4 heads do not split over 3 devices"):
+        compile("tiny-deepseek", path, tmp_path / "art")
+    assert not (tmp_path / "art").exists()
+
+
+def test_the_same_rule_without_required_compiles_and_reports_the_decline(tmp_path):
+    path = tmp_path / "plan.yaml"
+    path.write_text(plan(3, ATTN % ""))
+    lines: list[str] = []
+    art = compile("tiny-deepseek", path, tmp_path / "art", log=lines.append)
+    report = json.loads((art.path / "report.json").read_text())
+    assert [d["target"] for d in report["declines"]] == [f"model.layers.{i}.self_attn" for i in range(4)]
+    assert report["declines"][0]["rule"] == 0 and "valid degrees: 1, 2, 4" in report["declines"][0]["detail"]
+    assert any(l.startswith("declined mla_tp on model.layers.0.self_attn (rules[0]): 4 heads") for l in lines)
+    assert "collectives_per_decode_step" in report and report["collectives_per_decode_step"] == {}  # all replicated
+    page = inspect.render(art.path)
+    assert "4 declined rewrite(s)" in page and "4 heads do not split over 3 devices" in page
+    with pytest.raises(CompileError, match=r"\(strict mode\)"):
+        compile("tiny-deepseek", path, tmp_path / "art2", strict=True)
+
+
+def test_report_keeps_every_intermediate_graph_as_json_nodes(tmp_path):
+    path = tmp_path / "plan.yaml"
+    path.write_text(plan(2, ATTN % ""))
+    report = compile("tiny-deepseek", path, tmp_path / "art").report
+    assert list(report["graph_nodes"]) == ["lift", "replicated", "mla_tp", "tpla", "attention_tp", "dense_tp", "ep"]
+    final = {n["name"]: n for n in report["graph_nodes"]["ep"]}
+    o_proj = next(n for n in final.values() if n.get("fqn") == "model.layers.3.self_attn.o_proj" and n["kind"] == "linear")
+    assert o_proj["strategy"] == "mla_tp" and o_proj["rule"] == 0 and o_proj["shard"]["layout"] == "row"
+    assert set(o_proj) == {"name", "kind", "fqn", "block", "layer", "strategy", "rule", "why", "shard", "args"}
