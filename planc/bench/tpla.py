@@ -43,6 +43,7 @@ from planc.lift.graph import build_graph
 from planc.ops import Ops, Step, masked_softmax
 from planc.lift.recognize import recognize
 from planc.models.registry import WEIGHTS_DIR, bundled_config, load_model
+from planc.passes import mla_tp, tpla
 from planc.plan import parse_plan_text
 from planc.report.report import cache_specs
 from planc.runtime.comm import Comm
@@ -86,13 +87,14 @@ def plan_text(attention: str, devices: int, source: str | None = None) -> str:
 
 def kv_widths(model: str, devices: int = WIDTH_DEVICES) -> dict[str, int]:
     """Per-rank cache width of the model's MLA layers under each WIDTH_PLANS plan (compiler specs)."""
-    graph = build_graph(recognize(load_model(model, meta=True)))
+    module = load_model(model, meta=True)
+    graph = build_graph(recognize(module), module)
     return {name: _uniform_width(graph, attention, devices, model) for name, attention in WIDTH_PLANS.items()}
 
 
 def _uniform_width(graph, attention: str, devices: int, model: str) -> int:
     plan = parse_plan_text(plan_text(attention, devices), f"bench tpla ({model})")
-    specs = cache_specs(parallelize(graph, plan)[0])
+    specs = cache_specs(parallelize(graph, plan, meta=True)[0])
     widths = {s["ckv"] + s["kpe"] for s in specs.values()}
     assert len(widths) == 1, f"{model}: layers differ in width {widths}"
     return widths.pop()
@@ -324,7 +326,8 @@ def run() -> dict:
                        "windows": BPB_WINDOWS, "seq_len": zoo_eval.EVAL_SEQ, "prefill_tokens": PREFIX,
                        "latent_groups": 2, "scored": "decoded tokens only (teacher-forced, after the prefill)"}
     out |= decode_attention()
-    detail = {m: cost.compare(m) for m in FULL_MODELS}
+    detail = {m: cost.compare(m, lambda mm: mla_tp.cost_split(mm, 2), lambda mm: tpla.cost_split(mm, 2, 2))
+              for m in FULL_MODELS}
     out["predicted_speedup"] = {m: d["speedup"] for m, d in detail.items()}
     out["paper_speedup"] = PAPER_SPEEDUP
     out["predicted_speedup_setting"] = {"hw": "H800", "tp": 2, "latent_groups": 2, "context": 32768,

@@ -1,7 +1,7 @@
 """Read a plan: safe YAML that remembers where every field is, then located schema errors.
 
 Every error names `FILE:LINE:COL` (1-based) and the field path, e.g.
-`plan.yaml:7:18: rules[1].attention.strategy: Input should be 'replicated', 'tp' or 'mla_tp'`.
+`plan.yaml:7:18: rules[1].attention.latent_groups: Input should be greater than or equal to 1 (got 0)`.
 """
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def _describe(error: ErrorDetails, source: str, positions: Positions) -> str:
 
 
 def _without_tags(loc: FieldPath) -> tuple[FieldPath, dict[FieldPath, type[BaseModel]]]:
-    """pydantic puts the tag of a section union in the error location ("...attention.tpla.seed");
+    """pydantic puts the tag of a section union in the error location ("...attention.<tag>.seed");
     the YAML has no such level. Returns the path without it, and the member each tag chose."""
     path: list[str | int] = []
     chosen: dict[FieldPath, type[BaseModel]] = {}
