@@ -18,7 +18,8 @@ from pathlib import Path
 
 from planc import cost
 from planc.errors import ArtifactError
-from planc.runtime.engine import read_manifest
+from planc.codegen.artifact import program_file
+from planc.runtime.artifact import read_manifest
 
 RULE_COMMENT = re.compile(r"#\s*rules\[(\d+)\]\s+(\w+)(?::\s*(.*))?$")
 LAYER_MARK = re.compile(r"#\s*--\s*layer\s+(\d+)\s*$")
@@ -53,12 +54,12 @@ class Cell:
 
 def _read(artifact: Path) -> tuple[dict, dict, str]:
     manifest = read_manifest(artifact)
-    missing = [name for name in ("report.json", "program.py") if not (artifact / name).is_file()]
+    missing = [name for name in ("report.json", program_file("target")) if not (artifact / name).is_file()]
     if missing:
         raise ArtifactError(f"{artifact}: incomplete artifact, {' and '.join(missing)} missing; "
                             "recompile it with `planc compile`")
     report = json.loads((artifact / "report.json").read_text())
-    return manifest, report, (artifact / "program.py").read_text()
+    return manifest, report, (artifact / program_file("target")).read_text()
 
 
 def column(path: str) -> str | None:

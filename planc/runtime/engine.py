@@ -5,60 +5,44 @@ one slot per step for the whole batch; padded slots are masked out of attention.
 """
 from __future__ import annotations
 
-import importlib.util
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 import torch
 from safetensors.torch import load_file
 
+from planc.codegen.artifact import program_file, weights_file
 from planc.errors import ArtifactError
 from planc.dims import DTYPES
 from planc.ops import GqaCache, MlaCache, Step
+from planc.runtime.artifact import ArtifactDir
 from planc.runtime.comm import Comm
 from planc.runtime.kernel_ops import make_ops
 from planc.weights import Weights
-
-
-
-def read_manifest(artifact: Path) -> dict:
-    path = Path(artifact) / "manifest.json"
-    if not path.is_file():
-        raise ArtifactError(f"{artifact}: not a planc artifact (no manifest.json); create one with `planc compile`")
-    return json.loads(path.read_text())
-
-
-def _load_program(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("planc_artifact_program", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class Rank:
     """Everything one rank holds; the generated program reads rt.ops / rt.comm / rt.weights / rt.kv."""
 
     def __init__(self, artifact: Path, comm: Comm, kernels: str = "torch"):
-        artifact = Path(artifact)
-        self.manifest = read_manifest(artifact)
+        files = ArtifactDir(artifact)
+        self.manifest = files.manifest
         if self.manifest.get("meta"):
             raise ArtifactError(f"{artifact}: compiled with --meta (no weights); recompile without --meta to run it")
         if comm.world_size != self.manifest["world_size"]:
             raise ArtifactError(f"{artifact}: compiled for {self.manifest['world_size']} devices (mesh.devices) but "
                                 f"launched on {comm.world_size}; run with --nproc {self.manifest['world_size']}")
         self.comm = comm
-        self.ops = make_ops(kernels, artifact)
-        self.program = _load_program(artifact / "program.py")
-        self.weights = Weights(load_file(artifact / "weights" / f"rank{comm.rank}.safetensors"))
+        self.ops = make_ops(kernels, files)
+        self.program = files.load_module(program_file("target"), "planc_artifact_program")
+        self.weights = Weights(load_file(files.path(weights_file("target", comm.rank))))
         self.dtype = DTYPES[self.manifest["dtype"]]
         self.kv: dict = {}
 
     def allocate(self, batch: int, capacity: int) -> None:
         """Preallocate this rank's cache: [batch, capacity, width] per attention layer."""
-        self.kv = {fqn: _cache(spec, batch, capacity, self.dtype) for fqn, spec in self.manifest["caches"].items()}
+        self.kv = {fqn: _cache(spec, batch, capacity, self.dtype) for fqn, spec in self.manifest["programs"]["target"]["caches"].items()}
 
     def forward(self, ids_BS: torch.Tensor, step: Step) -> torch.Tensor:
         return self.program.forward(self, ids_BS, step)
