@@ -6,6 +6,7 @@ from pathlib import Path
 from planc.errors import RunError
 from planc.models.tokenizer import decode, encode
 from planc.runtime.artifact import open_artifact
+from planc.runtime.decode import choose_strategy
 from planc.runtime.launch import launch
 from planc.runtime.kernel_ops import default_kernels
 from planc.verify import DEFAULT_PROMPTS, default_prompt_ids
@@ -32,6 +33,7 @@ def run(artifact: Path, *, nproc: int | None = None, prompts: list[str] | None =
         raise RunError(f"{artifact}: compiled for mesh.devices = {world}, but --nproc {nproc} x {nnodes} node(s) "
                        f"= {nproc * nnodes} ranks; run with --nproc {world // nnodes} or recompile the plan")
     kernels = kernels or default_kernels()
+    choose_strategy(**(sampling or {}))  # a bad temperature or top_k fails here, not on every rank
     ids = _prompt_ids(manifest, prompts)
     args = {"artifact": str(Path(artifact).resolve()), "prompts": ids, "max_new_tokens": max_new_tokens,
             "sampling": sampling or {}, "kernels": kernels}

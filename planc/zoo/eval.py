@@ -194,9 +194,9 @@ def artifact_worker(args: dict) -> None:
 
 @torch.no_grad()
 def _artifact_bits(args: dict, comm) -> dict:
-    from planc.runtime.engine import Rank
+    from planc.runtime.model import Model
 
-    rank = Rank(args["artifact"], comm, args["kernels"])
+    rank = Model(args["artifact"], comm=comm, kernels=args["kernels"])
     bits, count = 0.0, 0
     for ids_BS in eval_ids(args["split"], args["max_bytes"]).split(EVAL_BATCH):
         B, S = ids_BS.shape
