@@ -23,6 +23,8 @@ from planc.weights import Weights
 
 
 class Model:
+    """Program, weights, ops, comm and KV cache of one program on one rank."""
+
     def __init__(self, artifact: ArtifactDir | str | Path, program: str = "target", *,
                  comm: Comm | None = None, kernels: str = "torch"):
         artifact = artifact if isinstance(artifact, ArtifactDir) else ArtifactDir(artifact)

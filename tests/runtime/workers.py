@@ -153,7 +153,8 @@ def comm_async_checks(args: dict[str, Any]) -> None:
     checks = {}
     for phase in ("sync", "async"):
         with comm.phase(phase):
-            checks |= {f"{phase}.{name}": pair for name, pair in _async_checks(comm, overlapped=phase == "async").items()}
+            pairs = _async_checks(comm, overlapped=phase == "async")
+        checks |= {f"{phase}.{name}": pair for name, pair in pairs.items()}
     write_result({"checks": {name: _as_json(*pair) for name, pair in checks.items()}, "stats": comm.stats()})
 
 
