@@ -1,14 +1,25 @@
 """Write an artifact directory atomically: build it beside the target, then rename.
 
 A failed compile leaves nothing behind, and an existing artifact is replaced only once the new
-one is complete.
+one is complete. Layout (format 2):
+
+    manifest.json                              what was compiled, and a sha256 per other file
+    report.json
+    kernels/*.py, kernels/*.c
+    programs/<name>/program.py                 one per model the artifact runs (target, draft)
+    programs/<name>/weights/rank<r>.safetensors  (absent for a --meta dry run)
+
+Every file but manifest.json is listed in manifest["files"] with its sha256, so a reader can
+refuse a file that went missing, was truncated or was edited (planc.runtime.artifact).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,8 +28,41 @@ from safetensors.torch import save_file
 import planc.kernels
 from planc.errors import ArtifactError
 
+FORMAT_VERSION = 2
+MANIFEST = "manifest.json"
+REPORT = "report.json"
 # split_merge is host code, imported from planc; mla_decode_cpu.py builds the .c beside it
 KERNEL_FILES = ("linear.py", "rmsnorm.py", "mla_decode.py", "gqa_decode.py", "mla_decode_cpu.py", "mla_decode_cpu.c")
+_CHUNK = 1 << 20  # weights can be large: hash them a MiB at a time
+
+
+@dataclass(frozen=True)
+class Program:
+    """One model of an artifact: its generated source, per-layer cache specs, per-rank weights."""
+
+    source: str
+    caches: dict
+    rank_tensors: list[dict[str, torch.Tensor]] | None  # None: a --meta dry run
+
+
+def program_file(name: str) -> str:
+    return f"programs/{name}/program.py"
+
+
+def weights_file(name: str, rank: int) -> str:
+    return f"programs/{name}/weights/rank{rank}.safetensors"
+
+
+def kernel_file(name: str) -> str:
+    return f"kernels/{name}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def kernel_sources() -> dict[str, str]:
@@ -26,14 +70,17 @@ def kernel_sources() -> dict[str, str]:
     return {name: (root / name).read_text() for name in KERNEL_FILES}
 
 
-def write_artifact(out: Path, *, manifest: dict, program: str, report: dict,
-                   rank_tensors: list[dict[str, torch.Tensor]] | None) -> Path:
+def write_artifact(out: Path, *, manifest: dict, programs: dict[str, Program], report: dict) -> Path:
+    """Write programs, kernels and report under `out`; manifest gains format_version, programs, files."""
+    for name in programs:
+        if not name.isidentifier():
+            raise ValueError(f"program name {name!r} must be an identifier (it names a directory)")
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
     try:
-        _fill(tmp, manifest, program, report, rank_tensors)
+        _fill(tmp, manifest, programs, report)
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -41,17 +88,32 @@ def write_artifact(out: Path, *, manifest: dict, program: str, report: dict,
     return out
 
 
-def _fill(tmp: Path, manifest: dict, program: str, report: dict, rank_tensors) -> None:
-    (tmp / "program.py").write_text(program)
+def _fill(tmp: Path, manifest: dict, programs: dict[str, Program], report: dict) -> None:
+    for name, program in programs.items():
+        _write_program(tmp, name, program)
     (tmp / "kernels").mkdir()
     for name, source in kernel_sources().items():
-        (tmp / "kernels" / name).write_text(source)
-    if rank_tensors is not None:
-        (tmp / "weights").mkdir()
-        for rank, tensors in enumerate(rank_tensors):
-            save_file(_unaliased(tensors), tmp / "weights" / f"rank{rank}.safetensors")
-    (tmp / "report.json").write_text(json.dumps(report, indent=1))
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: its presence marks completeness
+        (tmp / kernel_file(name)).write_text(source)
+    (tmp / REPORT).write_text(json.dumps(report, indent=1))
+    manifest = {**manifest, "format_version": FORMAT_VERSION,
+                "programs": {name: {"caches": p.caches} for name, p in programs.items()},
+                "files": _hashes(tmp)}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: its presence marks completeness
+
+
+def _write_program(tmp: Path, name: str, program: Program) -> None:
+    source = tmp / program_file(name)
+    source.parent.mkdir(parents=True)
+    source.write_text(program.source)
+    for rank, tensors in enumerate(program.rank_tensors or []):
+        path = tmp / weights_file(name, rank)
+        path.parent.mkdir(exist_ok=True)
+        save_file(_unaliased(tensors), path)
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
 
 
 def _unaliased(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -69,7 +131,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.replace(tmp, out)
         return
-    if not (out / "manifest.json").is_file():
+    if not (out / MANIFEST).is_file():
         raise ArtifactError(f"{out} exists and is not a planc artifact; refusing to replace it (choose another -o)")
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     os.replace(out, old / "artifact")

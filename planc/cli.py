@@ -147,7 +147,7 @@ def cmd_inspect(args) -> int:
 
 
 def _check_artifact_model(artifact: str, model: str) -> None:
-    from planc.runtime.engine import read_manifest
+    from planc.runtime.artifact import read_manifest
 
     compiled = read_manifest(Path(artifact))["model"]["source"]
     if Path(compiled).name != Path(model).name and compiled != model:

@@ -17,7 +17,7 @@ from torch import nn
 from planc import __version__
 from planc.bind import bind, rule_refs
 from planc.calibrate import Profiles
-from planc.codegen.artifact import KERNEL_FILES, write_artifact
+from planc.codegen.artifact import KERNEL_FILES, Program, write_artifact
 from planc.codegen.emit_program import emit_program
 from planc.codegen.partition import model_tensors, partition
 from planc.dims import DTYPES
@@ -81,16 +81,16 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
         log(f"note     {line}")
     full = model_tensors(model)
     ranks = [partition(graph, full, r) for r in range(plan.mesh.devices)]
-    manifest = _manifest(model, source, plan, graph, meta)
+    manifest = _manifest(model, source, plan, meta)
     report = build_report(graph, ctx, ranks, elem=DTYPES[manifest["dtype"]].itemsize, checks=lifted.checks, meta=meta)
     report["compile_seconds"] = time.perf_counter() - started
     program = emit_program(graph, model=source, world_size=plan.mesh.devices, plan_hash=plan.hash())
-    path = write_artifact(Path(out), manifest=manifest, program=program, report=report,
-                          rank_tensors=None if meta else ranks)
+    target = Program(program, cache_specs(graph), None if meta else ranks)
+    path = write_artifact(Path(out), manifest=manifest, programs={"target": target}, report=report)
     return Artifact(path, manifest, report, program)
 
 
-def _manifest(model: nn.Module, source: str, plan: Plan, graph, meta: bool) -> dict:
+def _manifest(model: nn.Module, source: str, plan: Plan, meta: bool) -> dict:
     config = model.config
     return {
         "planc_version": __version__,
@@ -104,7 +104,6 @@ def _manifest(model: nn.Module, source: str, plan: Plan, graph, meta: bool) -> d
         "world_size": plan.mesh.devices,
         "backend": plan.mesh.backend,
         "meta": meta,
-        "caches": cache_specs(graph),
         "kernels": list(KERNEL_FILES),
     }
 

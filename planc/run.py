@@ -5,7 +5,8 @@ from pathlib import Path
 
 from planc.errors import RunError
 from planc.models.tokenizer import decode, encode
-from planc.runtime.engine import read_manifest
+from planc.runtime.artifact import open_artifact
+from planc.runtime.decode import choose_strategy
 from planc.runtime.launch import launch
 from planc.runtime.kernel_ops import default_kernels
 from planc.verify import DEFAULT_PROMPTS, default_prompt_ids
@@ -23,7 +24,7 @@ def _prompt_ids(manifest: dict, prompts: list[str] | None) -> list[list[int]]:
 
 def run(artifact: Path, *, nproc: int | None = None, prompts: list[str] | None = None, max_new_tokens: int = 64,
         sampling: dict | None = None, kernels: str | None = None, timeout_s: float = 900, rdzv: dict | None = None) -> dict:
-    manifest = read_manifest(artifact)
+    manifest = open_artifact(artifact).manifest
     if manifest.get("meta"):
         raise RunError(f"{artifact}: compiled with --meta (a weightless dry run); recompile without --meta to run it")
     world, nnodes = manifest["world_size"], (rdzv or {}).get("nnodes", 1)
@@ -32,6 +33,7 @@ def run(artifact: Path, *, nproc: int | None = None, prompts: list[str] | None =
         raise RunError(f"{artifact}: compiled for mesh.devices = {world}, but --nproc {nproc} x {nnodes} node(s) "
                        f"= {nproc * nnodes} ranks; run with --nproc {world // nnodes} or recompile the plan")
     kernels = kernels or default_kernels()
+    choose_strategy(**(sampling or {}))  # a bad temperature or top_k fails here, not on every rank
     ids = _prompt_ids(manifest, prompts)
     args = {"artifact": str(Path(artifact).resolve()), "prompts": ids, "max_new_tokens": max_new_tokens,
             "sampling": sampling or {}, "kernels": kernels}

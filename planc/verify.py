@@ -12,7 +12,7 @@ import torch
 from planc.models.registry import load_model
 from planc.models.tokenizer import encode
 from planc.dims import DTYPES
-from planc.runtime.engine import read_manifest
+from planc.runtime.artifact import open_artifact
 from planc.runtime.launch import launch
 
 # Each ends mid-line: a model this small, asked to start a fresh line, tends to emit indentation only.
@@ -56,7 +56,7 @@ def compare(ref_tokens, ref_logits, got_tokens, got_logits) -> dict:
 
 
 def verify(artifact: Path, *, max_new_tokens: int = 16, kernels: str = "torch", timeout_s: float = 600) -> dict:
-    manifest = read_manifest(artifact)
+    manifest = open_artifact(artifact).manifest
     prompts = default_prompt_ids(manifest)
     ref_tokens, ref_logits = reference_generate(manifest, prompts, max_new_tokens)
     args = {"artifact": str(Path(artifact).resolve()), "prompts": prompts, "max_new_tokens": max_new_tokens,

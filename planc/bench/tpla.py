@@ -124,12 +124,12 @@ def bpb(tmp: Path, windows: int = BPB_WINDOWS, prefix: int = PREFIX) -> dict:
 
 
 def bits_worker(args: dict) -> None:
-    from planc.runtime.engine import Rank
+    from planc.runtime.model import Model
 
     comm, sums = Comm(), {}
     ids_NS = zoo_eval.eval_ids(args["split"], args["max_bytes"])
     for name, path in args["artifacts"].items():
-        rank = Rank(path, comm)
+        rank = Model(path, comm=comm)
         sums[name] = {"decode": decode_bits(rank, ids_NS, args["prefix"]), "full": full_window_bits(rank, ids_NS)}
     write_result(sums)
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from planc import cost
 from planc.errors import ArtifactError
-from planc.runtime.engine import read_manifest
+from planc.codegen.artifact import program_file
+from planc.runtime.artifact import read_manifest
 
 ASSIGNMENT = re.compile(r"^\s+(\w+) = ")
 LAYER_FQN = re.compile(r"layers\.(\d+)\.(.+)$")
@@ -49,20 +50,14 @@ class Cell:
     rules: set[int] = field(default_factory=set)
 
 
-def program_path(manifest: dict) -> str:
-    """The target program's file inside the artifact."""
-    return "programs/target/program.py" if "programs" in manifest else "program.py"
-
-
 def _read(artifact: Path) -> tuple[dict, dict, str]:
     manifest = read_manifest(artifact)
-    program = artifact / program_path(manifest)
-    missing = [p.name for p in (artifact / "report.json", program) if not p.is_file()]
+    missing = [name for name in ("report.json", program_file("target")) if not (artifact / name).is_file()]
     if missing:
         raise ArtifactError(f"{artifact}: incomplete artifact, {' and '.join(missing)} missing; "
                             "recompile it with `planc compile`")
     report = json.loads((artifact / "report.json").read_text())
-    return manifest, report, program.read_text()
+    return manifest, report, (artifact / program_file("target")).read_text()
 
 
 def column(path: str) -> str | None:

@@ -9,13 +9,20 @@ rounded down with integer arithmetic so the runtime and the compile-time report 
     all_to_all       sum(send_splits) - send_splits[rank] rows * row bytes (off-diagonal blocks
                      this rank sends; what it keeps for itself never crosses a link)
     broadcast         (n-1)/n * S   S = the tensor broadcast (pipelined ring)
+    send, recv        S             S = the message (point to point: it crosses one link once)
     barrier          0
 Bytes are never read from the backend: gloo emulates some collectives (e.g. reduce-scatter via
 all-reduce), so its traffic says nothing about what NCCL on a GPU would move.
 
+Asynchronous forms (all_reduce_async, reduce_scatter_async, all_gather_async, isend, irecv)
+return a Pending whose wait() returns the result; they count exactly as their synchronous forms,
+under the same op name, and their time runs from the call until wait() returns.
+
 Verified on torch 2.13 CPU with gloo (2 and 4 ranks; fp32, bf16, fp16, int64, values checked):
 all_reduce, reduce_scatter_single, all_gather_single, broadcast and all_to_all_single with uneven,
-zero-size and fully empty splits all work natively, so no fallback path exists here.
+zero-size and fully empty splits all work natively, so no fallback path exists here; so do
+async_op=True on all_reduce, reduce_scatter_single and all_gather_single, and send, recv, isend
+and irecv.
 """
 from __future__ import annotations
 
@@ -24,35 +31,42 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from planc.ring import (all_to_all_bytes, broadcast_bytes, ring_all_gather_bytes, ring_all_reduce_bytes,
+                        ring_reduce_scatter_bytes)
+
 Stats = dict[str, dict[str, dict[str, float | int]]]
 
 
-def ring_all_reduce_bytes(S: int, n: int) -> int:
-    return 2 * (n - 1) * S // n
 
 
-def ring_reduce_scatter_bytes(S: int, n: int) -> int:
-    return (n - 1) * S // n
 
-
-def ring_all_gather_bytes(S: int, n: int) -> int:
-    return (n - 1) * S // n
-
-
-def broadcast_bytes(S: int, n: int) -> int:
-    return (n - 1) * S // n
-
-
-def all_to_all_bytes(send_splits: list[int], rank: int, row_bytes: int) -> int:
-    return (sum(send_splits) - send_splits[rank]) * row_bytes
 
 
 def payload_bytes(x: torch.Tensor) -> int:
     return x.numel() * x.element_size()
+
+
+class Pending:
+    """An operation in flight; wait() blocks until it is done and returns its result (once)."""
+
+    def __init__(self, finish: Callable[[], Any]):
+        self._finish: Callable[[], Any] | None = finish
+        self._result: Any = None
+
+    @classmethod
+    def done(cls, result: Any) -> Pending:
+        return cls(lambda: result)
+
+    def wait(self) -> Any:
+        if self._finish is not None:
+            self._result, self._finish = self._finish(), None
+        return self._result
 
 
 @dataclass(frozen=True)
@@ -126,34 +140,63 @@ class Comm:
         self._record(CommRecord(op, self._phase, logical_bytes, time.perf_counter() - start))
         return out
 
+    def _started(self, op: str, logical_bytes: int, x: torch.Tensor, start_fn: Callable[[], dist.Work],
+                 result: Any) -> Pending:
+        """Start an async op now; its record (phase at the start, time until wait) is made in wait()."""
+        phase, sync = self._phase, self._sync_cuda and x.is_cuda
+        if sync:
+            torch.cuda.synchronize(x.device)
+        start = time.perf_counter()
+        work = start_fn()
+
+        def finish() -> Any:
+            work.wait()
+            if sync:
+                torch.cuda.synchronize(x.device)
+            self._record(CommRecord(op, phase, logical_bytes, time.perf_counter() - start))
+            return result
+
+        return Pending(finish)
+
     # -- collectives --------------------------------------------------------------------------
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place on contiguous `x`; returns the reduced tensor."""
+        return self.all_reduce_async(x).wait()
+
+    def all_reduce_async(self, x: torch.Tensor) -> Pending:
         if not self._distributed:
-            return x
+            return Pending.done(x)
         buf = x if x.is_contiguous() else x.contiguous()
         nbytes = ring_all_reduce_bytes(payload_bytes(buf), self.world_size)
-        return self._timed("all_reduce", nbytes, buf, lambda: _all_reduce(buf))
+        return self._started("all_reduce", nbytes, buf, partial(dist.all_reduce, buf, async_op=True), buf)
 
     def reduce_scatter(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Sum over ranks, then keep this rank's chunk of `dim`: [.., n*c, ..] -> [.., c, ..]."""
+        return self.reduce_scatter_async(x, dim).wait()
+
+    def reduce_scatter_async(self, x: torch.Tensor, dim: int = 0) -> Pending:
         self._check_divisible("reduce_scatter", x, dim)
         if not self._distributed:
-            return x.clone()
+            return Pending.done(x.clone())
         x0 = x.movedim(dim, 0).contiguous()
+        out0 = x0.new_empty((x0.shape[0] // self.world_size, *x0.shape[1:]))
         nbytes = ring_reduce_scatter_bytes(payload_bytes(x0), self.world_size)
-        out0 = self._timed("reduce_scatter", nbytes, x0, lambda: self._reduce_scatter0(x0))
-        return out0.movedim(0, dim)
+        start = partial(dist.reduce_scatter_single, out0, x0, async_op=True)
+        return self._started("reduce_scatter", nbytes, x0, start, out0.movedim(0, dim))
 
     def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Concatenate equal-sized pieces over ranks along `dim`: [.., c, ..] -> [.., n*c, ..]."""
+        return self.all_gather_async(x, dim).wait()
+
+    def all_gather_async(self, x: torch.Tensor, dim: int = 0) -> Pending:
         if not self._distributed:
-            return x.clone()
+            return Pending.done(x.clone())
         x0 = x.movedim(dim, 0).contiguous()
-        nbytes = ring_all_gather_bytes(payload_bytes(x0) * self.world_size, self.world_size)
-        out0 = self._timed("all_gather", nbytes, x0, lambda: self._all_gather0(x0))
-        return out0.movedim(0, dim)
+        out0 = x0.new_empty((x0.shape[0] * self.world_size, *x0.shape[1:]))
+        nbytes = ring_all_gather_bytes(payload_bytes(out0), self.world_size)
+        start = partial(dist.all_gather_single, out0, x0, async_op=True)
+        return self._started("all_gather", nbytes, x0, start, out0.movedim(0, dim))
 
     def all_gather_varlen(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """Concatenate over ranks along dim 0 where rank r holds sizes[r] rows."""
@@ -188,18 +231,38 @@ class Comm:
         if self._distributed:
             self._timed("barrier", 0, torch.empty(0), _barrier)
 
+    # -- point to point -----------------------------------------------------------------------
+
+    def send(self, x: torch.Tensor, dst: int) -> None:
+        """Send `x` to rank `dst`, which posts a recv of the same shape and dtype."""
+        self.isend(x, dst).wait()
+
+    def recv(self, buf: torch.Tensor, src: int) -> torch.Tensor:
+        """Receive rank `src`'s message into contiguous `buf`; returns `buf`."""
+        return self.irecv(buf, src).wait()
+
+    def isend(self, x: torch.Tensor, dst: int) -> Pending:
+        self._check_peer("send", dst)
+        buf = x if x.is_contiguous() else x.contiguous()
+        return self._started("send", payload_bytes(buf), buf, partial(dist.isend, buf, dst), None)
+
+    def irecv(self, buf: torch.Tensor, src: int) -> Pending:
+        self._check_peer("recv", src)
+        if not buf.is_contiguous():
+            raise ValueError(f"recv: the buffer of shape {tuple(buf.shape)} must be contiguous (it is filled in place)")
+        return self._started("recv", payload_bytes(buf), buf, partial(dist.irecv, buf, src), buf)
+
     # -- dim-0 implementations -----------------------------------------------------------------
+
+    def _check_peer(self, op: str, peer: int) -> None:
+        if not 0 <= peer < self.world_size or peer == self.rank:
+            raise ValueError(f"{op}: rank {self.rank} cannot exchange with rank {peer} (world size {self.world_size})")
 
     def _check_divisible(self, op: str, x: torch.Tensor, dim: int) -> None:
         if x.shape[dim] % self.world_size:
             raise ValueError(
                 f"{op}: dim {dim} of shape {tuple(x.shape)} is not divisible by world size {self.world_size}"
             )
-
-    def _reduce_scatter0(self, x0: torch.Tensor) -> torch.Tensor:
-        out = x0.new_empty((x0.shape[0] // self.world_size, *x0.shape[1:]))
-        dist.reduce_scatter_single(out, x0)
-        return out
 
     def _all_gather0(self, x0: torch.Tensor) -> torch.Tensor:
         out = x0.new_empty((x0.shape[0] * self.world_size, *x0.shape[1:]))
@@ -217,11 +280,6 @@ class Comm:
 
 def _row_bytes(x: torch.Tensor) -> int:
     return math.prod(x.shape[1:]) * x.element_size()
-
-
-def _all_reduce(x: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(x)
-    return x
 
 
 def _broadcast(x: torch.Tensor, src: int) -> torch.Tensor:

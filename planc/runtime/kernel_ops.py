@@ -4,37 +4,31 @@
 - `cpu`: MLA decode attention fused for a CPU core in C (kernels/mla_decode_cpu.c, built with the
   machine's C compiler), float32; other dtypes and every other op run the reference.
 
-The kernels are the artifact's own copies (ARTIFACT/kernels/), so a run uses exactly the code the
-compile emitted. Prefill attention (S > 1) stays in PyTorch.
+The kernels are the artifact's own copies (ARTIFACT/kernels/), checked against the manifest's
+hashes as they load, so a run uses exactly the code the compile emitted. Prefill attention
+(S > 1) stays in PyTorch.
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from planc.errors import ArtifactError
+from planc.codegen.artifact import kernel_file
 from planc.ops import Ops
 from planc.runtime import KERNELS
+from planc.runtime.artifact import ArtifactDir
 
 
-def _load(path: Path) -> ModuleType:
-    if not path.is_file():
-        raise ArtifactError(f"{path} is missing: this artifact was written without the kernel its --kernels "
-                            f"choice runs (by an older planc, or edited since); recompile it with `planc compile`")
-    spec = importlib.util.spec_from_file_location(f"planc_artifact_kernels.{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _load(artifact: ArtifactDir, name: str) -> ModuleType:
+    return artifact.load_module(kernel_file(f"{name}.py"), f"planc_artifact_kernels.{name}")
 
 
 class TritonOps(Ops):
     name = "triton"
 
-    def __init__(self, kernel_dir: Path):
-        k = {name: _load(Path(kernel_dir) / f"{name}.py") for name in ("linear", "rmsnorm", "mla_decode", "gqa_decode")}
+    def __init__(self, artifact: ArtifactDir):
+        k = {name: _load(artifact, name) for name in ("linear", "rmsnorm", "mla_decode", "gqa_decode")}
         self._linear, self._rmsnorm = k["linear"].linear, k["rmsnorm"].rmsnorm
         self._mla, self._gqa = k["mla_decode"].mla_decode, k["gqa_decode"].gqa_decode
 
@@ -55,8 +49,9 @@ class TritonOps(Ops):
 class CpuOps(Ops):
     name = "cpu"
 
-    def __init__(self, kernel_dir: Path):
-        self._mla = _load(Path(kernel_dir) / "mla_decode_cpu.py").mla_decode_cpu
+    def __init__(self, artifact: ArtifactDir):
+        artifact.path(kernel_file("mla_decode_cpu.c"))  # the launcher builds the C source beside it
+        self._mla = _load(artifact, "mla_decode_cpu").mla_decode_cpu
 
     def mla_decode(self, q_lat_BHC, q_pe_BHR, ckv_BTC, kpe_BTR, key_mask_BT, scale):
         if ckv_BTC.dtype != torch.float32:
@@ -64,13 +59,13 @@ class CpuOps(Ops):
         return self._mla(q_lat_BHC, q_pe_BHR, ckv_BTC, kpe_BTR, key_mask_BT, scale)
 
 
-def make_ops(kernels: str, artifact: Path) -> Ops:
+def make_ops(kernels: str, artifact: ArtifactDir) -> Ops:
     if kernels == "torch":
         return Ops()
     if kernels == "triton":
-        return TritonOps(artifact / "kernels")
+        return TritonOps(artifact)
     if kernels == "cpu":
-        return CpuOps(artifact / "kernels")
+        return CpuOps(artifact)
     raise ValueError(f"--kernels {kernels!r}: choose one of {', '.join(KERNELS)}")
 
 

@@ -113,7 +113,7 @@ def write_result(obj: Any) -> None:
 def _check_entry(entry: str) -> None:
     module, _, function = entry.partition(":")
     if not module or not function.isidentifier():
-        raise RunError(f"entry {entry!r} must be 'package.module:function', e.g. 'planc.runtime.engine:main'")
+        raise RunError(f"entry {entry!r} must be 'package.module:function', e.g. 'planc.runtime.worker:main'")
     try:
         found = importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:  # a missing parent package raises instead of returning None

@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from planc.runtime.comm import Comm
-from planc.runtime.engine import Rank, Sampling, generate
+from planc.runtime.decode import choose_strategy, generate
 from planc.runtime.launch import write_result
+from planc.runtime.model import Model
 
 
 def main(args: dict) -> None:
@@ -16,11 +17,11 @@ def main(args: dict) -> None:
 
 
 def run_rank(args: dict, comm: Comm) -> dict:
-    rank = Rank(args["artifact"], comm, args.get("kernels", "torch"))
-    model = rank.manifest["model"]
-    out = generate(rank, args["prompts"], args["max_new_tokens"], Sampling(**args.get("sampling", {})),
-                   eos_id=model["eos_token_id"] if args.get("stop_at_eos", True) else None,
-                   pad_id=model["pad_token_id"] or 0, keep_logits=args.get("keep_logits", False))
+    model = Model(args["artifact"], comm=comm, kernels=args.get("kernels", "torch"))
+    config = model.manifest["model"]
+    out = generate(model, args["prompts"], args["max_new_tokens"], choose_strategy(**args.get("sampling", {})),
+                   eos_id=config["eos_token_id"] if args.get("stop_at_eos", True) else None,
+                   pad_id=config["pad_token_id"] or 0, keep_logits=args.get("keep_logits", False))
     return {
         "rank": comm.rank,
         "tokens": out.tokens,

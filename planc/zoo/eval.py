@@ -169,7 +169,7 @@ def latent_top_half_energy(model: ModelRef = "tiny-deepseek", split: str = "held
 def artifact_bits_per_byte(artifact: str | Path, nproc: int | None = None, *, split: str = "heldout",
                            max_bytes: int | None = None, kernels: str = "torch", timeout_s: float = 600) -> float:
     """Bits per byte of a compiled artifact run on its ranks (nproc: the artifact's world size)."""
-    from planc.runtime.engine import read_manifest
+    from planc.runtime.artifact import read_manifest
     from planc.runtime.launch import launch
 
     nproc = nproc or read_manifest(Path(artifact))["world_size"]
@@ -194,9 +194,9 @@ def artifact_worker(args: dict) -> None:
 
 @torch.no_grad()
 def _artifact_bits(args: dict, comm) -> dict:
-    from planc.runtime.engine import Rank
+    from planc.runtime.model import Model
 
-    rank = Rank(args["artifact"], comm, args["kernels"])
+    rank = Model(args["artifact"], comm=comm, kernels=args["kernels"])
     bits, count = 0.0, 0
     for ids_BS in eval_ids(args["split"], args["max_bytes"]).split(EVAL_BATCH):
         B, S = ids_BS.shape

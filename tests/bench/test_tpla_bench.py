@@ -63,9 +63,9 @@ def test_fused_roofline_reaches_the_width_ceiling_when_bandwidth_bound():
 
 
 def test_decode_scoring_equals_the_full_forward_on_exact_mla(compiled):
-    from planc.runtime.engine import Rank
+    from planc.runtime.model import Model
 
-    rank = Rank(compiled("deepseek_mla_tp_ep.yaml", 1), Comm.single())
+    rank = Model(compiled("deepseek_mla_tp_ep.yaml", 1), comm=Comm.single())
     ids_NS, prefix = zoo_eval.eval_ids("heldout", max_bytes=2 * 255)[:, :40], 16
     got = tpla_case.decode_bits(rank, ids_NS, prefix)
     N, S = ids_NS.shape

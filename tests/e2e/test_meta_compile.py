@@ -12,7 +12,7 @@ def test_deepseek_v3_meta_compile_reports_per_rank_bytes(tmp_path, capsys):
     code = main(["compile", "deepseek-v3", str(PLANS / "deepseek_v3_mla_tp_ep8.yaml"), "-o", str(out), "--meta"])
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
-    assert not (out / "weights").exists()
+    assert not (out / "programs" / "target" / "weights").exists()
     assert len(report["per_rank"]) == 8
     # mla_tp keeps the whole 512 + 64 latent on every rank: 61 layers x 576 x 2 bytes (bf16).
     assert {r["kv_bytes_per_token"] for r in report["per_rank"]} == {61 * 576 * 2}

@@ -2,6 +2,7 @@
 `--kernels triton` against `--kernels torch`, and a rank that fails mid-run."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -63,13 +64,20 @@ def test_cpu_kernels_match_transformers(compiled):
     assert report["token_agreement"] == 1.0 and report["max_logit_diff"] <= 1e-4, report
 
 
+def _reseal(artifact, rel):
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    manifest["files"][rel] = hashlib.sha256((artifact / rel).read_bytes()).hexdigest()
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_failing_rank_ends_the_run(compiled, tmp_path, capsys):
     artifact = tmp_path / "faulty"
     shutil.copytree(compiled("deepseek_mla_tp_ep.yaml", 2), artifact)
-    program = artifact / "program.py"
+    program = artifact / "programs" / "target" / "program.py"
     marker = "    ops, comm, W, kv = rt.ops, rt.comm, rt.weights, rt.kv\n"
     fault = marker + "    if comm.rank == 1 and step.start > 0:\n        raise RuntimeError('injected fault in decode')\n"
     program.write_text(program.read_text().replace(marker, fault))
+    _reseal(artifact, "programs/target/program.py")  # an edit the manifest vouches for, as a compile would
     started = time.monotonic()
     code = main(["run", str(artifact), "--max-new-tokens", "4", "--timeout", "120"])
     elapsed = time.monotonic() - started

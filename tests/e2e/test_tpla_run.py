@@ -11,7 +11,8 @@ import torch
 from planc.driver import compile
 from planc.models.tokenizer import encode
 from planc.run import run
-from planc.runtime.engine import Rank, generate
+from planc.runtime.decode import generate
+from planc.runtime.model import Model
 from planc.runtime.threads import run_threads
 from planc.runtime.launch import launch
 from planc.verify import verify
@@ -44,7 +45,7 @@ def test_one_latent_group_is_mla_tp_and_matches_transformers(artifacts):
 
 def _threads(artifact: str, world: int):
     def body(comm):
-        rank = Rank(artifact, comm)
+        rank = Model(artifact, comm=comm)
         out = generate(rank, PROMPTS, 6, keep_logits=True)
         return out, rank
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import planc.report.inspect as inspect
+from planc import __version__
 from planc.driver import compile
 from planc.errors import ArtifactError
 from tests.conftest import PLANS
@@ -85,7 +86,7 @@ def test_every_collective_with_calls_and_ring_note(page, report):
 
 
 def test_program_lines_present_escaped_and_tagged(page, artifact):
-    program = (artifact / "program.py").read_text()
+    program = (artifact / "programs" / "target" / "program.py").read_text()
     body = _section(page, "program")
     for line in program.splitlines():
         code = line[:line.rfind("#")] if "# rules[" in line else line
@@ -130,7 +131,7 @@ def test_predicted_decode_step_uses_the_cost_model_per_profile(page, report):
 
 
 def test_meta_artifact_renders_without_weights(meta_artifact):
-    assert not (meta_artifact / "weights").exists()
+    assert not (meta_artifact / "programs" / "target" / "weights").exists()
     page = inspect.render(meta_artifact)
     assert "weightless dry run (--meta)" in page
     assert "not run: meta device has no values" in _section(page, "lift")
@@ -140,7 +141,7 @@ def test_meta_artifact_renders_without_weights(meta_artifact):
 
 def test_hostile_text_is_escaped_and_declines_highlighted(meta_artifact, tmp_path):
     art = Path(shutil.copytree(meta_artifact, tmp_path / "art"))
-    with (art / "program.py").open("a") as f:
+    with (art / "programs" / "target" / "program.py").open("a") as f:
         f.write('x = a < b & c  # rules[0] tpla: <script>alert(1)</script>\n')
     report = json.loads((art / "report.json").read_text())
     report["passes"].append({"pass_name": "tpla", "target": "model.layers.2.self_attn", "action": "declined",
@@ -177,8 +178,8 @@ def test_not_an_artifact(tmp_path):
         inspect.write(tmp_path / "nothing", out)
     assert out.read_text() == "old" and len(list(tmp_path.iterdir())) == 1
     (tmp_path / "half").mkdir()
-    (tmp_path / "half" / "manifest.json").write_text("{}")
-    with pytest.raises(ArtifactError, match="report.json and program.py missing"):
+    (tmp_path / "half" / "manifest.json").write_text(json.dumps({"format_version": 2, "planc_version": __version__}))
+    with pytest.raises(ArtifactError, match="report.json and programs/target/program.py missing"):
         inspect.render(tmp_path / "half")
 
 

@@ -122,3 +122,45 @@ def test_recorded_calls_and_bytes(gloo_run: tuple[int, list[dict[str, Any]]]) ->
         assert all(c["seconds"] >= 0.0 for ops in stats.values() for c in ops.values())
     # Nonzero traffic on every rank: the checks above cannot pass with everything recorded as 0.
     assert results[0]["stats"]["prefill"]["all_reduce"]["bytes"] > 0
+
+
+def test_single_async_forms_are_done_and_point_to_point_has_no_peer() -> None:
+    comm, x = Comm.single(), torch.arange(4.0)
+    assert comm.all_reduce_async(x).wait() is x
+    assert torch.equal(comm.reduce_scatter_async(x).wait(), x) and torch.equal(comm.all_gather_async(x).wait(), x)
+    with pytest.raises(ValueError, match="cannot exchange with rank 0"):
+        comm.send(x, 0)
+    with pytest.raises(ValueError, match="cannot exchange with rank 1"):
+        comm.irecv(x, 1)
+    assert comm.stats() == {}
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["2ranks", "4ranks"])
+def gloo_async_run(request: pytest.FixtureRequest) -> tuple[int, list[dict[str, Any]]]:
+    results = launch("tests.runtime.workers:comm_async_checks", {}, request.param, timeout_s=120)
+    assert results is not None and len(results) == request.param
+    return request.param, results
+
+
+def test_async_and_point_to_point_values(gloo_async_run: tuple[int, list[dict[str, Any]]]) -> None:
+    _, results = gloo_async_run
+    for rank, res in enumerate(results):
+        assert len(res["checks"]) == 10, rank
+        for name, check in res["checks"].items():
+            assert check["shape"][0] == check["shape"][1] and check["got"] == check["want"], (rank, name)
+
+
+def test_async_forms_count_as_the_blocking_ones(gloo_async_run: tuple[int, list[dict[str, Any]]]) -> None:
+    n, results = gloo_async_run
+    want = {
+        "all_reduce": (2, ring_all_reduce_bytes(4 * ROW, n) + ring_all_reduce_bytes(ROW, n)),
+        "reduce_scatter": (1, ring_reduce_scatter_bytes(2 * n * ROW, n)),
+        "all_gather": (1, ring_all_gather_bytes(n * 2 * ROW, n)),
+        "send": (1, 2 * ROW),  # point to point: the message, once
+        "recv": (1, 2 * ROW),
+    }
+    for rank, res in enumerate(results):
+        for phase in ("sync", "async"):
+            ops = res["stats"][phase]
+            assert {op: (c["calls"], c["bytes"]) for op, c in ops.items()} == want, (rank, phase)
+            assert all(c["seconds"] > 0.0 for c in ops.values()), (rank, phase)

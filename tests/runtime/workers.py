@@ -107,6 +107,57 @@ def comm_checks(args: dict[str, Any]) -> None:
     })
 
 
+def _ring_send_recv(comm: Comm, *, overlapped: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank sends its rows to the next rank and receives the previous rank's; blocking
+    forms alternate the order by parity so no two ranks wait on each other."""
+    r, n = comm.rank, comm.world_size
+    nxt, prev = (r + 1) % n, (r - 1) % n
+    buf = torch.empty(2, 3)
+    if overlapped:
+        sent, got = comm.isend(rank_rows(r, 2), nxt), comm.irecv(buf, prev)
+        assert sent.wait() is None and got.wait() is buf
+    elif r % 2 == 0:
+        comm.send(rank_rows(r, 2), nxt)
+        comm.recv(buf, prev)
+    else:
+        comm.recv(buf, prev)
+        comm.send(rank_rows(r, 2), nxt)
+    return buf, rank_rows(prev, 2)
+
+
+def _async_checks(comm: Comm, *, overlapped: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    r, n = comm.rank, comm.world_size
+    ranks = range(n)
+    if overlapped:  # two all-reduces in flight at once, waited in the opposite order
+        first, second = comm.all_reduce_async(rank_rows(r, 4)), comm.all_reduce_async(rank_rows(r, 1) * 2)
+        reduced_twice, reduced = second.wait(), first.wait()
+        assert first.wait() is reduced  # a second wait returns the result and records nothing
+        scattered = comm.reduce_scatter_async(rank_rows(r, 2 * n)).wait()
+        gathered = comm.all_gather_async(rank_rows(r, 2), dim=1).wait()
+    else:
+        reduced, reduced_twice = comm.all_reduce(rank_rows(r, 4)), comm.all_reduce(rank_rows(r, 1) * 2)
+        scattered = comm.reduce_scatter(rank_rows(r, 2 * n))
+        gathered = comm.all_gather(rank_rows(r, 2), dim=1)
+    return {
+        "all_reduce": (reduced, sum(rank_rows(j, 4) for j in ranks)),
+        "all_reduce_second": (reduced_twice, sum(rank_rows(j, 1) * 2 for j in ranks)),
+        "reduce_scatter": (scattered, sum(rank_rows(j, 2 * n) for j in ranks)[2 * r : 2 * r + 2]),
+        "all_gather": (gathered, torch.cat([rank_rows(j, 2) for j in ranks], 1)),
+        "send_recv": _ring_send_recv(comm, overlapped=overlapped),
+    }
+
+
+def comm_async_checks(args: dict[str, Any]) -> None:
+    """The same collectives and ring exchange, blocking in phase "sync", async in phase "async"."""
+    comm = Comm()
+    checks = {}
+    for phase in ("sync", "async"):
+        with comm.phase(phase):
+            pairs = _async_checks(comm, overlapped=phase == "async")
+        checks |= {f"{phase}.{name}": pair for name, pair in pairs.items()}
+    write_result({"checks": {name: _as_json(*pair) for name, pair in checks.items()}, "stats": comm.stats()})
+
+
 def echo(args: dict[str, Any]) -> None:
     """Prints on every rank (only rank 0's output should reach the caller); all but the last rank report."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -1,0 +1,109 @@
+"""The generate loop and the decode strategies it drives (which token to take from a step's logits).
+
+A strategy is an object with `pick(logits_BV) -> tokens_B`; the loop owns the model, its cache,
+stopping at EOS and timing, and never looks inside the strategy. Every rank runs the same loop on
+the same logits with the same seed, so every rank picks the same tokens.
+
+Legend: B batch rows, V vocabulary, P padded prompt width.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from planc.errors import RunError
+from planc.runtime.model import Model
+
+
+class Strategy(Protocol):
+    def pick(self, logits_BV: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Greedy:
+    def pick(self, logits_BV: torch.Tensor) -> torch.Tensor:
+        return logits_BV.argmax(dim=-1)
+
+
+@dataclass
+class Sampling:
+    """Softmax sampling at `temperature` among the top_k logits (0: all); one seeded stream."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    _gen: torch.Generator = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0 or self.top_k < 0:
+            raise RunError(f"sampling temperature={self.temperature}, top_k={self.top_k}: the temperature must be "
+                           f"> 0 (use greedy decoding for 0) and top_k >= 0 (0 = no cut)")
+        self._gen = torch.Generator().manual_seed(self.seed)
+
+    def pick(self, logits_BV: torch.Tensor) -> torch.Tensor:
+        logits = logits_BV.float() / self.temperature
+        if self.top_k:
+            kth = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=self._gen).flatten()
+
+
+def choose_strategy(temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> Greedy | Sampling:
+    """The strategy `planc run --temperature/--top-k/--seed` asks for: temperature 0 is greedy."""
+    return Greedy() if temperature == 0 else Sampling(temperature, top_k, seed)
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens per prompt (stopped rows end at their EOS)
+    step_logits: list[torch.Tensor] = field(default_factory=list)  # [B, V] per generated token
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids_BP, real_BP): prompts right-aligned, padding marked False."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    real = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        real[row, width - len(p):] = True
+    return ids, real
+
+
+@torch.no_grad()
+def generate(model: Model, prompts: list[list[int]], max_new_tokens: int, strategy: Strategy = Greedy(), *,
+             eos_id: int | None = None, pad_id: int = 0, keep_logits: bool = False) -> Generation:
+    """Prefill all prompts at once, then decode one token per row per step until every row has
+    max_new_tokens or has emitted eos_id (its EOS is kept; the other rows go on)."""
+    ids_BP, real_BP = left_pad(prompts, pad_id)
+    B, P = ids_BP.shape
+    model.allocate(B, P + max_new_tokens)
+    out = Generation([[] for _ in prompts])
+    done_B = torch.zeros(B, dtype=torch.bool)
+
+    t0 = time.perf_counter()
+    with model.comm.phase("prefill"):
+        logits_BV = model.extend(ids_BP, real_BP)[:, -1]
+    out.prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(max_new_tokens):
+        token_B = strategy.pick(logits_BV)
+        if keep_logits:
+            out.step_logits.append(logits_BV.float().clone())
+        for row in (~done_B).nonzero().flatten().tolist():
+            out.tokens[row].append(int(token_B[row]))
+        if eos_id is not None:
+            done_B |= token_B == eos_id
+        if i == max_new_tokens - 1 or bool(done_B.all()):
+            break
+        with model.comm.phase("decode"):
+            logits_BV = model.extend(token_B[:, None])[:, -1]
+        out.decode_steps += 1
+    out.decode_s = time.perf_counter() - t0
+    return out

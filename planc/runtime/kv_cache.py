@@ -1,0 +1,73 @@
+"""One rank's KV cache for one program: the per-layer buffers and which slots hold real tokens.
+
+Slots are shared by the whole batch: prompts are left-padded, so every row's newest token sits in
+the same slot and a step writes slots [length, length + S) for all rows at once. Padded slots are
+masked out of attention; a row's rope position is the number of real tokens before it, so the
+positions follow from the mask and a rollback (truncate) needs nothing else restored.
+
+Legend: B batch, T capacity (slots), S tokens this step.
+"""
+from __future__ import annotations
+
+import torch
+
+from planc.ops import GqaCache, MlaCache, Step
+
+
+class KvCache:
+    """`layers` is the per-layer dict the generated program indexes as rt.kv[fqn]."""
+
+    def __init__(self, specs: dict[str, dict], dtype: torch.dtype):
+        self.specs = specs
+        self.dtype = dtype
+        self.layers: dict[str, MlaCache | GqaCache] = {}
+        self.key_mask_BT = torch.zeros(0, 0, dtype=torch.bool)
+        self.length = 0  # slots in use
+
+    def allocate(self, batch: int, capacity: int) -> None:
+        """Empty buffers of [batch, capacity, ...] per attention layer."""
+        self.layers = {fqn: _buffers(spec, batch, capacity, self.dtype) for fqn, spec in self.specs.items()}
+        self.key_mask_BT = torch.zeros(batch, capacity, dtype=torch.bool)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.key_mask_BT.shape[1]
+
+    def next_pos_B(self) -> torch.Tensor:
+        """Each row's rope position for its next real token (= real tokens cached so far)."""
+        return self.key_mask_BT[:, :self.length].sum(-1)
+
+    def step(self, real_BS: torch.Tensor) -> Step:
+        """The Step that writes the next S tokens; real_BS is False for padding (left, at prefill)."""
+        B, S = real_BS.shape
+        end = self.length + S
+        if B != self.key_mask_BT.shape[0] or end > self.capacity:
+            raise ValueError(f"KvCache.step: {B} rows x {S} tokens after slot {self.length} do not fit a cache "
+                             f"of {self.key_mask_BT.shape[0]} rows x {self.capacity} slots")
+        self.key_mask_BT[:, self.length:] = False
+        self.key_mask_BT[:, self.length:end] = real_BS
+        pos_BS = (self.next_pos_B()[:, None] + real_BS.long().cumsum(-1) - 1).clamp(min=0)
+        return Step(self.length, pos_BS, self.key_mask_BT)
+
+    def advance(self, num_tokens: int) -> None:
+        """Keep the first num_tokens slots the last step wrote (fewer: the rest are dropped)."""
+        if not 0 <= num_tokens <= self.capacity - self.length:
+            raise ValueError(f"KvCache.advance({num_tokens}): {self.length} of {self.capacity} slots in use")
+        self.length += num_tokens
+        self.key_mask_BT[:, self.length:] = False
+
+    def truncate(self, length: int) -> None:
+        """Roll back to the first `length` slots (rejected speculative tokens are forgotten)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"KvCache.truncate({length}): only {self.length} slots are in use")
+        self.length = length
+        self.key_mask_BT[:, length:] = False
+
+
+def _buffers(spec: dict, batch: int, capacity: int, dtype: torch.dtype) -> MlaCache | GqaCache:
+    if spec["kind"] == "mla":
+        return MlaCache(torch.zeros(batch, capacity, spec["ckv"], dtype=dtype),
+                        torch.zeros(batch, capacity, spec["kpe"], dtype=dtype))
+    shape = (batch, capacity, spec["kv_heads"], spec["head_dim"])
+    return GqaCache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))

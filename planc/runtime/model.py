@@ -1,0 +1,68 @@
+"""One program of an artifact on one rank: the object the generated program runs against.
+
+program.py's `forward(rt, ids, step)` reads rt.ops, rt.comm, rt.weights and rt.kv (the per-layer
+caches of this model's KvCache); a Model is that `rt`. An artifact may hold several programs
+(a target and its draft), each loaded as its own Model with its own cache.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from planc.codegen.artifact import program_file, weights_file
+from planc.dims import DTYPES
+from planc.errors import ArtifactError
+from planc.ops import GqaCache, MlaCache, Step
+from planc.runtime.artifact import ArtifactDir
+from planc.runtime.comm import Comm
+from planc.runtime.kernel_ops import make_ops
+from planc.runtime.kv_cache import KvCache
+from planc.weights import Weights
+
+
+class Model:
+    """Program, weights, ops, comm and KV cache of one program on one rank."""
+
+    def __init__(self, artifact: ArtifactDir | str | Path, program: str = "target", *,
+                 comm: Comm | None = None, kernels: str = "torch"):
+        artifact = artifact if isinstance(artifact, ArtifactDir) else ArtifactDir(artifact)
+        comm = comm or Comm.single()
+        _check_runnable(artifact, comm)
+        spec = artifact.program(program)
+        self.name = program
+        self.manifest = artifact.manifest
+        self.comm = comm
+        self.ops = make_ops(kernels, artifact)
+        self.program = artifact.load_module(program_file(program), f"planc_artifact_program_{program}")
+        self.weights = Weights(load_file(artifact.path(weights_file(program, comm.rank))))
+        self.cache = KvCache(spec["caches"], DTYPES[self.manifest["dtype"]])
+
+    @property
+    def kv(self) -> dict[str, MlaCache | GqaCache]:
+        return self.cache.layers
+
+    def allocate(self, batch: int, capacity: int) -> KvCache:
+        self.cache.allocate(batch, capacity)
+        return self.cache
+
+    def forward(self, ids_BS: torch.Tensor, step: Step) -> torch.Tensor:
+        """The program's forward at an explicit Step; the cache's length is left as it was."""
+        return self.program.forward(self, ids_BS, step)
+
+    def extend(self, ids_BS: torch.Tensor, real_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the next S tokens (real_BS: False for padding) and keep them in the cache; [B, S, V] logits."""
+        real_BS = torch.ones(ids_BS.shape, dtype=torch.bool) if real_BS is None else real_BS
+        logits = self.forward(ids_BS, self.cache.step(real_BS))
+        self.cache.advance(ids_BS.shape[1])
+        return logits
+
+
+def _check_runnable(artifact: ArtifactDir, comm: Comm) -> None:
+    manifest = artifact.manifest
+    if manifest.get("meta"):
+        raise ArtifactError(f"{artifact.root}: compiled with --meta (no weights); recompile without --meta to run it")
+    if comm.world_size != manifest["world_size"]:
+        raise ArtifactError(f"{artifact.root}: compiled for {manifest['world_size']} devices (mesh.devices) but "
+                            f"launched on {comm.world_size}; run with --nproc {manifest['world_size']}")
