@@ -110,10 +110,14 @@ def test_example_tpla_plan_compiles_runs_and_verifies(tmp_path, devices):
     from tests.conftest import plan_for
 
     artifact = compile(None, plan_for(tmp_path, "deepseek_tpla.yaml", devices), tmp_path / "art").path
-    report = verify(artifact, max_new_tokens=8, timeout_s=300)
-    # An approximation: not every token survives, but the first ones do (prefill is exact MLA).
-    assert report["world_size"] == devices and report["ranks_agree"]
-    assert 0.3 <= report["token_agreement"] <= 1.0, report
+    report = verify(artifact, max_new_tokens=16, timeout_s=300)
+    assert report["world_size"] == devices and report["ranks_agree"] and report["tokens_compared"] == 3 * 16
+    # Measured at 2 and 4 ranks: all 48 greedy tokens equal transformers', logits within 0.0125 (the
+    # per-slice decode softmax is the approximation; prefill is exact MLA and rmsnorm: recompute is
+    # exact). 0.95 tolerates one near-tied argmax flipping late in a row on another thread count
+    # (a row counts as lost from its first divergence); 0.025 is twice the measured logit error.
+    assert report["token_agreement"] >= 0.95, report
+    assert report["max_logit_diff"] <= 0.025, report
 
 
 def test_triton_slice_kernel_gives_the_same_tokens(artifacts):

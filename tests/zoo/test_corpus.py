@@ -1,6 +1,7 @@
 """The corpus: which files, which split, and the token streams and batches built from them."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import PurePosixPath
 
 import torch
@@ -59,5 +60,17 @@ def test_eval_windows_are_fixed_and_spread_over_the_split():
     assert 7 * stride + 64 > len(stream) - 8  # the last window reaches the end of the split
 
 
-def test_fingerprint_is_stable_and_tracks_the_file_list():
-    assert corpus.fingerprint() == corpus.fingerprint() and len(corpus.fingerprint()) == 64
+def test_fingerprint_is_stable_and_tracks_the_file_list(monkeypatch):
+    before = corpus.fingerprint()
+    corpus.files.cache_clear()  # walk the stdlib again: the same install gives the same hash
+    assert corpus.fingerprint() == before and len(before) == 64 and set(before) <= set("0123456789abcdef")
+    listed = corpus.files()
+    grown = listed[:1] + (replace(listed[1], size=listed[1].size + 1),) + listed[2:]
+    renamed = (replace(listed[0], rel="x" + listed[0].rel),) + listed[1:]
+    changed = {"one file dropped": listed[1:], "one file one byte longer": grown, "one file renamed": renamed,
+               "a file added": listed + (replace(listed[-1], rel="zz_new.py"),)}
+    for what, files in changed.items():
+        monkeypatch.setattr(corpus, "files", lambda files=files: files)
+        assert corpus.fingerprint() != before, what
+    monkeypatch.setattr(corpus, "files", lambda: tuple(replace(f) for f in listed))  # equal list, new objects
+    assert corpus.fingerprint() == before

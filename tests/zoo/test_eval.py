@@ -1,14 +1,18 @@
 """Evaluation functions on small inputs whose answers are known."""
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
-from planc.models.registry import BOS_ID, BYTE_VOCAB, EOS_ID
+from planc.models.registry import BOS_ID, BYTE_VOCAB, EOS_ID, WEIGHTS_DIR
+from planc.zoo import corpus
 from planc.zoo import eval as zoo_eval
 from planc.zoo.train import build_model
 from tests.zoo import mini_deepseek
@@ -45,9 +49,21 @@ def test_only_byte_targets_are_scored():
     assert count == 2 and bits == pytest.approx(math.log2(BYTE_VOCAB), abs=1e-6)
 
 
-def test_eval_set_size_follows_max_bytes():
-    assert zoo_eval.eval_ids().shape == (zoo_eval.EVAL_WINDOWS, zoo_eval.EVAL_SEQ)
-    assert zoo_eval.eval_ids(max_bytes=600).shape == (3, zoo_eval.EVAL_SEQ)  # ceil(600 / 255)
+def test_default_eval_set_is_the_one_the_shipped_figures_were_measured_on():
+    recorded = json.loads((WEIGHTS_DIR / "manifest.json").read_text())["bench_zoo"]["eval_set"]
+    ids = zoo_eval.eval_ids()
+    assert ids.shape == (recorded["windows"], recorded["seq_len"])
+    assert torch.equal(ids, corpus.windows(recorded["split"], recorded["windows"], recorded["seq_len"]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(min_value=1, max_value=20_000))
+def test_eval_set_has_the_fewest_windows_that_score_max_bytes_predictions(max_bytes):
+    ids = zoo_eval.eval_ids(max_bytes=max_bytes)
+    num, seq = ids.shape
+    predictions = seq - 1  # per window: every token but the first is predicted
+    assert num * predictions >= max_bytes > (num - 1) * predictions
+    assert torch.equal(ids, corpus.windows("heldout", num, seq))
 
 
 def test_draft_agreement(mini):
