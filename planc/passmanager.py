@@ -88,6 +88,7 @@ def run_passes(graph: fx.Graph, strategies: Sequence[Strategy], rules: Sequence[
             except Exception as exc:  # a bug in a pass: say where the pipeline was
                 raise RuntimeError(f"pass {strategy.name!r} on {ref} failed after {done or 'no passes'}: {exc}") from exc
             graph.lint()
-        done.append(strategy.name)
+        if strategy.name not in done:
+            done.append(strategy.name)
         ctx.graphs.append((strategy.name, graph))
     return graph

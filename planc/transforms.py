@@ -10,6 +10,8 @@ A unit-weight RMSNorm commutes with U, so the unsliced model is exactly MLA.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 def hadamard(n: int, seed: int) -> torch.Tensor:

@@ -187,3 +187,32 @@ rules:
     assert (a.shape[0], b.shape[0]) == (256, 1024)  # each rule's own number of calibration tokens
     assert set(ctx.notes["tpla"]) == {f"model.layers.{i}.self_attn" for i in range(4)}
     json.dumps(ctx.notes)  # notes go to report.json as they are
+
+
+def _config_with_latent(tmp_path, width: int) -> str:
+    from planc.models.registry import bundled_config
+
+    config = bundled_config("tiny-deepseek").to_dict() | {"kv_lora_rank": width}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def test_hadamard_on_a_96_wide_latent_validates_and_folds_an_orthogonal_transform(tmp_path):
+    from planc.driver import validate
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(plan_text(2, 2, transform="hadamard", dtype="float32").replace("model: {source: tiny-deepseek, dtype: float32}\n", ""))
+    out = validate(plan, _config_with_latent(tmp_path, 96), strict=True)
+    assert "4 blocks rewritten, 0 declined" in out
+
+
+def test_hadamard_on_a_width_without_a_construction_is_declined_at_validate(tmp_path):
+    from planc.driver import validate
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(plan_text(2, 2, transform="hadamard", required=True).replace(
+        "model: {source: tiny-deepseek, dtype: float64}\n", ""))
+    with pytest.raises(CompileError, match=r"plan.yaml:4:5: rules\[0\]: tpla declined on model.layers.0.self_attn "
+                                           r"\(required: true\): transform hadamard: .*\b6\b"):
+        validate(plan, _config_with_latent(tmp_path, 6), strict=False)
