@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from planc.driver import compile
-from planc.runtime.engine import read_manifest
+from planc.runtime.artifact import read_manifest
 from planc.runtime.launch import launch
 from planc.verify import compare, default_prompt_ids, reference_generate
 from tests.conftest import PLANS

@@ -74,7 +74,7 @@ def test_failing_rank_ends_the_run(compiled, tmp_path, capsys):
     artifact = tmp_path / "faulty"
     shutil.copytree(compiled("deepseek_mla_tp_ep.yaml", 2), artifact)
     program = artifact / "programs" / "target" / "program.py"
-    marker = "    ops, comm, W, kv = rt.ops, rt.comm, rt.weights, rt.kv\n"
+    marker = "    ops, comm, W, caches = rt.ops, rt.comm, rt.weights, rt.kv\n"
     fault = marker + "    if comm.rank == 1 and step.start > 0:\n        raise RuntimeError('injected fault in decode')\n"
     program.write_text(program.read_text().replace(marker, fault))
     _reseal(artifact, "programs/target/program.py")  # an edit the manifest vouches for, as a compile would

@@ -141,7 +141,7 @@ def test_compile_advises_against_the_sliced_norm_on_uneven_slices(artifacts):
     """PCA puts nearly all the latent energy in slice 0; the report says what the sliced RMSNorm
     then does to the other slice, and nothing when the norm is exact."""
     sliced = json.loads((Path(artifacts["g2"]) / "report.json").read_text())
-    energy = sliced["latent_transforms"]["model.layers.1.self_attn"]["slice_energy"]
+    energy = sliced["notes"]["tpla"]["model.layers.1.self_attn"]["slice_energy"]
     assert energy[0] > 0.9 and sum(energy) == pytest.approx(1.0, abs=1e-5)
     assert len(sliced["advice"]) == 1 and "rmsnorm: recompute" in sliced["advice"][0]
     recompute = json.loads((Path(artifacts["g2_recompute"]) / "report.json").read_text())
