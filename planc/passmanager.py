@@ -90,5 +90,6 @@ def run_passes(graph: fx.Graph, strategies: Sequence[Strategy], rules: Sequence[
             graph.lint()
         if strategy.name not in done:
             done.append(strategy.name)
-        ctx.graphs.append((strategy.name, graph))
+        if graph is not ctx.graphs[-1][1]:  # a pass with no rule to run leaves the graph as it was
+            ctx.graphs.append((strategy.name, graph))
     return graph
