@@ -26,7 +26,8 @@ def owners(graph: fx.Graph) -> dict[str, fx.Node]:
 
 
 def assign(graph: fx.Graph, full: Tensors) -> dict[str, Tensors]:
-    """FQN of the owning node -> its tensors keyed by the rest of their name (deepest owner wins)."""
+    """FQN of the owning node -> its tensors keyed by the rest of their name (deepest owner wins);
+    done once per compile, then sliced for every rank."""
     fqns = owners(graph)
     out: dict[str, Tensors] = {fqn: {} for fqn in fqns}
     for name, tensor in full.items():
@@ -39,16 +40,20 @@ def assign(graph: fx.Graph, full: Tensors) -> dict[str, Tensors]:
     return out
 
 
-def partition(graph: fx.Graph, full: Tensors, rank: int) -> Tensors:
-    """This rank's tensors, keyed by full FQN; rope ops also get `<fqn>.rotary.inv_freq`."""
-    nodes = owners(graph)
+def partition(graph: fx.Graph, full: Tensors, world_size: int) -> list[Tensors]:
+    """Every rank's tensors, keyed by full FQN; rope ops also get `<fqn>.rotary.inv_freq`."""
+    nodes, owned = owners(graph), assign(graph, full)
+    return [_rank_tensors(nodes, owned, full, rank) for rank in range(world_size)]
+
+
+def _rank_tensors(nodes: dict[str, fx.Node], owned: dict[str, Tensors], full: Tensors, rank: int) -> Tensors:
     out: Tensors = {}
-    for fqn, W in assign(graph, full).items():
+    for fqn, W in owned.items():
         meta = info(nodes[fqn])
         if meta.shard is not None:
             W = meta.shard.slice(W, meta, rank)
         if OPS[meta.kind].rotary and ROTARY in full:
-            W["rotary.inv_freq"] = full[ROTARY].clone()  # one copy per block: safetensors refuses aliases
+            W = W | {"rotary.inv_freq": full[ROTARY].clone()}  # one copy per block: safetensors refuses aliases
         out |= {f"{fqn}.{k}": v.contiguous() for k, v in W.items()}
     return out
 

@@ -43,17 +43,15 @@ class MlaHeads(Shard):
         return W | {"kv_b_proj.weight": W["kv_b_proj.weight"][rank * h * per_head:(rank + 1) * h * per_head]}
 
 
-def split_heads(graph: fx.Graph, core: fx.Node, parts: dict[str, fx.Node], heads: int, world: int,
-                strategy: str) -> fx.Node:
-    """Column-split q by head, mark the core, row-split o_proj and sum its partials: the shape every
-    head-parallel MLA plan shares. Returns the all-reduce."""
+def _split_heads(graph: fx.Graph, core: fx.Node, parts: dict[str, fx.Node], heads: int, world: int) -> fx.Node:
+    """Column-split q by head, mark the core, row-split o_proj and sum its partials; returns the all-reduce."""
     d: MlaDims = info(core).dims
     q = parts.get("q_b_proj", parts.get("q_proj"))
     rule = info(core).rule
-    mark(q, strategy=strategy, rule=rule, shard=LinearShard("column", even_ranges(d.num_heads, world, d.nope_dim + d.rope_dim)))
+    mark(q, strategy="mla_tp", rule=rule, shard=LinearShard("column", even_ranges(d.num_heads, world, d.nope_dim + d.rope_dim)))
     o_proj = parts["o_proj"]
-    mark(o_proj, strategy=strategy, rule=rule, shard=LinearShard("row", even_ranges(d.num_heads, world, d.v_dim)))
-    mark(core, strategy=strategy, shard=MlaHeads(heads))
+    mark(o_proj, strategy="mla_tp", rule=rule, shard=LinearShard("row", even_ranges(d.num_heads, world, d.v_dim)))
+    mark(core, strategy="mla_tp", shard=MlaHeads(heads))
     return sum_partials_after(graph, o_proj, "o_proj is row-parallel: sum the per-rank partial outputs")
 
 
@@ -66,7 +64,7 @@ def mla_tp(graph: fx.Graph, section: MlaTpSection, ctx) -> fx.Graph:
             ctx.decline(core, f"{d.num_heads} heads do not split over {n} devices; valid degrees: "
                               f"{', '.join(map(str, divisors(d.num_heads)))}")
             continue
-        split_heads(graph, core, members(graph, info(core).fqn), d.num_heads // n, n, "mla_tp")
+        _split_heads(graph, core, members(graph, info(core).fqn), d.num_heads // n, n)
         ctx.applied(core, f"{d.num_heads // n} of {d.num_heads} heads per rank; latent cache "
                           f"{d.kv_lora_rank + d.rope_dim} wide on every rank")
     return graph

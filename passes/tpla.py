@@ -245,19 +245,15 @@ class LatentKv(Shard):
     def slice(self, W: Tensors, info: NodeInfo, rank: int) -> Tensors:
         C = self.U.shape[0]
         order = torch.tensor(self.layout.latent_order(rank, C, self.whole))
-        out = {"weight": _rotate_rows(W["weight"], self.U)[order].to(W["weight"].dtype)}
-        out["weight"] = torch.cat([out["weight"], W["weight"][C:]])
-        if "bias" in W:
-            rotated = (self.U.T.to(W["bias"].device) @ W["bias"][:C].double())[order]
-            out["bias"] = torch.cat([rotated.to(W["bias"].dtype), W["bias"][C:]])
-        return out
+        return {name: torch.cat([_rotate_rows(t, self.U)[order].to(t.dtype), t[C:]])
+                for name, t in W.items() if name in ("weight", "bias")}
 
     def describe(self) -> dict:
         return {"latent_rows": self.U.shape[0] if self.whole else self.U.shape[0] // self.layout.groups}
 
 
 def _rotate_rows(w_CD: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-    """U^T W over the latent rows, in fp64 (meta stays meta)."""
+    """U^T W over the latent rows (of a weight or a bias), in fp64 (meta stays meta)."""
     C = U.shape[0]
     return U.T.to(w_CD.device) @ w_CD[:C].double()
 

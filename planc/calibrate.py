@@ -64,7 +64,9 @@ class Profiles:
     # -- one forward over the calibration split, hooks recording what was asked -------------------
 
     def _module(self, fqn: str) -> nn.Module:
-        return dict(self.model.named_modules())[fqn]
+        if not hasattr(self, "_modules"):
+            self._modules = dict(self.model.named_modules())
+        return self._modules[fqn]
 
     def _profile(self, name: str, fqns: list[str], num_tokens: int, hook_for) -> dict[str, torch.Tensor]:
         if not self.available:

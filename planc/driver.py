@@ -80,7 +80,7 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
     for line in ctx.advice:
         log(f"note     {line}")
     full = model_tensors(model)
-    ranks = [partition(graph, full, r) for r in range(plan.mesh.devices)]
+    ranks = partition(graph, full, plan.mesh.devices)
     manifest = _manifest(model, source, plan, meta)
     report = build_report(graph, ctx, ranks, elem=DTYPES[manifest["dtype"]].itemsize, checks=lifted.checks, meta=meta)
     report["compile_seconds"] = time.perf_counter() - started

@@ -23,6 +23,8 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 
+from planc.dims import CommDims
+
 Tensors = dict[str, torch.Tensor]
 
 
@@ -274,8 +276,6 @@ def mark(node: fx.Node, **changes: Any) -> None:
 
 def sum_partials_after(graph: fx.Graph, node: fx.Node, why: str) -> fx.Node:
     """A row-parallel GEMM's output is a per-rank partial sum: all-reduce it before its users."""
-    from planc.dims import CommDims
-
     m = info(node)
     return insert_after(graph, node, "all_reduce", NodeInfo(
         kind="all_reduce", fqn=m.fqn, block=m.block, layer=m.layer, rule=m.rule, strategy=m.strategy,

@@ -1,4 +1,4 @@
-"""Orthogonal latent transforms U (C x C) for TPLA, computed once per MLA layer at compile time.
+"""Orthogonal latent transforms U (C x C) for slicing an MLA latent, computed once per layer at compile time.
 
 none: identity. hadamard: Sylvester Hadamard / sqrt(C) times a seeded random +-1 diagonal, which
 spreads every direction's energy evenly over the slices. pca: eigenvectors of the covariance of

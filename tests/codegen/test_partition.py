@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from planc.codegen.partition import assign, model_tensors, partition
+from planc.codegen.partition import assign, model_tensors
 from planc.dims import LinearDims
 from planc.ir import LinearShard, NodeInfo, even_ranges
 from tests.passes.blocks import compiled, model, plan

@@ -12,7 +12,6 @@ import torch
 import torch.fx as fx
 
 from codegen.emit_program import _Emitter
-from planc.bind import bind, rule_refs
 from planc.codegen.partition import model_tensors, partition
 from planc.driver import parallelize
 from planc.ir import info
@@ -41,7 +40,7 @@ def compiled(name: str, plan_text: str, dtype: torch.dtype = torch.float32, stri
     plan = parse_plan_text(plan_text, "plan.yaml")
     graph, ctx = parallelize(lifted(name, dtype), plan, model(name, dtype), strict=strict)
     full = model_tensors(model(name, dtype))
-    return graph, ctx, [partition(graph, full, r) for r in range(plan.mesh.devices)]
+    return graph, ctx, partition(graph, full, plan.mesh.devices)
 
 
 def block_source(graph: fx.Graph, block: str) -> tuple[str, str]:
@@ -94,5 +93,3 @@ def plan(devices: int, *rules: str, dtype: str = "float32", source: str = "tiny-
     body = "".join(f"\n  - {r}" for r in rules)
     return f"version: 1\nmesh: {{devices: {devices}}}\nmodel: {{source: {source}, dtype: {dtype}}}\nrules:{body}\n"
 
-
-__all__ = ["bind", "rule_refs", "block_source", "compiled", "lifted", "model", "plan", "run_block"]

@@ -47,7 +47,7 @@ def _rel(got, want) -> float:
 def test_rewrite_golden():
     graph, _, _, _ = tpla_compile(plan_text(2, 2, rmsnorm="exact"))
     layer = [line.split(" = ")[1].split("(")[0] for line in format_graph(graph).splitlines()
-             if f"layers.1.self_attn" in line]
+             if "layers.1.self_attn" in line]
     assert layer == ["linear", "rmsnorm", "linear", "linear", "tpla_latent", "tpla_sumsq", "all_reduce",
                      "tpla_attention", "linear", "all_reduce"]
 
