@@ -25,6 +25,7 @@ import socket
 import tempfile
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -194,28 +195,30 @@ def _kept_signal_handlers() -> Iterator[None]:
 
 
 def _run_error(e: ChildFailedError, job: _Job, world_size: int, timeout_s: float | None) -> RunError:
-    rank = _first_failing_rank(e, job.failure_dir)
-    failed_at = _failure_time(job.failure_dir, rank)
+    notes = _failure_notes(job.failure_dir)
+    # The agent reports the ranks it saw exit with an error; the rank that raised may still have
+    # been shutting down (and been killed) when a peer's broken collective aborted first. The
+    # workers' own sub-second notes decide which rank failed first.
+    if notes:
+        rank = min(notes, key=lambda r: notes[r]["time"])
+        failed_at: float | None = notes[rank]["time"]
+        description = f"{notes[rank]['error']}\ntraceback (last lines):\n{notes[rank]['traceback']}"
+    else:  # no rank raised in Python: killed by a signal, os._exit, or the deadline
+        rank = min(e.failures, key=lambda r: e.failures[r].timestamp)
+        failed_at = None
+        description = _describe(e.failures[rank])
     if job.deadline is not None and time.time() >= job.deadline and (failed_at is None or failed_at >= job.deadline):
         return RunError(
             f"{job.entry} on {world_size} ranks exceeded timeout_s={timeout_s} s; all workers were stopped"
         )
-    return RunError(f"rank {rank} failed first ({job.entry} on {world_size} ranks): {_describe(e.failures[rank])}")
+    return RunError(f"rank {rank} failed first ({job.entry} on {world_size} ranks): {description}")
 
 
-def _first_failing_rank(e: ChildFailedError, failure_dir: str) -> int:
-    # Elastic's timestamps are whole seconds, too coarse to tell the raising rank from a peer
-    # whose collective broke a few ms later; the workers' own sub-second notes decide.
-    def when(rank: int) -> float:
-        at = _failure_time(failure_dir, rank)
-        return at if at is not None else float(e.failures[rank].timestamp)
-
-    return min(e.failures, key=when)
-
-
-def _failure_time(failure_dir: str, rank: int) -> float | None:
-    note = Path(failure_dir, f"rank{rank}.time")
-    return float(note.read_text()) if note.exists() else None
+def _failure_notes(failure_dir: str) -> dict[int, dict[str, Any]]:
+    notes = {}
+    for path in Path(failure_dir).glob("rank*.json"):
+        notes[int(path.stem.removeprefix("rank"))] = json.loads(path.read_text())
+    return notes
 
 
 def _describe(failure: ProcessFailure) -> str:
@@ -251,11 +254,26 @@ def _worker(job: _Job) -> None:
         function = _import_entry(job.entry)
         _init_process_group(job.backend)
         function(job.args)
-    except BaseException:
-        Path(job.failure_dir, f"rank{os.environ['RANK']}.time").write_text(repr(time.time()))
+    except BaseException as error:
+        _note_failure(job.failure_dir, error)
         raise
     # Only after success: tearing down a group whose peers died can block (NCCL).
     dist.destroy_process_group()
+
+
+def _note_failure(failure_dir: str, error: BaseException) -> None:
+    """Write when and how this rank failed, before its exit can break a peer's collective."""
+    at = time.time()
+    frames = traceback.format_exception(error)
+    note = {
+        "time": at,
+        "error": f"{type(error).__name__}: {error}",
+        "traceback": "\n".join("".join(frames).rstrip().splitlines()[-TRACEBACK_TAIL_LINES:]),
+    }
+    path = Path(failure_dir, f"rank{os.environ['RANK']}.json")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(note))
+    os.replace(tmp, path)
 
 
 def _arm_deadline(deadline: float | None) -> None:
