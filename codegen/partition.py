@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 
 from planc.ir import OPS, Tensors, info
+from planc.weights import named_tensors
 
 ROTARY = "model.rotary_emb.inv_freq"
 
@@ -59,4 +60,4 @@ def _rank_tensors(nodes: dict[str, fx.Node], owned: dict[str, Tensors], full: Te
 
 
 def model_tensors(model: torch.nn.Module) -> Tensors:
-    return dict(model.named_parameters()) | dict(model.named_buffers())
+    return named_tensors(model)

@@ -7,18 +7,25 @@
 
 When there are more ranks than KV heads (n a multiple of Hkv), each KV head is replicated on
 the n/Hkv ranks whose query heads use it, as vLLM does.
+
+q/k norms over the whole projection (OLMoE) see only this rank's columns, so their statistic is
+summed over ranks, exactly:
+
+    q = linear[q_proj] (column);  ss = all_reduce(norm_sumsq(q));  q = norm_columns[q_norm](q, ss)
+
+(4 bytes per token and norm, against vLLM's all-gather of the whole q and k.)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch.fx as fx
 from pydantic import Field
 
-from planc.dims import GqaDims
-from planc.ir import (LinearShard, Shard, members, copy_graph, divisors, even_ranges, info, mark,
-                      sum_partials_after)
+from planc.dims import CommDims, GqaDims
+from planc.ir import (LinearShard, NodeInfo, Segments, Shard, Tensors, add_node, copy_graph, declare_op, divisors,
+                      even_ranges, info, insert_after, mark, members, sum_partials_after, take)
 from planc.strategy import Section, Strategy
 
 
@@ -35,6 +42,23 @@ class GqaHeads(Shard):
 
     def local(self, dims: GqaDims) -> GqaDims:
         return dims.local(self.heads_per_rank, self.kv_heads_per_rank)
+
+
+@dataclass(frozen=True)
+class NormColumns(Shard):
+    """An RMSNorm over a column-parallel projection: this rank's columns of its weight; the mean
+    square divides the all-reduced Σ x² by `count` (the width, times the ranks holding each column)."""
+
+    segments: tuple[Segments, ...] = field(repr=False)
+    count: int
+
+    def slice(self, W: Tensors, info: NodeInfo, rank: int) -> Tensors:
+        return {**W, "weight": take(W["weight"], self.segments[rank], 0)}
+
+
+declare_op("norm_sumsq", lambda c: f"ops.sumsq({c.args[0]})")
+declare_op("norm_columns", lambda c: f"ops.rmsnorm_sumsq({c.args[0]}, {c.args[1]}, {c.weight('weight')}, "
+                                     f"{c.info.dims.eps!r}, {c.info.shard.count})", owns_weights=True)
 
 
 def valid_degrees(num_heads: int, num_kv_heads: int) -> list[int]:
@@ -66,9 +90,28 @@ def attention_tp(graph: fx.Graph, section: AttentionTpSection, ctx) -> fx.Graph:
             mark(parts[name], strategy="tp", rule=rule, shard=LinearShard("column", kv))
         mark(parts["o_proj"], strategy="tp", rule=rule, shard=LinearShard("row", even_ranges(d.num_heads, n, d.head_dim)))
         mark(core, strategy="tp", shard=GqaHeads(h, max(1, d.num_kv_heads // n)))
+        if d.qk_norm == "full":
+            copies = max(1, n // d.num_kv_heads)  # ranks holding each KV head
+            _split_norm(graph, parts["q_norm"], rule, NormColumns(even_ranges(d.num_heads, n, d.head_dim),
+                                                                  d.num_heads * d.head_dim))
+            _split_norm(graph, parts["k_norm"], rule, NormColumns(kv, d.num_kv_heads * d.head_dim * copies))
         sum_partials_after(graph, parts["o_proj"], "o_proj is row-parallel: sum the per-rank partial outputs")
         ctx.applied(core, f"{h} query / {max(1, d.num_kv_heads // n)} KV heads per rank")
     return graph
+
+
+def _split_norm(graph: fx.Graph, norm: fx.Node, rule, shard: NormColumns) -> None:
+    """norm(x) over a column slice x -> norm_columns(x, all_reduce(norm_sumsq(x)))."""
+    m, x = info(norm).with_(rule=rule), norm.args[0]
+    with graph.inserting_before(norm):
+        ss = add_node(graph, "norm_sumsq", (x,), m.with_(kind="norm_sumsq", strategy="tp", dims=None), f"{norm.name}_ss")
+        split = add_node(graph, "norm_columns", (x, ss), m.with_(kind="norm_columns", strategy="tp", shard=shard),
+                         norm.name)
+    insert_after(graph, ss, "all_reduce", m.with_(
+        kind="all_reduce", strategy="tp", dims=CommDims(1, fixed_bytes=4),
+        why=f"{m.fqn.rsplit('.', 1)[-1]} spans every head: sum its Σ x² over the ranks' columns"))
+    norm.replace_all_uses_with(split)
+    graph.erase_node(norm)
 
 
 STRATEGY = Strategy("attention_tp", "attention", "tp", ("gqa_attention",), AttentionTpSection, attention_tp,

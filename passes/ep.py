@@ -11,9 +11,9 @@
              m' = all_gather_varlen(m, route)  every rank gets every token back (attention is TP)
 
 Contiguous placement: experts e·E/n … (e+1)·E/n − 1 live on rank e. Because the routing is
-computed on every rank, split sizes are known locally and need no exchange. Shared experts run on
-the rank's token slice with the routed ones, unless a rule split them (dense tp): then they run on
-every token and are added after the gather.
+computed on every rank, split sizes are known locally and need no exchange. Shared experts (and
+Qwen2-MoE's sigmoid gate on them) run on the rank's token slice with the routed ones, unless a
+rule split them (dense tp): then they run on every token and are added after the gather.
 
 Runtime (called by the program): `route_tokens` builds an `EpRoute` — who sends which rows where.
 Legend: N tokens this step, K top-k, E experts, El experts on this rank, R received rows, D hidden.
@@ -28,7 +28,7 @@ import torch.fx as fx
 from pydantic import Field
 
 from planc.dims import CommDims, MoeDims, RouterDims
-from planc.ir import Call, NodeInfo, Shard, Tensors, add_node, copy_graph, declare_op, divisors, info, members
+from planc.ir import Call, NodeInfo, Shard, Tensors, add_node, copy_graph, declare_op, divisors, info
 from planc.strategy import Section, Strategy
 
 
@@ -104,9 +104,9 @@ def _expand(graph: fx.Graph, core: fx.Node, shard: Experts, world: int) -> None:
         return add_node(graph, kind, args, meta.with_(kind=kind, **changes))
 
     hidden = d.hidden
-    shared = members(graph, info(core).fqn).get("shared_experts.down_proj")
-    combine_add = next((u for u in core.users if info(u).kind == "add"), None) if shared is not None else None
-    on_slice = shared is not None and info(shared).strategy == "replicated"
+    combine_add = next((u for u in core.users if info(u).kind == "add" and info(u).block == meta.block), None)
+    shared = _shared_path(combine_add, core) if combine_add is not None else []
+    on_slice = bool(shared) and all(info(n).strategy in (None, "replicated") for n in shared)
     with graph.inserting_before(core):
         route = step("moe_route", (x,), shard=shard)
         sent = step("moe_dispatch", (x, route), dims=CommDims(hidden, fanout=min(d.router.top_k, world - 1)),
@@ -119,9 +119,9 @@ def _expand(graph: fx.Graph, core: fx.Node, shard: Experts, world: int) -> None:
     if on_slice:
         with graph.inserting_before(core):
             xs = step("moe_slice", (x, route))
-        for linear in members(graph, info(core).fqn + ".shared_experts").values():
-            if x in linear.args:
-                linear.replace_input_with(x, xs)
+        for node in shared:
+            if x in node.args:
+                node.replace_input_with(x, xs)
         combine_add.replace_input_with(core, mine)
         last = combine_add
     with graph.inserting_after(last):
@@ -134,6 +134,20 @@ def _expand(graph: fx.Graph, core: fx.Node, shard: Experts, world: int) -> None:
     else:
         core.replace_all_uses_with(full)
     graph.erase_node(core)
+
+
+def _shared_path(combine_add: fx.Node, core: fx.Node) -> list[fx.Node]:
+    """The shared expert's nodes: what feeds the block's final add besides the routed experts,
+    back to the block's input (its MLP, and Qwen2-MoE's sigmoid gate)."""
+    block = info(core).block
+    found, todo = [], [a for a in combine_add.args if isinstance(a, fx.Node) and a is not core]
+    while todo:
+        node = todo.pop()
+        if node in found or "planc" not in node.meta or info(node).block != block:
+            continue
+        found.append(node)
+        todo.extend(a for a in node.all_input_nodes)
+    return found
 
 
 def token_slices(num_tokens: int, world_size: int) -> list[tuple[int, int]]:

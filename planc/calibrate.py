@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from planc.ops import Ops
-from planc.weights import scoped
+from planc.weights import named_tensors, scoped
 
 Hook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (module input, token ids) -> row values
 
@@ -47,7 +47,7 @@ class Profiles:
         vocab = self.model.get_input_embeddings().num_embeddings
 
         def hook_for(fqn: str) -> tuple[str, Hook]:
-            gate = scoped(dict(self._module(fqn).named_parameters()) | dict(self._module(fqn).named_buffers()), "gate")
+            gate = scoped(named_tensors(self._module(fqn)), "gate")
             router = dims[fqn]
 
             def record(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

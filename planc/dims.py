@@ -41,6 +41,7 @@ class GqaDims:
     eps: float
     scale: float
     rope_scaling: float
+    qk_norm: str = "none"  # "head": per-head q/k RMSNorm (Qwen3); "full": over the whole projection (OLMoE)
 
     def local(self, num_heads: int, num_kv_heads: int) -> "GqaDims":
         return replace(self, num_heads=num_heads, num_kv_heads=num_kv_heads)
@@ -51,12 +52,29 @@ class GqaDims:
 
 @dataclass(frozen=True)
 class RouterDims:
+    """A top-k token router, in the variants transformers' decoder families use.
+
+    scoring: softmax (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V2) or sigmoid (DeepSeek-V3, Kimi-K2).
+    Selection is group-limited when num_groups > 1: keep the topk_groups groups with the best
+    group score (`max` of the group's scores, DeepSeek-V2; sum of its best two, DeepSeek-V3),
+    then the top_k experts among them. correction_bias: a per-expert bias added for the choice
+    only (not to the weights). normalize: the k weights are renormalized to sum to one; scaling
+    multiplies them. fp32_logits: the router GEMM runs on fp32 copies of the activation and
+    weight (DeepSeek) rather than in the model dtype; weights_in_model_dtype: the k weights are
+    rounded back to the model dtype before they scale the experts' outputs (Qwen-MoE, OLMoE).
+    """
+
     num_experts: int
-    num_groups: int
-    topk_groups: int
     top_k: int
-    normalize: bool
-    scaling: float
+    scoring: str = "softmax"
+    num_groups: int = 1
+    topk_groups: int = 1
+    group_score: str = "max"
+    correction_bias: bool = False
+    normalize: bool = False
+    scaling: float = 1.0
+    fp32_logits: bool = False
+    weights_in_model_dtype: bool = False
 
 
 @dataclass(frozen=True)

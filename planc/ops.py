@@ -117,6 +117,15 @@ class Ops:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
         return w * h.to(x.dtype)
 
+    def sumsq(self, x: torch.Tensor) -> torch.Tensor:
+        """Σ x² over the last dim, in at least fp32: one rank's share of a split RMSNorm's statistic."""
+        return acc(x).pow(2).sum(-1, keepdim=True)
+
+    def rmsnorm_sumsq(self, x: torch.Tensor, sumsq: torch.Tensor, w: torch.Tensor, eps: float, count: int) -> torch.Tensor:
+        """RMSNorm of a column slice `x`, given Σ x² over all `count` elements of the whole row."""
+        h = acc(x) * torch.rsqrt(sumsq / count + eps)
+        return w * h.to(x.dtype)
+
     def mla_decode(self, q_lat_BHC, q_pe_BHR, ckv_BTC, kpe_BTR, key_mask_BT, scale: float):
         logits = torch.einsum("bhc,btc->bht", q_lat_BHC, ckv_BTC) + torch.einsum("bhr,btr->bht", q_pe_BHR, kpe_BTR)
         probs = masked_softmax(logits * scale, key_mask_BT[:, None, :]).to(ckv_BTC.dtype)
@@ -133,6 +142,10 @@ class Ops:
     # -- node-level ops --------------------------------------------------------------------------
     def embedding(self, ids_BS: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids_BS, w)
+
+    def sigmoid_scale(self, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """sigmoid(gate) * y: a gate of width 1 scales each token's output (Qwen2-MoE's shared expert)."""
+        return torch.sigmoid(gate) * y
 
     def gated_act(self, gate: torch.Tensor, up: torch.Tensor, act_name: str) -> torch.Tensor:
         return act(act_name, gate) * up
@@ -178,7 +191,7 @@ class Ops:
         q = q_BSX.view(B, S, d.num_heads, d.head_dim)
         k = k_BSX.view(B, S, d.num_kv_heads, d.head_dim)
         v = v_BSX.view(B, S, d.num_kv_heads, d.head_dim)
-        if "q_norm.weight" in W:
+        if d.qk_norm == "head":
             q = self.rmsnorm(q, W["q_norm.weight"], d.eps)
             k = self.rmsnorm(k, W["k_norm.weight"], d.eps)
         cos, sin = rope_cos_sin(step.pos_BS, W["rotary.inv_freq"], d.rope_scaling, q_BSX.dtype)
@@ -200,21 +213,30 @@ class Ops:
         return torch.einsum("bhst,bthd->bshd", probs, v)
 
     def moe_route(self, x_ND: torch.Tensor, W: Weights, d: RouterDims) -> tuple[torch.Tensor, torch.Tensor]:
-        """DeepSeek-V3 router: sigmoid scores, bias-corrected group-limited top-k, scaled weights."""
-        logits = F.linear(x_ND.float(), W["weight"].float())
-        scores = logits.sigmoid()
-        choice = scores + W["e_score_correction_bias"].float()
-        per_group = choice.view(-1, d.num_groups, d.num_experts // d.num_groups)
-        group_scores = per_group.topk(min(2, per_group.shape[-1]), dim=-1)[0].sum(dim=-1)
-        group_idx = torch.topk(group_scores, k=d.topk_groups, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
-        expert_mask = group_mask.repeat_interleave(d.num_experts // d.num_groups, dim=1).bool()
-        choice = choice.masked_fill(~expert_mask, float("-inf"))
+        """Top-k routing (RouterDims says which variant): expert ids [N, K] and their weights [N, K]."""
+        if d.fp32_logits:
+            logits = F.linear(x_ND.float(), W["weight"].float())
+        else:
+            logits = F.linear(x_ND, W["weight"]).float()
+        scores = logits.sigmoid() if d.scoring == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + W["e_score_correction_bias"].float() if d.correction_bias else scores
+        if d.num_groups > 1:
+            per_group = choice.view(-1, d.num_groups, d.num_experts // d.num_groups)
+            if d.group_score == "max":
+                group_scores = per_group.amax(dim=-1)
+            else:  # the sum of each group's best two
+                group_scores = per_group.topk(min(2, per_group.shape[-1]), dim=-1)[0].sum(dim=-1)
+            group_idx = torch.topk(group_scores, k=d.topk_groups, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+            expert_mask = group_mask.repeat_interleave(d.num_experts // d.num_groups, dim=1).bool()
+            choice = choice.masked_fill(~expert_mask, float("-inf"))
         idx_NK = torch.topk(choice, k=d.top_k, dim=-1, sorted=False)[1]
         w_NK = scores.gather(1, idx_NK)
         if d.normalize:
-            w_NK = w_NK / (w_NK.sum(dim=-1, keepdim=True) + 1e-20)
-        return idx_NK, w_NK * d.scaling
+            # sigmoid scores can all be tiny; DeepSeek-V3 guards the division, softmax routers do not
+            w_NK = w_NK / (w_NK.sum(dim=-1, keepdim=True) + (1e-20 if d.scoring == "sigmoid" else 0.0))
+        w_NK = w_NK * d.scaling
+        return idx_NK, w_NK.to(x_ND.dtype) if d.weights_in_model_dtype else w_NK
 
     def moe_experts(self, x_ND: torch.Tensor, weight_NE: torch.Tensor, W: Weights, act_name: str) -> torch.Tensor:
         """Σ_e weight[n, e] · expert_e(x[n]) over the experts held here (columns of weight_NE)."""
@@ -254,13 +276,20 @@ class Ops:
 
     def gqa_attention(self, x_BSD, step: Step, cache: GqaCache, W: Weights, d: GqaDims) -> torch.Tensor:
         q, k, v = (self.linear(x_BSD, W[f"{p}_proj.weight"], W.get(f"{p}_proj.bias")) for p in "qkv")
+        if d.qk_norm == "full":  # over the whole projection, before the heads are split
+            q, k = self.rmsnorm(q, W["q_norm.weight"], d.eps), self.rmsnorm(k, W["k_norm.weight"], d.eps)
         o = self.gqa_core(q, k, v, step, cache, W, d)
         return self.linear(o, W["o_proj.weight"], W.get("o_proj.bias"))
 
-    def moe(self, x_BSD: torch.Tensor, W: Weights, d: RouterDims, act_name: str) -> torch.Tensor:
-        """The whole MoE block on one device: routed experts plus shared experts."""
+    def moe(self, x_BSD: torch.Tensor, W: Weights, d: RouterDims, act_name: str, shared: str | None = None,
+            shared_gate: str | None = None) -> torch.Tensor:
+        """The whole MoE block on one device: routed experts, plus the shared expert MLP (scaled by
+        sigmoid(shared_gate(x)) when the block has such a gate, as Qwen2-MoE does)."""
         hidden, intermediate = W["experts.down_proj"].shape[-2:]
         y = self.moe_routed(x_BSD, W, MoeDims(d, hidden, intermediate, act_name))
-        if any(k.startswith("shared_experts.") for k in W):
-            y = y + self.mlp(x_BSD, scoped(W, "shared_experts"), act_name)
-        return y
+        if shared is None:
+            return y
+        s = self.mlp(x_BSD, scoped(W, shared), act_name)
+        if shared_gate is not None:
+            s = self.sigmoid_scale(self.linear(x_BSD, W[f"{shared_gate}.weight"], W.get(f"{shared_gate}.bias")), s)
+        return y + s

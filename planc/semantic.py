@@ -17,6 +17,7 @@ declare_op("rmsnorm", lambda c: f"ops.rmsnorm({c.args[0]}, {c.weight('weight')},
            owns_weights=True)
 declare_op("linear", lambda c: f"ops.linear({c.args[0]}, {c.weight('weight')}, {c.maybe('bias')})", owns_weights=True)
 declare_op("add", lambda c: f"{c.args[0]} + {c.args[1]}")
+declare_op("sigmoid_scale", lambda c: f"ops.sigmoid_scale({c.args[0]}, {c.args[1]})")
 declare_op("mlp", lambda c: f"ops.gated_act({c.args[0]}, {c.args[1]}, {c.info.dims.act!r})")
 declare_op("mla_attention", lambda c: f"ops.mla_core({_core_args(c)}, step, caches[{c.info.fqn!r}], {c.W}, {c.dims})",
            owns_weights=True, rotary=True, step=True)

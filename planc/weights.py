@@ -6,6 +6,11 @@ import torch
 Tensors = dict[str, torch.Tensor]
 
 
+def named_tensors(module: torch.nn.Module) -> Tensors:
+    """Every parameter and buffer by FQN; a tied weight (lm_head = embed_tokens) under each name."""
+    return dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers(remove_duplicate=False))
+
+
 def scoped(tensors: Tensors, fqn: str) -> Tensors:
     """The tensors under `fqn.`, keyed by the rest of their name."""
     prefix = fqn + "."

@@ -20,7 +20,7 @@ from torch import nn
 
 from planc.ops import GqaCache, MlaCache, Ops, Step
 from planc.lift.recognize import Block
-from planc.weights import scoped
+from planc.weights import named_tensors, scoped
 
 # fp64 is loose because transformers computes RMSNorm in fp32 whatever the model dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -77,7 +77,7 @@ class _Recorder(fx.Interpreter):
 
 
 def block_weights(model: nn.Module, fqn: str) -> dict[str, torch.Tensor]:
-    named = dict(model.named_parameters()) | dict(model.named_buffers())
+    named = named_tensors(model)
     weights = scoped(named, fqn)
     rotary = named.get("model.rotary_emb.inv_freq")
     if rotary is not None:
@@ -97,7 +97,7 @@ def run_reference(block: Block, x: torch.Tensor, W: dict[str, torch.Tensor], ops
     if block.kind == "mlp":
         return ops.mlp(x, W, block.attrs["act"])
     if block.kind == "moe":
-        return ops.moe(x, W, block.dims, block.attrs["act"])
+        return ops.moe(x, W, block.dims, block.attrs["act"], block.attrs["shared"], block.attrs["shared_gate"])
     B, S, _ = x.shape
     step = Step(0, torch.arange(S).expand(B, S), torch.ones(B, S, dtype=torch.bool))
     d = block.dims

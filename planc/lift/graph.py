@@ -5,10 +5,12 @@ strategy splits — each a `linear` node with its own module FQN — around a se
 
     MLA   q = linear[q_a_proj] -> rmsnorm[q_a_layernorm] -> linear[q_b_proj]   (or linear[q_proj])
           kv = linear[kv_a_proj_with_mqa];  o = mla_attention(q, kv);  a = linear[o_proj](o)
-    GQA   q, k, v = linear[q_proj], linear[k_proj], linear[v_proj]
+    GQA   q, k, v = linear[q_proj], linear[k_proj], linear[v_proj]   (q, k -> rmsnorm[q_norm|k_norm]
+          when those norms span the whole projection, as OLMoE's do)
           o = gqa_attention(q, k, v);  a = linear[o_proj](o)
     MLP   g, u = linear[gate_proj], linear[up_proj];  m = linear[down_proj](mlp(g, u))
-    MoE   r = moe(x)  (router + routed experts);  shared experts as an MLP;  m = add(r, shared)
+    MoE   r = moe(x)  (router + routed experts);  shared experts as an MLP, scaled by
+          sigmoid_scale(linear[shared_expert_gate](x), .) where the block has that gate;  m = add(r, shared)
 
 so a collective inserted by a pass follows the GEMM that produces its input.
 """
@@ -56,6 +58,8 @@ class _Builder:
     def gqa(self, b: Block, x: fx.Node) -> fx.Node:
         A, L = b.fqn, b.layer
         qkv = [self.linear(f"{A}.{p}_proj", x, p, A, L) for p in "qkv"]
+        if b.dims.qk_norm == "full":  # OLMoE: q and k normalized over the whole projection
+            qkv[:2] = [self.norm(f"{A}.{p}_norm", t, p, A, L) for p, t in zip("qk", qkv)]
         o = self.node("gqa_attention", tuple(qkv), "o", fqn=A, block=A, cls=b.cls, layer=L, dims=b.dims)
         return self.linear(f"{A}.o_proj", o, "a", A, L)
 
@@ -71,10 +75,14 @@ class _Builder:
         hidden = self.modules[f"{M}.experts"].gate_up_proj.shape[-1]
         dims = MoeDims(b.dims, hidden, b.attrs["intermediate"], b.attrs["act"])
         routed = self.node("moe", (x,), "r", fqn=M, block=M, cls=b.cls, layer=L, dims=dims)
-        if not b.attrs["shared"]:
+        shared_name = b.attrs["shared"]
+        if shared_name is None:
             return routed
-        shared_cls = type(self.modules[f"{M}.shared_experts"]).__name__
-        shared = self.mlp(f"{M}.shared_experts", x, M, L, b.attrs["act"], shared_cls)
+        S = f"{M}.{shared_name}"
+        shared = self.mlp(S, x, M, L, b.attrs["act"], type(self.modules[S]).__name__)
+        if b.attrs["shared_gate"] is not None:  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared
+            gate = self.linear(f"{M}.{b.attrs['shared_gate']}", x, "sg", M, L)
+            shared = self.node("sigmoid_scale", (gate, shared), "s", block=M, layer=L)
         return self.node("add", (routed, shared), "m", block=M, layer=L)
 
     def block(self, b: Block, x: fx.Node) -> fx.Node:

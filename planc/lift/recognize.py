@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from planc.errors import ModelError
@@ -50,7 +51,7 @@ def _act_name(m: nn.Module, config) -> str:
     return getattr(config, "hidden_act", "silu")
 
 
-def _mla_dims(attn: nn.Module, rope_scaling: float) -> MlaDims | None:
+def _mla_dims(attn: nn.Module, rope_scaling: float, complex_rope: bool) -> MlaDims | None:
     if not MLA_CHILDREN <= _children(attn) or not all(_is_linear(getattr(attn, c)) for c in ("kv_a_proj_with_mqa", "kv_b_proj")):
         return None
     q_lora = attn.q_a_proj.out_features if getattr(attn, "q_a_proj", None) is not None else 0
@@ -58,7 +59,10 @@ def _mla_dims(attn: nn.Module, rope_scaling: float) -> MlaDims | None:
         num_heads=attn.num_heads, q_lora_rank=q_lora, kv_lora_rank=attn.kv_lora_rank,
         nope_dim=attn.qk_nope_head_dim, rope_dim=attn.qk_rope_head_dim, v_dim=attn.v_head_dim,
         eps=rmsnorm_eps(attn.kv_a_layernorm), scale=float(attn.scaling), rope_scaling=rope_scaling,
-        rope_interleave=bool(getattr(attn.config, "rope_interleave", False)),
+        # Rotating pairs as complex numbers (DeepSeek-V2) is the interleaved rotation: it turns
+        # x[2i], x[2i+1] by position * inv_freq[i]. Where the rotated pairs are laid out after
+        # (interleaved, or de-interleaved as DeepSeek-V3 does) does not change q . k.
+        rope_interleave=complex_rope or bool(getattr(attn.config, "rope_interleave", False)),
     )
     # The shapes must agree with the attributes, or the module is something else.
     shapes_agree = (attn.kv_a_proj_with_mqa.out_features == dims.kv_lora_rank + dims.rope_dim
@@ -70,32 +74,78 @@ def _gqa_dims(attn: nn.Module, rope_scaling: float) -> GqaDims | None:
     if not GQA_CHILDREN <= _children(attn) or not all(_is_linear(getattr(attn, c)) for c in sorted(GQA_CHILDREN)):
         return None
     head_dim = attn.head_dim
-    q_norm = getattr(attn, "q_norm", None)
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    qk_norm, eps = "none", 0.0
+    if q_norm is not None and k_norm is not None:
+        eps = rmsnorm_eps(q_norm)
+        widths = (q_norm.weight.shape[0], k_norm.weight.shape[0])
+        if eps is None or rmsnorm_eps(k_norm) != eps:
+            return None
+        if widths == (head_dim, head_dim):
+            qk_norm = "head"  # Qwen3: each head's q and k normalized on its own
+        elif widths == (attn.q_proj.out_features, attn.k_proj.out_features):
+            qk_norm = "full"  # OLMoE: the whole q and k projections normalized before the head split
+        else:
+            return None
+    if getattr(getattr(attn, "config", None), "clip_qkv", None) is not None:
+        return None  # OLMoE's optional clamp of q, k, v: not part of the semantic op
     return GqaDims(
         num_heads=attn.q_proj.out_features // head_dim, num_kv_heads=attn.k_proj.out_features // head_dim,
-        head_dim=head_dim, eps=rmsnorm_eps(q_norm) if q_norm is not None else 0.0,
-        scale=float(attn.scaling), rope_scaling=rope_scaling,
+        head_dim=head_dim, eps=eps, scale=float(attn.scaling), rope_scaling=rope_scaling, qk_norm=qk_norm,
     )
 
 
 def _router_dims(moe: nn.Module) -> RouterDims | None:
+    """The router of a MoE block with fused experts, read from the gate's attributes.
+
+    DeepSeek-V3 / Kimi-K2: sigmoid scores with a correction bias (e_score_correction_bias).
+    DeepSeek-V2: softmax scores, greedy or group-limited greedy selection (topk_method).
+    Mixtral, Qwen2-MoE / Qwen3-MoE, OLMoE: softmax top-k, renormalized when norm_topk_prob
+    says so (Mixtral has no such switch: always).
+    """
     gate, experts = getattr(moe, "gate", None), getattr(moe, "experts", None)
-    if gate is None or experts is None or not hasattr(gate, "e_score_correction_bias"):
+    weight = getattr(gate, "weight", None)
+    if gate is None or experts is None or weight is None or weight.dim() != 2 or not isinstance(getattr(gate, "top_k", None), int):
         return None
-    if getattr(experts, "gate_up_proj", None) is None or experts.gate_up_proj.dim() != 3:
+    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    num_experts, hidden = weight.shape
+    if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == down.dim() == 3
+            and gate_up.shape[0] == down.shape[0] == num_experts and gate_up.shape[2] == down.shape[1] == hidden
+            and gate_up.shape[1] == 2 * down.shape[2]):
+        return None  # not [E, 2I, D] / [E, D, I] fused experts
+    if any(getattr(experts, name, None) is not None for name in ("gate_up_proj_bias", "down_proj_bias")):
         return None
-    return RouterDims(
-        num_experts=gate.weight.shape[0], num_groups=gate.num_group, topk_groups=gate.topk_group,
-        top_k=gate.top_k, normalize=bool(gate.norm_topk_prob), scaling=float(gate.routed_scaling_factor),
-    )
+    common = {"num_experts": num_experts, "top_k": gate.top_k}
+    if hasattr(gate, "e_score_correction_bias"):
+        return RouterDims(**common, scoring="sigmoid", num_groups=gate.num_group, topk_groups=gate.topk_group,
+                          group_score="top2_sum", correction_bias=True, normalize=bool(gate.norm_topk_prob),
+                          scaling=float(gate.routed_scaling_factor), fp32_logits=True)
+    if hasattr(gate, "topk_method"):
+        if gate.topk_method not in ("greedy", "group_limited_greedy"):
+            return None
+        grouped = gate.topk_method == "group_limited_greedy"
+        return RouterDims(**common, num_groups=gate.num_group if grouped else 1,
+                          topk_groups=gate.topk_group if grouped else 1, group_score="max",
+                          scaling=float(gate.routed_scaling_factor), fp32_logits=True)
+    if hasattr(gate, "norm_topk_prob"):
+        return RouterDims(**common, normalize=bool(gate.norm_topk_prob), weights_in_model_dtype=True)
+    return RouterDims(**common, normalize=True)
 
 
-def _is_mlp(m: nn.Module) -> bool:
-    return MLP_CHILDREN <= _children(m) and all(_is_linear(getattr(m, c)) for c in sorted(MLP_CHILDREN))
+def _shared_expert(moe: nn.Module) -> tuple[str | None, str | None]:
+    """(the shared expert MLP's child name, the name of its sigmoid gate) of a MoE block."""
+    shared = next((n for n in ("shared_experts", "shared_expert") if _is_mlp(getattr(moe, n, None))), None)
+    gate = getattr(moe, "shared_expert_gate", None)
+    has_gate = shared is not None and _is_linear(gate) and gate.out_features == 1
+    return shared, "shared_expert_gate" if has_gate else None
 
 
-def _attention_block(attn: nn.Module, fqn: str, layer: int, rope_scaling: float) -> Block:
-    for kind, dims in (("mla_attention", _mla_dims(attn, rope_scaling)), ("gqa_attention", _gqa_dims(attn, rope_scaling))):
+def _is_mlp(m: nn.Module | None) -> bool:
+    return m is not None and MLP_CHILDREN <= _children(m) and all(_is_linear(getattr(m, c)) for c in sorted(MLP_CHILDREN))
+
+
+def _attention_block(attn: nn.Module, fqn: str, layer: int, rope_scaling: float, complex_rope: bool) -> Block:
+    for kind, dims in (("mla_attention", _mla_dims(attn, rope_scaling, complex_rope)), ("gqa_attention", _gqa_dims(attn, rope_scaling))):
         if dims is not None:
             return Block(kind, fqn, type(attn).__name__, layer, dims)
     raise ModelError(f"{fqn} ({type(attn).__name__}): not a recognized attention block; planc lifts MLA "
@@ -106,14 +156,16 @@ def _ffn_block(ffn: nn.Module, fqn: str, layer: int, config) -> Block:
     act = _act_name(ffn, config)
     router = _router_dims(ffn)
     if router is not None:
-        shared = getattr(ffn, "shared_experts", None)
+        shared, shared_gate = _shared_expert(ffn)
         return Block("moe", fqn, type(ffn).__name__, layer, router,
-                     {"act": act, "shared": shared is not None, "intermediate": ffn.experts.gate_up_proj.shape[1] // 2})
+                     {"act": act, "shared": shared, "shared_gate": shared_gate,
+                      "intermediate": ffn.experts.gate_up_proj.shape[1] // 2})
     if _is_mlp(ffn):
         return Block("mlp", fqn, type(ffn).__name__, layer, None, {"act": act, "intermediate": ffn.gate_proj.out_features})
     raise ModelError(f"{fqn} ({type(ffn).__name__}): not a recognized feed-forward block; planc lifts gated MLPs "
-                     f"({', '.join(sorted(MLP_CHILDREN))}) and DeepSeek-style MoE (gate with e_score_correction_bias + "
-                     "fused experts)")
+                     f"({', '.join(sorted(MLP_CHILDREN))}) and MoE blocks with a top-k router (`gate`: weight [E, D], "
+                     "top_k) over fused experts (`experts`: gate_up_proj [E, 2I, D], down_proj [E, D, I]), "
+                     "optionally with a shared expert MLP")
 
 
 def _norm_block(m: nn.Module, fqn: str, layer: int | None) -> Block:
@@ -132,17 +184,29 @@ def _decoder(model: nn.Module) -> tuple[str, nn.Module]:
     return "model", base
 
 
+def _complex_rope(rotary: nn.Module | None) -> bool:
+    """Whether the model's rotary embedding hands out complex rotations (DeepSeek-V2) rather than
+    (cos, sin): asked of the module itself, on one position."""
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if not isinstance(inv_freq, torch.Tensor):
+        return False
+    with torch.no_grad():
+        out = rotary(inv_freq.new_zeros(1, 1, 1), torch.zeros(1, 1, dtype=torch.long, device=inv_freq.device))
+    return isinstance(out, torch.Tensor) and out.is_complex()
+
+
 def recognize(model: nn.Module) -> list[Block]:
     """The blocks of a decoder LM, in execution order."""
     prefix, base = _decoder(model)
     rotary = getattr(base, "rotary_emb", None)
     rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    complex_rope = _complex_rope(rotary)
     blocks = [Block("embedding", f"{prefix}.embed_tokens", type(base.embed_tokens).__name__)]
     for i, layer in enumerate(base.layers):
         lp = f"{prefix}.layers.{i}"
         blocks += [
             _norm_block(layer.input_layernorm, f"{lp}.input_layernorm", i),
-            _attention_block(layer.self_attn, f"{lp}.self_attn", i, rope_scaling),
+            _attention_block(layer.self_attn, f"{lp}.self_attn", i, rope_scaling, complex_rope),
             _norm_block(layer.post_attention_layernorm, f"{lp}.post_attention_layernorm", i),
             _ffn_block(layer.mlp, f"{lp}.mlp", i, model.config),
         ]
