@@ -5,6 +5,10 @@ A rule's section offers strategies (passes/); each strategy names the node kinds
 each such node, the first rule whose `match` glob fits its FQN and whose section offers a strategy
 for its kind wins. A rule that binds nothing is an error that lists what it could have matched —
 never skipped. Binding records the rule on the node; the strategy is set by its pass.
+
+A block planc runs as captured (planc.lift.captured) cannot be split: a rule whose glob fits it, in
+a section that would shard its slot, is an error naming the block — even when the glob also fits
+lifted blocks, since the plan asked for a split planc cannot make. A `replicated` rule may take it.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import torch.fx as fx
 
 from planc.errors import PlanError
 from planc.ir import RuleRef, copy_graph, info, mark
+from planc.lift.captured import captured_nodes
 from planc.passes import STRATEGIES
 from planc.plan import Plan, locate
 from planc.strategy import Section
@@ -43,6 +48,12 @@ def bind(graph: fx.Graph, plan: Plan) -> fx.Graph:
     graph = copy_graph(graph)
     used: set[int] = set()
     for ref, key, section in rule_refs(plan):
+        taken = _captured_matching(graph, ref.match, key)
+        if taken:
+            used.add(ref.index)
+            _check_replicated(plan, ref, key, section, taken)
+        for node in taken:
+            mark(node, rule=ref)
         nodes = [n for n in matching(graph, ref.match, section_kinds(key)) if info(n).rule is None]
         if nodes:
             used.add(ref.index)
@@ -53,6 +64,24 @@ def bind(graph: fx.Graph, plan: Plan) -> fx.Graph:
         if ref.index not in used:
             _unmatched(plan, ref, key, graph)
     return graph
+
+
+def _captured_matching(graph: fx.Graph, glob: str, key: str) -> list[fx.Node]:
+    """Run-as-captured blocks no earlier rule took, in a slot where section `key` lifts something."""
+    kinds = set(section_kinds(key))
+    return [n for n in captured_nodes(graph) if info(n).rule is None and kinds & set(info(n).dims.lifts)
+            and fnmatchcase(info(n).fqn, glob)]
+
+
+def _check_replicated(plan: Plan, ref: RuleRef, key: str, section: Section, taken: list[fx.Node]) -> None:
+    if section.strategy == "replicated":
+        return
+    m = info(taken[0])
+    more = f" (and {len(taken) - 1} more such blocks)" if len(taken) > 1 else ""
+    raise PlanError(f"{locate(plan, ('rules', ref.index, key, 'strategy')) or 'plan'}: rules[{ref.index}].{key}.strategy "
+                    f"{section.strategy!r} (match {ref.match!r}) asks to shard {m.fqn} ({m.cls}){more}, which planc "
+                    f"runs as captured, whole on every rank: {m.dims.why}. Narrow the match to leave it out, or "
+                    f"use strategy 'replicated' for it")
 
 
 def _check_fits(plan: Plan, ref: RuleRef, key: str, section: Section, nodes: list[fx.Node]) -> None:

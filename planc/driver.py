@@ -23,6 +23,7 @@ from planc.codegen.partition import model_tensors, partition
 from planc.dims import DTYPES
 from planc.errors import PlanError
 from planc.lift import lift
+from planc.lift.captured import captured_lines
 from planc.models.registry import BUNDLED, BYTE_VOCAB, load_model
 from planc.passes import STRATEGIES
 from planc.passmanager import PassContext, run_passes
@@ -71,6 +72,8 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
     lifted = lift(model, check=not meta)
     log(f"lift     {len(lifted.blocks)} blocks" + (f", {sum(c.method == 'numeric' for c in lifted.checks)} checked numerically against the captured graph, "
                                              f"{sum(c.method != 'numeric' for c in lifted.checks)} structurally" if lifted.checks else ""))
+    for line in captured_lines(lifted.blocks):
+        log(f"captured {line}")
     graph, ctx = parallelize(lifted.graph, plan, model, strict=strict, meta=meta)
     log(f"passes   {pass_order()}: {sum(r.action == 'applied' for r in ctx.records)} rewrites, "
         f"{sum(r.action == 'declined' for r in ctx.records)} declined")

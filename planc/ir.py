@@ -136,14 +136,26 @@ def info(node: fx.Node) -> NodeInfo:
 # -- op kinds ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Definition:
+    """A module-level function an emitted call uses (a run-as-captured block's code): the program
+    defines it once, however many nodes call it. `source` is `def <name>(...): ...`."""
+
+    name: str
+    source: str
+    imports: tuple[str, ...] = ()  # lines the function needs (`import torch`)
+
+
 @dataclass
 class Call:
-    """What an OpSpec's emitter sees: the node, its argument names, and constants to declare."""
+    """What an OpSpec's emitter sees: the node, its argument names, and constants and functions
+    to declare at module level."""
 
     node: fx.Node
     info: NodeInfo
     args: list[str]
     const: Callable[[str, Any], str]  # (prefix, value) -> name of a module-level constant
+    define: Callable[[Definition], str]  # a module-level function -> its name
 
     @property
     def W(self) -> str:

@@ -23,5 +23,6 @@ declare_op("mla_attention", lambda c: f"ops.mla_core({_core_args(c)}, step, cach
            owns_weights=True, rotary=True, step=True)
 declare_op("gqa_attention", lambda c: f"ops.gqa_core({_core_args(c)}, step, caches[{c.info.fqn!r}], {c.W}, {c.dims})",
            owns_weights=True, rotary=True, step=True)
+declare_op("captured", lambda c: f"{c.define(c.info.dims.fn)}({c.args[0]}, {c.W})", owns_weights=True)
 declare_op("moe", lambda c: f"ops.moe_routed({c.args[0]}, {c.W}, {c.dims})", owns_weights=True)
 declare_op("all_reduce", lambda c: f"comm.all_reduce({c.args[0]})", collective="all_reduce")

@@ -3,7 +3,8 @@
     captured: embedding, aten.mm, aten.rsqrt, ... (~700 nodes for a 4-layer model)
     lifted:   h = embedding(ids); x = rmsnorm(h); a = mla_attention(x); h_1 = add(h, a); ...
 
-Recognition is structural (planc.lift.recognize). The model is captured with one decoder layer
+Recognition is structural (planc.lift.recognize); a feed-forward block no recognizer knows runs
+as captured, its exported graph emitted as code (planc.lift.captured). The model is captured with one decoder layer
 per structure (planc.lift.structure), so capture costs the same at any depth; each captured block
 is confirmed numerically against the captured subgraph (planc.lift.check) unless the model lives
 on the meta device, and every other layer stands on its representative's checks.
@@ -17,6 +18,7 @@ from torch import nn
 
 from planc.capture import Captured, capture, module_fqns
 from planc.errors import CompileError
+from planc.lift.captured import with_code
 from planc.lift.check import Check, check_blocks, structural_checks
 from planc.lift.graph import build_graph
 from planc.lift.recognize import Block, recognize
@@ -35,6 +37,7 @@ def lift(model: nn.Module, *, check: bool) -> Lifted:
     """Recognize every block, capture one layer per structure, and (with `check`) run the checks."""
     blocks = recognize(model)
     representative = representatives(model.model.layers, blocks)
+    blocks = with_code(model, blocks, representative)
     captured = capture(model, layers=sorted(set(representative.values())))
     ran = [b for b in blocks if b.layer is None or representative[b.layer] == b.layer]
     seen = module_fqns(captured.program)

@@ -2,9 +2,10 @@
 
 The captured (exported) graph is interpreted once; for every block we record the activation
 entering it and the value leaving it — found from `nn_module_stack`, not assumed — and run the
-block's semantic reference on the recorded input. A block whose reference disagrees is declined
-with the numbers. Residual wiring is checked the same way: a layer's input plus its attention
-output must equal what enters the post-attention norm.
+block's semantic reference on the recorded input (for a block run as captured, the function the
+program will run). A block whose reference disagrees is declined with the numbers. Residual
+wiring is checked the same way: a layer's input plus its attention output must equal what enters
+the post-attention norm.
 
 Only one layer per structure is captured (planc.lift.structure): its blocks are checked as above,
 on their own weights ("numeric"); every other layer's blocks are recorded as "structural" checks
@@ -19,7 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from planc.ops import GqaCache, MlaCache, Ops, Step
-from planc.lift.recognize import Block
+from planc.lift.recognize import CAPTURED, Block
 from planc.weights import named_tensors, scoped
 
 # fp64 is loose because transformers computes RMSNorm in fp32 whatever the model dtype.
@@ -98,6 +99,8 @@ def run_reference(block: Block, x: torch.Tensor, W: dict[str, torch.Tensor], ops
         return ops.mlp(x, W, block.attrs["act"])
     if block.kind == "moe":
         return ops.moe(x, W, block.dims, block.attrs["act"], block.attrs["shared"], block.attrs["shared_gate"])
+    if block.kind == CAPTURED:  # the function program.py will run (planc.lift.captured)
+        return block.dims.run(x, W)
     B, S, _ = x.shape
     step = Step(0, torch.arange(S).expand(B, S), torch.ones(B, S, dtype=torch.bool))
     d = block.dims

@@ -11,6 +11,7 @@ strategy splits — each a `linear` node with its own module FQN — around a se
     MLP   g, u = linear[gate_proj], linear[up_proj];  m = linear[down_proj](mlp(g, u))
     MoE   r = moe(x)  (router + routed experts);  shared experts as an MLP, scaled by
           sigmoid_scale(linear[shared_expert_gate](x), .) where the block has that gate;  m = add(r, shared)
+    any other feed-forward block:  m = captured(x)  (its exported graph, replicated)
 
 so a collective inserted by a pass follows the GEMM that produces its input.
 """
@@ -22,7 +23,7 @@ from torch import nn
 import planc.semantic  # noqa: F401  (declares the base op kinds)
 from planc.dims import EmbeddingDims, LinearDims, MlpDims, MoeDims, NormDims
 from planc.ir import NodeInfo, add_node
-from planc.lift.recognize import Block, rmsnorm_eps
+from planc.lift.recognize import CAPTURED, Block, rmsnorm_eps
 
 
 class _Builder:
@@ -85,6 +86,10 @@ class _Builder:
             shared = self.node("sigmoid_scale", (gate, shared), "s", block=M, layer=L)
         return self.node("add", (routed, shared), "m", block=M, layer=L)
 
+    def captured(self, b: Block, x: fx.Node) -> fx.Node:
+        """A block no recognizer knows: one node, its exported graph as a function (b.dims)."""
+        return self.node(CAPTURED, (x,), "m", fqn=b.fqn, block=b.fqn, cls=b.cls, layer=b.layer, dims=b.dims)
+
     def block(self, b: Block, x: fx.Node) -> fx.Node:
         if b.kind == "mla_attention":
             return self.mla(b, x)
@@ -92,6 +97,8 @@ class _Builder:
             return self.gqa(b, x)
         if b.kind == "moe":
             return self.moe(b, x)
+        if b.kind == CAPTURED:
+            return self.captured(b, x)
         return self.mlp(b.fqn, x, b.fqn, b.layer, b.attrs["act"], b.cls)
 
 

@@ -18,6 +18,8 @@ from planc.dims import GqaDims, MlaDims, RouterDims
 MLA_CHILDREN = frozenset(("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"))
 GQA_CHILDREN = frozenset(("q_proj", "k_proj", "v_proj", "o_proj"))
 MLP_CHILDREN = frozenset(("gate_proj", "up_proj", "down_proj"))
+CAPTURED = "captured"  # a block no recognizer knows, run as its exported graph (planc.lift.captured)
+FFN_KINDS = ("mlp", "moe")  # what planc lifts in a decoder layer's feed-forward slot
 
 
 @dataclass(frozen=True)
@@ -195,8 +197,27 @@ def _complex_rope(rotary: nn.Module | None) -> bool:
     return isinstance(out, torch.Tensor) and out.is_complex()
 
 
+def _ffn_or_captured(ffn: nn.Module, fqn: str, layer: int, config) -> Block:
+    """A feed-forward block planc does not recognize runs as captured (planc.lift.captured)."""
+    try:
+        return _ffn_block(ffn, fqn, layer, config)
+    except ModelError as exc:
+        why = str(exc).removeprefix(f"{fqn} ({type(ffn).__name__}): ")
+        return Block(CAPTURED, fqn, type(ffn).__name__, layer, None, {"why": why, "lifts": FFN_KINDS})
+
+
+def _stateful_block(attn: nn.Module, fqn: str, layer: int, rope_scaling: float, complex_rope: bool) -> Block:
+    """An attention block planc does not recognize is an error: it cannot run as captured."""
+    try:
+        return _attention_block(attn, fqn, layer, rope_scaling, complex_rope)
+    except ModelError as exc:
+        raise ModelError(f"{exc}. It cannot run as captured either: attention keeps a KV cache from prefill to "
+                         "each decode step, and a captured graph of one forward has no cache to carry") from exc
+
+
 def recognize(model: nn.Module) -> list[Block]:
-    """The blocks of a decoder LM, in execution order."""
+    """The blocks of a decoder LM, in execution order; an unrecognized feed-forward block is a
+    `captured` block (run as its exported graph, replicated)."""
     prefix, base = _decoder(model)
     rotary = getattr(base, "rotary_emb", None)
     rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
@@ -206,9 +227,9 @@ def recognize(model: nn.Module) -> list[Block]:
         lp = f"{prefix}.layers.{i}"
         blocks += [
             _norm_block(layer.input_layernorm, f"{lp}.input_layernorm", i),
-            _attention_block(layer.self_attn, f"{lp}.self_attn", i, rope_scaling, complex_rope),
+            _stateful_block(layer.self_attn, f"{lp}.self_attn", i, rope_scaling, complex_rope),
             _norm_block(layer.post_attention_layernorm, f"{lp}.post_attention_layernorm", i),
-            _ffn_block(layer.mlp, f"{lp}.mlp", i, model.config),
+            _ffn_or_captured(layer.mlp, f"{lp}.mlp", i, model.config),
         ]
     blocks.append(_norm_block(base.norm, f"{prefix}.norm", None))
     blocks.append(Block("lm_head", "lm_head", "Linear", None, None, {"vocab": model.lm_head.out_features}))

@@ -1,9 +1,10 @@
 """`planc inspect`: one self-contained HTML page showing what a compile decided.
 
 Everything comes from the artifact directory: manifest.json (plan, model, versions),
-report.json (pass records, memory, collectives, lift checks, every intermediate graph as text and
-as JSON nodes) and program.py. A program line `name = ...` is the node `name` of the final graph,
-whose JSON gives its rule, strategy, layer, block and shard: nothing is read from comments. The
+report.json (pass records, memory, collectives, lift checks, blocks run as captured, every
+intermediate graph as text and as JSON nodes) and program.py. A line `name = ...` of `forward` is
+the node `name` of the final graph, whose JSON gives its rule, strategy, layer, block and shard:
+nothing is read from comments. The
 page has no dependencies: inline CSS, a few lines of vanilla JS to highlight a rule's program
 lines, every text value passed through html.escape.
 """
@@ -26,6 +27,7 @@ ASSIGNMENT = re.compile(r"^\s+(\w+) = ")
 LAYER_FQN = re.compile(r"layers\.(\d+)\.(.+)$")
 COLUMNS = ("attention", "ffn")
 FLOW_WIDTH = 64  # longer mappings of scalars are printed as blocks
+CAPTURED = "run as captured"  # a grid cell's strategy when planc did not lift the block
 
 
 # ---- reading the artifact -------------------------------------------------------------------
@@ -83,11 +85,19 @@ def final_nodes(report: dict) -> dict[str, dict]:
     return {n["name"]: n for n in (list(graphs.values())[-1] if graphs else [])}
 
 
-def parse_program(source: str, nodes: dict[str, dict]) -> list[Line]:
+def parse_program(source: str, nodes: dict[str, dict], captured: frozenset[str] = frozenset()) -> list[Line]:
+    """Lines of `forward` are nodes; module-level functions (run-as-captured code) are not. A call of
+    a `captured` block (by FQN) belongs to its grid cell, though no rule produced it."""
     lines = []
+    in_forward = False
     for text in source.splitlines():
-        found = ASSIGNMENT.match(text)
+        if text.startswith("def "):
+            in_forward = text.startswith("def forward(")
+        found = ASSIGNMENT.match(text) if in_forward else None
         node = nodes.get(found.group(1)) if found else None
+        if node is not None and node.get("rule") is None and node.get("fqn") in captured:
+            lines.append(Line(text, None, cell_of(node["fqn"]), CAPTURED))
+            continue
         if node is None or node.get("rule") is None:
             lines.append(Line(text))
             continue
@@ -102,10 +112,15 @@ def build_grid(report: dict, lines: list[Line]) -> dict[str, Cell]:
     for line in lines:
         if line.cell:
             cell = cells.setdefault(line.cell, Cell(strategy=line.strategy))
-            cell.rules.add(line.rule)
+            cell.rules |= {line.rule} - {None}
             cell.numbers.update(line.numbers)
     for record in report.get("passes", []):
         _add_record(cells, record)
+    for entry in report.get("run_as_captured", []):
+        if key := cell_of(entry["block"]):
+            cell = cells.setdefault(key, Cell())
+            cell.strategy = CAPTURED
+            cell.details.append(f"{CAPTURED} ({entry['class']}): {entry['why']}")
     for fqn, width in report.get("kv_width_per_rank", {}).items():
         if key := cell_of(fqn):
             cells.setdefault(key, Cell()).numbers["kv_width_per_rank"] = str(width)
@@ -335,6 +350,19 @@ def lift_section(report: dict) -> str:
     return _section("Lift checks", f"<details{' open' if failed else ''}>{summary}{table}</details>", "lift")
 
 
+def captured_section(report: dict) -> str:
+    """Blocks planc did not lift: each runs whole on every rank as the function program.py defines."""
+    entries = report.get("run_as_captured") or []
+    if not entries:
+        return ""
+    rows = [[f"<code>{escape(e['block'])}</code>", escape(e["class"]), f"<code>{escape(e['function'])}</code>",
+             escape(e["why"])] for e in entries]
+    note = ('<p class="note">Not lifted, so no rule can split them: each runs whole on every rank, as the code '
+            "torch.export captured of it (a function defined at the top of program.py).</p>")
+    return _section(f"Run as captured ({len(entries)})", _table(["block", "class", "function", "why not lifted"], rows)
+                    + note, "captured")
+
+
 def notes_section(report: dict) -> str:
     """What each pass decided from data (a transform, slice energies, ...), one table per pass."""
     parts = []
@@ -425,10 +453,11 @@ def render(artifact: Path) -> str:
     """The inspection page of ARTIFACT as one HTML string."""
     artifact = Path(artifact)
     manifest, report, program = _read(artifact)
-    lines = parse_program(program, final_nodes(report))
+    captured = frozenset(e["block"] for e in report.get("run_as_captured", []))
+    lines = parse_program(program, final_nodes(report), captured)
     left = [plan_section(manifest.get("plan", {})), memory_section(report, bool(manifest.get("meta"))),
             collectives_section(report), prediction_section(report),
-            lift_section(report), notes_section(report)]
+            lift_section(report), captured_section(report), notes_section(report)]
     right = [grid_section(build_grid(report, lines))]
     wide = [passes_section(report), program_section(lines), graphs_section(report)]
     title = f"planc inspect: {manifest.get('model', {}).get('source', artifact.name)}"

@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 
 from planc.ir import OPS, info
+from planc.lift.captured import captured_nodes
 from planc.passmanager import PassContext
 from planc.ring import ring_all_gather_bytes, ring_all_reduce_bytes, ring_reduce_scatter_bytes
 
@@ -58,6 +59,12 @@ def collectives_per_step(graph: fx.Graph, elem: int, world: int) -> dict[str, di
     return out
 
 
+def run_as_captured(graph: fx.Graph) -> list[dict]:
+    """Blocks planc did not lift, run whole on every rank as their exported graph, and why."""
+    return [{"block": m.fqn, "class": m.cls, "function": m.dims.fn.name, "why": m.dims.why}
+            for m in map(info, captured_nodes(graph))]
+
+
 def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -78,6 +85,7 @@ def build_report(graph: fx.Graph, ctx: PassContext, rank_tensors: list[dict[str,
         "declines": [r.__dict__ for r in ctx.records if r.action == "declined"],
         "notes": ctx.notes,
         "advice": ctx.advice,
+        "run_as_captured": run_as_captured(graph),
         "lift_checks": [{"block": c.fqn, "ok": c.ok, "rel_err": c.rel_err, "method": c.method,
                          "against": c.against} for c in checks]
                        or ("not run: meta device has no values" if meta else []),
