@@ -86,9 +86,13 @@ class _Builder:
             shared = self.node("sigmoid_scale", (gate, shared), "s", block=M, layer=L)
         return self.node("add", (routed, shared), "m", block=M, layer=L)
 
-    def captured(self, b: Block, x: fx.Node) -> fx.Node:
+    def captured(self, b: Block, x: fx.Node, name: str = "m") -> fx.Node:
         """A block no recognizer knows: one node, its exported graph as a function (b.dims)."""
-        return self.node(CAPTURED, (x,), "m", fqn=b.fqn, block=b.fqn, cls=b.cls, layer=b.layer, dims=b.dims)
+        return self.node(CAPTURED, (x,), name, fqn=b.fqn, block=b.fqn, cls=b.cls, layer=b.layer, dims=b.dims)
+
+    def slot_norm(self, b: Block, x: fx.Node, name: str) -> fx.Node:
+        """A decoder norm: an RMSNorm node, or its captured graph when it is something else."""
+        return self.captured(b, x, name) if b.kind == CAPTURED else self.norm(b.fqn, x, name, "", b.layer)
 
     def block(self, b: Block, x: fx.Node) -> fx.Node:
         if b.kind == "mla_attention":
@@ -115,10 +119,10 @@ def build_graph(blocks: list[Block], model: nn.Module) -> fx.Graph:
     for b in it:
         if b.kind == "lm_head":
             g.output(build.linear(b.fqn, h, "logits", "", None))
-        elif b.kind == "rmsnorm" and b.layer is None:
-            h = build.norm(b.fqn, h, "h", "", None)
+        elif b.layer is None:  # the final norm
+            h = build.slot_norm(b, h, "h")
         else:  # a norm, then its block, then the residual add
-            x = build.norm(b.fqn, h, "x", "", b.layer)
+            x = build.slot_norm(b, h, "x")
             blk = next(it)
             h = build.node("add", (h, build.block(blk, x)), "h", layer=blk.layer)
     return g

@@ -173,7 +173,8 @@ def _ffn_block(ffn: nn.Module, fqn: str, layer: int, config) -> Block:
 def _norm_block(m: nn.Module, fqn: str, layer: int | None) -> Block:
     eps = rmsnorm_eps(m)
     if eps is None:
-        raise ModelError(f"{fqn} ({type(m).__name__}): expected an RMSNorm (1-D weight, eps, no bias)")
+        raise ModelError(f"{fqn} ({type(m).__name__}): not a recognized norm; planc lifts RMSNorm (a 1-D weight, an "
+                         "epsilon, no bias)")
     return Block("rmsnorm", fqn, type(m).__name__, layer, None, {"eps": eps})
 
 
@@ -206,6 +207,15 @@ def _ffn_or_captured(ffn: nn.Module, fqn: str, layer: int, config) -> Block:
         return Block(CAPTURED, fqn, type(ffn).__name__, layer, None, {"why": why, "lifts": FFN_KINDS})
 
 
+def _norm_or_captured(m: nn.Module, fqn: str, layer: int | None) -> Block:
+    """A norm that is not an RMSNorm (a LayerNorm with bias, say) runs as captured."""
+    try:
+        return _norm_block(m, fqn, layer)
+    except ModelError as exc:
+        why = str(exc).removeprefix(f"{fqn} ({type(m).__name__}): ")
+        return Block(CAPTURED, fqn, type(m).__name__, layer, None, {"why": why, "lifts": ("rmsnorm",)})
+
+
 def _stateful_block(attn: nn.Module, fqn: str, layer: int, rope_scaling: float, complex_rope: bool) -> Block:
     """An attention block planc does not recognize is an error: it cannot run as captured."""
     try:
@@ -216,8 +226,8 @@ def _stateful_block(attn: nn.Module, fqn: str, layer: int, rope_scaling: float, 
 
 
 def recognize(model: nn.Module) -> list[Block]:
-    """The blocks of a decoder LM, in execution order; an unrecognized feed-forward block is a
-    `captured` block (run as its exported graph, replicated)."""
+    """The blocks of a decoder LM, in execution order; an unrecognized feed-forward block or norm
+    is a `captured` block (run as its exported graph, replicated)."""
     prefix, base = _decoder(model)
     rotary = getattr(base, "rotary_emb", None)
     rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
@@ -226,11 +236,11 @@ def recognize(model: nn.Module) -> list[Block]:
     for i, layer in enumerate(base.layers):
         lp = f"{prefix}.layers.{i}"
         blocks += [
-            _norm_block(layer.input_layernorm, f"{lp}.input_layernorm", i),
+            _norm_or_captured(layer.input_layernorm, f"{lp}.input_layernorm", i),
             _stateful_block(layer.self_attn, f"{lp}.self_attn", i, rope_scaling, complex_rope),
-            _norm_block(layer.post_attention_layernorm, f"{lp}.post_attention_layernorm", i),
+            _norm_or_captured(layer.post_attention_layernorm, f"{lp}.post_attention_layernorm", i),
             _ffn_or_captured(layer.mlp, f"{lp}.mlp", i, model.config),
         ]
-    blocks.append(_norm_block(base.norm, f"{prefix}.norm", None))
+    blocks.append(_norm_or_captured(base.norm, f"{prefix}.norm", None))
     blocks.append(Block("lm_head", "lm_head", "Linear", None, None, {"vocab": model.lm_head.out_features}))
     return blocks

@@ -42,7 +42,8 @@ class GeluMLP(nn.Module):
 
 
 def gelu_llama() -> nn.Module:
-    """A 3-layer byte-vocabulary Llama whose layers 1 and 2 have a GeluMLP (one layer structure)."""
+    """A 3-layer byte-vocabulary Llama whose layers 1 and 2 have a GeluMLP (one layer structure)
+    and whose final norm is a LayerNorm (with bias: not an RMSNorm)."""
     torch.manual_seed(0)
     config = pin_static_paths(LlamaConfig(
         vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -51,6 +52,10 @@ def gelu_llama() -> nn.Module:
     model = LlamaForCausalLM(config)
     for layer in model.model.layers[1:]:
         layer.mlp = GeluMLP(32, 48)
+    model.model.norm = nn.LayerNorm(32)
+    with torch.no_grad():  # not the identity it starts as
+        model.model.norm.weight.uniform_(0.5, 1.5)
+        model.model.norm.bias.uniform_(-0.5, 0.5)
     return model.eval()
 
 
@@ -79,9 +84,12 @@ def test_compile_runs_the_block_as_captured_and_says_so(compiled):
     assert ("captured model.layers.1.mlp, model.layers.2.mlp (GeluMLP): run as captured, whole on every rank; "
             "not a recognized feed-forward block") in log
     report = json.loads((art / "report.json").read_text())
-    assert [(e["block"], e["class"], e["function"]) for e in report["run_as_captured"]] == \
-        [(fqn, "GeluMLP", "captured_L1_mlp") for fqn in CAPTURED]
-    assert all("planc lifts gated MLPs" in e["why"] for e in report["run_as_captured"])
+    mlps = [e for e in report["run_as_captured"] if e["class"] == "GeluMLP"]
+    assert [(e["block"], e["function"]) for e in mlps] == [(fqn, "captured_L1_mlp") for fqn in CAPTURED]
+    assert all("planc lifts gated MLPs" in e["why"] for e in mlps)
+    norm = next(e for e in report["run_as_captured"] if e["class"] == "LayerNorm")
+    assert norm["block"] == "model.norm" and "planc lifts RMSNorm" in norm["why"]
+    assert checks_ok(report, "model.norm")
     checks = {c["block"]: c for c in report["lift_checks"]}
     assert checks[CAPTURED[0]]["method"] == "numeric" and checks[CAPTURED[0]]["rel_err"] <= 1e-6
     assert checks[CAPTURED[1]]["against"] == CAPTURED[0]
@@ -89,6 +97,11 @@ def test_compile_runs_the_block_as_captured_and_says_so(compiled):
     assert program.count("def captured_L1_mlp(x, W):") == 1  # one definition per layer structure
     calls = re.findall(r"= captured_L1_mlp\(x_\d+, W\.scope\('([\w.]+)'\)\)", program)
     assert calls == CAPTURED
+
+
+def checks_ok(report: dict, block: str) -> bool:
+    check = next(c for c in report["lift_checks"] if c["block"] == block)
+    return check["method"] == "numeric" and check["rel_err"] <= 1e-6
 
 
 def test_two_ranks_reproduce_generate(compiled):
@@ -112,7 +125,7 @@ def test_a_rule_that_shards_the_captured_block_is_an_error(tmp_path, capsys):
 def test_inspect_page_lists_the_captured_blocks_and_their_grid_cells(compiled):
     page = render(compiled[0])
     section = re.search(r'<section id="captured">(.*?)</section>', page, re.S).group(1)
-    assert "Run as captured (2)" in section and section.count("<code>captured_L1_mlp</code>") == 2
+    assert "Run as captured (3)" in section and section.count("<code>captured_L1_mlp</code>") == 2
     for layer in (1, 2):
         cell = re.search(rf'<td [^>]*data-cell="{layer}:ffn"[^>]*>(.*?)</td>', page).group(1)
         assert '<div class="strategy">run as captured ' in cell
