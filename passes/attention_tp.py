@@ -103,13 +103,13 @@ def attention_tp(graph: fx.Graph, section: AttentionTpSection, ctx) -> fx.Graph:
 def _split_norm(graph: fx.Graph, norm: fx.Node, rule, shard: NormColumns) -> None:
     """norm(x) over a column slice x -> norm_columns(x, all_reduce(norm_sumsq(x)))."""
     m, x = info(norm).with_(rule=rule), norm.args[0]
+    short = m.fqn.rsplit(".", 1)[-1]  # q_norm, k_norm
     with graph.inserting_before(norm):
-        ss = add_node(graph, "norm_sumsq", (x,), m.with_(kind="norm_sumsq", strategy="tp", dims=None), f"{norm.name}_ss")
-        split = add_node(graph, "norm_columns", (x, ss), m.with_(kind="norm_columns", strategy="tp", shard=shard),
-                         norm.name)
+        ss = add_node(graph, "norm_sumsq", (x,), m.with_(kind="norm_sumsq", strategy="tp", dims=None), f"{short}_ss")
+        split = add_node(graph, "norm_columns", (x, ss), m.with_(kind="norm_columns", strategy="tp", shard=shard), short)
     insert_after(graph, ss, "all_reduce", m.with_(
         kind="all_reduce", strategy="tp", dims=CommDims(1, fixed_bytes=4),
-        why=f"{m.fqn.rsplit('.', 1)[-1]} spans every head: sum its Σ x² over the ranks' columns"))
+        why=f"{short} spans every head: sum its Σ x² over the ranks' columns"))
     norm.replace_all_uses_with(split)
     graph.erase_node(norm)
 
