@@ -107,7 +107,7 @@ def cmd_compile(args) -> int:
     if args.graph:
         print(art.report["graphs"][list(art.report["graphs"])[-1]])
     for entry in art.report["per_rank"]:
-        print(f"rank {entry['rank']}: weights {entry['weight_bytes'] / 2**20:.2f} MiB, "
+        print(f"rank {entry['rank']}: weights {entry['weight_bytes'] / 2**20:.2f} MiB ({art.manifest['dtype']}), "
               f"KV cache {entry['kv_bytes_per_token']} B/token")
     print(f"wrote {art.path} in {art.report['compile_seconds']:.1f} s")
 

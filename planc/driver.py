@@ -24,7 +24,7 @@ from planc.dims import DTYPES
 from planc.errors import PlanError
 from planc.lift import lift
 from planc.lift.captured import captured_lines
-from planc.models.registry import BUNDLED, BYTE_VOCAB, load_model
+from planc.models.registry import BUNDLED, BYTE_VOCAB, dtype_name, load_model
 from planc.passes import STRATEGIES
 from planc.passmanager import PassContext, run_passes
 from planc.plan import Plan, load_plan
@@ -40,7 +40,8 @@ class Artifact:
 
 
 def resolve_model(model: nn.Module | str | None, plan: Plan, meta: bool) -> tuple[nn.Module, str]:
-    dtype = DTYPES[plan.model.dtype] if plan.model else torch.float32
+    """The model and its source; a plan without a model section means model.dtype auto."""
+    dtype = plan.model.dtype if plan.model else "auto"
     if isinstance(model, nn.Module):
         return model.eval(), type(model).__name__
     source = model or (plan.model.source if plan.model else None)
@@ -94,6 +95,7 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
 
 
 def _manifest(model: nn.Module, source: str, plan: Plan, meta: bool) -> dict:
+    """What was compiled; "dtype" is the weights' dtype as loaded (model.dtype auto resolved)."""
     config = model.config
     return {
         "planc_version": __version__,
@@ -103,7 +105,7 @@ def _manifest(model: nn.Module, source: str, plan: Plan, meta: bool) -> dict:
         "model": {"source": source, "class": type(model).__name__, "vocab_size": config.vocab_size,
                   "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
                   "tokenizer": "bytes" if config.vocab_size == BYTE_VOCAB else "ids"},
-        "dtype": plan.model.dtype if plan.model else "float32",
+        "dtype": dtype_name(model),
         "world_size": plan.mesh.devices,
         "backend": plan.mesh.backend,
         "meta": meta,

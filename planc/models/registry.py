@@ -6,11 +6,18 @@ A MODEL argument is resolved in this order:
   2. a directory holding a Hugging Face checkpoint (config.json + *.safetensors);
   3. a config.json file (seeded random init);
   4. `package.module:factory`, a callable returning an nn.Module.
+
+dtype "auto" (the plan's default) is the checkpoint's own dtype: config.json's `dtype` (or the
+older `torch_dtype`), else the dtype of its safetensors tensors, else float32. Bundled models,
+config.json random inits and factories have no stored dtype: float32 (a factory's module keeps
+the dtype it was built in).
 """
 from __future__ import annotations
 
 import importlib
 import json
+import struct
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,10 +27,14 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV3Config, LlamaConfig, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
+from planc.dims import DTYPES
 from planc.errors import ModelError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 INIT_SEED = 0
+
+# safetensors' dtype names of the floating dtypes planc compiles
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F64": torch.float64, "BF16": torch.bfloat16, "F16": torch.float16}
 
 # Byte-level vocabulary shared by the bundled models: 256 byte values, then specials.
 BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
@@ -150,8 +161,10 @@ def _load_factory(ref: str) -> nn.Module:
     return model.eval()
 
 
-def load_model(source: str, *, dtype: torch.dtype = torch.float32, meta: bool = False) -> nn.Module:
-    """Resolve MODEL (see module docstring) into an eval-mode nn.Module."""
+def load_model(source: str, *, dtype: torch.dtype | str = "auto", meta: bool = False) -> nn.Module:
+    """Resolve MODEL (see module docstring) into an eval-mode nn.Module of `dtype` (a torch dtype, a
+    plan dtype name, or "auto")."""
+    dtype = resolve_dtype(source, dtype)
     if source in BUNDLED:
         return _load_bundled(source, dtype, meta)
     path = Path(source)
@@ -163,6 +176,48 @@ def load_model(source: str, *, dtype: torch.dtype = torch.float32, meta: bool = 
         return _load_factory(source)
     raise ModelError(f"model {source!r}: not a bundled name ({', '.join(BUNDLED)}), checkpoint directory, "
                      "config.json or package.module:factory")
+
+
+def resolve_dtype(source: str, dtype: torch.dtype | str) -> torch.dtype:
+    """A plan's model.dtype for MODEL: "auto" is the checkpoint's stored dtype (module docstring)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        return DTYPES[dtype]
+    path = Path(source)
+    if source in BUNDLED or not (path / "config.json").is_file():
+        return torch.float32
+    return _config_dtype(path / "config.json") or _safetensors_dtype(path) or torch.float32
+
+
+def _config_dtype(path: Path) -> torch.dtype | None:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc}); re-save the checkpoint with save_pretrained") from None
+    named = config.get("dtype") or config.get("torch_dtype")
+    return DTYPES.get(str(named).removeprefix("torch.")) if named else None
+
+
+def _safetensors_dtype(checkpoint: Path) -> torch.dtype | None:
+    """The most common floating dtype among the tensors of the checkpoint's first safetensors file."""
+    files = sorted(checkpoint.glob("*.safetensors"))
+    if not files:
+        return None
+    try:
+        with open(files[0], "rb") as f:  # header: u64 little-endian length, then JSON {name: {dtype, ...}}
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+    except (OSError, struct.error, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # loading the checkpoint reports the broken file
+    found = Counter(v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"] in SAFETENSORS_DTYPES)
+    return SAFETENSORS_DTYPES[found.most_common(1)[0][0]] if found else None
+
+
+def dtype_name(model: nn.Module) -> str:
+    """The plan dtype name of a model's floating parameters (float32 for a model without any)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return next((name for name, d in DTYPES.items() if d == dtype), str(dtype).removeprefix("torch."))
 
 
 def _load_bundled(name: str, dtype: torch.dtype, meta: bool) -> nn.Module:

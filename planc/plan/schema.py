@@ -33,8 +33,10 @@ class ModelRef(_Frozen):
         description="A bundled model name (e.g. tiny-deepseek), a checkpoint directory, "
         "or package.module:factory returning an nn.Module.",
     )
-    dtype: Literal["float32", "float64", "bfloat16", "float16"] = Field(
-        "float32", description="Parameter and activation dtype."
+    dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Parameter and activation dtype. auto: the checkpoint's own (config.json's dtype or "
+        "torch_dtype, else its safetensors tensors'), float32 for bundled models and random inits.",
     )
 
 
