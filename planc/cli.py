@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     _add_run_options(p)
 
-    p = sub.add_parser("verify", help="compare an artifact on N ranks with the single-device model")
+    p = sub.add_parser("verify", help="compare an artifact on N ranks with the single-device model; exit "
+                                      "status 1 when it differs beyond the dtype's tolerance")
     p.add_argument("artifact")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--json", action="store_true")
@@ -137,7 +138,12 @@ def cmd_verify(args) -> int:
         print(json.dumps(report))
     else:
         print(f"token_agreement {report['token_agreement']:.4f} over {report['tokens_compared']} tokens, "
-              f"max_logit_diff {report['max_logit_diff']:.3e} ({report['world_size']} ranks)")
+              f"max_logit_diff {report['max_logit_diff']:.3e}, median {report['median_logit_diff']:.3e} "
+              f"({report['world_size']} ranks, {report['dtype']})")
+        verdict = "passed" if report["passed"] else "FAILED"
+        ranks = "" if report["ranks_agree"] else "; the ranks generated different tokens"
+        print(f"{verdict}: {report['dtype']} tolerance {report['tolerance']}{ranks}")
+    return 0 if report["passed"] else 1
 
 
 def cmd_inspect(args) -> int:

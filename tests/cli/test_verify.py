@@ -1,0 +1,40 @@
+"""`planc verify`'s per-dtype pass/fail bars on hand-made comparison reports."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from planc.verify import compare, judge
+
+
+def _report(agreement=1.0, max_diff=0.0, median=0.0, largest=20.0) -> dict:
+    return {"token_agreement": agreement, "max_logit_diff": max_diff, "median_logit_diff": median,
+            "max_abs_logit": largest, "tokens_compared": 48}
+
+
+@pytest.mark.parametrize("report, passed", [
+    (_report(median=0.25, max_diff=3.0), True),  # |logit| 20: one bf16 ulp is 0.125; a routing flip's max is free
+    (_report(median=0.26), False),
+    (_report(median=0.26, largest=40.0), True),  # at |logit| 40 the ulp doubles
+    (_report(agreement=0.95), True),
+    (_report(agreement=0.94), False),
+])
+def test_bfloat16_bar(report, passed):
+    judged = judge(report, "bfloat16")
+    assert judged["passed"] is passed, judged
+    assert "2 bf16 ulps" in judged["tolerance"]
+
+
+@pytest.mark.parametrize("report, passed", [
+    (_report(max_diff=1e-4), True), (_report(max_diff=2e-4), False), (_report(agreement=47 / 48), False),
+])
+def test_float32_bar(report, passed):
+    assert judge(report, "float32")["passed"] is passed
+
+
+def test_compare_scores_until_a_row_diverges():
+    ref_logits = [torch.tensor([[1.0, 2.0], [4.0, 3.0]])] * 3  # 3 steps, 2 rows, 2-token vocabulary
+    got_logits = [[[1.0, 2.5], [4.0, 3.0]]] * 3
+    report = compare([[1, 1, 1], [0, 0, 0]], ref_logits, [[1, 1, 1], [0, 1, 0]], got_logits)
+    assert report["token_agreement"] == 4 / 6 and report["tokens_compared"] == 6
+    assert report["max_logit_diff"] == 0.5 and report["median_logit_diff"] == 0.5 and report["max_abs_logit"] == 4.0
