@@ -8,6 +8,7 @@ one is complete. Layout (format 2):
     kernels/*.py, kernels/*.c
     programs/<name>/program.py                 one per model the artifact runs (target, draft)
     programs/<name>/weights/rank<r>.safetensors  (absent for a --meta dry run)
+    tokenizer/*                                the checkpoint's tokenizer files, copied (when it has them)
 
 Every file but manifest.json is listed in manifest["files"] with its sha256, so a reader can
 refuse a file that went missing, was truncated or was edited (planc.runtime.artifact).
@@ -31,6 +32,7 @@ from planc.errors import ArtifactError
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 REPORT = "report.json"
+TOKENIZER_DIR = "tokenizer"
 # split_merge is host code, imported from planc; mla_decode_cpu.py builds the .c beside it
 KERNEL_FILES = ("linear.py", "rmsnorm.py", "mla_decode.py", "gqa_decode.py", "mla_decode_cpu.py", "mla_decode_cpu.c")
 _CHUNK = 1 << 20  # weights can be large: hash them a MiB at a time
@@ -70,17 +72,22 @@ def kernel_sources() -> dict[str, str]:
     return {name: (root / name).read_text() for name in KERNEL_FILES}
 
 
-def write_artifact(out: Path, *, manifest: dict, programs: dict[str, Program], report: dict) -> Path:
-    """Write programs, kernels and report under `out`; manifest gains format_version, programs, files."""
+def write_artifact(out: Path, *, manifest: dict, programs: dict[str, Program], report: dict,
+                   tokenizer: dict[str, Path] | None = None) -> Path:
+    """Write programs, kernels, report and a copy of the `tokenizer` files (name -> source path)
+    under `out`; manifest gains format_version, programs, files."""
     for name in programs:
         if not name.isidentifier():
             raise ValueError(f"program name {name!r} must be an identifier (it names a directory)")
+    for name in tokenizer or {}:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"tokenizer file name {name!r} must be a plain file name")
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
     try:
-        _fill(tmp, manifest, programs, report)
+        _fill(tmp, manifest, programs, report, tokenizer or {})
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -88,9 +95,13 @@ def write_artifact(out: Path, *, manifest: dict, programs: dict[str, Program], r
     return out
 
 
-def _fill(tmp: Path, manifest: dict, programs: dict[str, Program], report: dict) -> None:
+def _fill(tmp: Path, manifest: dict, programs: dict[str, Program], report: dict, tokenizer: dict[str, Path]) -> None:
     for name, program in programs.items():
         _write_program(tmp, name, program)
+    if tokenizer:
+        (tmp / TOKENIZER_DIR).mkdir()
+    for name, source in tokenizer.items():
+        shutil.copyfile(source, tmp / TOKENIZER_DIR / name)
     (tmp / "kernels").mkdir()
     for name, source in kernel_sources().items():
         (tmp / kernel_file(name)).write_text(source)

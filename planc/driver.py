@@ -24,7 +24,8 @@ from planc.dims import DTYPES
 from planc.errors import PlanError
 from planc.lift import lift
 from planc.lift.captured import captured_lines
-from planc.models.registry import BUNDLED, BYTE_VOCAB, dtype_name, load_model
+from planc.models.registry import BUNDLED, dtype_name, load_model
+from planc.models.tokenizer import NONE, model_tokenizer, tokenizer_files
 from planc.passes import STRATEGIES
 from planc.passmanager import PassContext, run_passes
 from planc.plan import Plan, load_plan
@@ -90,13 +91,16 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
     report["compile_seconds"] = time.perf_counter() - started
     program = emit_program(graph, model=source, world_size=plan.mesh.devices, plan_hash=plan.hash())
     target = Program(program, cache_specs(graph), None if meta else ranks)
-    path = write_artifact(Path(out), manifest=manifest, programs={"target": target}, report=report)
+    path = write_artifact(Path(out), manifest=manifest, programs={"target": target}, report=report,
+                          tokenizer=tokenizer_files(source))
     return Artifact(path, manifest, report, program)
 
 
 def _manifest(model: nn.Module, source: str, plan: Plan, meta: bool) -> dict:
-    """What was compiled; "dtype" is the weights' dtype as loaded (model.dtype auto resolved)."""
+    """What was compiled. "dtype" is the weights' dtype as loaded (model.dtype auto resolved);
+    model.tokenizer: bytes | checkpoint | none (planc.models.tokenizer)."""
     config = model.config
+    tokenizer = model_tokenizer(source, config)
     return {
         "planc_version": __version__,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton.__version__},
@@ -104,7 +108,7 @@ def _manifest(model: nn.Module, source: str, plan: Plan, meta: bool) -> dict:
         "plan": plan.to_yaml_dict(),
         "model": {"source": source, "class": type(model).__name__, "vocab_size": config.vocab_size,
                   "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
-                  "tokenizer": "bytes" if config.vocab_size == BYTE_VOCAB else "ids"},
+                  "tokenizer": tokenizer.kind if tokenizer else NONE},
         "dtype": dtype_name(model),
         "world_size": plan.mesh.devices,
         "backend": plan.mesh.backend,

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from planc.errors import RunError
-from planc.models.tokenizer import decode, encode
+from planc.models.tokenizer import Tokenizer, artifact_tokenizer
 from planc.runtime.artifact import open_artifact
 from planc.runtime.decode import choose_strategy
 from planc.runtime.launch import launch
@@ -16,15 +16,19 @@ def per_step(stats: dict, steps: int) -> dict:
     return {op: {"calls": c["calls"] / max(steps, 1), "bytes": c["bytes"] / max(steps, 1)} for op, c in stats.items()}
 
 
-def _prompt_ids(manifest: dict, prompts: list[str] | None) -> list[list[int]]:
-    if prompts and manifest["model"]["tokenizer"] != "bytes":
-        raise RunError("this model has no bundled tokenizer; --prompt text works only with the byte-level bundled models")
-    return [encode(p) for p in prompts] if prompts else default_prompt_ids(manifest)
+def _prompt_ids(artifact: Path, manifest: dict, tokenizer: Tokenizer | None, prompts: list[str] | None) -> list[list[int]]:
+    if prompts and tokenizer is None:
+        raise RunError(f"{artifact}: compiled from {manifest['model']['source']}, which has no tokenizer (no "
+                       f"tokenizer.json / tokenizer_config.json in the checkpoint, and not planc's byte-level "
+                       f"vocabulary), so --prompt text cannot be encoded; save the model's tokenizer into the "
+                       f"checkpoint directory (tokenizer.save_pretrained(DIR)) and recompile")
+    return [tokenizer.encode(p) for p in prompts] if prompts else default_prompt_ids(manifest, tokenizer)
 
 
 def run(artifact: Path, *, nproc: int | None = None, prompts: list[str] | None = None, max_new_tokens: int = 64,
         sampling: dict | None = None, kernels: str | None = None, timeout_s: float = 900, rdzv: dict | None = None) -> dict:
-    manifest = open_artifact(artifact).manifest
+    opened = open_artifact(artifact)
+    manifest = opened.manifest
     if manifest.get("meta"):
         raise RunError(f"{artifact}: compiled with --meta (a weightless dry run); recompile without --meta to run it")
     world, nnodes = manifest["world_size"], (rdzv or {}).get("nnodes", 1)
@@ -34,7 +38,8 @@ def run(artifact: Path, *, nproc: int | None = None, prompts: list[str] | None =
                        f"= {nproc * nnodes} ranks; run with --nproc {world // nnodes} or recompile the plan")
     kernels = kernels or default_kernels()
     choose_strategy(**(sampling or {}))  # a bad temperature or top_k fails here, not on every rank
-    ids = _prompt_ids(manifest, prompts)
+    tokenizer = artifact_tokenizer(manifest, opened.tokenizer_dir())
+    ids = _prompt_ids(artifact, manifest, tokenizer, prompts)
     args = {"artifact": str(Path(artifact).resolve()), "prompts": ids, "max_new_tokens": max_new_tokens,
             "sampling": sampling or {}, "kernels": kernels}
     results = launch("planc.runtime.worker:main", args, nproc, timeout_s=timeout_s, rdzv=rdzv,
@@ -43,8 +48,8 @@ def run(artifact: Path, *, nproc: int | None = None, prompts: list[str] | None =
     new_tokens = sum(len(t) for t in r0["tokens"])
     return {
         "world_size": world, "kernels": kernels,
-        "prompts": prompts or list(DEFAULT_PROMPTS) if manifest["model"]["tokenizer"] == "bytes" else ids,
-        "texts": [decode(t) for t in r0["tokens"]] if manifest["model"]["tokenizer"] == "bytes" else None,
+        "prompts": (prompts or list(DEFAULT_PROMPTS)) if tokenizer else ids,
+        "texts": [tokenizer.decode(t) for t in r0["tokens"]] if tokenizer else None,
         "tokens": r0["tokens"],
         "ranks_agree": all(r is None or r["tokens"] == r0["tokens"] for r in results),
         "new_tokens": new_tokens,

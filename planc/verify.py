@@ -1,7 +1,8 @@
 """`planc verify`: the same prompts through transformers on one process and the artifact on N ranks.
 
 Greedy tokens are compared position by position (a row stops at its EOS in both); logits are
-compared at every step where both still agree on the prefix.
+compared at every step where both still agree on the prefix. The prompts are DEFAULT_PROMPTS
+encoded by the model's tokenizer (random ids when it has none).
 
 Pass or fail is judged by the artifact's dtype (TOLERANCES):
   float32, float64: every greedy token equal and every logit within 1e-4. The ranks' partial sums
@@ -27,7 +28,7 @@ import torch
 from transformers import GenerationConfig
 
 from planc.models.registry import load_model
-from planc.models.tokenizer import encode
+from planc.models.tokenizer import Tokenizer, artifact_tokenizer
 from planc.dims import DTYPES
 from planc.runtime.artifact import open_artifact
 from planc.runtime.launch import launch
@@ -76,9 +77,10 @@ def _short(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).removeprefix("torch."))
 
 
-def default_prompt_ids(manifest: dict, prompts=DEFAULT_PROMPTS) -> list[list[int]]:
-    if manifest["model"]["tokenizer"] == "bytes":
-        return [encode(p) for p in prompts]
+def default_prompt_ids(manifest: dict, tokenizer: Tokenizer | None, prompts=DEFAULT_PROMPTS) -> list[list[int]]:
+    """`prompts` encoded by the model's tokenizer; seeded random ids when it has none."""
+    if tokenizer is not None:
+        return [tokenizer.encode(p) for p in prompts]
     vocab = manifest["model"]["vocab_size"]
     gen = torch.Generator().manual_seed(0)
     return torch.randint(0, vocab, (len(prompts), 12), generator=gen).tolist()
@@ -128,8 +130,9 @@ def judge(report: dict, dtype_name: str) -> dict:
 
 
 def verify(artifact: Path, *, max_new_tokens: int = 16, kernels: str = "torch", timeout_s: float = 600) -> dict:
-    manifest = open_artifact(artifact).manifest
-    prompts = default_prompt_ids(manifest)
+    opened = open_artifact(artifact)
+    manifest = opened.manifest
+    prompts = default_prompt_ids(manifest, artifact_tokenizer(manifest, opened.tokenizer_dir()))
     ref_tokens, ref_logits = reference_generate(manifest, prompts, max_new_tokens)
     args = {"artifact": str(Path(artifact).resolve()), "prompts": prompts, "max_new_tokens": max_new_tokens,
             "stop_at_eos": False, "keep_logits": True, "kernels": kernels}

@@ -3,7 +3,8 @@
 read_manifest checks the header (format and planc version); open_artifact also checks every
 file's sha256 against manifest["files"], which `planc run` and `planc verify` do once before
 any rank starts. A rank then checks only the files it loads (ArtifactDir.path / load_module):
-its program, its own weights, the kernels its --kernels choice runs.
+its program, its own weights, the kernels its --kernels choice runs; the launching process checks
+the tokenizer/ copy it reads prompts and outputs with (ArtifactDir.tokenizer_dir).
 """
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from pathlib import Path
 from types import ModuleType
 
 from planc import __version__
-from planc.codegen.artifact import FORMAT_VERSION, MANIFEST, sha256_file
+from planc.codegen.artifact import FORMAT_VERSION, MANIFEST, TOKENIZER_DIR, sha256_file
 from planc.errors import ArtifactError
 
 RECOMPILE = "recompile it with `planc compile`"
-SEALED_DIRS = ("programs", "kernels")  # everything under these is planc's own output
+SEALED_DIRS = ("programs", "kernels", TOKENIZER_DIR)  # everything under these is planc's own output
 
 
 def read_manifest(artifact: str | Path) -> dict:
@@ -80,11 +81,22 @@ class ArtifactDir:
         for rel in self.files:
             self.path(rel)
         for folder in SEALED_DIRS:
-            for path in sorted((self.root / folder).rglob("*")):
-                rel = path.relative_to(self.root).as_posix()
-                if path.is_file() and rel not in self.files:
-                    raise ArtifactError(f"{path}: not listed in {MANIFEST} (an artifact's {folder}/ holds only "
-                                        f"what planc compile wrote); remove it or {RECOMPILE}")
+            self._check_sealed(folder)
+
+    def tokenizer_dir(self) -> Path | None:
+        """tokenizer/ with each of its files checked; None when the artifact holds no tokenizer."""
+        listed = [rel for rel in self.files if rel.startswith(f"{TOKENIZER_DIR}/")]
+        for rel in listed:
+            self.path(rel)
+        self._check_sealed(TOKENIZER_DIR)
+        return self.root / TOKENIZER_DIR if listed else None
+
+    def _check_sealed(self, folder: str) -> None:
+        for path in sorted((self.root / folder).rglob("*")):
+            rel = path.relative_to(self.root).as_posix()
+            if path.is_file() and rel not in self.files:
+                raise ArtifactError(f"{path}: not listed in {MANIFEST} (an artifact's {folder}/ holds only "
+                                    f"what planc compile wrote); remove it or {RECOMPILE}")
 
     def _existing(self, rel: str) -> Path:
         path = self.root / rel

@@ -83,3 +83,17 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path):
     with pytest.raises(ArtifactError, match="not a planc artifact"):
         _write(tmp_path / "data", None)
     assert (tmp_path / "data" / "keep.txt").is_file()
+
+
+def test_tokenizer_files_are_copied_and_hashed(tmp_path):
+    source = tmp_path / "ckpt"
+    source.mkdir()
+    (source / "tokenizer.json").write_text('{"model": {}}')
+    out = write_artifact(tmp_path / "a", manifest={"planc_version": __version__}, report={},
+                         programs={"target": Program("", CACHES, None)}, tokenizer={"tokenizer.json": source / "tokenizer.json"})
+    assert (out / "tokenizer" / "tokenizer.json").read_text() == '{"model": {}}'
+    assert _manifest(out)["files"]["tokenizer/tokenizer.json"] == hashlib.sha256(b'{"model": {}}').hexdigest()
+    with pytest.raises(ValueError, match="'../tokenizer.json'"):
+        write_artifact(tmp_path / "b", manifest={}, report={}, programs={},
+                       tokenizer={"../tokenizer.json": source / "tokenizer.json"})
+    assert not (tmp_path / "b").exists()
