@@ -1,18 +1,23 @@
-"""bfloat16 end to end: the example plan with model.dtype bfloat16, compiled and run on 2 gloo ranks,
-against transformers' generate() in bfloat16 on one process (what `planc verify` does)."""
+"""bfloat16 end to end: the example plan with model.dtype bfloat16, and a bfloat16 checkpoint under a
+plan with no dtype (auto), compiled and run on 2 gloo ranks against transformers' generate() in
+bfloat16 on one process (what `planc verify` does)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import load_file
 
+from planc.cli import main
 from planc.driver import compile
 from planc.models.tokenizer import ByteTokenizer
 from planc.runtime.artifact import read_manifest
 from planc.runtime.launch import launch
 from planc.verify import compare, default_prompt_ids, reference_generate
 from tests.conftest import PLANS
+from tests.models import TP_PLAN, byte_bpe, write_checkpoint
 
 NEW_TOKENS = 17  # the prefill's token + 16 decode steps, as in the fp32 test
 
@@ -69,3 +74,32 @@ def test_bfloat16_plan_matches_transformers_in_bfloat16_on_two_ranks(tmp_path):
     assert report["median_logit_diff"] <= 0.125, diffs
     assert sum(d > 0.25 for d in diffs) <= 3, diffs
     assert report["max_logit_diff"] <= 3.0, report
+
+
+def _compile(tmp: Path, ckpt: Path, dtype: str | None) -> Path:
+    plan = tmp / f"plan_{dtype}.yaml"
+    plan.write_text(TP_PLAN.replace("rules:", f"model: {{source: {ckpt}" + (f", dtype: {dtype}" if dtype else "") + "}\nrules:"))
+    assert main(["compile", str(ckpt), str(plan), "-o", str(tmp / f"art_{dtype}")]) == 0
+    return tmp / f"art_{dtype}"
+
+
+def test_a_bfloat16_checkpoint_without_plan_dtype_compiles_and_verifies_in_bfloat16(tmp_path, capsys):
+    ckpt = write_checkpoint(tmp_path / "ckpt", torch.bfloat16, tokenizer=byte_bpe())
+    auto, fp32 = _compile(tmp_path, ckpt, None), _compile(tmp_path, ckpt, "float32")
+    assert read_manifest(auto)["dtype"] == "bfloat16" and read_manifest(fp32)["dtype"] == "float32"
+    reports = [json.loads((art / "report.json").read_text())["per_rank"] for art in (auto, fp32)]
+    for rank, (half, full) in enumerate(zip(*reports)):
+        weights = load_file(auto / "programs" / "target" / "weights" / f"rank{rank}.safetensors")
+        # RoPE's inv_freq stays a float32 buffer, as transformers keeps it; every parameter is bf16.
+        fp32_bytes = sum(t.nbytes for name, t in weights.items() if name.endswith("rotary.inv_freq"))
+        assert {t.dtype for name, t in weights.items() if not name.endswith("inv_freq")} == {torch.bfloat16}
+        assert 2 * (half["weight_bytes"] - fp32_bytes) == full["weight_bytes"] - fp32_bytes > 0
+        assert 2 * half["kv_bytes_per_token"] == full["kv_bytes_per_token"]
+    capsys.readouterr()
+    assert main(["verify", str(auto), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    # planc verify's bfloat16 tolerance (planc.verify): token agreement >= 0.95 and the median step
+    # within 2 bf16 ulps of the largest |logit|. Measured on this dense model: every token equal,
+    # every step within one ulp (2^-9 at logits in [0.25, 0.5)).
+    assert report["dtype"] == "bfloat16" and report["passed"], report
+    assert report["token_agreement"] == 1.0 and report["max_logit_diff"] <= 2 ** -8, report
