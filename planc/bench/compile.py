@@ -45,7 +45,7 @@ def time_compile(num_layers: int, plan: Plan, out: Path) -> dict[str, float]:
         stamps.append((STAGE_NAMES.get(word, word), time.perf_counter()))
 
     started = time.perf_counter()
-    model = deepseek_v3_on_meta(num_layers, DTYPES[plan.model.dtype])
+    model = deepseek_v3_on_meta(num_layers, DTYPES.get(plan.model.dtype, torch.float32))
     stamps.append(("build", time.perf_counter()))
     compile(model, plan, out, meta=True, log=stamp)
     stamps.append(("partition+codegen", time.perf_counter()))

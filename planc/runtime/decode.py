@@ -78,14 +78,16 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 @torch.no_grad()
 def generate(model: Model, prompts: list[list[int]], max_new_tokens: int, strategy: Strategy = Greedy(), *,
-             eos_id: int | None = None, pad_id: int = 0, keep_logits: bool = False) -> Generation:
+             eos_id: int | list[int] | None = None, pad_id: int = 0, keep_logits: bool = False) -> Generation:
     """Prefill all prompts at once, then decode one token per row per step until every row has
-    max_new_tokens or has emitted eos_id (its EOS is kept; the other rows go on)."""
+    max_new_tokens or has emitted an EOS (eos_id: one id, or several as Llama-3-style configs list
+    them; its EOS is kept; the other rows go on)."""
     ids_BP, real_BP = left_pad(prompts, pad_id)
     B, P = ids_BP.shape
     model.allocate(B, P + max_new_tokens)
     out = Generation([[] for _ in prompts])
     done_B = torch.zeros(B, dtype=torch.bool)
+    eos = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id or []), dtype=torch.long)
 
     t0 = time.perf_counter()
     with model.comm.phase("prefill"):
@@ -98,8 +100,7 @@ def generate(model: Model, prompts: list[list[int]], max_new_tokens: int, strate
             out.step_logits.append(logits_BV.float().clone())
         for row in (~done_B).nonzero().flatten().tolist():
             out.tokens[row].append(int(token_B[row]))
-        if eos_id is not None:
-            done_B |= token_B == eos_id
+        done_B |= torch.isin(token_B, eos)
         if i == max_new_tokens - 1 or bool(done_B.all()):
             break
         with model.comm.phase("decode"):

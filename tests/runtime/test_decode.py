@@ -89,3 +89,12 @@ def test_decoding_ends_once_every_row_has_stopped(model, greedy):
     first = greedy.tokens[0][0]
     got = generate(model, PROMPTS[:1], NEW, Greedy(), eos_id=first)
     assert got.tokens == [[first]] and got.decode_steps == 0
+
+
+def test_any_of_several_eos_ids_stops_a_row(model, greedy):
+    """Llama-3-style configs list several EOS ids; a row stops at whichever it emits first."""
+    eos, cut = _eos_for(greedy.tokens)
+    never = max(max(row) for row in greedy.tokens) + 1  # an id no row emits
+    got = generate(model, PROMPTS, NEW, Greedy(), eos_id=[never, eos])
+    assert got.tokens == [row[:row.index(eos) + 1] if eos in row else row for row in greedy.tokens]
+    assert got.tokens[cut][-1] == eos
