@@ -1,10 +1,12 @@
 """Bind plan rules to semantic-graph nodes by module-FQN glob.
 
 A rule's section offers strategies (passes/); each strategy names the node kinds it applies to
-(an attention section's: the MLA and GQA cores; a future overlap section's: `linear` nodes). For
-each such node, the first rule whose `match` glob fits its FQN and whose section offers a strategy
-for its kind wins. A rule that binds nothing is an error that lists what it could have matched —
-never skipped. Binding records the rule on the node; the strategy is set by its pass.
+(an attention section's: the MLA and GQA cores; the overlap section's: `linear` nodes). For each
+such node, the first rule whose `match` glob fits its FQN and whose section offers a strategy for
+its kind wins — per section: an `overlap` rule binds a row-parallel `o_proj` whose split an
+`attention` rule decides. A rule that binds nothing is an error that lists what it could have
+matched — never skipped. Binding records the rule on the node (`NodeInfo.bindings`, and `rule`
+when it is the node's first); the strategy is set by its pass.
 
 A block planc runs as captured (planc.lift.captured) cannot be split: a rule whose glob fits it, in
 a section that would shard its slot, is an error naming the block — even when the glob also fits
@@ -40,8 +42,17 @@ def matching(graph: fx.Graph, glob: str, kinds: tuple[str, ...]) -> list[fx.Node
 
 def rule_refs(plan: Plan) -> list[tuple[RuleRef, str, Section]]:
     """(where the rule is, its section key, its section) for every rule, in order."""
-    return [(RuleRef(i, r.match, locate(plan, ("rules", i)) or "plan", r.section.required), r.section_name, r.section)
-            for i, r in enumerate(plan.rules)]
+    return [(RuleRef(i, r.match, locate(plan, ("rules", i)) or "plan", r.section.required, r.section_name),
+             r.section_name, r.section) for i, r in enumerate(plan.rules)]
+
+
+def _bind(node: fx.Node, ref: RuleRef) -> None:
+    m = info(node)
+    mark(node, rule=m.rule or ref, bindings=(*m.bindings, ref))
+
+
+def _bound_in(node: fx.Node, key: str) -> bool:
+    return any(ref.section == key for ref in info(node).bindings)
 
 
 def bind(graph: fx.Graph, plan: Plan) -> fx.Graph:
@@ -53,13 +64,13 @@ def bind(graph: fx.Graph, plan: Plan) -> fx.Graph:
             used.add(ref.index)
             _check_replicated(plan, ref, key, section, taken)
         for node in taken:
-            mark(node, rule=ref)
-        nodes = [n for n in matching(graph, ref.match, section_kinds(key)) if info(n).rule is None]
+            _bind(node, ref)
+        nodes = [n for n in matching(graph, ref.match, section_kinds(key)) if not _bound_in(n, key)]
         if nodes:
             used.add(ref.index)
             _check_fits(plan, ref, key, section, nodes)
         for node in nodes:
-            mark(node, rule=ref)
+            _bind(node, ref)
     for ref, key, _ in rule_refs(plan):
         if ref.index not in used:
             _unmatched(plan, ref, key, graph)
@@ -74,24 +85,26 @@ def _captured_matching(graph: fx.Graph, glob: str, key: str) -> list[fx.Node]:
 
 
 def _check_replicated(plan: Plan, ref: RuleRef, key: str, section: Section, taken: list[fx.Node]) -> None:
-    if section.strategy == "replicated":
+    if section.choice == "replicated":
         return
     m = info(taken[0])
     more = f" (and {len(taken) - 1} more such blocks)" if len(taken) > 1 else ""
-    raise PlanError(f"{locate(plan, ('rules', ref.index, key, 'strategy')) or 'plan'}: rules[{ref.index}].{key}.strategy "
-                    f"{section.strategy!r} (match {ref.match!r}) asks to shard {m.fqn} ({m.cls}){more}, which planc "
+    field = section.discriminator
+    raise PlanError(f"{locate(plan, ('rules', ref.index, key, field)) or 'plan'}: rules[{ref.index}].{key}.{field} "
+                    f"{section.choice!r} (match {ref.match!r}) asks to shard {m.fqn} ({m.cls}){more}, which planc "
                     f"runs as captured, whole on every rank: {m.dims.why}. Narrow the match to leave it out, or "
                     f"use strategy 'replicated' for it")
 
 
 def _check_fits(plan: Plan, ref: RuleRef, key: str, section: Section, nodes: list[fx.Node]) -> None:
-    fits = strategy_kinds(key, section.strategy)
+    fits = strategy_kinds(key, section.choice)
     wrong = [n for n in nodes if info(n).kind not in fits]
     if wrong:
         kind = info(wrong[0]).kind
         others = [s.value for s in STRATEGIES if s.section == key and kind in s.kinds]
-        raise PlanError(f"{locate(plan, ('rules', ref.index, key, 'strategy')) or 'plan'}: "
-                        f"rules[{ref.index}].{key}.strategy: {section.strategy!r} does not apply to "
+        field = section.discriminator
+        raise PlanError(f"{locate(plan, ('rules', ref.index, key, field)) or 'plan'}: "
+                        f"rules[{ref.index}].{key}.{field}: {section.choice!r} does not apply to "
                         f"{info(wrong[0]).fqn} ({kind}); use one of {', '.join(map(repr, others))}")
 
 

@@ -29,7 +29,7 @@ from planc.models.tokenizer import NONE, model_tokenizer, tokenizer_files
 from planc.passes import STRATEGIES
 from planc.passmanager import PassContext, run_passes
 from planc.plan import Plan, load_plan
-from planc.report.report import build_report, cache_specs
+from planc.report.report import build_report, cache_specs, candidate_lines, candidates
 
 
 @dataclass
@@ -89,6 +89,8 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
     manifest = _manifest(model, source, plan, meta)
     report = build_report(graph, ctx, ranks, elem=DTYPES[manifest["dtype"]].itemsize, checks=lifted.checks, meta=meta)
     report["compile_seconds"] = time.perf_counter() - started
+    for line in candidate_lines(report["candidates"]):
+        log(line)
     program = emit_program(graph, model=source, world_size=plan.mesh.devices, plan_hash=plan.hash())
     target = Program(program, cache_specs(graph), None if meta else ranks)
     path = write_artifact(Path(out), manifest=manifest, programs={"target": target}, report=report,
@@ -125,9 +127,10 @@ def validate(plan_path: str | Path, model: str | None = None, *, meta: bool = Fa
         return f"{plan_path}: valid plan ({len(plan.rules)} rules, {plan.mesh.devices} devices); no model to check against"
     module, source = resolve_model(model, plan, meta)
     lifted = lift(module, check=False)
-    _, ctx = parallelize(lifted.graph, plan, module, strict=strict, meta=meta)
+    graph, ctx = parallelize(lifted.graph, plan, module, strict=strict, meta=meta)
     applied = sum(r.action == "applied" for r in ctx.records)
     declines = [f"\n  declined {r.pass_name} on {r.target} (rules[{r.rule}]): {r.detail}"
                 for r in ctx.records if r.action == "declined"]
+    found = "".join(f"\n  {line}" for line in candidate_lines(candidates(graph, ctx)))
     return (f"{plan_path}: valid for {source} ({len(plan.rules)} rules, {applied} blocks rewritten, "
-            f"{len(declines)} declined, {plan.mesh.devices} devices)" + "".join(declines))
+            f"{len(declines)} declined, {plan.mesh.devices} devices)" + "".join(declines) + found)

@@ -36,6 +36,7 @@ class RuleRef:
     match: str
     where: str  # "plan.yaml:7:5" (or "plan" without a source)
     required: bool = False
+    section: str = ""  # the rule's section key ("attention", "overlap")
 
     def __str__(self) -> str:
         return f"rules[{self.index}] ({self.match})"
@@ -117,7 +118,8 @@ class NodeInfo:
     layer: int | None = None
     dims: Any = None  # a planc.dims dataclass: the op's whole (unsharded) shape facts
     strategy: str = "replicated"
-    rule: RuleRef | None = None
+    rule: RuleRef | None = None  # the rule behind the node's current strategy
+    bindings: tuple[RuleRef, ...] = ()  # every rule bind gave the node, at most one per section
     shard: Shard | None = None
     why: str = ""  # collectives: what they sum or move
 
@@ -173,6 +175,16 @@ class Call:
 
 
 @dataclass(frozen=True)
+class Traffic:
+    """What one call of an op moves in one step, as the runtime's Comm wrapper counts it: `calls`
+    calls of `op` moving `bytes_per_token` logical bytes per token of the step in all."""
+
+    op: str
+    calls: int
+    bytes_per_token: int
+
+
+@dataclass(frozen=True)
 class OpSpec:
     kind: str
     emit: Callable[[Call], str]  # the program expression computing the node
@@ -181,6 +193,9 @@ class OpSpec:
     imports: tuple[str, ...] = ()  # lines the program needs for the emitted call
     collective: Literal["all_reduce", "all_gather", "all_gather_varlen", "all_to_all", "reduce_scatter"] | None = None
     step: bool = False  # the op depends on the position in the sequence (prefill vs decode)
+    # An op whose communication is not one collective call (a GEMM fused with its ring): what it
+    # moves in a "decode" or "prefill" step, given (node, step, element bytes, world size).
+    traffic: Callable[[NodeInfo, str, int, int], tuple[Traffic, ...]] | None = None
 
 
 OPS: dict[str, OpSpec] = {}

@@ -26,6 +26,7 @@ class Record:
     action: str  # "applied" | "declined"
     detail: str
     rule: int | None = None
+    kind: str = ""  # the node's op kind: a block core ("mla_attention") or a projection ("linear")
 
 
 @dataclass
@@ -46,14 +47,14 @@ class PassContext:
     def bound(self, graph: fx.Graph, kinds: Sequence[str]) -> list[fx.Node]:
         """The nodes of `kinds` that the current rule bound."""
         return [n for n in graph.nodes if "planc" in n.meta and info(n).kind in kinds
-                and info(n).rule is not None and info(n).rule.index == self.rule.index]
+                and any(ref.index == self.rule.index for ref in info(n).bindings)]
 
     def applied(self, node: fx.Node, detail: str) -> None:
-        self.records.append(Record(self.current, info(node).fqn, "applied", detail, self.rule.index))
+        self.records.append(Record(self.current, info(node).fqn, "applied", detail, self.rule.index, info(node).kind))
 
     def decline(self, node: fx.Node, reason: str) -> None:
         meta: NodeInfo = info(node)
-        self.records.append(Record(self.current, meta.fqn, "declined", reason, self.rule.index))
+        self.records.append(Record(self.current, meta.fqn, "declined", reason, self.rule.index, meta.kind))
         if self.strict or self.rule.required:
             why = "required: true" if self.rule.required else "strict mode"
             raise CompileError(f"{self.rule.where}: {self.rule.label}: {self.current} declined on {meta.fqn} "
@@ -78,7 +79,7 @@ def run_passes(graph: fx.Graph, strategies: Sequence[Strategy], rules: Sequence[
     for strategy in strategies:
         ctx.current = strategy.name
         for ref, key, section in rules:
-            if (key, section.strategy) != (strategy.section, strategy.value):
+            if (key, section.choice) != (strategy.section, strategy.value):
                 continue
             ctx.rule = ref
             try:

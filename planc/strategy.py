@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch.fx as fx
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,7 +22,10 @@ class Frozen(BaseModel):
 
 class Section(Frozen):
     """Fields every rule section shares; each strategy's section model derives from it and
-    narrows `strategy` to its own Literal (the discriminator of the section's union)."""
+    narrows its discriminator field (`strategy`, or the name it sets in `discriminator`, as the
+    `overlap` section's `kind`) to its own Literal: the tag of the section's union."""
+
+    discriminator: ClassVar[str] = "strategy"
 
     required: bool = Field(
         False,
@@ -30,6 +33,12 @@ class Section(Frozen):
         description="If true, compilation fails when the rewrite cannot be applied to a "
         "matched module, instead of recording why it was declined.",
     )
+
+
+    @property
+    def choice(self) -> str:
+        """The strategy value this section selects (its discriminator field's value)."""
+        return getattr(self, self.discriminator)
 
 
 Pass = Callable[[fx.Graph, Section, "PassContext"], fx.Graph]
@@ -40,9 +49,12 @@ class Strategy:
     """One plan strategy.
 
     name: the pass's name everywhere (module, CLI output, report); section: the plan key it is
-    written under; value: its `strategy:` value there; kinds: the node kinds its rules bind;
-    config: the section's pydantic model; rewrite: the pass, `(graph, section, ctx) -> graph`,
-    called once per rule that selects it, on the nodes that rule bound (`ctx.bound(graph)`)."""
+    written under; value: its discriminator's value there (`strategy: mla_tp`, `kind: t3`); kinds:
+    the node kinds its rules bind; config: the section's pydantic model; rewrite: the pass,
+    `(graph, section, ctx) -> graph`, called once per rule that selects it, on the nodes that rule
+    bound (`ctx.bound(graph)`); candidates: when set, every place in the final graph the strategy
+    could rewrite, matched by a rule or not, with what became of it, `(graph, ctx) -> [dict]`
+    (report.json's `candidates`, printed by `planc compile`, shown by `planc inspect`)."""
 
     name: str
     section: str
@@ -51,3 +63,4 @@ class Strategy:
     config: type[Section]
     rewrite: Pass
     summary: str = ""
+    candidates: Callable[[fx.Graph, "PassContext"], list[dict[str, Any]]] | None = None

@@ -157,7 +157,7 @@ def _where(source: str, positions: Positions, path: FieldPath) -> str:
 def _describe(error: ErrorDetails, source: str, positions: Positions) -> str:
     path, chosen = _without_tags(tuple(error["loc"]))
     if error["type"] in ("union_tag_invalid", "union_tag_not_found"):  # a section's strategy value
-        path += ("strategy",)
+        path += (_discriminator(path),)
     if error["type"] == "extra_forbidden":
         return f"{_where(source, positions, path)}: {field_path(path)}: {_unknown_key(path, chosen.get(path[:-1]))}"
     return f"{_where(source, positions, path)}: {field_path(path)}: {_explain(error, path)}"
@@ -236,7 +236,12 @@ def _union_members(path: FieldPath) -> dict[str, type[BaseModel]]:
     models = _models_at(path)
     if len(models) < 2:
         return {}
-    return {v: m for m in models for v in _literal_args(m, "strategy")}
+    return {v: m for m in models for v in _literal_args(m, _discriminator(path))}
+
+
+def _discriminator(path: FieldPath) -> str:
+    """The field whose value picks a section's strategy (`strategy`; `kind` for overlap)."""
+    return next((m.discriminator for m in _models_at(path) if hasattr(m, "discriminator")), "strategy")
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:

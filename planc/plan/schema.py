@@ -1,7 +1,8 @@
 """The plan file as typed, frozen pydantic models (DESIGN.md §3).
 
-A rule has one section (`attention`, `mlp`, `moe`); each section is a union of the section models
-the strategies declare (passes/), told apart by their `strategy` value. A new strategy is a new
+A rule has one section (`attention`, `mlp`, `moe`, `overlap`); each section is a union of the
+section models the strategies declare (passes/), told apart by their discriminator's value
+(`strategy`, or `kind` for `overlap`). A new strategy is a new
 module under passes/; a new section key is a new `Strategy.section` there: this file lists neither.
 """
 from __future__ import annotations
@@ -76,12 +77,15 @@ class _RuleBase(_Frozen):
 
 
 SECTION_DESCRIPTIONS = {"attention": "Attention parallelism.", "mlp": "Dense MLP parallelism.",
-                        "moe": "Mixture-of-experts parallelism."}
+                        "moe": "Mixture-of-experts parallelism.",
+                        "overlap": "Overlap of a row-parallel GEMM with the collective after it."}
 
 
 def _section_field(key: str) -> tuple[Any, Any]:
     configs = tuple(dict.fromkeys(s.config for s in STRATEGIES if s.section == key))
-    union = configs[0] if len(configs) == 1 else Annotated[Union[configs], Field(discriminator="strategy")]
+    tags = {c.discriminator for c in configs}
+    assert len(tags) == 1, f"the {key} section's strategies disagree on their discriminator: {tags}"
+    union = configs[0] if len(configs) == 1 else Annotated[Union[configs], Field(discriminator=tags.pop())]
     return union | None, Field(None, description=SECTION_DESCRIPTIONS.get(key, f"{key} section."))
 
 

@@ -1,8 +1,8 @@
 """`planc inspect`: one self-contained HTML page showing what a compile decided.
 
 Everything comes from the artifact directory: manifest.json (plan, model, versions),
-report.json (pass records, memory, collectives, lift checks, blocks run as captured, every
-intermediate graph as text and as JSON nodes) and program.py. A line `name = ...` of `forward` is
+report.json (pass records, every candidate a strategy could rewrite, memory, collectives, lift
+checks, blocks run as captured, every intermediate graph as text and as JSON nodes) and program.py. A line `name = ...` of `forward` is
 the node `name` of the final graph, whose JSON gives its rule, strategy, layer, block and shard:
 nothing is read from comments. The
 page has no dependencies: inline CSS, a few lines of vanilla JS to highlight a rule's program
@@ -128,11 +128,13 @@ def build_grid(report: dict, lines: list[Line]) -> dict[str, Cell]:
 
 
 def _add_record(cells: dict[str, Cell], record: dict) -> None:
+    """A record about a block sets its cell's strategy; one about a projection in it (a `linear`
+    node, as an overlap pass rewrites) only adds a line to the cell."""
     key = cell_of(record["target"])
     if key is None:
         return
     cell = cells.setdefault(key, Cell())
-    if record["action"] == "applied":
+    if record["action"] == "applied" and record.get("kind") != "linear":
         cell.strategy = record["pass_name"]
     cell.declined = cell.declined or record["action"] == "declined"
     cell.details.append(f"{record['action']}: {record['detail']}")
@@ -277,12 +279,17 @@ def _bars(ranks: list[dict], key: str) -> str:
 
 
 def collectives_section(report: dict) -> str:
-    ops = report.get("collectives_per_decode_step", {})
-    rows = [[f"<code>{escape(op)}</code>", str(e.get("calls", 0)), _logical_bytes(e)] for op, e in ops.items()]
+    decode, prefill = report.get("collectives_per_decode_step", {}), report.get("collectives_per_prefill", {})
+    steps = [("decode step", decode)] + ([("prefill", prefill)] if prefill and prefill != decode else [])
+    body = "".join((f"<h3>{escape(name)}</h3>" if len(steps) > 1 else "") + _table(
+        ["op", "calls", "logical bytes / token"],
+        [[f"<code>{escape(op)}</code>", str(e.get("calls", 0)), _logical_bytes(e)] for op, e in ops.items()])
+        for name, ops in steps)
     note = ('<p class="note">Bytes are logical bytes per token from the ring formulas (all-reduce 2(n−1)/n·S, '
             'reduce-scatter / all-gather (n−1)/n·S, all-to-all: off-diagonal blocks), not bytes measured on the wire; '
             'all-to-all volume depends on routing, so its figure is an upper bound.</p>')
-    return _section("Collectives per decode step", _table(["op", "calls", "logical bytes / token"], rows) + note, "collectives")
+    title = "Collectives per decode step" + (" and per prefill" if len(steps) > 1 else "")
+    return _section(title, body + note, "collectives")
 
 
 PREDICT_CONTEXT = 32768  # cached tokens per sequence in the predicted decode step
@@ -324,6 +331,30 @@ def _logical_bytes(entry: dict) -> str:
         return f"{human_bytes(n)} <small>({n:,} B)</small>"
     n = entry.get("bytes_per_token_max", 0)
     return f"≤ {human_bytes(n)} <small>({n:,} B, upper bound)</small>"
+
+
+def candidates_section(report: dict) -> str:
+    """Per strategy that surveys them: every candidate, fused / declined / without a rule, and why."""
+    parts = []
+    for name, entries in (report.get("candidates") or {}).items():
+        if not entries:
+            continue
+        extra = [k for k in entries[0] if k not in ("target", "status", "rule", "detail")]
+        rows = [[f"<code>{escape(e['target'])}</code>", escape(e["status"]),
+                 "" if e.get("rule") is None else f"rules[{e['rule']}]", escape(e.get("detail", "")),
+                 *(escape(_compact(e.get(k, ""))) for k in extra)] for e in entries]
+        classes = ["declined" if e["status"] == "declined" else "" for e in entries]
+        fused = sum(e["status"] == "fused" for e in entries)
+        parts.append(f"<h3>{escape(name)}: {fused} of {len(entries)} fused</h3>"
+                     + _table(["target", "status", "rule", "detail", *extra], rows, classes))
+    return _section("Candidates", "".join(parts), "candidates") if parts else ""
+
+
+def _compact(value: object) -> str:
+    """A nested value on one line: {'H100': {'ratio': 1.2}} -> 'H100: ratio: 1.2'."""
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_compact(v)}" for k, v in value.items())
+    return _fmt(value, ".3g")
 
 
 def passes_section(report: dict) -> str:
@@ -459,7 +490,7 @@ def render(artifact: Path) -> str:
             collectives_section(report), prediction_section(report),
             lift_section(report), captured_section(report), notes_section(report)]
     right = [grid_section(build_grid(report, lines))]
-    wide = [passes_section(report), program_section(lines), graphs_section(report)]
+    wide = [candidates_section(report), passes_section(report), program_section(lines), graphs_section(report)]
     title = f"planc inspect: {manifest.get('model', {}).get('source', artifact.name)}"
     main = f'<div class="cols"><div>{"".join(left)}</div><div>{"".join(right)}</div></div>{"".join(wide)}'
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
