@@ -34,7 +34,8 @@ MANIFEST = "manifest.json"
 REPORT = "report.json"
 TOKENIZER_DIR = "tokenizer"
 # split_merge is host code, imported from planc; mla_decode_cpu.py builds the .c beside it
-KERNEL_FILES = ("linear.py", "rmsnorm.py", "mla_decode.py", "gqa_decode.py", "mla_decode_cpu.py", "mla_decode_cpu.c")
+KERNEL_FILES = ("linear.py", "rmsnorm.py", "mla_decode.py", "gqa_decode.py", "mla_decode_cpu.py", "mla_decode_cpu.c",
+                "t3_gemm.py")
 _CHUNK = 1 << 20  # weights can be large: hash them a MiB at a time
 
 

@@ -37,3 +37,17 @@ def test_a_rule_that_binds_nothing_is_an_error_listing_the_candidates():
     with pytest.raises(PlanError, match=r"plan.yaml:5:5: rules\[0\].match 'model.layers.\*.attn' bound no attention "
                                         r"block \(no module matches\). attention blocks in this model: model.layers.0.self_attn"):
         bind(lifted("tiny-deepseek"), parse_plan_text(text, "plan.yaml"))
+
+
+def test_rules_bind_per_section_so_an_overlap_rule_takes_a_projection_an_attention_rule_splits():
+    text = plan(2, 'match: "model.layers.*.self_attn"\n    attention: {strategy: mla_tp}',
+                'match: "model.layers.*.self_attn.o_proj"\n    overlap: {kind: t3}')
+    graph = bind(lifted("tiny-deepseek"), parse_plan_text(text, "plan.yaml"))
+    o_proj = next(n for n in nodes_of(graph, "linear") if info(n).fqn == "model.layers.1.self_attn.o_proj")
+    core = next(n for n in nodes_of(graph, "mla_attention") if info(n).fqn == "model.layers.1.self_attn")
+    assert [(r.index, r.section) for r in info(o_proj).bindings] == [(1, "overlap")]
+    assert [(r.index, r.section) for r in info(core).bindings] == [(0, "attention")]
+    again = text + '  - match: "model.layers.1.self_attn.o_proj"\n    overlap: {kind: t3}\n'
+    with pytest.raises(PlanError, match=r"rules\[2\].match 'model.layers.1.self_attn.o_proj' bound no overlap block "
+                                        r"\(an earlier rule already took every match\)"):
+        bind(lifted("tiny-deepseek"), parse_plan_text(again, "plan.yaml"))

@@ -1,6 +1,7 @@
 """The op implementations a run can choose (`--kernels`), over the reference ops (`torch`).
 
-- `triton`: GEMM, RMSNorm and decode attention in Triton (compiled on CUDA, interpreted on CPU).
+- `triton`: GEMM, RMSNorm and decode attention in Triton (compiled on CUDA, interpreted on CPU);
+  a T3-fused GEMM (passes/t3.py) makes its pieces with kernels/t3_gemm.py and its tile counters.
 - `cpu`: MLA decode attention fused for a CPU core in C (kernels/mla_decode_cpu.c, built with the
   machine's C compiler), float32; other dtypes and every other op run the reference.
 
@@ -28,9 +29,10 @@ class TritonOps(Ops):
     name = "triton"
 
     def __init__(self, artifact: ArtifactDir):
-        k = {name: _load(artifact, name) for name in ("linear", "rmsnorm", "mla_decode", "gqa_decode")}
+        k = {name: _load(artifact, name) for name in ("linear", "rmsnorm", "mla_decode", "gqa_decode", "t3_gemm")}
         self._linear, self._rmsnorm = k["linear"].linear, k["rmsnorm"].rmsnorm
         self._mla, self._gqa = k["mla_decode"].mla_decode, k["gqa_decode"].gqa_decode
+        self._t3_pieces = k["t3_gemm"].Pieces
 
     def linear(self, x, w, b=None):
         y = self._linear(x, w)
@@ -38,6 +40,9 @@ class TritonOps(Ops):
 
     def rmsnorm(self, x, w, eps):
         return self._rmsnorm(x, w, eps)
+
+    def t3_pieces(self, x_MK, w_NK, b_N, rank, world, pieces):
+        return self._t3_pieces(x_MK, w_NK, b_N, rank, world, pieces)
 
     def mla_decode(self, q_lat_BHC, q_pe_BHR, ckv_BTC, kpe_BTR, key_mask_BT, scale):
         return self._mla(q_lat_BHC.contiguous(), q_pe_BHR.contiguous(), ckv_BTC, kpe_BTR, key_mask_BT, scale)

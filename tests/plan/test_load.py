@@ -61,7 +61,7 @@ def test_unknown_key_suggests_a_fix() -> None:
     message = _error(EXAMPLE.replace("attention: {strategy", "atention: {strategy"))
     assert ("plan.yaml:6:5: rules[0].atention: unknown key 'atention'; "
             "did you mean 'attention'?") in message
-    assert "Allowed keys: attention, match, mlp, moe." in message
+    assert "Allowed keys: attention, match, mlp, moe, overlap." in message
 
 
 def test_unknown_key_without_a_close_match() -> None:
@@ -106,7 +106,7 @@ def test_rule_with_two_sections_is_located_at_the_rule() -> None:
     two = "    mlp: {strategy: tp}\n    moe: {strategy: ep}\n"
     message = _error(EXAMPLE.replace("    mlp: {strategy: tp}\n", two))
     assert ("plan.yaml:7:5: rules[1]: a rule needs exactly one section key out of "
-            "attention, mlp, moe; found mlp, moe") in message
+            "attention, mlp, moe, overlap; found mlp, moe") in message
 
 
 def test_rule_with_no_section() -> None:
