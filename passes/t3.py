@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.fx as fx
@@ -41,11 +41,12 @@ class T3Section(Section):
 
     discriminator: ClassVar[str] = "kind"
     kind: Literal["t3"] = Field(description="t3: the GEMM's output pieces go around a ring as soon as each is made.")
-    min_tokens: int = Field(
-        512, ge=0, strict=True, description="Steps with fewer tokens (batch x new tokens) run the GEMM, then the "
-        "all-reduce, as without T3: a decode step is small enough that the ring's per-message latency costs more "
-        "than it hides. report.json gives the cost model's break-even per GPU profile.")
-    chunks: int | Literal["auto"] = Field(
+    min_tokens: Annotated[int, Field(ge=0, strict=True)] | Literal["auto"] = Field(
+        "auto", description="Steps with fewer tokens (batch x new tokens) run the GEMM, then the all-reduce, as "
+        "without T3: on a small step the ring's per-message latency costs more than it hides. auto: the fewest "
+        "tokens from which the cost model predicts T3 faster on every one of H100, H200 and H800 (a GEMM it "
+        "predicts slower on one of them at every size is declined).")
+    chunks: Annotated[int, Field(ge=1, strict=True)] | Literal["auto"] = Field(
         "auto", description="Pieces the GEMM's output columns are cut into: a multiple of the ranks that divides "
         "the output features. auto: the count the cost model predicts fastest on H100, H200 and H800.")
 
@@ -65,6 +66,7 @@ FUSED = "t3_linear_all_reduce"
 PROFILES = ("H100", "H200", "H800")  # the GPU profiles of planc.cost each candidate is predicted on
 PREDICT_TOKENS = (8, 512, 4096)  # a decode batch, a short prefill, a long one
 ELEM = 2  # predictions are for bf16, as these GPUs serve
+MOST_TOKENS = 1 << 20  # the largest step the break-even search tries
 
 
 def _emit(c: Call) -> str:
@@ -100,27 +102,42 @@ declare_op(FUSED, _emit, owns_weights=True, imports=("from planc.passes import t
 
 def t3(graph: fx.Graph, section: T3Section, ctx) -> fx.Graph:
     graph = copy_graph(graph)
-    n = ctx.world_size
     for gemm in ctx.bound(graph, ("linear",)):
-        collective, reason = _after(gemm, n)
-        chunks = 0 if reason else _chunks(section, info(gemm), n)
-        reason = reason or _bad_chunks(info(gemm), chunks, n, section.chunks)
+        collective, chunks, min_tokens, reason = _decide(gemm, section, ctx.world_size)
         if reason:
             ctx.decline(gemm, reason)
             continue
-        _fuse(graph, gemm, collective, ChunkedRow("row", info(gemm).shard.segments, chunks, section.min_tokens), ctx)
-        ctx.applied(gemm, f"fused with its all_reduce: {chunks} pieces, steps of >= {section.min_tokens} tokens")
-        _advise(ctx, section, info(gemm), chunks)
+        _fuse(graph, gemm, collective, ChunkedRow("row", info(gemm).shard.segments, chunks, min_tokens), ctx)
+        auto = " (auto: where the cost model predicts T3 faster on every profile)" if section.min_tokens == "auto" else ""
+        ctx.applied(gemm, f"fused with its all_reduce: {chunks} pieces, steps of >= {min_tokens} tokens{auto}")
+        if not auto:
+            _advise(ctx, min_tokens, info(gemm), _pays_from(info(gemm), ctx.world_size, chunks))
     return graph
 
 
-def _advise(ctx, section: T3Section, m: NodeInfo, chunks: int) -> None:
+def _decide(gemm: fx.Node, section: T3Section, world: int) -> tuple[fx.Node | None, int, int, str]:
+    """(collective, pieces, min_tokens, "") for a GEMM the rule can fuse; (None, 0, 0, why) otherwise."""
+    collective, reason = _after(gemm, world)
+    m = info(gemm)
+    chunks = 0 if reason else _chunks(section, m, world)
+    reason = reason or _bad_chunks(m, chunks, world, section.chunks)
+    if reason:
+        return None, 0, 0, reason
+    if section.min_tokens != "auto":
+        return collective, chunks, section.min_tokens, ""
+    pays = _pays_from(m, world, chunks)
+    if None in pays.values():
+        return None, 0, 0, (f"min_tokens auto: the cost model predicts T3 slower than the GEMM then the all-reduce at "
+                            f"every step up to {MOST_TOKENS} tokens ({pays_text(pays)}); set min_tokens to fuse it anyway")
+    return collective, chunks, max(pays.values()), ""
+
+
+def _advise(ctx, min_tokens: int, m: NodeInfo, pays: dict[str, int | None]) -> None:
     """Once per rule: say so when min_tokens lets through steps the cost model predicts T3 to slow."""
-    pays = _pays_from(m, ctx.world_size, chunks)
-    early = {h: t for h, t in pays.items() if t is None or t > section.min_tokens}
+    early = {h: t for h, t in pays.items() if t is None or t > min_tokens}
     label = f"t3 {ctx.rule.label}"
     if early and not any(line.startswith(label + ":") for line in ctx.advice):
-        ctx.advice.append(f"{label}: min_tokens {section.min_tokens} fuses steps the cost model predicts slower than "
+        ctx.advice.append(f"{label}: min_tokens {min_tokens} fuses steps the cost model predicts slower than "
                           f"the GEMM then the all-reduce for {m.fqn} ({pays_text(early)}); raise min_tokens on those GPUs")
 
 
@@ -147,7 +164,7 @@ def _chunks(section: T3Section, m: NodeInfo, world: int) -> int:
         return section.chunks
     options = valid_chunks(m.dims.out_features, world)
     k_in = m.local_dims().in_features
-    tokens = max(section.min_tokens, PREDICT_TOKENS[-1])
+    tokens = max(section.min_tokens if section.min_tokens != "auto" else 0, PREDICT_TOKENS[-1])
     return min(options, key=lambda p: sum(predict(cost.PROFILES[h], tokens, k_in, m.dims.out_features, world, p)[1]
                                           for h in PROFILES))
 
@@ -213,8 +230,9 @@ def _producer(collective: fx.Node) -> fx.Node | None:
 def _fused_entry(m: NodeInfo, world: int) -> dict[str, Any]:
     s: ChunkedRow = m.shard
     steps = {step: ("fused" if fused_in(step, s) else "sequential") for step in ("decode", "prefill")}
-    detail = (f"{s.chunks} pieces, steps of >= {s.min_tokens} tokens fused (prefill {steps['prefill']}, decode at batch "
-              f"< {s.min_tokens} {steps['decode']}); serialized collectives after the GEMM 1 -> 0; cost model: "
+    when = ("every step fused" if steps["decode"] == "fused" else
+            f"steps of >= {s.min_tokens} tokens fused (prefill fused, decode sequential below {s.min_tokens} sequences)")
+    detail = (f"{s.chunks} pieces, {when}; serialized collectives after the GEMM 1 -> 0; cost model: "
               + pays_text(_pays_from(m, world, s.chunks)))
     entry = _entry(m, "all_reduce", "fused", detail, m.rule.index, 0, world, s.chunks)
     return entry | {"chunks": s.chunks, "min_tokens": s.min_tokens, "steps": steps}
@@ -263,7 +281,7 @@ def predict(hw: cost.Hardware, tokens: int, k_in: int, n_out: int, world: int, p
 
 
 def pays_from(hw: cost.Hardware, k_in: int, n_out: int, world: int, pieces: int, e: int = ELEM,
-              most: int = 1 << 20) -> int | None:
+              most: int = MOST_TOKENS) -> int | None:
     """The fewest tokens (a power of two) from which the model predicts T3 faster; None below `most`."""
     tokens = 1
     while tokens <= most:

@@ -79,7 +79,7 @@ def test_program_line_names_the_call_and_its_decision(tmp_path):
     assert "from planc.passes import t3" in art.program
     fused = [l for l in lines if l.startswith("t3 ")]
     assert len(fused) == 5 and all(": fused: " in l and "serialized collectives after the GEMM 1 -> 0" in l for l in fused)
-    assert "decode at batch < 16 sequential" in fused[0] and "prefill fused" in fused[0]
+    assert "steps of >= 16 tokens fused (prefill fused, decode sequential below 16 sequences)" in fused[0]
     assert any(l.startswith("note     t3 rules[2]: min_tokens 16 fuses steps the cost model predicts slower") for l in lines)
 
 
@@ -293,3 +293,15 @@ def test_auto_chunks_pick_the_predicted_fastest_valid_count():
     _, ctx, _ = compiled("tiny-deepseek", plan(4, ATTN, O_PROJ % ""))
     # a GEMM this small is latency-bound on every profile: each extra message only adds latency
     assert {r.detail.split(":")[1].split(",")[0] for r in ctx.records if r.pass_name == "t3"} == {" 4 pieces"}
+
+
+def test_auto_min_tokens_is_where_the_model_predicts_a_gain_on_every_profile():
+    graph, ctx, _ = compiled("tiny-deepseek", plan(2, ATTN, 'match: "model.layers.*.self_attn.o_proj"\n'
+                                                           '    overlap: {kind: t3}'))
+    node = nodes_of(graph, "t3_linear_all_reduce")[0]
+    pays = [t3.pays_from(cost.PROFILES[h], 64, 128, world=2, pieces=2) for h in t3.PROFILES]
+    assert info(node).shard.min_tokens == max(pays) > 4096  # a 64 x 128 GEMM is latency-bound up to long prefills
+    assert "(auto: where the cost model predicts T3 faster on every profile)" in ctx.records[-1].detail
+    assert not any(line.startswith("t3 ") for line in ctx.advice)  # auto needs no advice
+    v3 = [t3.pays_from(cost.PROFILES[h], 16384 // 2, 7168, world=2, pieces=2) for h in t3.PROFILES]
+    assert max(v3) <= 8  # DeepSeek-V3's o_proj at TP 2: the ring pays from a decode batch on
