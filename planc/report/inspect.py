@@ -342,7 +342,7 @@ def candidates_section(report: dict) -> str:
         extra = [k for k in entries[0] if k not in ("target", "status", "rule", "detail")]
         rows = [[f"<code>{escape(e['target'])}</code>", escape(e["status"]),
                  "" if e.get("rule") is None else f"rules[{e['rule']}]", escape(e.get("detail", "")),
-                 *(escape(_compact(e.get(k, ""))) for k in extra)] for e in entries]
+                 *(_value_html(e.get(k, "")) for k in extra)] for e in entries]
         classes = ["declined" if e["status"] == "declined" else "" for e in entries]
         fused = sum(e["status"] == "fused" for e in entries)
         parts.append(f"<h3>{escape(name)}: {fused} of {len(entries)} fused</h3>"
@@ -350,11 +350,18 @@ def candidates_section(report: dict) -> str:
     return _section("Candidates", "".join(parts), "candidates") if parts else ""
 
 
-def _compact(value: object) -> str:
-    """A nested value on one line: {'H100': {'ratio': 1.2}} -> 'H100: ratio: 1.2'."""
+def _value_html(value: object) -> str:
+    """A scalar as text; a mapping folded under its keys (the full value as YAML when opened)."""
     if isinstance(value, dict):
-        return "; ".join(f"{k}: {_compact(v)}" for k, v in value.items())
-    return _fmt(value, ".3g")
+        body = escape("\n".join(yamlish({k: _rounded(v) for k, v in value.items()})))
+        return f"<details><summary>{escape(', '.join(map(str, value)))}</summary><pre>{body}</pre></details>"
+    return escape(_fmt(value, ".3g"))
+
+
+def _rounded(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return float(format(value, ".3g")) if isinstance(value, float) else value
 
 
 def passes_section(report: dict) -> str:
