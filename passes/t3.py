@@ -108,7 +108,8 @@ def t3(graph: fx.Graph, section: T3Section, ctx) -> fx.Graph:
             ctx.decline(gemm, reason)
             continue
         _fuse(graph, gemm, collective, ChunkedRow("row", info(gemm).shard.segments, chunks, min_tokens), ctx)
-        auto = " (auto: where the cost model predicts T3 faster on every profile)" if section.min_tokens == "auto" else ""
+        auto = (" (auto: where the cost model predicts T3 faster on every profile)"
+                if section.min_tokens == "auto" else "")
         ctx.applied(gemm, f"fused with its all_reduce: {chunks} pieces, steps of >= {min_tokens} tokens{auto}")
         if not auto:
             _advise(ctx, min_tokens, info(gemm), _pays_from(info(gemm), ctx.world_size, chunks))
@@ -127,8 +128,9 @@ def _decide(gemm: fx.Node, section: T3Section, world: int) -> tuple[fx.Node | No
         return collective, chunks, section.min_tokens, ""
     pays = _pays_from(m, world, chunks)
     if None in pays.values():
-        return None, 0, 0, (f"min_tokens auto: the cost model predicts T3 slower than the GEMM then the all-reduce at "
-                            f"every step up to {MOST_TOKENS} tokens ({pays_text(pays)}); set min_tokens to fuse it anyway")
+        return None, 0, 0, (f"min_tokens auto: the cost model predicts T3 slower than the GEMM then the all-reduce "
+                            f"at every step up to {MOST_TOKENS} tokens ({pays_text(pays)}); set min_tokens to fuse "
+                            f"it anyway")
     return collective, chunks, max(pays.values()), ""
 
 
@@ -138,7 +140,8 @@ def _advise(ctx, min_tokens: int, m: NodeInfo, pays: dict[str, int | None]) -> N
     label = f"t3 {ctx.rule.label}"
     if early and not any(line.startswith(label + ":") for line in ctx.advice):
         ctx.advice.append(f"{label}: min_tokens {min_tokens} fuses steps the cost model predicts slower than "
-                          f"the GEMM then the all-reduce for {m.fqn} ({pays_text(early)}); raise min_tokens on those GPUs")
+                          f"the GEMM then the all-reduce for {m.fqn} ({pays_text(early)}); raise min_tokens on "
+                          f"those GPUs")
 
 
 def _after(gemm: fx.Node, world: int) -> tuple[fx.Node | None, str]:
@@ -151,7 +154,8 @@ def _after(gemm: fx.Node, world: int) -> tuple[fx.Node | None, str]:
         return None, f"{m.fqn} is {layout}: no all-reduce or reduce-scatter follows it, so there is nothing to overlap"
     if len(users) > 1:
         others = ", ".join(u.name for u in users if u is not found[0])
-        return None, f"its output is consumed before the collective (by {others}), so the GEMM cannot hand pieces to the ring"
+        return None, (f"its output is consumed before the collective (by {others}), so the GEMM cannot hand pieces "
+                      f"to the ring")
     if info(found[0]).kind != "all_reduce":
         return None, f"it feeds {info(found[0]).kind}; planc fuses a GEMM with a plain all_reduce only"
     if world == 1:
@@ -230,8 +234,8 @@ def _producer(collective: fx.Node) -> fx.Node | None:
 def _fused_entry(m: NodeInfo, world: int) -> dict[str, Any]:
     s: ChunkedRow = m.shard
     steps = {step: ("fused" if fused_in(step, s) else "sequential") for step in ("decode", "prefill")}
-    when = ("every step fused" if steps["decode"] == "fused" else
-            f"steps of >= {s.min_tokens} tokens fused (prefill fused, decode sequential below {s.min_tokens} sequences)")
+    when = ("every step fused" if steps["decode"] == "fused" else f"steps of >= {s.min_tokens} tokens fused "
+            f"(prefill fused, decode sequential below {s.min_tokens} sequences)")
     detail = (f"{s.chunks} pieces, {when}; serialized collectives after the GEMM 1 -> 0; cost model: "
               + pays_text(_pays_from(m, world, s.chunks)))
     entry = _entry(m, "all_reduce", "fused", detail, m.rule.index, 0, world, s.chunks)
@@ -375,7 +379,8 @@ def linear_all_reduce(ops, comm, x: torch.Tensor, w_NK: torch.Tensor, b_N: torch
     if comm.world_size == 1 or x_MK.shape[0] < min_tokens:
         return comm.all_reduce(ops.linear(x, w_NK, b_N))
     make = getattr(ops, "t3_pieces", None)  # a kernel backend's GEMM with per-piece counters
-    pieces = make(x_MK, w_NK, b_N, comm.rank, comm.world_size, chunks) if make else TorchPieces(ops, x_MK, w_NK, b_N, chunks)
+    pieces = (make(x_MK, w_NK, b_N, comm.rank, comm.world_size, chunks) if make
+              else TorchPieces(ops, x_MK, w_NK, b_N, chunks))
     with pieces.running():
         mine_MC = ring_reduce_scatter(comm, pieces)
     n, (M, C) = comm.world_size, mine_MC.shape
