@@ -2,8 +2,8 @@
 
 A rule has one section (`attention`, `mlp`, `moe`, `overlap`); each section is a union of the
 section models the strategies declare (passes/), told apart by their discriminator's value
-(`strategy`, or `kind` for `overlap`). A new strategy is a new
-module under passes/; a new section key is a new `Strategy.section` there: this file lists neither.
+(`strategy`, or `kind` for `overlap`). A new strategy is a new module under passes/; a new section
+key is a new `Strategy.section` there: this file lists neither.
 """
 from __future__ import annotations
 
