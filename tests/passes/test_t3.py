@@ -22,7 +22,7 @@ from planc.passmanager import PassContext
 from planc.plan import parse_plan_text
 from planc.ring import ring_piece_order
 from planc.runtime.threads import ThreadComm, _Exchange, run_threads
-from tests.passes.blocks import compiled, lifted, model, plan, run_block
+from tests.passes.blocks import compiled, model, plan, run_block
 
 ATTN = 'match: "model.layers.*.self_attn"\n    attention: {strategy: mla_tp}'
 DENSE = 'match: "model.layers.0.mlp"\n    mlp: {strategy: tp}'
