@@ -2,10 +2,13 @@
 
 Every rank runs the same function on its own weights (SPMD); per-rank differences live in the
 weights file and in `comm.rank`. Each node's line comes from its OpSpec's emitter; a line a plan
-rule produced says which rule, strategy and layout. Module FQNs reach the code only as escaped
-literals (repr), and every number a rank uses is a module-level constant a reader can see. An op
-may also define a module-level function (`Call.define`: a run-as-captured block's code), written
-once above `forward` however many nodes call it.
+rule produced says which rule, strategy and layout. No string from the user (model source, module
+FQNs, plan text) reaches the code but as an escaped literal (repr); names made from FQNs keep only
+ASCII letters and digits, and a comment only printable characters (no line break ends it early).
+The header holds planc's version, the world size and the plan's sha256 alone. Every number a rank
+uses is a module-level constant a reader can see. An op may also define a module-level function
+(`Call.define`: a run-as-captured block's code), written once above `forward` however many nodes
+call it.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ each call; calls without one are replicated.
 
 def _const_name(meta: NodeInfo, prefix: str) -> str:
     where = meta.fqn.replace("model.layers.", "L") if meta.fqn else f"L{meta.layer}"
-    name = "".join(ch if ch.isalnum() else "_" for ch in where).upper()
+    name = "".join(ch if ch.isascii() and ch.isalnum() else "_" for ch in where).upper()
     return f"{prefix}_{name}"
 
 
@@ -74,7 +77,7 @@ class _Emitter:
             return ""
         layout = ", ".join(f"{k}={v}" for k, v in (meta.shard.describe() if meta.shard is not None else {}).items())
         parts = [p for p in (meta.strategy, layout, meta.why) if p]
-        return f"  # {meta.rule.label} {': '.join(parts)}"
+        return "  # " + "".join(ch if ch.isprintable() else "?" for ch in f"{meta.rule.label} {': '.join(parts)}")
 
     def emit(self) -> None:
         layer = None

@@ -21,14 +21,14 @@ from planc.codegen.artifact import KERNEL_FILES, Program, write_artifact
 from planc.codegen.emit_program import emit_program
 from planc.codegen.partition import model_tensors, partition
 from planc.dims import DTYPES
-from planc.errors import PlanError
+from planc.errors import ModelError, PlanError
 from planc.lift import lift
 from planc.lift.captured import captured_lines
-from planc.models.registry import BUNDLED, dtype_name, load_model
+from planc.models.registry import dtype_name, load_model, source_kind
 from planc.models.tokenizer import NONE, model_tokenizer, tokenizer_files
 from planc.passes import STRATEGIES
 from planc.passmanager import PassContext, run_passes
-from planc.plan import Plan, load_plan
+from planc.plan import Plan, load_plan, locate
 from planc.report.report import build_report, cache_specs, candidate_lines, candidates
 
 
@@ -41,16 +41,39 @@ class Artifact:
 
 
 def resolve_model(model: nn.Module | str | None, plan: Plan, meta: bool) -> tuple[nn.Module, str]:
-    """The model and its source; a plan without a model section means model.dtype auto."""
+    """The model and its source; a plan without a model section means model.dtype auto.
+
+    MODEL from the caller (command line, Python API) may be any kind registry.load_model takes; a
+    plan's model.source may not name Python code (package.module:factory): a plan is data, and
+    planc imports nothing it names."""
     dtype = plan.model.dtype if plan.model else "auto"
     if isinstance(model, nn.Module):
         return model.eval(), type(model).__name__
-    source = model or (plan.model.source if plan.model else None)
-    if source is None:
+    if model is not None:
+        source = _absolute(model)
+        return load_model(source, dtype=dtype, meta=meta), source
+    source, where = _plan_source(plan)
+    try:
+        return load_model(source, dtype=dtype, meta=meta), source
+    except ModelError as exc:
+        raise ModelError(f"{where}: {exc}") from None
+
+
+def _plan_source(plan: Plan) -> tuple[str, str]:
+    """The plan's model.source and where it is written; refused when it names Python code."""
+    if plan.model is None:
         raise PlanError("no model: pass MODEL on the command line or set model.source in the plan")
-    if source not in BUNDLED and Path(source).exists():
-        source = str(Path(source).resolve())  # so `planc verify` finds it from anywhere
-    return load_model(source, dtype=dtype, meta=meta), source
+    source, where = plan.model.source, f"{locate(plan, ('model', 'source')) or 'plan'}: model.source"
+    if source_kind(source) == "factory":
+        raise PlanError(f"{where}: {source!r} names Python code (package.module:factory), and planc imports "
+                        "nothing a plan names; pass it yourself as MODEL: `planc compile MODEL PLAN -o OUT`, "
+                        "`planc validate PLAN --model MODEL`, or compile(model=...) in Python")
+    return _absolute(source), where
+
+
+def _absolute(source: str) -> str:
+    """A local path made absolute, so that `planc verify` finds it from anywhere."""
+    return str(Path(source).resolve()) if source_kind(source) in ("checkpoint", "config") else source
 
 
 def parallelize(lifted: fx.Graph, plan: Plan, model: nn.Module | None = None, *, strict: bool = False,

@@ -5,6 +5,9 @@ module FQN or CLI argument), the offending value, and a fix. `assert` is for int
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 
 class PlancError(Exception):
     """Base class of errors caused by user input; the CLI prints them without a traceback."""
@@ -28,3 +31,28 @@ class ArtifactError(PlancError):
 
 class RunError(PlancError):
     """A multi-rank run failed; the message carries the first failing rank's error."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (transformers, safetensors and YAML write several)."""
+    return " ".join(str(exc).split())
+
+
+def read_json(path: Path, max_bytes: int) -> object:
+    """The JSON document at `path`; ValueError with one line, `FILE[:LINE:COL]: what is wrong`,
+    for a file that is unreadable, larger than `max_bytes`, not UTF-8, not JSON or nested too deeply."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if len(data) > max_bytes:
+        raise ValueError(f"{path}: larger than {max_bytes} bytes, more than planc reads")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}), so not JSON") from None
+    except (ValueError, RecursionError) as exc:  # a 5,000-digit number; arrays nested 10^5 deep
+        raise ValueError(f"{path}: not JSON planc can read ({one_line(exc)[:120]})") from None

@@ -5,7 +5,11 @@ A MODEL argument is resolved in this order:
      configs, which only make sense with `meta=True`);
   2. a directory holding a Hugging Face checkpoint (config.json + *.safetensors);
   3. a config.json file (seeded random init);
-  4. `package.module:factory`, a callable returning an nn.Module.
+  4. `package.module:factory`, a callable returning an nn.Module. planc imports it only when the
+     user names it (command line, Python API); planc.driver refuses one a plan names.
+
+Nothing here runs code a checkpoint ships: transformers is called with trust_remote_code=False and
+local files only, and weights are read from safetensors alone (never pickled *.bin files).
 
 dtype "auto" (the plan's default) is the checkpoint's own dtype: config.json's `dtype` (or the
 older `torch_dtype`), else the dtype of its safetensors tensors, else float32. Bundled models,
@@ -20,7 +24,7 @@ import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -28,13 +32,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV3Config, Lla
 from transformers.utils import logging as hf_logging
 
 from planc.dims import DTYPES
-from planc.errors import ModelError
+from planc.errors import ModelError, one_line, read_json
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 INIT_SEED = 0
 
 # safetensors' dtype names of the floating dtypes planc compiles
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F64": torch.float64, "BF16": torch.bfloat16, "F16": torch.float16}
+SAFETENSORS_MAX_HEADER = 100 * 2**20  # the safetensors format's own limit on its JSON header
+MAX_CONFIG_BYTES = 16 * 2**20  # a config.json is a few KiB
 
 # Byte-level vocabulary shared by the bundled models: 256 byte values, then specials.
 BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
@@ -119,33 +125,38 @@ def _init(config: PretrainedConfig, dtype: torch.dtype, meta: bool) -> nn.Module
     pin_static_paths(config, dtype)
     if meta:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False).eval()
     torch.manual_seed(INIT_SEED)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False).eval()
 
 
 def _load_checkpoint(path: Path, dtype: torch.dtype) -> nn.Module:
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: not a checkpoint directory (no config.json); "
                          "give a directory written by save_pretrained, a config.json, or a bundled name")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise ModelError(f"{path}: checkpoint has config.json but no weight files (*.safetensors)")
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.glob("*.bin"))
+        raise ModelError(f"{path}: checkpoint has config.json but no weight files (*.safetensors)"
+                         + (f"; planc does not read pickled weights ({', '.join(pickled)}): re-save them with "
+                            "save_pretrained(DIR, safe_serialization=True)" if pickled else ""))
+    read_config(path / "config.json")  # a located error for a broken file, before transformers reads it
     hf_logging.disable_progress_bar()  # a per-tensor progress bar is noise in `planc run` output
+    local = {"local_files_only": True, "trust_remote_code": False}
     try:
-        config = pin_static_paths(AutoConfig.from_pretrained(path, local_files_only=True), dtype)
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True)
+        config = pin_static_paths(AutoConfig.from_pretrained(path, **local), dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, use_safetensors=True, **local)
     except Exception as exc:  # transformers raises many types for bad files
-        raise ModelError(f"{path}: cannot load checkpoint: {type(exc).__name__}: {exc}. "
+        raise ModelError(f"{path}: cannot load checkpoint: {type(exc).__name__}: {one_line(exc)}. "
                          "Check that the files are complete (re-save with save_pretrained)") from exc
     return model.eval()
 
 
 def _load_config_file(path: Path, dtype: torch.dtype, meta: bool) -> nn.Module:
+    data = read_config(path)
     try:
-        data = json.loads(path.read_text())
         config = AutoConfig.for_model(**data)
     except Exception as exc:
-        raise ModelError(f"{path}: not a valid transformers config: {type(exc).__name__}: {exc}") from exc
+        raise ModelError(f"{path}: not a valid transformers config: {type(exc).__name__}: {one_line(exc)}") from exc
     return _init(config, dtype, meta)
 
 
@@ -153,7 +164,7 @@ def _load_factory(ref: str) -> nn.Module:
     module_name, _, attr = ref.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
+    except (ImportError, AttributeError, ValueError, TypeError) as exc:  # ValueError, TypeError: '', '..x'
         raise ModelError(f"model {ref!r}: cannot import {attr!r} from {module_name!r}: {exc}") from exc
     model = factory()
     if not isinstance(model, nn.Module):
@@ -165,17 +176,41 @@ def load_model(source: str, *, dtype: torch.dtype | str = "auto", meta: bool = F
     """Resolve MODEL (see module docstring) into an eval-mode nn.Module of `dtype` (a torch dtype, a
     plan dtype name, or "auto")."""
     dtype = resolve_dtype(source, dtype)
-    if source in BUNDLED:
+    kind = source_kind(source)
+    if kind == "bundled":
         return _load_bundled(source, dtype, meta)
-    path = Path(source)
-    if path.is_dir():
-        return _load_checkpoint(path, dtype)
-    if path.is_file() and path.suffix == ".json":
-        return _load_config_file(path, dtype, meta)
-    if ":" in source and not path.exists():
+    if kind == "checkpoint":
+        return _load_checkpoint(Path(source), dtype)
+    if kind == "config":
+        return _load_config_file(Path(source), dtype, meta)
+    if kind == "factory":
         return _load_factory(source)
     raise ModelError(f"model {source!r}: not a bundled name ({', '.join(BUNDLED)}), checkpoint directory, "
                      "config.json or package.module:factory")
+
+
+def source_kind(source: str) -> Literal["bundled", "checkpoint", "config", "factory"] | None:
+    """Which of the four kinds of MODEL (module docstring) `source` is; None for none of them."""
+    if source in BUNDLED:
+        return "bundled"
+    path = local_path(source)
+    if path is not None and path.is_dir():
+        return "checkpoint"
+    if path is not None and path.is_file() and path.suffix == ".json":
+        return "config"
+    if ":" in source and path is None:
+        return "factory"
+    return None
+
+
+def local_path(source: str) -> Path | None:
+    """`source` as an existing file or directory; None when nothing is there (or the name cannot
+    be one: too long, a NUL byte, a component that is not a directory)."""
+    path = Path(source)
+    try:
+        return path if path.exists() else None
+    except (OSError, ValueError):
+        return None
 
 
 def resolve_dtype(source: str, dtype: torch.dtype | str) -> torch.dtype:
@@ -185,16 +220,25 @@ def resolve_dtype(source: str, dtype: torch.dtype | str) -> torch.dtype:
     if dtype != "auto":
         return DTYPES[dtype]
     path = Path(source)
-    if source in BUNDLED or not (path / "config.json").is_file():
+    if source_kind(source) != "checkpoint" or not (path / "config.json").is_file():
         return torch.float32
     return _config_dtype(path / "config.json") or _safetensors_dtype(path) or torch.float32
 
 
-def _config_dtype(path: Path) -> torch.dtype | None:
+def read_config(path: Path) -> dict:
+    """A config.json's fields; ModelError, one located line, for anything else."""
     try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path}: not valid JSON ({exc}); re-save the checkpoint with save_pretrained") from None
+        config = read_json(path, MAX_CONFIG_BYTES)
+    except ValueError as exc:
+        raise ModelError(f"{exc}; give a config.json written by save_pretrained") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: a JSON {type(config).__name__}, not an object of config fields; "
+                         "give a config.json written by save_pretrained")
+    return config
+
+
+def _config_dtype(path: Path) -> torch.dtype | None:
+    config = read_config(path)
     named = config.get("dtype") or config.get("torch_dtype")
     return DTYPES.get(str(named).removeprefix("torch.")) if named else None
 
@@ -207,10 +251,10 @@ def _safetensors_dtype(checkpoint: Path) -> torch.dtype | None:
     try:
         with open(files[0], "rb") as f:  # header: u64 little-endian length, then JSON {name: {dtype, ...}}
             (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-    except (OSError, struct.error, UnicodeDecodeError, json.JSONDecodeError):
-        return None  # loading the checkpoint reports the broken file
-    found = Counter(v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"] in SAFETENSORS_DTYPES)
+            header = json.loads(f.read(min(length, SAFETENSORS_MAX_HEADER)))
+        found = Counter(v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"] in SAFETENSORS_DTYPES)
+    except (OSError, struct.error, ValueError, TypeError, AttributeError, KeyError):
+        return None  # not a readable header: loading the checkpoint reports the broken file
     return SAFETENSORS_DTYPES[found.most_common(1)[0][0]] if found else None
 
 

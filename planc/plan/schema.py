@@ -31,8 +31,8 @@ class ModelRef(_Frozen):
     source: str = Field(
         min_length=1,
         strict=True,
-        description="A bundled model name (e.g. tiny-deepseek), a checkpoint directory, "
-        "or package.module:factory returning an nn.Module.",
+        description="A bundled model name (e.g. tiny-deepseek), a checkpoint directory or a config.json. "
+        "A package.module:factory is taken only as MODEL on the command line: planc imports no code a plan names.",
     )
     dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = Field(
         "auto",
