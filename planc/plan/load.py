@@ -2,6 +2,10 @@
 
 Every error names `FILE:LINE:COL` (1-based) and the field path, e.g.
 `plan.yaml:7:18: rules[1].attention.latent_groups: Input should be greater than or equal to 1 (got 0)`.
+
+Input is bounded before it is parsed: a plan is at most MAX_PLAN_BYTES of UTF-8, nests at most
+MAX_DEPTH collections deep and writes integers of at most MAX_INT_CHARS characters (the schema
+bounds the rule count and mesh.devices).
 """
 from __future__ import annotations
 
@@ -22,10 +26,37 @@ FieldPath = tuple[str | int, ...]
 Positions = dict[FieldPath, tuple[int, int]]
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_INT_TAG = "tag:yaml.org,2002:int"
+
+MAX_PLAN_BYTES = 256 * 2**10  # ~4,000 one-line rules; a real plan is a few dozen globs
+MAX_DEPTH = 32  # collections within collections; a plan needs 4
+MAX_INT_CHARS = 32  # 10^31: beyond any count a plan holds
 
 
 class _PlanLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate mapping keys; PyYAML would silently keep the last one."""
+    """SafeLoader that rejects duplicate mapping keys (PyYAML would silently keep the last one),
+    nesting deeper than MAX_DEPTH (PyYAML composes recursively) and integers longer than
+    MAX_INT_CHARS (int() refuses 4,300 digits; 1:2:3... sexagesimal ones grow without bound)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if self._depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested more than {MAX_DEPTH} collections deep (the limit); a plan nests 4",
+                self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        if len(node.value) > MAX_INT_CHARS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {len(node.value)} characters; plan integers have at most "
+                f"{MAX_INT_CHARS}", node.start_mark)
+        return super().construct_yaml_int(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         first_seen: dict[Any, yaml.Mark] = {}
@@ -44,6 +75,9 @@ class _PlanLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+_PlanLoader.add_constructor(_INT_TAG, _PlanLoader.construct_yaml_int)
+
+
 def load_plan(path_or_text: str | os.PathLike[str], *, source_name: str | None = None) -> Plan:
     """Load a plan from a file path, or from YAML text if given a `str` containing a newline."""
     if isinstance(path_or_text, str) and "\n" in path_or_text:
@@ -54,6 +88,8 @@ def load_plan(path_or_text: str | os.PathLike[str], *, source_name: str | None =
 
 def parse_plan_text(text: str, source_name: str) -> Plan:
     """Parse and validate plan YAML; `source_name` is the FILE part of error locations."""
+    if len(text) > MAX_PLAN_BYTES:
+        raise PlanError(_too_large(source_name))
     data, positions = _parse_yaml(text, source_name)
     if not isinstance(data, dict):
         got = "an empty document" if data is None else f"a {type(data).__name__}"
@@ -87,15 +123,32 @@ def field_path(path: FieldPath) -> str:
 
 def _read(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_PLAN_BYTES + 1)  # a plan larger than the limit is never read whole
     except FileNotFoundError:
         raise PlanError(f"{path}: plan file not found; check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PlanError(f"{path}: cannot read plan file: {exc}") from None
+    except OSError as exc:
+        raise PlanError(f"{path}: cannot read plan file: {exc.strerror or exc}") from None
+    if len(data) > MAX_PLAN_BYTES:
+        raise PlanError(_too_large(str(path)))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise PlanError(f"{path}:{line}:{col}: not UTF-8 (byte 0x{data[exc.start]:02x}); save the plan as UTF-8") from None
+
+
+def _too_large(source: str) -> str:
+    return (f"{source}: larger than {MAX_PLAN_BYTES} bytes, the limit of a plan; a rule's match is a glob, "
+            f"so one rule covers every layer alike")
 
 
 def _parse_yaml(text: str, source: str) -> tuple[Any, Positions]:
-    loader = _PlanLoader(text)
+    try:
+        loader = _PlanLoader(text)  # the reader refuses control characters here, before parsing
+    except yaml.reader.ReaderError as exc:
+        raise PlanError(_reader_message(exc, text, source)) from None
     try:
         node = loader.get_single_node()
         data = None if node is None else loader.construct_document(node)
@@ -108,6 +161,13 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, Positions]:
         positions[()] = _line_col(node.start_mark)
         _collect_positions(node, (), positions, set())
     return data, positions
+
+
+def _reader_message(exc: yaml.reader.ReaderError, text: str, source: str) -> str:
+    line = text.count("\n", 0, exc.position) + 1
+    col = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+    return (f"{source}:{line}:{col}: invalid YAML: character U+{exc.character:04X} is not allowed "
+            f"(YAML forbids control characters other than tab and newline); remove it")
 
 
 def _yaml_message(exc: yaml.YAMLError, source: str) -> str:
@@ -190,7 +250,8 @@ def _explain(error: ErrorDetails, path: FieldPath) -> str:
     message = error["msg"].removeprefix("Value error, ")
     value = error["input"]
     if value is None or isinstance(value, (str, int, float, bool)):
-        message += f" (got {value!r})"
+        shown = repr(value)
+        message += f" (got {shown if len(shown) <= 80 else shown[:60] + ' ... ' + shown[-15:]})"
     return message
 
 

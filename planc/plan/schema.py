@@ -16,10 +16,15 @@ from pydantic import Field, PrivateAttr, create_model, model_validator
 from planc.passes import STRATEGIES
 from planc.strategy import Frozen as _Frozen, Section
 
+MAX_DEVICES = 1024  # ranks of one program; each gets its own weights file
+MAX_RULES = 1024  # a rule's match is a glob: a plan needs a few dozen
+MAX_SOURCE_CHARS = 4096  # PATH_MAX on Linux
+
+
 class Mesh(_Frozen):
     """The devices the compiled program runs on."""
 
-    devices: int = Field(ge=1, strict=True, description="World size: number of ranks.")
+    devices: int = Field(ge=1, le=MAX_DEVICES, strict=True, description=f"World size: number of ranks (at most {MAX_DEVICES}).")
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="torch.distributed backend; auto picks nccl on CUDA, gloo on CPU."
     )
@@ -30,6 +35,7 @@ class ModelRef(_Frozen):
 
     source: str = Field(
         min_length=1,
+        max_length=MAX_SOURCE_CHARS,
         strict=True,
         description="A bundled model name (e.g. tiny-deepseek), a checkpoint directory or a config.json. "
         "A package.module:factory is taken only as MODEL on the command line: planc imports no code a plan names.",
@@ -103,7 +109,8 @@ class Plan(_Frozen):
         None, description="The model to compile; may instead be given on the command line."
     )
     rules: tuple[Rule, ...] = Field(
-        (), description="Module rules in priority order; the first rule matching a module wins."
+        (), max_length=MAX_RULES,
+        description=f"Module rules in priority order; the first rule matching a module wins (at most {MAX_RULES}).",
     )
 
     # Where the plan came from, for error messages; kept out of dumps, the hash and the schema.
