@@ -1,17 +1,19 @@
 """Write an artifact directory atomically: build it beside the target, then rename.
 
 A failed compile leaves nothing behind, and an existing artifact is replaced only once the new
-one is complete. Layout (format 2):
+one is complete. Layout (format 3):
 
-    manifest.json                              what was compiled, and a sha256 per other file
+    manifest.json                              what was compiled, a sha256 per other file, its own sha256
     report.json
     kernels/*.py, kernels/*.c
     programs/<name>/program.py                 one per model the artifact runs (target, draft)
     programs/<name>/weights/rank<r>.safetensors  (absent for a --meta dry run)
     tokenizer/*                                the checkpoint's tokenizer files, copied (when it has them)
 
-Every file but manifest.json is listed in manifest["files"] with its sha256, so a reader can
-refuse a file that went missing, was truncated or was edited (planc.runtime.artifact).
+Every file but manifest.json is listed in manifest["files"] with its sha256, and
+manifest["manifest_sha256"] is the sha256 of the rest of the manifest, so a reader can refuse a
+file that went missing, was truncated or was edited, and a manifest edited to say something else
+than what was compiled (planc.runtime.artifact).
 """
 from __future__ import annotations
 
@@ -29,8 +31,9 @@ from safetensors.torch import save_file
 import planc.kernels
 from planc.errors import ArtifactError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
+MANIFEST_DIGEST = "manifest_sha256"
 REPORT = "report.json"
 TOKENIZER_DIR = "tokenizer"
 # split_merge is host code, imported from planc; mla_decode_cpu.py builds the .c beside it
@@ -96,6 +99,12 @@ def write_artifact(out: Path, *, manifest: dict, programs: dict[str, Program], r
     return out
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON, its own digest left out."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def _fill(tmp: Path, manifest: dict, programs: dict[str, Program], report: dict, tokenizer: dict[str, Path]) -> None:
     for name, program in programs.items():
         _write_program(tmp, name, program)
@@ -110,6 +119,7 @@ def _fill(tmp: Path, manifest: dict, programs: dict[str, Program], report: dict,
     manifest = {**manifest, "format_version": FORMAT_VERSION,
                 "programs": {name: {"caches": p.caches} for name, p in programs.items()},
                 "files": _hashes(tmp)}
+    manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: its presence marks completeness
 
 

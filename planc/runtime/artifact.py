@@ -1,6 +1,7 @@
 """Read an artifact directory, trusting nothing in it that its manifest does not vouch for.
 
-read_manifest checks the header (format and planc version); open_artifact also checks every
+read_manifest checks the header (format and planc version) and that the manifest is as compiled
+(its manifest_sha256); open_artifact also checks every
 file's sha256 against manifest["files"], which `planc run` and `planc verify` do once before
 any rank starts. A rank then checks only the files it loads (ArtifactDir.path / load_module):
 its program, its own weights, the kernels its --kernels choice runs; the launching process checks
@@ -14,11 +15,12 @@ from pathlib import Path
 from types import ModuleType
 
 from planc import __version__
-from planc.codegen.artifact import FORMAT_VERSION, MANIFEST, TOKENIZER_DIR, sha256_file
-from planc.errors import ArtifactError
+from planc.codegen.artifact import FORMAT_VERSION, MANIFEST, MANIFEST_DIGEST, TOKENIZER_DIR, manifest_digest, sha256_file
+from planc.errors import ArtifactError, read_json
 
 RECOMPILE = "recompile it with `planc compile`"
 SEALED_DIRS = ("programs", "kernels", TOKENIZER_DIR)  # everything under these is planc's own output
+MAX_MANIFEST_BYTES = 16 * 2**20  # a 1,024-rank manifest is ~0.2 MiB
 
 
 def read_manifest(artifact: str | Path) -> dict:
@@ -27,9 +29,9 @@ def read_manifest(artifact: str | Path) -> dict:
     if not path.is_file():
         raise ArtifactError(f"{artifact}: not a planc artifact (no {MANIFEST}); create one with `planc compile`")
     try:
-        manifest = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({exc}); {RECOMPILE}") from None
+        manifest = read_json(path, MAX_MANIFEST_BYTES)
+    except ValueError as exc:
+        raise ArtifactError(f"{exc}; {RECOMPILE}") from None
     found = manifest.get("format_version") if isinstance(manifest, dict) else None
     if found != FORMAT_VERSION:
         had = f"format {found}" if found is not None else "no format_version (an older artifact)"
@@ -37,6 +39,9 @@ def read_manifest(artifact: str | Path) -> dict:
     if manifest.get("planc_version") != __version__:
         raise ArtifactError(f"{path}: written by planc {manifest.get('planc_version')}, but this is planc "
                             f"{__version__}; {RECOMPILE}")
+    if manifest.get(MANIFEST_DIGEST) != manifest_digest(manifest):
+        raise ArtifactError(f"{path}: edited since it was compiled (its content does not match its "
+                            f"{MANIFEST_DIGEST}), so it no longer vouches for the artifact's files; {RECOMPILE}")
     return manifest
 
 

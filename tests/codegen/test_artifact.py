@@ -1,5 +1,5 @@
 """Artifacts are written atomically (a failure leaves nothing, an existing one survives it), in
-format 2: named programs, kernels, and a sha256 in the manifest for every other file."""
+format 3: named programs, kernels, a sha256 in the manifest for every other file and one of the manifest."""
 from __future__ import annotations
 
 import hashlib
@@ -27,7 +27,7 @@ def _manifest(out):
 def test_complete_artifact(tmp_path):
     out = _write(tmp_path / "a", [{"w": torch.ones(2)}, {"w": torch.zeros(2)}])
     manifest = _manifest(out)
-    assert manifest["format_version"] == FORMAT_VERSION == 2 and manifest["planc_version"] == __version__
+    assert manifest["format_version"] == FORMAT_VERSION == 3 and manifest["planc_version"] == __version__
     assert manifest["programs"] == {"target": {"caches": CACHES}} and "caches" not in manifest
     assert (out / "programs" / "target" / "program.py").read_text().startswith("def forward")
     assert (out / "programs" / "target" / "weights" / "rank1.safetensors").is_file()

@@ -11,6 +11,7 @@ import pytest
 
 import planc.report.inspect as inspect
 from planc import __version__
+from planc.codegen.artifact import FORMAT_VERSION, manifest_digest
 from planc.driver import compile
 from planc.errors import ArtifactError
 from tests.conftest import PLANS
@@ -178,7 +179,8 @@ def test_not_an_artifact(tmp_path):
         inspect.write(tmp_path / "nothing", out)
     assert out.read_text() == "old" and len(list(tmp_path.iterdir())) == 1
     (tmp_path / "half").mkdir()
-    (tmp_path / "half" / "manifest.json").write_text(json.dumps({"format_version": 2, "planc_version": __version__}))
+    half = {"format_version": FORMAT_VERSION, "planc_version": __version__}
+    (tmp_path / "half" / "manifest.json").write_text(json.dumps({**half, "manifest_sha256": manifest_digest(half)}))
     with pytest.raises(ArtifactError, match="report.json and programs/target/program.py missing"):
         inspect.render(tmp_path / "half")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from planc import __version__
-from planc.codegen.artifact import Program, write_artifact
+from planc.codegen.artifact import Program, manifest_digest, write_artifact
 from planc.errors import ArtifactError
 from planc.runtime.artifact import ArtifactDir, open_artifact, read_manifest
 
@@ -25,8 +25,10 @@ def artifact(tmp_path) -> Path:
 
 
 def _edit_manifest(artifact: Path, **changes) -> Path:
+    """Change manifest fields and reseal it, as a compile writing them would."""
     path = artifact / "manifest.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    manifest = {**json.loads(path.read_text()), **changes}
+    path.write_text(json.dumps({**manifest, "manifest_sha256": manifest_digest(manifest)}))
     return path
 
 
@@ -49,7 +51,7 @@ def test_another_format_version(artifact, version, said):
     with pytest.raises(ArtifactError) as err:
         ArtifactDir(artifact)
     assert str(path) in str(err.value) and said in str(err.value)
-    assert "reads artifact format 2" in str(err.value) and "planc compile" in str(err.value)
+    assert "reads artifact format 3" in str(err.value) and "planc compile" in str(err.value)
 
 
 def test_another_planc_version(artifact):
@@ -59,8 +61,8 @@ def test_another_planc_version(artifact):
 
 
 def test_a_manifest_that_is_not_json(artifact):
-    (artifact / "manifest.json").write_text('{"format_version": 2,')
-    with pytest.raises(ArtifactError, match="manifest.json: not valid JSON.*planc compile"):
+    (artifact / "manifest.json").write_text('{"format_version": 3,')
+    with pytest.raises(ArtifactError, match=r"manifest.json:1:22: not valid JSON \(Expecting property name.*planc compile"):
         read_manifest(artifact)
 
 
