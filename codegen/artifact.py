@@ -1,7 +1,8 @@
-"""Write an artifact directory atomically: build it beside the target, then rename.
+"""Write an artifact directory atomically: build it beside the target, then swap it in.
 
-A failed compile leaves nothing behind, and an existing artifact is replaced only once the new
-one is complete. Layout (format 3):
+A failed, interrupted or killed compile leaves the old artifact (or nothing) at the output path,
+and a reader never finds the path empty; an existing artifact is replaced only once the new one
+is complete (planc.codegen.replace). Layout (format 3):
 
     manifest.json                              what was compiled, a sha256 per other file, its own sha256
     report.json
@@ -19,9 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 import planc.kernels
+from planc.codegen.replace import staged
 from planc.errors import ArtifactError
 
 FORMAT_VERSION = 3
@@ -88,15 +88,14 @@ def write_artifact(out: Path, *, manifest: dict, programs: dict[str, Program], r
             raise ValueError(f"tokenizer file name {name!r} must be a plain file name")
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
-    try:
+    with staged(out, _check_replaceable) as tmp:
         _fill(tmp, manifest, programs, report, tokenizer or {})
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
+
+
+def _check_replaceable(old: Path) -> None:
+    if not (old / MANIFEST).is_file():
+        raise ArtifactError(f"{old} exists and is not a planc artifact; refusing to replace it (choose another -o)")
 
 
 def manifest_digest(manifest: dict) -> str:
@@ -147,15 +146,3 @@ def _unaliased(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[name] = t.detach().clone() if ptr in seen else t.detach().contiguous()
         seen.add(ptr)
     return out
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    if not (out / MANIFEST).is_file():
-        raise ArtifactError(f"{out} exists and is not a planc artifact; refusing to replace it (choose another -o)")
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / "artifact")
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

@@ -6,6 +6,7 @@ module FQN or CLI argument), the offending value, and a fix. `assert` is for int
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 
@@ -31,6 +32,16 @@ class ArtifactError(PlancError):
 
 class RunError(PlancError):
     """A multi-rank run failed; the message carries the first failing rank's error."""
+
+
+class Interrupted(PlancError):
+    """SIGTERM or SIGINT stopped planc where it could clean up; the message says what was left.
+    `exit_status` is the shell's convention, 128 + the signal number (143, 130)."""
+
+    def __init__(self, signum: int, outcome: str):
+        self.signum = signum
+        self.exit_status = 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; {outcome}")
 
 
 def one_line(exc: BaseException) -> str:
