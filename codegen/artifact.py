@@ -87,9 +87,13 @@ def write_artifact(out: Path, *, manifest: dict, programs: dict[str, Program], r
         if Path(name).name != name or name in ("", ".", ".."):
             raise ValueError(f"tokenizer file name {name!r} must be a plain file name")
     out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with staged(out, _check_replaceable) as tmp:
-        _fill(tmp, manifest, programs, report, tokenizer or {})
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with staged(out, _check_replaceable) as tmp:
+            _fill(tmp, manifest, programs, report, tokenizer or {})
+    except OSError as exc:  # a read-only or full filesystem, a parent that is a file
+        raise ArtifactError(f"{out}: cannot write the artifact there ({exc.strerror or exc}: {exc.filename}); "
+                            "choose another -o") from None
     return out
 
 
