@@ -34,16 +34,18 @@ SOURCES = [f"{TRAP}:build", f"{TRAP}.inner:build", "planc_fuzz_missing:build", "
            "..:x", "/", "/etc/passwd", "/dev/null", ".", "..", "~/model", "C:\\models\\x", "planc/models/weights",
            "a\x00b", "é" * 300, "x" * 5000, " ", "tiny-deepsek", "deepseek-v3", "kimi-k2", "tiny-deepseek",
            "tiny-draft", "@ckpt", "@config", "@broken-config", "@not-json-config"]
-MATCHES = ["model.layers.*.self_attn"] * 4 + ["model.layers.*.mlp"] * 3 + [
+MATCHES = ["model.layers.*.self_attn"] * 4 + ["model.layers.*.mlp"] * 3 + ["model.layers.*.self_attn.o_proj"] + [
     "model.layers.0.mlp", "model.layers.[1-3].mlp", "*", "model.*", "", "[", "model.layers.*.self_att[n\nimport os]",
     "model.layers.99.mlp", "lm_head", "x" * 300]
 SECTIONS = {"attention": ["replicated", "tp", "mla_tp", "mla_tp", "tpla", "tpla", "sharded"],
-            "mlp": ["replicated", "tp", "tp", "ep"], "moe": ["replicated", "ep", "ep", "tp"]}
+            "mlp": ["replicated", "tp", "tp", "ep"], "moe": ["replicated", "ep", "ep", "tp"], "overlap": ["t3", "t3", "t4"]}
+DISCRIMINATORS = {"overlap": "kind"}  # the key that picks a section's strategy, where it is not `strategy`
 FIELDS = {"tpla": {"latent_groups": [1, 2, 2, 4, 3, 0, 10**30], "transform": ["none", "hadamard", "pca", "x"],
                    "prefill": ["mla", "tpla"], "rmsnorm": ["sliced", "exact", "recompute"],
                    "scales": ["none", "calibrated"], "calibration_tokens": [16, 4096, 0, 10**30],
                    "seed": [0, 1, -1, 2**70, "s"]},
-          "ep": {"placement": ["contiguous", "contiguous", "strided"]}}
+          "ep": {"placement": ["contiguous", "contiguous", "strided"]},
+          "t3": {"min_tokens": ["auto", 0, 1, 64, -1, 10**30], "chunks": ["auto", 1, 2, 0, 10**30]}}
 DEVICES = [1, 3] + [2] * 6 + [4] * 4 + [8] * 2 + [0, -1, 1024, 1025, 10**30, True, "2", 2.5, None]
 TOKENS = [":", "{", "}", "[", "]", "&a", "*a", "!!python/object/apply:os.system ['true']", "!!binary", "<<", "\x00",
           "\t", "%YAML 1.1", "'", '"', "\n", "- ", "#", "|", ">", "\u2028", "\ufeff", "9" * 60, "---", "...", "?"]
@@ -51,7 +53,7 @@ TOKENS = [":", "{", "}", "[", "]", "&a", "*a", "!!python/object/apply:os.system 
 
 def _section(name: str) -> st.SearchStrategy[dict]:
     return st.sampled_from(SECTIONS[name]).flatmap(lambda strategy: st.fixed_dictionaries(
-        {"strategy": st.just(strategy)},
+        {DISCRIMINATORS.get(name, "strategy"): st.just(strategy)},
         optional={"required": st.sampled_from([True, False, False, "yes"]),
                   **{key: st.sampled_from(values) for key, values in FIELDS.get(strategy, {}).items()}}))
 
