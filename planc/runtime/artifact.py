@@ -1,16 +1,15 @@
 """Read an artifact directory, trusting nothing in it that its manifest does not vouch for.
 
 read_manifest checks the header (format and planc version) and that the manifest is as compiled
-(its manifest_sha256); open_artifact also checks every
-file's sha256 against manifest["files"], which `planc run` and `planc verify` do once before
-any rank starts. A rank then checks only the files it loads (ArtifactDir.path / load_module):
-its program, its own weights, the kernels its --kernels choice runs; the launching process checks
-the tokenizer/ copy it reads prompts and outputs with (ArtifactDir.tokenizer_dir).
+(its manifest_sha256); open_artifact also checks every file's sha256 against manifest["files"],
+which `planc run` and `planc verify` do once before any rank starts. A rank then checks only the
+files it loads (ArtifactDir.path / load_module): its program, its own weights, the kernels its
+--kernels choice runs; the launching process checks the tokenizer/ copy it reads prompts and
+outputs with (ArtifactDir.tokenizer_dir).
 """
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from types import ModuleType
 
