@@ -58,8 +58,9 @@ class TplaSection(Section):
         "none", description="with rmsnorm sliced: calibrated = one scale per latent slice, the mean ratio of the "
         "slice's RMS to the whole latent's on the calibration split, applied when a token's slice is written "
         "to the cache (recorded in report.json); none = the paper's plain per-slice RMSNorm.")
-    calibration_tokens: int = Field(4096, ge=1, strict=True, description="pca or scales: calibration tokens.")
-    seed: int = Field(0, strict=True, description="hadamard: seed of the random sign diagonal.")
+    calibration_tokens: int = Field(4096, ge=1, le=1 << 18, strict=True,
+                                    description="pca or scales: calibration tokens (the calibration split holds ~360k).")
+    seed: int = Field(0, ge=0, le=(1 << 63) - 1, strict=True, description="hadamard: seed of the random sign diagonal.")
 
     @model_validator(mode="after")
     def _scales_need_the_sliced_norm(self) -> "TplaSection":
