@@ -138,7 +138,9 @@ def cmd_verify(args) -> int:
         print(json.dumps(report))
     else:
         print(f"token_agreement {report['token_agreement']:.4f} over {report['tokens_compared']} tokens, "
-              f"max_logit_diff {report['max_logit_diff']:.3e}, median {report['median_logit_diff']:.3e} "
+              f"max_logit_diff {report['max_logit_diff']:.3e}, median {report['median_logit_diff']:.3e} over the "
+              f"{report['logit_steps_agreeing']} row steps before any divergence, max_logit_diff "
+              f"{report['max_logit_diff_all_steps']:.3e} over all {report['logit_steps_all']} row steps "
               f"({report['world_size']} ranks, {report['dtype']})")
         verdict = "passed" if report["passed"] else "FAILED"
         ranks = "" if report["ranks_agree"] else "; the ranks generated different tokens"

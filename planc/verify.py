@@ -1,7 +1,8 @@
 """`planc verify`: the same prompts through transformers on one process and the artifact on N ranks.
 
-Greedy tokens are compared position by position (a row stops at its EOS in both); logits are
-compared at every step where both still agree on the prefix. The prompts are DEFAULT_PROMPTS
+Greedy tokens are compared position by position (a row stops at its EOS in both); the tolerance
+judges logits at the steps where both still agree on the prefix, and the report also gives the
+largest logit difference over all steps. The prompts are DEFAULT_PROMPTS
 encoded by the model's tokenizer (random ids when it has none).
 
 Pass or fail is judged by the artifact's dtype (TOLERANCES):
@@ -106,21 +107,28 @@ def reference_generate(manifest: dict, prompts: list[list[int]], max_new_tokens:
 def compare(ref_tokens, ref_logits, got_tokens, got_logits) -> dict:
     """token_agreement: share of reference tokens reproduced before a row first diverges (free
     generation after a divergence compares different prefixes, so those count as disagreeing).
-    Over the (row, step) pairs compared: the max and median of each step's max |logit difference|,
-    and the reference's largest |logit| (the scale of a half-precision rounding step)."""
+    Over the (row, step) pairs before a row's divergence (logit_steps_agreeing of them): the max
+    and median of each step's max |logit difference|, and the reference's largest |logit| (the scale
+    of a half-precision rounding step). max_logit_diff_all_steps is the max over every step both
+    generated (logit_steps_all), past divergences too: an artifact that agrees on nothing shows
+    its difference there rather than a vacuous 0 over no steps."""
     equal = total = 0
-    diffs, largest = [], 0.0
+    diffs, all_diffs, largest = [], [], 0.0
     for row, (want, got) in enumerate(zip(ref_tokens, got_tokens)):
         total += len(want)
-        for step, token in enumerate(want):
-            if step >= len(got) or got[step] != token:
-                break
-            equal += 1
-            diffs.append((torch.tensor(got_logits[step][row]) - ref_logits[step][row]).abs().max().item())
-            largest = max(largest, ref_logits[step][row].abs().max().item())
+        agreeing = True
+        for step, token in enumerate(want[:len(got)]):
+            diff = (torch.tensor(got_logits[step][row]) - ref_logits[step][row]).abs().max().item()
+            all_diffs.append(diff)
+            agreeing = agreeing and got[step] == token
+            if agreeing:
+                equal += 1
+                diffs.append(diff)
+                largest = max(largest, ref_logits[step][row].abs().max().item())
     return {"token_agreement": equal / max(total, 1), "max_logit_diff": max(diffs, default=0.0),
             "median_logit_diff": statistics.median(diffs) if diffs else 0.0, "max_abs_logit": largest,
-            "tokens_compared": total}
+            "tokens_compared": total, "logit_steps_agreeing": len(diffs),
+            "max_logit_diff_all_steps": max(all_diffs, default=0.0), "logit_steps_all": len(all_diffs)}
 
 
 def judge(report: dict, dtype_name: str) -> dict:
