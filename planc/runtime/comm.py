@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from planc.ring import (all_to_all_bytes, broadcast_bytes, ring_all_gather_bytes, ring_all_reduce_bytes,
                         ring_reduce_scatter_bytes)
+from planc.runtime import status
 
 Stats = dict[str, dict[str, dict[str, float | int]]]
 
@@ -115,6 +116,10 @@ class Comm:
         finally:
             self._phase = previous
 
+    @property
+    def current_phase(self) -> str:
+        return self._phase
+
     def stats(self) -> Stats:
         return {p: {op: dict(c) for op, c in ops.items()} for p, ops in self._stats.items()}
 
@@ -134,9 +139,12 @@ class Comm:
         if sync:
             torch.cuda.synchronize(x.device)
         start = time.perf_counter()
+        rank_status = status.current()  # where this rank waits, for the launcher to name on a failure
+        rank_status.begin(op, self._phase, blocking=True)
         out = fn()
         if sync:
             torch.cuda.synchronize(x.device)
+        rank_status.end()
         self._record(CommRecord(op, self._phase, logical_bytes, time.perf_counter() - start))
         return out
 
@@ -147,12 +155,16 @@ class Comm:
         if sync:
             torch.cuda.synchronize(x.device)
         start = time.perf_counter()
+        rank_status = status.current()
+        seq = rank_status.begin(op, phase, blocking=False)
         work = start_fn()
 
         def finish() -> Any:
+            rank_status.waiting(op, seq)
             work.wait()
             if sync:
                 torch.cuda.synchronize(x.device)
+            rank_status.end()
             self._record(CommRecord(op, phase, logical_bytes, time.perf_counter() - start))
             return result
 

@@ -6,6 +6,8 @@ caches of this model's KvCache); a Model is that `rt`. An artifact may hold seve
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -15,6 +17,7 @@ from planc.codegen.artifact import program_file, weights_file
 from planc.dims import DTYPES
 from planc.errors import ArtifactError
 from planc.ops import GqaCache, MlaCache, Step
+from planc.runtime import status
 from planc.runtime.artifact import ArtifactDir
 from planc.runtime.comm import Comm
 from planc.runtime.kernel_ops import make_ops
@@ -38,6 +41,11 @@ class Model:
         self.program = artifact.load_module(program_file(program), f"planc_artifact_program_{program}")
         self.weights = Weights(load_file(artifact.path(weights_file(program, comm.rank))))
         self.cache = KvCache(spec["caches"], DTYPES[self.manifest["dtype"]])
+        self.steps = 0  # extend() calls since allocate(): step 0 is the prefill
+
+    def fingerprint(self) -> bytes:
+        """sha256 of what this rank runs: the manifest (which holds every file's sha256) and the program."""
+        return hashlib.sha256(json.dumps([self.manifest, self.name], sort_keys=True).encode()).digest()
 
     @property
     def kv(self) -> dict[str, MlaCache | GqaCache]:
@@ -45,6 +53,7 @@ class Model:
 
     def allocate(self, batch: int, capacity: int) -> KvCache:
         self.cache.allocate(batch, capacity)
+        self.steps = 0
         return self.cache
 
     def forward(self, ids_BS: torch.Tensor, step: Step) -> torch.Tensor:
@@ -54,6 +63,8 @@ class Model:
     def extend(self, ids_BS: torch.Tensor, real_BS: torch.Tensor | None = None) -> torch.Tensor:
         """Run the next S tokens (real_BS: False for padding) and keep them in the cache; [B, S, V] logits."""
         real_BS = torch.ones(ids_BS.shape, dtype=torch.bool) if real_BS is None else real_BS
+        status.current().at_step(self.name, self.steps, self.comm.current_phase)
+        self.steps += 1
         logits = self.forward(ids_BS, self.cache.step(real_BS))
         self.cache.advance(ids_BS.shape[1])
         return logits
