@@ -5,10 +5,17 @@ initializes the default process group (gloo on CPU, NCCL on CUDA), imports `func
 function(args). A worker may hand back one JSON value with write_result(obj); launch returns the
 per-rank values (index = global rank) or None when no rank wrote one.
 
-Failure: the first rank to raise ends the run (the agent kills ranks blocked in collectives) and
-launch raises RunError with that rank's exception and traceback tail. timeout_s is a hard
-wall-clock limit: every worker carries a SIGALRM deadline with the default action, which kills it
-even inside a C++ collective that never returns to Python.
+Faults end the run, and RunError names the rank at fault and its step and collective (each rank
+records where it is, planc.runtime.status; planc.runtime.faults explains): a rank that raises or
+dies ends it within about a second (the watchdog SIGKILLs the other ranks GRACE_S after the first
+failure); a rank that stalls (stopped, stuck in a loop) ends it after collective_timeout_s, when its
+peers' collectives time out (the process group's timeout; every rank also meets its peers in a
+last barrier, so a rank that stalls after its last collective is caught too). The bound from the
+fault to launch() returning is collective_timeout_s + about 2 s for a stall, about 2 s otherwise.
+timeout_s is a hard wall-clock limit on the whole run: every worker carries a SIGALRM deadline
+with the default action, which kills it even inside a C++ collective that never returns to Python.
+Workers ignore SIGINT (a terminal's Ctrl-C reaches every process of its group: the launcher alone
+decides) and die with the launcher (PR_SET_PDEATHSIG), so no rank outlives it.
 
 Workers start with "spawn" (a fresh interpreter, as torchrun does), so they see the caller's
 current environment, sys.path and stdout; call launch under `if __name__ == "__main__":`.
@@ -16,9 +23,12 @@ current environment, sys.path and stdout; call launch under `if __name__ == "__m
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import datetime
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import signal
 import socket
@@ -40,10 +50,16 @@ from torch.distributed.elastic.rendezvous import RendezvousError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from planc.errors import RunError
+from planc.runtime import status
+from planc.runtime.faults import Exit, Watchdog, explain, read_notes, read_statuses, short_error
 
 RESULT_DIR_ENV = "PLANC_RESULT_DIR"
 RDZV_KEYS = {"nnodes", "node_rank", "rdzv_endpoint", "rdzv_backend", "rdzv_id", "rdzv_conf"}
-TRACEBACK_TAIL_LINES = 8
+COLLECTIVE_TIMEOUT_S = 30.0  # a collective waiting this long for a peer gives up: the peer stalled
+SHUTDOWN_S = 2  # the agent's SIGTERM-to-SIGKILL grace when it stops ranks
+PORT_ATTEMPTS = 3  # fresh rendezvous ports tried when a probed free port was taken before the agent bound it
+FRAMES = 3  # innermost frames of a raising rank's traceback in the message
+AGENT_LOGGERS = ("torch.distributed.elastic", "torch.multiprocessing")
 
 
 @dataclass(frozen=True)
@@ -55,8 +71,11 @@ class _Job:
     backend: str
     result_dir: str
     failure_dir: str
+    status_dir: str
     deadline: float | None  # time.time() at which every worker is killed
+    collective_timeout_s: float
     loopback: bool
+    parent_pid: int
 
 
 def launch(
@@ -65,11 +84,13 @@ def launch(
     nproc: int,
     *,
     timeout_s: float | None,
+    collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
     rdzv: dict[str, Any] | None = None,
     backend: str = "auto",
     result_dir: str | os.PathLike[str] | None = None,
 ) -> list[Any] | None:
     """Run entry(args) on nproc local ranks (x rdzv["nnodes"] machines); see the module docstring."""
+    check_limits(nproc, timeout_s, collective_timeout_s)
     _check_entry(entry)
     rdzv = _check_rdzv(rdzv)
     deadline = time.time() + timeout_s if timeout_s is not None else None
@@ -81,19 +102,20 @@ def launch(
             backend=_resolve_backend(backend),
             result_dir=str(results),
             failure_dir=str(Path(run_dir, "failures")),
+            status_dir=str(Path(run_dir, "status")),
             deadline=deadline,
+            collective_timeout_s=collective_timeout_s,
             loopback="rdzv_endpoint" not in rdzv,
+            parent_pid=os.getpid(),
         )
         world_size = nproc * rdzv.get("nnodes", 1)
         _prepare_dirs(job, world_size)
-        config = _launch_config(nproc, rdzv, Path(run_dir, "logs"), timeout_s)
+        watchdog = Watchdog(Path(job.status_dir), Path(job.failure_dir))
         try:
-            with _kept_signal_handlers():
-                elastic_launch(config, _worker)(job)
+            with _kept_signal_handlers(), _quiet_agent(), watchdog:
+                _run_agent(job, nproc, rdzv, Path(run_dir, "logs"), timeout_s)
         except ChildFailedError as e:
-            raise _run_error(e, job, world_size, timeout_s) from None
-        except RendezvousError as e:
-            raise RunError(f"rendezvous at {config.rdzv_endpoint} ({config.rdzv_backend}) failed: {e}") from e
+            raise _run_error(e, job, world_size, timeout_s, watchdog) from None
         return _read_results(results, world_size)
 
 
@@ -109,6 +131,16 @@ def write_result(obj: Any) -> None:
 
 
 # -- caller side ------------------------------------------------------------------------------
+
+
+def check_limits(nproc: int, timeout_s: float | None, collective_timeout_s: float) -> None:
+    """launch()'s own checks of its numbers, for callers that do slow work before launching."""
+    if not isinstance(nproc, int) or nproc < 1:
+        raise RunError(f"nproc={nproc!r}: the number of ranks per machine must be a whole number >= 1")
+    if timeout_s is not None and not timeout_s > 0:
+        raise RunError(f"timeout_s={timeout_s!r}: the run's wall-clock limit must be > 0 seconds (or None)")
+    if not collective_timeout_s > 0:
+        raise RunError(f"collective_timeout_s={collective_timeout_s!r}: must be > 0 seconds")
 
 
 def _check_entry(entry: str) -> None:
@@ -143,6 +175,7 @@ def _resolve_backend(backend: str) -> str:
 
 def _prepare_dirs(job: _Job, world_size: int) -> None:
     Path(job.failure_dir).mkdir(parents=True)
+    Path(job.status_dir).mkdir(parents=True)
     Path(job.result_dir).mkdir(parents=True, exist_ok=True)
     for rank in range(world_size):  # a reused result_dir must not hand back an older run's values
         Path(job.result_dir, f"rank{rank}.json").unlink(missing_ok=True)
@@ -152,6 +185,31 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _run_agent(job: _Job, nproc: int, rdzv: dict[str, Any], log_dir: Path, timeout_s: float | None) -> None:
+    """elastic_launch, on a fresh probed port again when another process took the probed one first."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        config = _launch_config(nproc, rdzv, log_dir, timeout_s)
+        try:
+            elastic_launch(config, _worker)(job)
+            return
+        except RendezvousError as e:
+            raise RunError(f"rendezvous at {config.rdzv_endpoint} ({config.rdzv_backend}) failed: {e}") from None
+        except dist.DistNetworkError as e:
+            in_use = "EADDRINUSE" in str(e)
+            if in_use and "rdzv_endpoint" not in rdzv and attempt < PORT_ATTEMPTS:
+                continue
+            raise RunError(_network_error(config.rdzv_endpoint, in_use, "rdzv_endpoint" in rdzv, str(e))) from None
+
+
+def _network_error(endpoint: str, in_use: bool, chosen: bool, error: str) -> str:
+    if in_use and chosen:
+        return (f"rendezvous endpoint {endpoint} is in use by another process (EADDRINUSE); pass a free port "
+                f"with --rdzv-endpoint HOST:PORT, or leave it out on one machine and planc picks one")
+    if in_use:
+        return f"no free rendezvous port on 127.0.0.1 after {PORT_ATTEMPTS} tries (EADDRINUSE each time)"
+    return f"rendezvous at {endpoint} failed: {error.splitlines()[0]}"
 
 
 def _launch_config(nproc: int, rdzv: dict[str, Any], log_dir: Path, timeout_s: float | None) -> LaunchConfig:
@@ -166,13 +224,18 @@ def _launch_config(nproc: int, rdzv: dict[str, Any], log_dir: Path, timeout_s: f
         min_nodes=nnodes,
         max_nodes=nnodes,
         nproc_per_node=nproc,
-        run_id=rdzv.get("rdzv_id", uuid.uuid4().hex),
+        # Every machine must name the same run: a random id per launcher would keep them apart forever.
+        run_id=rdzv.get("rdzv_id", "planc" if nnodes > 1 else uuid.uuid4().hex),
         rdzv_endpoint=rdzv.get("rdzv_endpoint", f"127.0.0.1:{_free_port()}"),
         rdzv_backend=backend,
         rdzv_configs=conf,
         max_restarts=0,
         monitor_interval=0.1,
         start_method="spawn",
+        shutdown_timeout=SHUTDOWN_S,
+        # SIGINT and SIGTERM stay with the caller (the CLI turns them into exit 130 / 143); any
+        # exception they raise inside the agent makes it stop every rank on its way out.
+        signals_to_handle="SIGHUP,SIGQUIT",
         # Local rank 0's stdout reaches the user untouched; the others' goes to run-dir logs.
         logs_specs=DefaultLogsSpecs(log_dir=str(log_dir), redirects={r: Std.OUT for r in range(1, nproc)}),
     )
@@ -194,39 +257,46 @@ def _kept_signal_handlers() -> Iterator[None]:
                 signal.signal(s, handler)
 
 
-def _run_error(e: ChildFailedError, job: _Job, world_size: int, timeout_s: float | None) -> RunError:
-    notes = _failure_notes(job.failure_dir)
-    # The agent reports the ranks it saw exit with an error; the rank that raised may still have
-    # been shutting down (and been killed) when a peer's broken collective aborted first. The
-    # workers' own sub-second notes decide which rank failed first.
-    if notes:
-        rank = min(notes, key=lambda r: notes[r]["time"])
-        failed_at: float | None = notes[rank]["time"]
-        description = f"{notes[rank]['error']}\ntraceback (last lines):\n{notes[rank]['traceback']}"
-    else:  # no rank raised in Python: killed by a signal, os._exit, or the deadline
-        rank = min(e.failures, key=lambda r: e.failures[r].timestamp)
-        failed_at = None
-        description = _describe(e.failures[rank])
+@contextlib.contextmanager
+def _quiet_agent() -> Iterator[None]:
+    """The agent logs every worker failure with its own traceback; planc reports failures itself."""
+    manager = logging.Logger.manager
+    loggers = [logging.getLogger(n) for n in list(manager.loggerDict) if n.startswith(AGENT_LOGGERS)]
+    saved = [logger.disabled for logger in loggers]
+    for logger in loggers:
+        logger.disabled = True
+    try:
+        yield
+    finally:
+        for logger, disabled in zip(loggers, saved):
+            logger.disabled = disabled
+
+
+def _run_error(e: ChildFailedError, job: _Job, world_size: int, timeout_s: float | None,
+               watchdog: Watchdog) -> RunError:
+    statuses = read_statuses(Path(job.status_dir))
+    failed_at = watchdog.failed_at
     if job.deadline is not None and time.time() >= job.deadline and (failed_at is None or failed_at >= job.deadline):
-        return RunError(
-            f"{job.entry} on {world_size} ranks exceeded timeout_s={timeout_s} s; all workers were stopped"
-        )
-    return RunError(f"rank {rank} failed first ({job.entry} on {world_size} ranks): {description}")
+        places = "; ".join(f"rank {r} {status.where(statuses[r], now=job.deadline)}" for r in sorted(statuses))
+        return RunError(f"{job.entry} on {world_size} ranks exceeded timeout_s={timeout_s} s ({places}); "
+                        f"every rank was stopped")
+    agent_exits = {r: _agent_exit(f) for r, f in e.failures.items()}
+    message = explain(read_notes(Path(job.failure_dir)), statuses, watchdog, agent_exits, job.collective_timeout_s)
+    if not message:
+        rank = min(e.failures, key=lambda r: e.failures[r].timestamp)
+        message = f"rank {rank} failed: {_describe(e.failures[rank])}"
+    return RunError(f"{message} ({job.entry} on {world_size} ranks; every rank was stopped)")
 
 
-def _failure_notes(failure_dir: str) -> dict[int, dict[str, Any]]:
-    notes = {}
-    for path in Path(failure_dir).glob("rank*.json"):
-        notes[int(path.stem.removeprefix("rank"))] = json.loads(path.read_text())
-    return notes
+def _agent_exit(failure: ProcessFailure) -> Exit:
+    code = failure.exitcode
+    return Exit(float(failure.timestamp), None, -code) if code < 0 else Exit(float(failure.timestamp), code)
 
 
 def _describe(failure: ProcessFailure) -> str:
     if not isinstance(failure.message, dict):  # no error file: killed by a signal or os._exit
         return f"exit code {failure.exitcode}: {failure.message}"
-    stack = failure.message.get("extraInfo", {}).get("py_callstack", "")
-    tail = "\n".join(stack.rstrip().splitlines()[-TRACEBACK_TAIL_LINES:])
-    return f"{failure.message.get('message', '')}\ntraceback (last lines):\n{tail}"
+    return short_error(failure.message.get("message", ""))
 
 
 def _read_results(result_dir: Path, world_size: int) -> list[Any] | None:
@@ -242,6 +312,9 @@ def _read_results(result_dir: Path, world_size: int) -> list[Any] | None:
 @record
 def _worker(job: _Job) -> None:
     """Entry of every spawned rank; @record writes the exception for the agent to report."""
+    _die_with_parent(job.parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    rank_status = status.install(Path(job.status_dir, f"rank{os.environ['RANK']}"))
     _arm_deadline(job.deadline)
     os.environ[RESULT_DIR_ENV] = job.result_dir
     if job.loopback:
@@ -252,23 +325,36 @@ def _worker(job: _Job) -> None:
         torch.set_num_threads(1)
     try:
         function = _import_entry(job.entry)
-        _init_process_group(job.backend)
+        _init_process_group(job.backend, job.collective_timeout_s)
         function(job.args)
+        dist.barrier()  # a rank that stalls after its last collective times its peers out here
     except BaseException as error:
-        _note_failure(job.failure_dir, error)
+        _note_failure(job.failure_dir, error, rank_status)
         raise
+    rank_status.finish("done")
     # Only after success: tearing down a group whose peers died can block (NCCL).
     dist.destroy_process_group()
 
 
-def _note_failure(failure_dir: str, error: BaseException) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this rank when the launching process dies, however it dies (Linux; elsewhere a no-op)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the launcher died before the line above
+        os._exit(1)
+
+
+def _note_failure(failure_dir: str, error: BaseException, rank_status: status.RankStatus) -> None:
     """Write when and how this rank failed, before its exit can break a peer's collective."""
-    at = time.time()
-    frames = traceback.format_exception(error)
+    rank_status.finish("failed")
+    frames = traceback.extract_tb(error.__traceback__)[-FRAMES:]
     note = {
-        "time": at,
+        "time": time.time(),
         "error": f"{type(error).__name__}: {error}",
-        "traceback": "\n".join("".join(frames).rstrip().splitlines()[-TRACEBACK_TAIL_LINES:]),
+        "blocked": rank_status.blocked,  # raised inside a collective: most likely a peer's failure
+        "frames": " <- ".join(f"{_short_path(f.filename)}:{f.lineno} in {f.name}" for f in reversed(frames)),
     }
     path = Path(failure_dir, f"rank{os.environ['RANK']}.json")
     tmp = path.with_suffix(".tmp")
@@ -289,10 +375,20 @@ def _import_entry(entry: str) -> Callable[[Any], Any]:
     return getattr(importlib.import_module(module), function)
 
 
-def _init_process_group(backend: str) -> None:
+def _short_path(filename: str) -> str:
+    """A frame's file relative to the directory above its top-level package (planc/..., tests/...)."""
+    path = Path(filename)
+    for parent in path.parents:
+        if not (parent / "__init__.py").exists():
+            return str(path.relative_to(parent))
+    return filename
+
+
+def _init_process_group(backend: str, collective_timeout_s: float) -> None:
+    timeout = datetime.timedelta(seconds=collective_timeout_s)
     if backend == "nccl":
         local_rank = int(os.environ["LOCAL_RANK"])
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), timeout=timeout)
     else:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)

@@ -1,6 +1,7 @@
 """launch(): real spawned gloo ranks on 127.0.0.1; results, output, failures and the timeout."""
 from __future__ import annotations
 
+import re
 import signal
 import time
 from pathlib import Path
@@ -32,16 +33,35 @@ def test_first_failing_rank_is_reported_promptly() -> None:
     with pytest.raises(RunError) as info:
         launch("tests.runtime.workers:raise_on_rank", {"rank": 1, "message": "boom at step 3"}, 2, timeout_s=60)
     elapsed = time.monotonic() - start
-    message = str(info.value)
     assert elapsed < 60, elapsed
-    assert message.startswith("rank 1 failed first"), message
-    assert "ValueError: boom at step 3" in message
-    assert "raise_on_rank" in message  # the traceback tail names the failing function
+    assert re.fullmatch(r"rank 1 raised before its first step, before its first collective: ValueError: boom at "
+                        r"step 3 \(tests/runtime/workers.py:\d+ in raise_on_rank <- planc/runtime/launch.py:\d+ in "
+                        r"_worker\) \(tests.runtime.workers:raise_on_rank on 2 ranks; every rank was stopped\)",
+                        str(info.value)), str(info.value)
+
+
+def test_a_stalled_rank_is_named_after_the_collective_timeout() -> None:
+    start = time.monotonic()
+    with pytest.raises(RunError) as info:
+        launch("tests.runtime.workers:sleep_on_rank", {"rank": 1, "seconds": 300}, 2, timeout_s=60,
+               collective_timeout_s=3)
+    elapsed = time.monotonic() - start
+    assert 3 <= elapsed < 30, elapsed  # the timeout, ~1 s of stopping, the ranks' start on a busy machine
+    assert str(info.value).startswith(
+        "rank 1 stalled before its first step, before its first collective: rank 0 waited in barrier #1 until the "
+        "collective timeout (3 s) and rank 1 never joined it"), str(info.value)
+
+
+@pytest.mark.parametrize("nproc", [0, -1])
+def test_nproc_below_one_is_an_error(nproc: int) -> None:
+    with pytest.raises(RunError, match=f"nproc={nproc}: the number of ranks per machine must be a whole number >= 1"):
+        launch("tests.runtime.workers:echo", [], nproc, timeout_s=5)
 
 
 def test_timeout_stops_every_rank() -> None:
     start = time.monotonic()
-    with pytest.raises(RunError, match=r"exceeded timeout_s=8 s"):
+    with pytest.raises(RunError, match=r"exceeded timeout_s=8 s \(rank 0 before its first step, blocked in barrier "
+                                       r"#1 for [\d.]+ s; rank 1 before its first step, before its first collective\)"):
         launch("tests.runtime.workers:sleep_on_rank", {"rank": 1, "seconds": 300}, 2, timeout_s=8)
     assert time.monotonic() - start < 40
 
