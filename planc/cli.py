@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from planc.errors import PlancError
@@ -15,6 +20,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="op implementations (default: torch on CPU, triton on CUDA); cpu: MLA decode "
                         "attention fused in C for CPU ranks (needs a C compiler)")
     p.add_argument("--timeout", type=float, default=900.0, help="wall-clock limit of the run in seconds")
+    p.add_argument("--collective-timeout", type=float, default=30.0,
+                   help="seconds a rank waits in a collective for a peer before the run fails naming the rank "
+                        "that stalled (raise it when ranks load large weights at different speeds)")
     for flag in ("--nnodes", "--node-rank"):
         p.add_argument(flag, type=int, default=None, help="forwarded to torch.distributed's launcher")
     for flag in ("--rdzv-endpoint", "--rdzv-backend", "--rdzv-id"):
@@ -80,13 +88,82 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+STUCK_S = 3.0  # a main thread that has not run its signal handler by then is blocked in C++
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived: unwinds the command (stopping any ranks) like KeyboardInterrupt."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args) or 0
+        with _signals_interrupt(args.command):
+            return COMMANDS[args.command](args) or 0
     except PlancError as exc:
         print(f"planc {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(_interrupted_line(args.command, stop.signum), file=sys.stderr)
+        return 128 + stop.signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt(command: str) -> Iterator[None]:
+    """Ctrl-C (SIGINT) and SIGTERM raise Interrupted once; a repeat while it unwinds is ignored.
+
+    Python runs a signal handler only between bytecodes: a main thread blocked in C++ (a rendezvous
+    waiting for other machines) would not see it for minutes. A thread woken through the signal
+    wakeup fd exits with the same line and status when the handler has not run within STUCK_S;
+    the ranks die with the launcher (PR_SET_PDEATHSIG, planc.runtime.launch)."""
+    handled = threading.Event()
+
+    def first(signum: int, frame: object) -> None:
+        handled.set()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    try:
+        saved = {s: signal.signal(s, first) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals stay as they are
+        yield
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    watcher = threading.Thread(target=_exit_if_stuck, args=(command, read_fd, handled), daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        os.close(write_fd)  # the watcher reads end-of-file and returns
+        watcher.join()
+        os.close(read_fd)
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def _exit_if_stuck(command: str, read_fd: int, handled: threading.Event) -> None:
+    while True:
+        woken_by = os.read(read_fd, 64)
+        if not woken_by:
+            return
+        stops = [s for s in woken_by if s in (signal.SIGINT, signal.SIGTERM)]
+        if stops:
+            break
+    if not handled.wait(STUCK_S):
+        print(_interrupted_line(command, stops[0]), file=sys.stderr, flush=True)
+        os._exit(128 + stops[0])
+
+
+def _interrupted_line(command: str, signum: int) -> str:
+    return f"planc {command}: interrupted by {signal.Signals(signum).name}; stopped (any ranks it had started are gone)"
 
 
 def cmd_schema(args) -> int:
@@ -124,7 +201,8 @@ def cmd_run(args) -> int:
 
     result = run(Path(args.artifact), nproc=args.nproc, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
                  sampling={"temperature": args.temperature, "top_k": args.top_k, "seed": args.seed},
-                 kernels=args.kernels, timeout_s=args.timeout, rdzv=_rdzv(args))
+                 kernels=args.kernels, timeout_s=args.timeout, collective_timeout_s=args.collective_timeout,
+                 rdzv=_rdzv(args))
     print(json.dumps(result) if args.json else format_run(result))
 
 
@@ -133,7 +211,8 @@ def cmd_verify(args) -> int:
     from planc.verify import verify
 
     report = verify(Path(args.artifact), max_new_tokens=args.max_new_tokens,
-                    kernels=args.kernels or default_kernels(), timeout_s=args.timeout)
+                    kernels=args.kernels or default_kernels(), timeout_s=args.timeout,
+                    collective_timeout_s=args.collective_timeout)
     if args.json:
         print(json.dumps(report))
     else:

@@ -7,9 +7,9 @@ from planc.errors import RunError
 from planc.models.tokenizer import Tokenizer, artifact_tokenizer
 from planc.runtime.artifact import open_artifact
 from planc.runtime.decode import choose_strategy
-from planc.runtime.launch import launch
+from planc.runtime.launch import COLLECTIVE_TIMEOUT_S, check_limits, launch
 from planc.runtime.kernel_ops import default_kernels
-from planc.verify import DEFAULT_PROMPTS, default_prompt_ids
+from planc.verify import DEFAULT_PROMPTS, WORKER, default_prompt_ids
 
 
 def per_step(stats: dict, steps: int) -> dict:
@@ -26,13 +26,18 @@ def _prompt_ids(artifact: Path, manifest: dict, tokenizer: Tokenizer | None, pro
 
 
 def run(artifact: Path, *, nproc: int | None = None, prompts: list[str] | None = None, max_new_tokens: int = 64,
-        sampling: dict | None = None, kernels: str | None = None, timeout_s: float = 900, rdzv: dict | None = None) -> dict:
+        sampling: dict | None = None, kernels: str | None = None, timeout_s: float = 900,
+        collective_timeout_s: float = COLLECTIVE_TIMEOUT_S, rdzv: dict | None = None) -> dict:
+    if nproc is not None and nproc < 1:
+        raise RunError(f"--nproc {nproc}: the number of ranks on this machine must be at least 1 (leave it out "
+                       f"for the plan's mesh.devices)")
+    check_limits(nproc or 1, timeout_s, collective_timeout_s)
     opened = open_artifact(artifact)
     manifest = opened.manifest
     if manifest.get("meta"):
         raise RunError(f"{artifact}: compiled with --meta (a weightless dry run); recompile without --meta to run it")
     world, nnodes = manifest["world_size"], (rdzv or {}).get("nnodes", 1)
-    nproc = nproc or world // nnodes
+    nproc = world // nnodes if nproc is None else nproc
     if nproc * nnodes != world:
         raise RunError(f"{artifact}: compiled for mesh.devices = {world}, but --nproc {nproc} x {nnodes} node(s) "
                        f"= {nproc * nnodes} ranks; run with --nproc {world // nnodes} or recompile the plan")
@@ -42,7 +47,7 @@ def run(artifact: Path, *, nproc: int | None = None, prompts: list[str] | None =
     ids = _prompt_ids(artifact, manifest, tokenizer, prompts)
     args = {"artifact": str(Path(artifact).resolve()), "prompts": ids, "max_new_tokens": max_new_tokens,
             "sampling": sampling or {}, "kernels": kernels}
-    results = launch("planc.runtime.worker:main", args, nproc, timeout_s=timeout_s, rdzv=rdzv,
+    results = launch(WORKER, args, nproc, timeout_s=timeout_s, collective_timeout_s=collective_timeout_s, rdzv=rdzv,
                      backend=manifest["backend"])
     r0 = results[0]
     new_tokens = sum(len(t) for t in r0["tokens"])

@@ -32,8 +32,9 @@ from planc.models.registry import load_model
 from planc.models.tokenizer import Tokenizer, artifact_tokenizer
 from planc.dims import DTYPES
 from planc.runtime.artifact import open_artifact
-from planc.runtime.launch import launch
+from planc.runtime.launch import COLLECTIVE_TIMEOUT_S, check_limits, launch
 
+WORKER = "planc.runtime.worker:main"  # the entry every rank of `planc run` and `planc verify` runs
 # Each ends mid-line: a model this small, asked to start a fresh line, tends to emit indentation only.
 DEFAULT_PROMPTS = ("def fibonacci(n):\n    return", "import os\nimport", "class Tree:\n    def __init__(self")
 
@@ -137,14 +138,17 @@ def judge(report: dict, dtype_name: str) -> dict:
     return {**report, "dtype": dtype_name, "tolerance": tol.bound(dtype, report), "passed": tol.holds(dtype, report)}
 
 
-def verify(artifact: Path, *, max_new_tokens: int = 16, kernels: str = "torch", timeout_s: float = 600) -> dict:
+def verify(artifact: Path, *, max_new_tokens: int = 16, kernels: str = "torch", timeout_s: float = 600,
+           collective_timeout_s: float = COLLECTIVE_TIMEOUT_S) -> dict:
     opened = open_artifact(artifact)
     manifest = opened.manifest
+    check_limits(manifest["world_size"], timeout_s, collective_timeout_s)  # before the slow reference
     prompts = default_prompt_ids(manifest, artifact_tokenizer(manifest, opened.tokenizer_dir()))
     ref_tokens, ref_logits = reference_generate(manifest, prompts, max_new_tokens)
     args = {"artifact": str(Path(artifact).resolve()), "prompts": prompts, "max_new_tokens": max_new_tokens,
             "stop_at_eos": False, "keep_logits": True, "kernels": kernels}
-    results = launch("planc.runtime.worker:main", args, manifest["world_size"], timeout_s=timeout_s)
+    results = launch(WORKER, args, manifest["world_size"], timeout_s=timeout_s,
+                     collective_timeout_s=collective_timeout_s)
     got = results[0]
     report = compare(ref_tokens, ref_logits, got["tokens"], got["logits"])
     report["ranks_agree"] = all(r["tokens"] == got["tokens"] for r in results)
