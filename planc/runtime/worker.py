@@ -1,12 +1,19 @@
 """The per-rank entry point that `planc run`, `planc verify` and the benchmarks launch."""
 from __future__ import annotations
 
+import hashlib
+import json
+
+import torch
 import torch.distributed as dist
 
+from planc.errors import RunError
 from planc.runtime.comm import Comm
 from planc.runtime.decode import choose_strategy, generate
 from planc.runtime.launch import write_result
 from planc.runtime.model import Model
+
+AGREED = ("compiled program (manifest sha256)", "request (prompts, max_new_tokens, sampling, kernels)")
 
 
 def main(args: dict) -> None:
@@ -18,6 +25,7 @@ def main(args: dict) -> None:
 
 def run_rank(args: dict, comm: Comm) -> dict:
     model = Model(args["artifact"], comm=comm, kernels=args.get("kernels", "torch"))
+    check_ranks_agree(comm, model, args)
     config = model.manifest["model"]
     out = generate(model, args["prompts"], args["max_new_tokens"], choose_strategy(**args.get("sampling", {})),
                    eos_id=config["eos_token_id"] if args.get("stop_at_eos", True) else None,
@@ -31,3 +39,25 @@ def run_rank(args: dict, comm: Comm) -> dict:
         "decode_steps": out.decode_steps,
         "comm": comm.stats(),
     }
+
+
+def check_ranks_agree(comm: Comm, model: Model, args: dict) -> None:
+    """Before the first step, every rank compares what it loaded and was asked to do with every other
+    rank; ranks that differ (another artifact on one machine, other options) would pair mismatched
+    tensors in their collectives, a hang or garbage, so every rank raises instead. The artifact's
+    path is left out: machines may keep the same artifact at different paths."""
+    if comm.world_size == 1:
+        return
+    request = json.dumps({k: v for k, v in args.items() if k != "artifact"}, sort_keys=True).encode()
+    mine_D = torch.frombuffer(bytearray(model.fingerprint() + hashlib.sha256(request).digest()), dtype=torch.uint8)
+    with comm.phase("load"):
+        every_RD = comm.all_gather(mine_D[None])
+    for what, part_RD in zip(AGREED, every_RD.split(32, dim=1)):
+        ranks_by_digest: dict[str, list[int]] = {}
+        for rank, digest in enumerate(part_RD.tolist()):
+            ranks_by_digest.setdefault(bytes(digest).hex()[:12], []).append(rank)
+        if len(ranks_by_digest) > 1:
+            groups = "; ".join(f"rank{'s' * (len(r) > 1)} {', '.join(map(str, r))}: {h}"
+                               for h, r in ranks_by_digest.items())
+            raise RunError(f"the ranks disagree on the {what}: {groups}. Rank {comm.rank} loaded {args['artifact']}; "
+                           f"give every machine the same compiled artifact and the same `planc run` options")
