@@ -46,7 +46,10 @@ class Exit:
 
     def words(self) -> str:
         if self.signal is not None:
-            return f"was killed by {signal.Signals(self.signal).name}"
+            try:
+                return f"was killed by {signal.Signals(self.signal).name}"
+            except ValueError:
+                return f"was killed by signal {self.signal}"
         if self.code is None:
             return "exited without raising (status unknown)"
         return f"exited with status {self.code} without raising"
@@ -139,11 +142,12 @@ def _child_state(pid: int) -> None | str | tuple[int | None, int | None]:
     return (info.si_status, None) if info.si_code == os.CLD_EXITED else (None, info.si_status)
 
 
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
+def _reap(pid: int, timeout_s: float = 2.0) -> None:
+    """Collect a killed child's exit; give up after timeout_s (one stuck in the kernel cannot die)."""
+    end = time.monotonic() + timeout_s
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(pid, os.WNOHANG) == (0, 0) and time.monotonic() < end:
+            time.sleep(0.01)
 
 
 # -- explaining a failure ----------------------------------------------------------------------
