@@ -8,10 +8,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from planc.errors import PlancError
+from planc.errors import Interrupted, PlancError
 from planc.runtime import KERNELS
 
 
@@ -91,8 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
 STUCK_S = 3.0  # a main thread that has not run its signal handler by then is blocked in C++
 
 
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM arrived: unwinds the command (stopping any ranks) like KeyboardInterrupt."""
+class Stop(BaseException):
+    """SIGINT or SIGTERM arrived: unwinds the command like KeyboardInterrupt, which no `except
+    Exception` on the way (torch's agent has some) can swallow; ranks and partial artifacts are
+    removed on the way out."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
@@ -104,29 +106,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _signals_interrupt(args.command):
             return COMMANDS[args.command](args) or 0
+    except Stop as stop:
+        print(_interrupted_line(args.command, stop.signum), file=sys.stderr)
+        return 128 + stop.signum
+    except Interrupted as exc:  # raised by planc itself where no handler of the CLI's was installed
+        print(f"planc {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_status
     except PlancError as exc:
         print(f"planc {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except Interrupted as stop:
-        print(_interrupted_line(args.command, stop.signum), file=sys.stderr)
-        return 128 + stop.signum
 
 
 @contextlib.contextmanager
 def _signals_interrupt(command: str) -> Iterator[None]:
-    """Ctrl-C (SIGINT) and SIGTERM raise Interrupted once; a repeat while it unwinds is ignored.
+    """Ctrl-C (SIGINT) and SIGTERM raise Stop once; a repeat while it unwinds is ignored.
 
     Python runs a signal handler only between bytecodes: a main thread blocked in C++ (a rendezvous
     waiting for other machines) would not see it for minutes. A thread woken through the signal
-    wakeup fd exits with the same line and status when the handler has not run within STUCK_S;
-    the ranks die with the launcher (PR_SET_PDEATHSIG, planc.runtime.launch)."""
+    wakeup fd exits with the same line and status when the handler has not run within STUCK_S
+    (unless another handler has taken the signal over meanwhile, as an artifact's swap does until
+    it is complete); the ranks die with the launcher (PR_SET_PDEATHSIG, planc.runtime.launch)."""
     handled = threading.Event()
 
     def first(signum: int, frame: object) -> None:
         handled.set()
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_IGN)
-        raise Interrupted(signum)
+        raise Stop(signum)
 
     try:
         saved = {s: signal.signal(s, first) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -136,7 +142,7 @@ def _signals_interrupt(command: str) -> Iterator[None]:
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    watcher = threading.Thread(target=_exit_if_stuck, args=(command, read_fd, handled), daemon=True)
+    watcher = threading.Thread(target=_exit_if_stuck, args=(command, read_fd, handled, first), daemon=True)
     watcher.start()
     try:
         yield
@@ -149,7 +155,7 @@ def _signals_interrupt(command: str) -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def _exit_if_stuck(command: str, read_fd: int, handled: threading.Event) -> None:
+def _exit_if_stuck(command: str, read_fd: int, handled: threading.Event, handler: Callable) -> None:
     while True:
         woken_by = os.read(read_fd, 64)
         if not woken_by:
@@ -157,13 +163,14 @@ def _exit_if_stuck(command: str, read_fd: int, handled: threading.Event) -> None
         stops = [s for s in woken_by if s in (signal.SIGINT, signal.SIGTERM)]
         if stops:
             break
-    if not handled.wait(STUCK_S):
+    if not handled.wait(STUCK_S) and signal.getsignal(stops[0]) is handler:
         print(_interrupted_line(command, stops[0]), file=sys.stderr, flush=True)
         os._exit(128 + stops[0])
 
 
 def _interrupted_line(command: str, signum: int) -> str:
-    return f"planc {command}: interrupted by {signal.Signals(signum).name}; stopped (any ranks it had started are gone)"
+    return (f"planc {command}: interrupted by {signal.Signals(signum).name}; stopped, leaving no rank it started "
+            f"and no partial artifact")
 
 
 def cmd_schema(args) -> int:
