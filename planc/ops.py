@@ -139,6 +139,14 @@ class Ops:
         probs = masked_softmax(logits, key_mask_BT[:, None, :]).to(v.dtype)
         return torch.einsum("bht,bthd->bhd", probs, v)
 
+    def gather_rows(self, x_ND: torch.Tensor, idx_M: torch.Tensor) -> torch.Tensor:
+        """[M, D]: row idx[i] of x as row i (a permutation, or any selection of rows)."""
+        return x_ND[idx_M]
+
+    def scatter_rows(self, y_MD: torch.Tensor, idx_M: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """[num_rows, D]: row i of y as row idx[i] (the inverse of gather_rows for a permutation)."""
+        return y_MD.new_zeros(num_rows, y_MD.shape[1]).index_copy_(0, idx_M, y_MD)
+
     # -- node-level ops --------------------------------------------------------------------------
     def embedding(self, ids_BS: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids_BS, w)

@@ -6,6 +6,7 @@ rounded down with integer arithmetic so the runtime and the compile-time report 
     reduce_scatter    (n-1)/n * S   S = the full input (every rank's contribution)
     all_gather        (n-1)/n * S   S = the full output (the concatenation over ranks)
     all_gather_varlen (n-1)/n * S   S = the full unpadded output (padding is a gloo/NCCL detail)
+    reduce_scatter_varlen  as reduce_scatter, S = the full unpadded input; counted as reduce_scatter
     all_to_all       sum(send_splits) - send_splits[rank] rows * row bytes (off-diagonal blocks
                      this rank sends; what it keeps for itself never crosses a link)
     broadcast         (n-1)/n * S   S = the tensor broadcast (pipelined ring)
@@ -219,6 +220,16 @@ class Comm:
         nbytes = ring_all_gather_bytes(sum(sizes) * _row_bytes(x), self.world_size)
         return self._timed("all_gather_varlen", nbytes, x, lambda: self._all_gather_varlen0(x, sizes))
 
+    def reduce_scatter_varlen(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Sum over ranks along dim 0, then keep this rank's piece when rank r's piece is sizes[r]
+        rows of the concatenation (a reduce-scatter with uneven pieces)."""
+        if len(sizes) != self.world_size or sum(sizes) != x.shape[0]:
+            raise ValueError(f"reduce_scatter_varlen: rank {self.rank} has {x.shape[0]} rows, sizes={sizes}")
+        if not self._distributed:
+            return x.clone()
+        nbytes = ring_reduce_scatter_bytes(x.shape[0] * _row_bytes(x), self.world_size)
+        return self._timed("reduce_scatter", nbytes, x, lambda: self._reduce_scatter_varlen0(x, sizes))
+
     def all_to_all(self, x: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
         """Send rows send_splits[r] of `x` (in rank order) to rank r; returns the rows received."""
         if len(send_splits) != self.world_size or len(recv_splits) != self.world_size or sum(send_splits) != x.shape[0]:
@@ -288,6 +299,17 @@ class Comm:
         padded[: x.shape[0]] = x
         gathered = self._all_gather0(padded)
         return torch.cat([gathered[r * longest : r * longest + n] for r, n in enumerate(sizes)])
+
+
+    def _reduce_scatter_varlen0(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        # Backends scatter equal pieces only: pad every piece to the longest, then drop the padding.
+        longest, starts = max(sizes), [sum(sizes[:r]) for r in range(self.world_size)]
+        padded = x.new_zeros((longest * self.world_size, *x.shape[1:]))
+        for r, (start, n) in enumerate(zip(starts, sizes)):
+            padded[r * longest : r * longest + n] = x[start : start + n]
+        out = padded.new_empty((longest, *x.shape[1:]))
+        dist.reduce_scatter_single(out, padded)
+        return out[: sizes[self.rank]]
 
 
 def _row_bytes(x: torch.Tensor) -> int:

@@ -75,6 +75,11 @@ class ThreadComm(Comm):
     def all_gather_varlen(self, x, sizes):
         return torch.cat(self._ex.gather(self.rank, x.clone()))
 
+    def reduce_scatter_varlen(self, x, sizes):
+        parts = self._ex.gather(self.rank, x.clone())
+        lo = sum(sizes[: self.rank])
+        return sum(parts[1:], parts[0].clone())[lo : lo + sizes[self.rank]].clone()
+
     def all_to_all(self, x, send_splits, recv_splits):
         pieces = self._ex.gather(self.rank, list(x.split(send_splits)))
         return torch.cat([pieces[src][self.rank] for src in range(self.world_size)])

@@ -34,3 +34,15 @@ def test_collectives_and_point_to_point_across_threads():
         assert torch.equal(got["all_gather"], torch.cat([rank_rows(j, 2) for j in range(N)], 1))
         assert torch.equal(got["broadcast"], torch.full((3,), float(N - 1)))
         assert torch.equal(got["recv"], rank_rows((r - 1) % N, 2))
+
+
+def test_reduce_scatter_varlen_keeps_each_ranks_uneven_piece_of_the_sum():
+    sizes = [3, 0, 2]  # a rank may keep nothing
+
+    def body(comm):
+        return comm.reduce_scatter_varlen(rank_rows(comm.rank, sum(sizes)), sizes)
+
+    total = sum(rank_rows(j, sum(sizes)) for j in range(N))
+    for r, got in enumerate(run_threads(body, N)):
+        lo = sum(sizes[:r])
+        assert torch.equal(got, total[lo:lo + sizes[r]])
