@@ -5,19 +5,29 @@ calibration windows with forward hooks that record it, later requests reuse it. 
 
     latents(fqns, tokens)         per MLA layer, the unit-RMS latent c/rms(c) of every token [N, C]
                                   (PCA transforms, slice scales)
-    routing_counts(fqns, tokens)  per MoE layer, count[token id, expert] of the router's top-k
-                                  choices, computed by planc's own router (expert placement)
+    routing(fqns, tokens)         per MoE layer, the router's top-k experts of every calibration
+                                  token [T, K], with the token ids [T], computed by planc's own router;
+                                  counts[token id, expert], co-activation and token frequencies
+                                  follow from it (planc.placement)
+    routing_counts(fqns, tokens)  count[token id, expert] of the same choices
 
-On the meta device there is nothing to run: `available` is False and passes fall back (and say so).
+`stored()` is every routing profile recorded, as JSON-able data: the compile keeps it in
+report.json ("profiles"), and a later compile reads it back (`routing(..., artifact=DIR)`) instead
+of running the model, which works on the meta device too. Otherwise, on the meta device there is
+nothing to run: `available` is False and passes fall back (and say so).
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from planc.errors import PlanError
 from planc.ops import Ops
+from planc.placement import counts
 from planc.weights import named_tensors, scoped
 
 Hook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (module input, token ids) -> row values
@@ -28,6 +38,8 @@ class Profiles:
         self.model = model
         self.available = model is not None and not meta
         self._cache: dict[tuple, torch.Tensor] = {}
+        self._ids: dict[int, torch.Tensor] = {}  # calibration windows by profile size
+        self._routing: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def latents(self, fqns: list[str], num_tokens: int) -> dict[str, torch.Tensor]:
         """c / rms(c) of each MLA layer's latent (kv_a_layernorm's input, unit weight), fp64 [N, C]."""
@@ -42,24 +54,59 @@ class Profiles:
 
         return self._profile("latents", fqns, num_tokens, hook_for)
 
-    def routing_counts(self, fqns: list[str], num_tokens: int, dims: dict) -> dict[str, torch.Tensor]:
-        """count[token id, expert] per MoE layer: how often the router sends each token id to each expert."""
-        vocab = self.model.get_input_embeddings().num_embeddings
+    def routing(self, fqns: list[str], num_tokens: int, dims: dict, artifact: str | None = None
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(ids [T], experts [T, K]) per MoE layer: the router's choices for every calibration token;
+        read from `artifact`'s report.json when given."""
+        if artifact is not None:
+            return self._stored_routing(Path(artifact), fqns, num_tokens, dims)
 
         def hook_for(fqn: str) -> tuple[str, Hook]:
             gate = scoped(named_tensors(self._module(fqn)), "gate")
-            router = dims[fqn]
 
             def record(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-                idx, _ = Ops().moe_route(x.reshape(-1, x.shape[-1]), gate, router)
-                counts = torch.zeros(vocab, router.num_experts, dtype=torch.long)
-                token = ids.reshape(-1, 1).expand_as(idx)
-                return counts.index_put_((token.reshape(-1), idx.reshape(-1)), torch.ones(idx.numel(), dtype=torch.long),
-                                         accumulate=True)[None]
+                return Ops().moe_route(x.reshape(-1, x.shape[-1]), gate, dims[fqn])[0]
             return fqn, record
 
-        summed = self._profile("routing_counts", fqns, num_tokens, hook_for)
-        return {f: c.sum(0) for f, c in summed.items()}
+        choices = self._profile("routing", fqns, num_tokens, hook_for)
+        ids = self._ids[num_tokens].reshape(-1)
+        self._routing.update({(f, num_tokens): (ids, choices[f]) for f in fqns})
+        return {f: (ids, choices[f]) for f in fqns}
+
+    def routing_counts(self, fqns: list[str], num_tokens: int, dims: dict) -> dict[str, torch.Tensor]:
+        """count[token id, expert] per MoE layer: how often the router sends each token id to each expert."""
+        vocab = self.model.get_input_embeddings().num_embeddings
+        return {f: counts(ids, experts, vocab, dims[f].num_experts)
+                for f, (ids, experts) in self.routing(fqns, num_tokens, dims).items()}
+
+    def stored(self) -> dict:
+        """Every routing profile recorded by this compile, as report.json keeps it."""
+        return {"routing": {fqn: {"tokens": tokens, "ids": ids.tolist(), "experts": experts.tolist()}
+                            for (fqn, tokens), (ids, experts) in self._routing.items()}}
+
+    def _stored_routing(self, artifact: Path, fqns: list[str], num_tokens: int, dims: dict
+                        ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        from planc.runtime.artifact import ArtifactDir
+
+        report = json.loads(ArtifactDir(artifact).path("report.json").read_text())
+        stored = report.get("profiles", {}).get("routing", {})
+        out = {}
+        for fqn in fqns:
+            entry = stored.get(fqn)
+            if entry is None or entry["tokens"] < num_tokens:
+                have = f"{entry['tokens']} tokens" if entry else "none"
+                raise PlanError(f"{artifact}/report.json holds no routing profile of {num_tokens} tokens for {fqn} "
+                                f"({have}); compile that artifact with profile.tokens >= {num_tokens}, or leave out "
+                                f"profile.artifact to profile now")
+            ids = torch.tensor(entry["ids"][:num_tokens])
+            experts = torch.tensor(entry["experts"][:num_tokens]).reshape(len(ids), -1)
+            if experts.shape[1] != dims[fqn].top_k or int(experts.max()) >= dims[fqn].num_experts:
+                raise PlanError(f"{artifact}/report.json: the routing profile of {fqn} has top-{experts.shape[1]} "
+                                f"choices among {int(experts.max()) + 1}+ experts; this model routes top-"
+                                f"{dims[fqn].top_k} of {dims[fqn].num_experts}: profile this model instead")
+            out[fqn] = (ids, experts)
+        self._routing.update({(f, num_tokens): v for f, v in out.items()})
+        return out
 
     # -- one forward over the calibration split, hooks recording what was asked -------------------
 
@@ -80,7 +127,7 @@ class Profiles:
         from planc.zoo.corpus import windows
 
         seq = min(256, num_tokens)
-        ids = windows("calibration", max(1, num_tokens // seq), seq)
+        ids = self._ids.setdefault(num_tokens, windows("calibration", max(1, num_tokens // seq), seq))
         seen: dict[str, list[torch.Tensor]] = {f: [] for f in fqns}
         hooks = []
         for fqn in fqns:
