@@ -38,7 +38,7 @@ REPORT = "report.json"
 TOKENIZER_DIR = "tokenizer"
 # split_merge is host code, imported from planc; mla_decode_cpu.py builds the .c beside it
 KERNEL_FILES = ("linear.py", "rmsnorm.py", "mla_decode.py", "gqa_decode.py", "mla_decode_cpu.py", "mla_decode_cpu.c",
-                "t3_gemm.py")
+                "t3_gemm.py", "grouped_gemm.py", "permute.py")
 _CHUNK = 1 << 20  # weights can be large: hash them a MiB at a time
 
 

@@ -247,16 +247,18 @@ class Ops:
         return idx_NK, w_NK.to(x_ND.dtype) if d.weights_in_model_dtype else w_NK
 
     def moe_experts(self, x_ND: torch.Tensor, weight_NE: torch.Tensor, W: Weights, act_name: str) -> torch.Tensor:
-        """Σ_e weight[n, e] · expert_e(x[n]) over the experts held here (columns of weight_NE)."""
-        out = torch.zeros_like(x_ND)
-        for e in range(weight_NE.shape[1]):
-            rows = weight_NE[:, e].nonzero().flatten()
-            if rows.numel() == 0:
-                continue
-            gate, up = self.linear(x_ND[rows], W["gate_up_proj"][e]).chunk(2, dim=-1)
-            y = self.linear(act(act_name, gate) * up, W["down_proj"][e])
-            out.index_add_(0, rows, (y * weight_NE[rows, e, None]).to(out.dtype))
-        return out
+        """Σ_e weight[n, e] · expert_e(x[n]) over the experts held here (columns of weight_NE): the
+        (row, expert) pairs sorted by expert, one grouped GEMM per projection, each row's partial
+        sums added in expert order."""
+        e_idx, r_idx = weight_NE.T.nonzero(as_tuple=True)  # sorted by expert, then row
+        offsets = [0] + torch.bincount(e_idx, minlength=weight_NE.shape[1]).cumsum(0).tolist()
+        gate, up = self.grouped_linear(self.gather_rows(x_ND, r_idx), W["gate_up_proj"], offsets).chunk(2, dim=-1)
+        y = self.grouped_linear(act(act_name, gate) * up, W["down_proj"], offsets)
+        return torch.zeros_like(x_ND).index_add_(0, r_idx, (y * weight_NE[r_idx, e_idx, None]).to(x_ND.dtype))
+
+    def grouped_linear(self, x_MK: torch.Tensor, w_GNK: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+        """[M, N]: rows offsets[g] .. offsets[g+1]-1 of x times w[g]ᵀ (token-sorted rows, a weight per group)."""
+        return torch.cat([self.linear(x_MK[lo:hi], w_GNK[g]) for g, (lo, hi) in enumerate(zip(offsets, offsets[1:]))])
 
     def moe_routed(self, x_BSD: torch.Tensor, W: Weights, d: MoeDims) -> torch.Tensor:
         """Router + routed experts on one device (shared experts are their own linear nodes)."""

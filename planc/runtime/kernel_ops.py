@@ -1,7 +1,9 @@
 """The op implementations a run can choose (`--kernels`), over the reference ops (`torch`).
 
 - `triton`: GEMM, RMSNorm and decode attention in Triton (compiled on CUDA, interpreted on CPU);
-  a T3-fused GEMM (passes/t3.py) makes its pieces with kernels/t3_gemm.py and its tile counters.
+  a T3-fused GEMM (passes/t3.py) makes its pieces with kernels/t3_gemm.py and its tile counters;
+  routed experts run as grouped GEMMs over expert-sorted rows (kernels/grouped_gemm.py), and rows
+  are permuted by kernels/permute.py (token shuffling, expert sorting).
 - `cpu`: MLA decode attention fused for a CPU core in C (kernels/mla_decode_cpu.c, built with the
   machine's C compiler), float32; other dtypes and every other op run the reference.
 
@@ -29,10 +31,12 @@ class TritonOps(Ops):
     name = "triton"
 
     def __init__(self, artifact: ArtifactDir):
-        k = {name: _load(artifact, name) for name in ("linear", "rmsnorm", "mla_decode", "gqa_decode", "t3_gemm")}
+        k = {name: _load(artifact, name) for name in ("linear", "rmsnorm", "mla_decode", "gqa_decode", "t3_gemm",
+                                                      "grouped_gemm", "permute")}
         self._linear, self._rmsnorm = k["linear"].linear, k["rmsnorm"].rmsnorm
         self._mla, self._gqa = k["mla_decode"].mla_decode, k["gqa_decode"].gqa_decode
         self._t3_pieces = k["t3_gemm"].Pieces
+        self._grouped, self._permute = k["grouped_gemm"].grouped_gemm, k["permute"]
 
     def linear(self, x, w, b=None):
         y = self._linear(x, w)
@@ -40,6 +44,15 @@ class TritonOps(Ops):
 
     def rmsnorm(self, x, w, eps):
         return self._rmsnorm(x, w, eps)
+
+    def grouped_linear(self, x_MK, w_GNK, offsets):
+        return self._grouped(x_MK, w_GNK, offsets)
+
+    def gather_rows(self, x_ND, idx_M):
+        return self._permute.gather_rows(x_ND, idx_M)
+
+    def scatter_rows(self, y_MD, idx_M, num_rows):
+        return self._permute.scatter_rows(y_MD, idx_M, num_rows)
 
     def t3_pieces(self, x_MK, w_NK, b_N, rank, world, pieces):
         return self._t3_pieces(x_MK, w_NK, b_N, rank, world, pieces)
