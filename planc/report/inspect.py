@@ -402,14 +402,51 @@ def captured_section(report: dict) -> str:
 
 
 def notes_section(report: dict) -> str:
-    """What each pass decided from data (a transform, slice energies, ...), one table per pass."""
+    """What each pass decided from data (a transform, slice energies, ...), one table per pass
+    (a heatmap note is drawn by heatmap_section)."""
     parts = []
     for pass_name, notes in (report.get("notes") or {}).items():
-        keys = sorted({k for entry in notes.values() for k in entry})
+        keys = sorted({k for entry in notes.values() for k in entry} - {"heatmap"})
         rows = [[f"<code>{escape(fqn)}</code>", *(escape(_fmt(entry.get(k, ""))) for k in keys)]
                 for fqn, entry in notes.items()]
         parts.append(f"<h3>{escape(pass_name)}</h3>" + _table(["block", *keys], rows))
     return _section("Pass notes", "".join(parts), "notes") if parts else ""
+
+
+def heatmap_section(report: dict) -> str:
+    """Per block with a `heatmap` note (expert placement): the expected share of all activations by
+    expert (rows) and the rank its tokens sit on (columns), on the calibration text; the expert's
+    own rank is outlined, so the outlined cells add up to the expected local activation rate."""
+    maps = [(fqn, entry) for notes in (report.get("notes") or {}).values() for fqn, entry in notes.items()
+            if isinstance(entry.get("heatmap"), dict)]
+    if not maps:
+        return ""
+    note = ('<p class="note">Expected share of the layer\'s expert activations (calibration profile), by expert '
+            "and the rank its token sits on: spread evenly over the ranks without token shuffling, on the "
+            "predicted rank with it. Outlined: the expert's own rank (a local activation).</p>")
+    return _section("Expert placement", note + "".join(_heatmap(fqn, entry) for fqn, entry in maps), "heatmap")
+
+
+def _heatmap(fqn: str, entry: dict) -> str:
+    heat = entry["heatmap"]
+    load, owner = heat["load"], heat["owner"]
+    world = len(load[0])
+    peak = max(max(row) for row in load) or 1.0
+    rows = []
+    for expert, row in enumerate(load):
+        cells = "".join(
+            f'<td class="heat{" own" if owner[expert] == d else ""}" style="background:rgba(37,99,235,{v / peak:.2f})" '
+            f'title="{v:.2%}">{v:.1%}</td>' for d, v in enumerate(row))
+        rows.append(f"<tr><th>expert {expert}</th>{cells}<td>rank {owner[expert]}</td></tr>")
+    served = [sum(sum(row) for e, row in enumerate(load) if owner[e] == d) for d in range(world)]
+    local = sum(row[owner[e]] for e, row in enumerate(load))
+    foot = "".join(f"<td>{v:.1%}</td>" for v in served)
+    head = "".join(f"<th>tokens on rank {d}</th>" for d in range(world))
+    how = "tokens shuffled to their predicted rank" if heat.get("shuffled") else "tokens in slices, not shuffled"
+    title = f"<h3>{escape(fqn)}: {local:.1%} local ({escape(how)})</h3>"
+    table = (f'<table class="heatmap"><thead><tr><th></th>{head}<th>held by</th></tr></thead><tbody>{"".join(rows)}'
+             f"</tbody><tfoot><tr><th>served by rank</th>{foot}<td></td></tr></tfoot></table>")
+    return title + table
 
 
 def _fmt(value: object, spec: str = ".4g") -> str:
@@ -469,6 +506,7 @@ thead th{background:#f3f4f6}tr.declined td{background:#fee2e2}
 .ln i{display:inline-block;width:3.5em;color:#9ca3af;font-style:normal;user-select:none}
 .cm{color:#047857}.ln.hl{background:#fef08a}
 details{margin:4px 0}summary{cursor:pointer;color:#1f2937}
+.heatmap td.heat{text-align:right;font-size:11px;min-width:58px}.heatmap td.own{outline:2px solid #111;outline-offset:-2px}
 """
 
 JS = """
@@ -495,7 +533,7 @@ def render(artifact: Path) -> str:
     lines = parse_program(program, final_nodes(report), captured)
     left = [plan_section(manifest.get("plan", {})), memory_section(report, bool(manifest.get("meta"))),
             collectives_section(report), prediction_section(report),
-            lift_section(report), captured_section(report), notes_section(report)]
+            lift_section(report), captured_section(report), notes_section(report), heatmap_section(report)]
     right = [grid_section(build_grid(report, lines))]
     wide = [candidates_section(report), passes_section(report), program_section(lines), graphs_section(report)]
     title = f"planc inspect: {manifest.get('model', {}).get('source', artifact.name)}"

@@ -201,3 +201,22 @@ def test_yamlish_flow_and_block_styles():
         "mesh: {devices: 2}", "rules:", '  - {match: "a.*", x: null}']
     long = {"k": {f"key{i}": i for i in range(12)}}
     assert inspect.yamlish(long)[:2] == ["k:", "  key0: 0"]
+
+
+def test_expert_placement_heatmap_per_moe_layer(compiled):
+    artifact = compiled("deepseek_moe_semantic.yaml", 2)
+    report = json.loads((artifact / "report.json").read_text())
+    section = _section(inspect.render(artifact), "heatmap")
+    for fqn, note in report["notes"]["ep"].items():
+        heat = note["heatmap"]
+        assert f"<h3>{fqn}: {note['expected_local_rate']:.1%} local (tokens shuffled to their predicted rank)</h3>" in section
+        assert len(heat["load"]) == 8 and all(len(row) == 2 for row in heat["load"])
+    tables = re.findall(r'<table class="heatmap">(.*?)</table>', section, re.S)
+    assert len(tables) == 3
+    # one outlined (local) cell per expert: the rank that holds it
+    assert all(t.count('class="heat own"') == 8 for t in tables)
+    assert "heatmap" not in _section(inspect.render(artifact), "notes")  # drawn here, not dumped as text
+
+
+def test_no_heatmap_without_a_profile(page):
+    assert 'id="heatmap"' not in page
