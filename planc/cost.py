@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from planc.models.registry import bundled_config
-from planc.ring import ring_all_gather_bytes, ring_all_reduce_bytes
+from planc.ring import ring_all_gather_bytes, ring_all_reduce_bytes, ring_reduce_scatter_bytes
 
 
 @dataclass(frozen=True)
@@ -309,3 +309,49 @@ def compare(model: str, base_split, ours_split, hw: str = "H800", context: int =
     return {"base": base, "ours": ours, "speedup": ours["tokens_per_s"] / base["tokens_per_s"],
             "batch_ratio": ours["batch"] / base["batch"],
             "kv_width_ratio": (base_s.latent + m.R) / (ours_s.latent + m.R)}
+
+
+# -- an expert-parallel MoE layer (Speculative MoE / Sem-MoE) -------------------------------------
+
+
+@dataclass(frozen=True)
+class MoeModel:
+    D: int
+    E: int  # routed experts
+    K: int  # experts per token
+    I: int  # per routed expert
+    shared_I: int  # the shared experts' intermediate size (0: none)
+
+
+def moe_model(name: str) -> MoeModel:
+    c = bundled_config(name)
+    return MoeModel(c.hidden_size, c.n_routed_experts, c.num_experts_per_tok, c.moe_intermediate_size,
+                    c.moe_intermediate_size * (c.n_shared_experts or 0))
+
+
+def moe_layer(m: MoeModel, world: int, tokens: int, remote_per_token: float, imbalance: float, shuffled: bool,
+              e: int) -> list[Op | Collective]:
+    """One rank's MoE layer under expert parallelism with attention split over the same `world`
+    ranks, `tokens` tokens per rank (N = world x tokens in the step), from the collective that
+    sums the attention output to every rank holding the layer's output again.
+
+    Without token shuffling: all-reduce of N rows, the router on all N tokens (every rank routes
+    every token), dispatch and combine of `remote_per_token` rows per token of its slice, the
+    experts on `imbalance` x the mean activations (N K / world), the shared expert on its slice,
+    all-gather of N rows. With it: a reduce-scatter instead of the all-reduce, the router on the
+    rank's own tokens, an all-gather of every token's K expert ids and weights (8 bytes each)."""
+    N, row = world * tokens, m.D * e
+    activations = imbalance * tokens * m.K
+    experts = Op("experts", 2 * 3 * m.D * m.I * activations, m.E // world * 3 * m.D * m.I * e
+                 + activations * (2 * m.D + 3 * m.I) * e, m.E // world * 3 * m.D * m.I * e)
+    a2a = Collective("all_to_all", tokens * remote_per_token * row)
+    ops: list[Op | Collective] = [
+        Collective("reduce_scatter", ring_reduce_scatter_bytes(N * row, world)) if shuffled
+        else Collective("all_reduce", ring_all_reduce_bytes(N * row, world)),
+        gemm("router", tokens if shuffled else N, m.D, m.E, e),
+    ]
+    ops += [Collective("all_gather", ring_all_gather_bytes(N * 2 * m.K * 8, world))] if shuffled else []
+    ops += [a2a, experts, a2a]
+    ops += [gemm("shared_gate_up", tokens, m.D, 2 * m.shared_I, e), gemm("shared_down", tokens, m.shared_I, m.D, e)] \
+        if m.shared_I else []
+    return ops + [Collective("all_gather", ring_all_gather_bytes(N * row, world))]

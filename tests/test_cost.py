@@ -96,3 +96,18 @@ def test_artifact_step_from_report_figures():
     assert step["tokens_per_s"] == pytest.approx(3 / step["step_s"])
     # (0.9 x 10,000 - 2,000) / (2 x 50) = 70 sequences on rank 1, 80 on rank 0
     assert cost.artifact_max_batch(report, hw, context=50) == 70
+
+
+def test_moe_layer_bytes_follow_the_collectives_and_remote_rows():
+    m = cost.moe_model("deepseek-v3")
+    assert (m.D, m.E, m.K, m.I, m.shared_I) == (7168, 256, 8, 2048, 2048)
+    plain = {op.name: op for op in cost.moe_layer(m, 8, 100, 3.5, 1.0, shuffled=False, e=2)}
+    ours = cost.moe_layer(m, 8, 100, 2.0, 1.0, shuffled=True, e=2)
+    N, row = 800, 7168 * 2
+    assert plain["all_reduce"].ring_bytes == ring_all_reduce_bytes(N * row, 8)
+    assert plain["all_to_all"].ring_bytes == 100 * 3.5 * row
+    assert plain["router"].flops == 2 * N * 7168 * 256  # every rank routes every token without shuffling
+    names = [op.name for op in ours]
+    assert names[:3] == ["reduce_scatter", "router", "all_gather"] and ours[1].flops == 2 * 100 * 7168 * 256
+    assert ours[0].ring_bytes * 2 == plain["all_reduce"].ring_bytes  # the reduce-scatter moves half
+    assert plain["experts"].weight_bytes == 32 * 3 * 7168 * 2048 * 2  # E/n experts of three projections
