@@ -133,22 +133,21 @@ class ShufflePlan:
 def assign(score_Nn: torch.Tensor) -> torch.Tensor:
     """[N] a rank per token: preferred ranks in order of score (lower rank on ties), tokens by
     confidence (earlier token on ties); every rank takes N // n tokens, then the N % n left over go
-    one per rank, again by preference."""
+    one per rank, again by preference. Round k offers every unplaced token to its k-th rank, which
+    takes them in priority order while it has room."""
     N, world = score_Nn.shape
-    pref_Nn = torch.argsort(-score_Nn, dim=1, stable=True)
     order = torch.argsort(-score_Nn.max(1).values, stable=True)
+    pref_Nn = torch.argsort(-score_Nn, dim=1, stable=True)[order]  # rows in priority order
     home = torch.full((N,), -1, dtype=torch.long)
-    for room, spare in ((N // world, N), (1, N % world)):  # equal shares, then the remainder
-        left = [room] * world
+    for room in (N // world, 1):  # equal shares, then one more for the N % n left
+        left = torch.full((world,), room, dtype=torch.long)
         for k in range(world):
-            for d in range(world):
-                if spare == 0:
-                    break
-                cand = order[(home[order] < 0) & (pref_Nn[order, k] == d)][: min(left[d], spare)]
-                home[cand] = d
-                left[d] -= cand.numel()
-                if room == 1:
-                    spare -= cand.numel()
+            free = home[order] < 0
+            rank = pref_Nn[:, k]
+            queued = (torch.nn.functional.one_hot(rank, world) * free[:, None]).cumsum(0)  # place in its rank's queue
+            take = free & (queued.gather(1, rank[:, None])[:, 0] <= left[rank])
+            home[order[take]] = rank[take]
+            left -= torch.bincount(rank[take], minlength=world)
     return home
 
 
