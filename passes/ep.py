@@ -140,28 +140,33 @@ def ep(graph: fx.Graph, section: EpSection, ctx) -> fx.Graph:
     for core in cores:
         fqn, router = info(core).fqn, info(core).dims.router
         owner, how = _placement(section.placement, profile.get(fqn), router.num_experts, n)
-        shard = Experts(router.num_experts // n, owner)
-        feed = _feed(core) if section.token_shuffle else None
-        if section.token_shuffle and fqn not in profile:
-            ctx.decline(core, "token_shuffle needs a routing profile: there is none on the meta device; set "
-                              "moe.profile.artifact to an artifact compiled with weights")
-        elif isinstance(feed, str):
-            ctx.decline(core, f"token_shuffle: {feed}")
-        elif feed is not None:
+        shard, predictor = Experts(router.num_experts // n, owner), None
+        feed = _shuffle_feed(core, section, fqn in profile, ctx)
+        if feed is None:
+            _expand(graph, core, shard, n)
+        else:
             prev = _previous_route(graph, core)
             predictor, precision = _predictor(profile, fqn, owner, prev, ctx)
             shard = Experts(shard.experts_per_rank, owner, predictor.threshold, _tables(predictor))
             _expand_shuffled(graph, core, shard, feed, prev)
             how += f"; tokens shuffled (predictor precision {precision:.2f} on calibration text)"
             ctx.note(core, predictor_precision=precision, threshold=predictor.threshold)
-            _note_placement(ctx, core, profile[fqn], owner, predictor)
-            ctx.applied(core, f"{shard.experts_per_rank} of {router.num_experts} experts per rank ({how})")
-            continue
-        _expand(graph, core, shard, n)
         if fqn in profile:
-            _note_placement(ctx, core, profile[fqn], owner, None)
+            _note_placement(ctx, core, profile[fqn], owner, predictor)
         ctx.applied(core, f"{shard.experts_per_rank} of {router.num_experts} experts per rank ({how})")
     return graph
+
+
+def _shuffle_feed(core: fx.Node, section: EpSection, profiled: bool, ctx) -> Feed | None:
+    """The layer token shuffling rewrites around `core`, or None: not asked for, or declined."""
+    if not section.token_shuffle:
+        return None
+    feed = _feed(core) if profiled else ("it needs a routing profile: there is none on the meta device; set "
+                                         "moe.profile.artifact to an artifact compiled with weights")
+    if isinstance(feed, str):
+        ctx.decline(core, f"token_shuffle: {feed}")
+        return None
+    return feed
 
 
 def _places_evenly(core: fx.Node, world: int, ctx) -> bool:

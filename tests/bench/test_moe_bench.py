@@ -45,6 +45,7 @@ def test_figures_on_thread_ranks(compiled):
     assert 0.4 < plain["local_activation_rate"] < 0.6  # token slices: about half the activations local at 2 ranks
     assert ours["local_activation_rate"] > plain["local_activation_rate"] + 0.15
     assert ours["a2a_rows_per_token"] < plain["a2a_rows_per_token"] and ours["load_imbalance"] >= 1
+    assert ours["a2a_rows_per_token_floor"] <= ours["a2a_rows_per_token"]
     assert 0.5 < ours["predictor_precision"] <= 1 and "predictor_precision" not in plain
     assert plain["moe_time_vs_contiguous"] == 1.0
 
