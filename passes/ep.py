@@ -234,6 +234,7 @@ def _note_placement(ctx, core: fx.Node, profile, owner, predictor: shuffle.Predi
     ctx.note(core, placement=" ".join("/".join(str(e) for e, o in enumerate(owner) if o == r)
                                       for r in range(max(owner) + 1)),
              expected_local_rate=local, expected_load_imbalance=max(per_rank) * len(per_rank) / sum(per_rank),
+             co_located_pairs=placement.co_located(experts, owner),
              heatmap={"owner": list(owner), "load": load_En.tolist(), "shuffled": predictor is not None})
 
 

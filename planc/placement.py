@@ -49,9 +49,11 @@ def one_hot(owner: Owner) -> torch.Tensor:
     return torch.nn.functional.one_hot(torch.tensor(owner), max(owner) + 1).double()
 
 
-def device_counts(counts_VE: torch.Tensor, owner: Owner) -> torch.Tensor:
-    """S[v, d]: activations of token id v served by rank d's experts."""
-    return counts_VE.double() @ one_hot(owner)
+def co_located(experts_TK: torch.Tensor, owner: Owner) -> float:
+    """Share of co-activated expert pairs (two experts of one token) that one rank holds together."""
+    pairs = coactivation(experts_TK, len(owner)).double().triu(1)
+    same = one_hot(owner) @ one_hot(owner).T
+    return float((pairs * same).sum() / pairs.sum().clamp(min=1))
 
 
 def expected_load(counts_VE: torch.Tensor, world: int, score_Vn: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,6 +21,7 @@ def test_counts_and_coactivation_on_a_known_routing():
     ids, experts = torch.tensor([0, 1, 0]), torch.tensor([[0, 1], [1, 2], [0, 2]])
     assert placement.counts(ids, experts, 2, 3).tolist() == [[2, 1, 1], [0, 1, 1]]
     assert placement.coactivation(experts, 3).tolist() == [[2, 1, 1], [1, 2, 1], [1, 1, 2]]
+    assert placement.co_located(experts, (0, 0, 1)) == pytest.approx(1 / 3)  # of pairs 0-1, 1-2, 0-2 only 0-1
 
 
 @settings(max_examples=25, deadline=None)
