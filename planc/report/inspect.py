@@ -421,9 +421,10 @@ def heatmap_section(report: dict) -> str:
             if isinstance(entry.get("heatmap"), dict)]
     if not maps:
         return ""
-    note = ('<p class="note">Expected share of the layer\'s expert activations (calibration profile), by expert '
-            "and the rank its token sits on: spread evenly over the ranks without token shuffling, on the "
-            "predicted rank with it. Outlined: the expert's own rank (a local activation).</p>")
+    note = ('<p class="note">Expected share of the layer\'s expert activations on the calibration text, by expert '
+            "and the rank its token sits on: spread evenly over the ranks without token shuffling, on its "
+            "predicted rank with it (before the equal-group limit moves some tokens on, so held-out text "
+            "runs somewhat less local). Outlined: the expert's own rank (a local activation).</p>")
     return _section("Expert placement", note + "".join(_heatmap(fqn, entry) for fqn, entry in maps), "heatmap")
 
 
