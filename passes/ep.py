@@ -23,13 +23,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-import torch.fx as fx
 from pydantic import Field
 
 from planc.dims import CommDims, MoeDims, RouterDims
 from planc.ir import Call, NodeInfo, Shard, Tensors, add_node, copy_graph, declare_op, divisors, info
+from planc.lazy import lazy
 from planc.strategy import Section, Strategy
+
+torch = lazy("torch")
+fx = lazy("torch.fx")
 
 
 class EpSection(Section):
