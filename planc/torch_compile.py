@@ -25,6 +25,8 @@ the `planc.backend` logger).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -134,14 +136,14 @@ class _Session:
         from planc.runtime.comm import Comm
         from planc.runtime.kernel_ops import default_kernels
         from planc.runtime.model import Model
-        from planc.runtime.worker import check_ranks_agree
 
         comm = _join_job(plan)
         self._dir = tempfile.TemporaryDirectory(prefix="planc-backend-")
         self.artifact = compile(graph.model, plan, Path(self._dir.name, "artifact"), strict=strict,
                                 captured=graph.captured).path
         self.model = Model(self.artifact, comm=comm or Comm.single(), kernels=kernels or default_kernels())
-        check_ranks_agree(self.model.comm, self.model, {"artifact": str(self.artifact), "kernels": kernels})
+        if comm is not None:
+            _check_ranks_compiled_alike(self.model.manifest)
         self.ids_BL: torch.Tensor | None = None  # the tokens in the cache
         self.logits_BLV: torch.Tensor | None = None
 
@@ -171,6 +173,19 @@ class _Session:
             return False
         fits = ids_BS.shape[1] <= self.model.cache.capacity
         return fits and cached.shape[1] > 0 and torch.equal(ids_BS[:, :cached.shape[1]], cached)
+
+
+def _check_ranks_compiled_alike(manifest: dict) -> None:
+    """Every rank compiled the same programs, kernels and weights (report.json is left out: it
+    holds the compile's timings); ranks that did not would pair mismatched tensors."""
+    files = {path: digest for path, digest in manifest["files"].items() if path != "report.json"}
+    mine = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
+    every: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if len(set(every)) > 1:
+        groups = "; ".join(f"rank {r}: {d}" for r, d in enumerate(every))
+        raise PlancError(f"the ranks compiled different artifacts ({groups}); every rank must compile the same "
+                         "model (the same weights) under the same plan and options")
 
 
 def _join_job(plan: Plan):

@@ -26,8 +26,8 @@ from torch import nn
 
 from planc.errors import ModelError
 
-ROOT = "L['self']"
 ATTRIBUTE = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]")  # Dynamo's own cleanup
+INSIDE_MODULE = re.compile(r"\._(?:modules|parameters|buffers)\b")
 
 
 @dataclass
@@ -53,43 +53,64 @@ class DynamoGraph:
 
 def from_dynamo(gm: fx.GraphModule, example_inputs: list, model: nn.Module | None = None) -> DynamoGraph:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    sources = [_source_name(n) for n in placeholders]
-    model = model if model is not None else _traced_root(placeholders)
-    weights = {i: fqn for i, s in enumerate(sources) if (fqn := _weight_fqn(s)) is not None}
-    _check_weights(model, weights, example_inputs, sources)
+    sources = [_source(n) for n in placeholders]
+    names = [s.name if s is not None else n.name for s, n in zip(sources, placeholders)]
+    weights = {i: fqn for i, name in enumerate(names) if (fqn := _weight_fqn(name)) is not None}
+    if not weights:
+        raise ModelError("the graph Dynamo handed planc's backend takes no module weights; planc compiles a "
+                         "model's forward: torch.compile(model, backend='planc', ...)")
+    root = _root_source(sources[next(iter(weights))])
+    model = model if model is not None else _traced_root(root)
+    _check_weights(model, weights, example_inputs, names)
     users = [i for i in range(len(placeholders)) if i not in weights]
-    ids = _token_ids(users, example_inputs, sources)
+    ids = _token_ids(users, example_inputs, names)
     _check_output(gm)
-    module = _weights_as_attributes(gm, placeholders, weights, example_inputs)
+    module = _weights_as_attributes(gm, placeholders, weights, example_inputs, root.name)
     args = tuple(example_inputs[i] for i in users)
     return DynamoGraph(model, DynamoCaptured(module, args, {}), ids, len(placeholders))
 
 
-def _source_name(node: fx.Node) -> str:
-    source = getattr(node, "_dynamo_source", None) or getattr(node.meta.get("grapharg"), "source", None)
-    return source.name if source is not None else node.name
+def _source(node: fx.Node):
+    return getattr(node, "_dynamo_source", None) or getattr(node.meta.get("grapharg"), "source", None)
 
 
-def _weight_fqn(source: str) -> str | None:
-    """L['self']._modules['model']._parameters['weight'] -> 'model.weight'; None for other inputs."""
-    if not source.startswith(ROOT + "."):
-        return None
-    return ATTRIBUTE.sub(r".\1", source)[len(ROOT) + 1:]
+def _weight_fqn(name: str) -> str | None:
+    """L['self']._modules['model']._parameters['weight'] -> 'model.weight' (the module may be any
+    local of the traced frame, L['args'][0] under a decorator); None for other inputs."""
+    found = ATTRIBUTE.search(name)
+    return ATTRIBUTE.sub(r".\1", name[found.start():])[1:] if found else None
 
 
-def _traced_root(placeholders: list[fx.Node]) -> nn.Module:
-    """`self` of the frame Dynamo is compiling: where the graph's weight sources start."""
+def _root_source(source):
+    """Where a weight's source starts: the module, a local of the traced frame (L['self'])."""
+    while INSIDE_MODULE.search(source.name):
+        source = source.base
+    return source
+
+
+def _traced_root(source) -> nn.Module:
+    """The module `source` names, looked up in the traced frame's locals."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
-        root = InstructionTranslator.current_tx().output.local_scope.get("self")
-    except (ImportError, AttributeError, AssertionError, RuntimeError):
+        root = _value(source, InstructionTranslator.current_tx().output.local_scope)
+    except (ImportError, AttributeError, LookupError, TypeError, AssertionError, RuntimeError):
         root = None
     if not isinstance(root, nn.Module):
-        raise ModelError("the planc backend did not find the module Dynamo traced (its graph's weights are not "
-                         "named from a module's `self`); pass it: torch.compile(model, backend=planc.backend("
-                         "model=model, plan=...))")
+        raise ModelError("the planc backend did not find the module Dynamo traced (where its graph's weight sources "
+                         "start); pass it: torch.compile(model, backend=planc.backend(model=model, plan=...))")
     return root
+
+
+def _value(source, scope: dict) -> object:
+    """A Dynamo source's value among the frame's locals: L['x'], its items and attributes (sources
+    that only say how Dynamo treats a value name their base's)."""
+    if hasattr(source, "local_name"):
+        return scope[source.local_name]
+    base = _value(source.base, scope)
+    if hasattr(source, "index"):
+        return base[source.index]
+    return getattr(base, source.member) if hasattr(source, "member") else base
 
 
 def _check_weights(model: nn.Module, weights: dict[int, str], example_inputs: list, sources: list[str]) -> None:
@@ -121,9 +142,10 @@ def _check_output(gm: fx.GraphModule) -> None:
 
 
 def _weights_as_attributes(gm: fx.GraphModule, placeholders: list[fx.Node], weights: dict[int, str],
-                           example_inputs: list) -> fx.GraphModule:
-    """A copy of the graph whose weights are attributes (get_attr) and whose inputs are the rest;
-    every node's value (Dynamo's example_value) is also under "val", where the lift reads it."""
+                           example_inputs: list, root: str) -> fx.GraphModule:
+    """A copy of the graph whose weights are attributes (get_attr) and whose inputs are the rest.
+    Every node's value (Dynamo's example_value) is also under "val", and module stacks name
+    modules by FQN (L['self'].model.norm -> model.norm), where the lift reads them."""
     module = fx.GraphModule(nn.Module(), fx.Graph())
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -134,11 +156,22 @@ def _weights_as_attributes(gm: fx.GraphModule, placeholders: list[fx.Node], weig
             env[node] = graph.get_attr(f"w{index}")
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
-        env[node].meta = dict(node.meta)
-        if "val" not in env[node].meta and "example_value" in node.meta:
-            env[node].meta["val"] = node.meta["example_value"]
+        env[node].meta = _meta(node.meta, root)
     for name, sub in gm.named_children():
         module.add_submodule(name, sub)
     module.graph = graph
     module.recompile()
     return module
+
+
+def _meta(meta: dict, root: str) -> dict:
+    meta = dict(meta)
+    if "val" not in meta and "example_value" in meta:
+        meta["val"] = meta["example_value"]
+    if "nn_module_stack" in meta:
+        meta["nn_module_stack"] = {key: (_fqn(path, root), cls) for key, (path, cls) in meta["nn_module_stack"].items()}
+    return meta
+
+
+def _fqn(path: str, root: str) -> str:
+    return "" if path == root else path.removeprefix(f"{root}.")
