@@ -16,6 +16,7 @@ from planc.strategy import Section, Strategy
 
 fx = lazy("torch.fx")
 
+
 SECTION_KINDS = {"attention": ("mla_attention", "gqa_attention"), "mlp": ("mlp",), "moe": ("moe",)}
 
 

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from planc.lazy import lazy
 from planc.models.registry import bundled_config
 from planc.ring import ring_all_gather_bytes, ring_all_reduce_bytes

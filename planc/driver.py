@@ -84,8 +84,10 @@ def parallelize(lifted: fx.Graph, plan: Plan, model: nn.Module | None = None, *,
     return run_passes(bind(lifted, plan), STRATEGIES, rule_refs(plan), ctx), ctx
 
 
-def pass_order() -> str:
-    return " -> ".join(dict.fromkeys(s.name for s in STRATEGIES))
+def passes_that_ran(ctx: PassContext) -> str:
+    """The passes that rewrote or declined something, in pass order (not every pass planc has)."""
+    ran = {r.pass_name for r in ctx.records}
+    return " -> ".join(name for name in dict.fromkeys(s.name for s in STRATEGIES) if name in ran) or "none"
 
 
 def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | Path, *,
@@ -103,7 +105,7 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
     for line in captured_lines(lifted.blocks):
         log(f"captured {line}")
     graph, ctx = parallelize(lifted.graph, plan, model, strict=strict, meta=meta)
-    log(f"passes   {pass_order()}: {sum(r.action == 'applied' for r in ctx.records)} rewrites, "
+    log(f"passes   {passes_that_ran(ctx)}: {sum(r.action == 'applied' for r in ctx.records)} rewrites, "
         f"{sum(r.action == 'declined' for r in ctx.records)} declined")
     for record in ctx.records:
         if record.action == "declined":

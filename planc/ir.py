@@ -26,6 +26,7 @@ from planc.lazy import lazy
 torch = lazy("torch")
 fx = lazy("torch.fx")
 
+
 Tensors = dict[str, "torch.Tensor"]
 
 

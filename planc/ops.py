@@ -26,6 +26,7 @@ from planc.weights import scoped
 torch = lazy("torch")
 F = lazy("torch.nn.functional")
 
+
 Weights = dict[str, "torch.Tensor"]
 
 

@@ -14,6 +14,7 @@ from planc.lazy import lazy
 
 fx = lazy("torch.fx")
 
+
 if TYPE_CHECKING:
     from planc.passmanager import PassContext
 

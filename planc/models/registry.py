@@ -35,6 +35,7 @@ nn = lazy("torch.nn")
 transformers = lazy("transformers")
 hf_logging = lazy("transformers.utils.logging")
 
+
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 INIT_SEED = 0
 

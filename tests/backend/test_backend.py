@@ -10,7 +10,7 @@ import torch
 from planc.models.registry import load_model
 from planc.runtime.launch import launch
 from planc.torch_compile import compile_records
-from tests.conftest import PLANS, ROOT, plan_for
+from tests.conftest import ROOT, plan_for
 
 ONE_DEVICE = """version: 1
 mesh: {devices: 1}
