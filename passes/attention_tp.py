@@ -20,13 +20,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch.fx as fx
 from pydantic import Field
 
 from planc.dims import CommDims, GqaDims
 from planc.ir import (LinearShard, NodeInfo, Segments, Shard, Tensors, add_node, copy_graph, declare_op, divisors,
                       even_ranges, info, insert_after, mark, members, sum_partials_after, take)
+from planc.lazy import lazy
 from planc.strategy import Section, Strategy
+
+fx = lazy("torch.fx")
 
 
 class AttentionTpSection(Section):

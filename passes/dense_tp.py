@@ -10,13 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch.fx as fx
 from pydantic import Field
 
 from planc.dims import MlpDims
 from planc.ir import (LinearShard, Shard, members, copy_graph, divisors, even_ranges, info, mark,
                       sum_partials_after)
+from planc.lazy import lazy
 from planc.strategy import Section, Strategy
+
+fx = lazy("torch.fx")
 
 
 class DenseTpSection(Section):

@@ -37,14 +37,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-import torch.fx as fx
 from pydantic import Field
 
-from planc import placement, shuffle
 from planc.dims import CommDims, MoeDims, RouterDims
 from planc.ir import Call, NodeInfo, Shard, Tensors, add_node, copy_graph, declare_op, divisors, info
+from planc.lazy import lazy
 from planc.strategy import Frozen, Section, Strategy
+
+torch = lazy("torch")
+fx = lazy("torch.fx")
+placement = lazy("planc.placement")  # networkx and torch: loaded when a pass runs, not to read a plan
+shuffle = lazy("planc.shuffle")
 
 ROUTE_KINDS = ("moe_route", "moe_route_groups")
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch.fx as fx
 from pydantic import Field
 
+from planc.lazy import lazy
 from planc.strategy import Section, Strategy
+
+fx = lazy("torch.fx")
+
 
 SECTION_KINDS = {"attention": ("mla_attention", "gqa_attention"), "mlp": ("mlp",), "moe": ("moe",)}
 

@@ -25,15 +25,17 @@ import contextlib
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
-import torch
-import torch.fx as fx
 from pydantic import Field
 
 from planc import cost
 from planc.ir import (OPS, Call, LinearShard, NodeInfo, Traffic, add_node, copy_graph, declare_op, info)
+from planc.lazy import lazy
 from planc.ring import (ring_all_gather_bytes, ring_all_reduce_bytes, ring_piece_order, ring_reduce_scatter_bytes,
                         ring_sum_order)
 from planc.strategy import Section, Strategy
+
+torch = lazy("torch")
+fx = lazy("torch.fx")
 
 
 class T3Section(Section):

@@ -26,16 +26,18 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-import torch
-import torch.fx as fx
 from pydantic import Field, model_validator
 
 from planc.dims import CommDims, MlaDims
 from planc.ir import (Call, LinearShard, NodeInfo, Shard, Tensors, add_node, copy_graph, declare_op, divisors, info,
                       mark, members, sum_partials_after)
+from planc.lazy import lazy
 from planc.ops import MlaCache, Step, acc, apply_rope
 from planc.strategy import Section, Strategy
 from planc.transforms import hadamard, pca, slice_scales
+
+torch = lazy("torch")
+fx = lazy("torch.fx")
 
 
 class TplaSection(Section):

@@ -33,6 +33,10 @@ class Captured:
     def module(self) -> torch.fx.GraphModule:
         return self.program.module()
 
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.program.graph
+
 
 def example_ids(model: nn.Module, seed: int = 0) -> torch.Tensor:
     vocab = model.get_input_embeddings().num_embeddings
@@ -115,10 +119,10 @@ def _real_fqn(fqn: str, layers: list[int]) -> str:
     return f"{head}{LAYERS}{layers[int(index)]}{dot}{tail}" if found and index.isdigit() else fqn
 
 
-def module_fqns(program: torch.export.ExportedProgram) -> set[str]:
-    """Every module FQN that owns at least one captured node."""
+def module_fqns(captured: torch.export.ExportedProgram | torch.fx.GraphModule | Captured) -> set[str]:
+    """Every module FQN that owns at least one node of captured.graph (export's or Dynamo's)."""
     fqns: set[str] = set()
-    for node in program.graph.nodes:
+    for node in captured.graph.nodes:
         for fqn, _cls in (node.meta.get("nn_module_stack") or {}).values():
             fqns.add(fqn.removeprefix("L['self']."))
     return fqns

@@ -1,4 +1,8 @@
-"""`planc` command line: argument parsing and printing only; the work lives in the library."""
+"""`planc` command line: argument parsing and printing only; the work lives in the library.
+
+Nothing here imports torch at module level: `--help`, `--version`, usage errors and plan errors
+answer before torch (seconds to import) is loaded; each command imports what it runs.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,11 +15,25 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from planc.errors import Interrupted, PlancError
+from planc import __version__
+from planc.errors import ArtifactError, Interrupted, PlancError, PlanError
 from planc.runtime import KERNELS
+
+MANIFEST = "manifest.json"  # what makes a directory an artifact (planc.codegen.artifact.MANIFEST)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it has one worth reading (not None, not an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, default=None,
+                   help="ranks on this machine (default: the plan's mesh.devices over --nnodes)")
     p.add_argument("--kernels", choices=KERNELS, default=None,
                    help="op implementations (default: torch on CPU, triton on CUDA); cpu: MLA decode "
                         "attention fused in C for CPU ranks (needs a C compiler)")
@@ -23,72 +41,91 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--collective-timeout", type=float, default=30.0,
                    help="seconds a rank waits in a collective for a peer before the run fails naming the rank "
                         "that stalled (raise it when ranks load large weights at different speeds)")
-    for flag in ("--nnodes", "--node-rank"):
-        p.add_argument(flag, type=int, default=None, help="forwarded to torch.distributed's launcher")
-    for flag in ("--rdzv-endpoint", "--rdzv-backend", "--rdzv-id"):
-        p.add_argument(flag, default=None, help="forwarded to torch.distributed's launcher")
+    p.add_argument("--nnodes", type=int, default=None, help="machines in the job (torchrun's --nnodes)")
+    p.add_argument("--node-rank", type=int, default=None, help="this machine's index (torchrun's --node-rank)")
+    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="rendezvous of every machine (torchrun's --rdzv-endpoint; default: a free local port)")
+    p.add_argument("--rdzv-backend", default=None, help="torchrun's --rdzv-backend (default: static)")
+    p.add_argument("--rdzv-id", default=None, help="the job's name, the same on every machine (torchrun's --rdzv-id)")
+
+
+def _sub(sub, name: str, help: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, formatter_class=_Formatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="planc", description="declarative parallel-plan compiler for LLM inference")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="planc", description="declarative parallel-plan compiler for LLM inference",
+                                     formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"planc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    model_help = "bundled name, checkpoint dir, config.json or package.module:factory"
 
-    sub.add_parser("schema", help="print the plan format's JSON Schema")
+    _sub(sub, "schema", "print the plan format's JSON Schema")
 
-    p = sub.add_parser("validate", help="check a plan (and, with --model, that it fits the model)")
-    p.add_argument("plan")
-    p.add_argument("--model", default=None)
+    p = _sub(sub, "validate", "check a plan (and, with a model, that it fits the model); writes nothing")
+    p.add_argument("plan", help="plan file (YAML)")
+    p.add_argument("--model", default=None, help=f"{model_help} (default: the plan's model.source, if any)")
     p.add_argument("--meta", action="store_true", help="build the model on the meta device (no weights)")
     p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
                    help="a declined rewrite is an error (as `planc compile --strict`)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
-    p = sub.add_parser("compile", help="compile MODEL under PLAN into an artifact directory")
-    p.add_argument("model", help="bundled name, checkpoint dir, config.json or package.module:factory")
-    p.add_argument("plan")
-    p.add_argument("-o", "--out", required=True, help="artifact directory to write")
+    p = _sub(sub, "compile", "compile MODEL under PLAN into an artifact directory")
+    p.add_argument("model", nargs="?", default=None,
+                   help=f"{model_help}; leave it out when the plan names model.source")
+    p.add_argument("plan", help="plan file (YAML)")
+    p.add_argument("-o", "--out", required=True, help="artifact directory to write (replaced if it is one)")
     p.add_argument("--meta", action="store_true", help="weightless dry run: report only, no weights")
     p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
-                   help="fail on any declined rewrite (default: record and print declines; `required: true` "
-                        "on a rule fails on that rule's)")
+                   help="fail on any declined rewrite (`required: true` on a rule fails on that rule's)")
     p.add_argument("--graph", action="store_true", help="print the parallel graph the passes produced")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the log goes to stderr)")
 
-    p = sub.add_parser("run", help="launch an artifact on N ranks and generate")
-    p.add_argument("artifact")
-    p.add_argument("--nproc", type=int, default=None, help="ranks on this machine (default: the plan's mesh.devices)")
+    p = _sub(sub, "run", "launch an artifact on N ranks and generate (inside torchrun: run this rank)")
+    p.add_argument("artifact", help="compiled artifact directory")
     p.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable: one batch row each)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 = all")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (the same on every rank)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     _add_run_options(p)
 
-    p = sub.add_parser("verify", help="compare an artifact on N ranks with the single-device model; exit "
-                                      "status 1 when it differs beyond the dtype's tolerance")
-    p.add_argument("artifact")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--json", action="store_true")
+    p = _sub(sub, "verify", "compare an artifact on N ranks with the single-device model; exit status 1 when it "
+                            "differs beyond the dtype's tolerance")
+    p.add_argument("artifact", help="compiled artifact directory")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens compared per prompt")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     _add_run_options(p)
 
-    p = sub.add_parser("inspect", help="write a self-contained HTML page showing what a compile decided")
-    p.add_argument("artifact")
-    p.add_argument("-o", "--out", default="plan.html")
+    p = _sub(sub, "inspect", "write a self-contained HTML page showing what a compile decided")
+    p.add_argument("artifact", help="compiled artifact directory")
+    p.add_argument("-o", "--out", default="plan.html", help="the page's file")
+    p.add_argument("--json", action="store_true", help="also print the page's figures as one JSON object")
 
-    p = sub.add_parser("eval", help="held-out bits per byte of a model, alone or as a compiled artifact on N ranks")
-    p.add_argument("model", help="bundled name, checkpoint dir, config.json or package.module:factory")
+    p = _sub(sub, "diff", "compare two artifacts, or two plans on one model: placements, per-rank bytes, "
+                          "collectives, predicted decode step, kernels")
+    p.add_argument("a", metavar="A", help="artifact directory or plan file")
+    p.add_argument("b", metavar="B", help="artifact directory or plan file")
+    p.add_argument("--model", default=None, help=f"for plans: {model_help} (default: each plan's model.source)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    p = _sub(sub, "eval", "held-out bits per byte of a model, alone or as a compiled artifact on N ranks")
+    p.add_argument("model", help=model_help)
     p.add_argument("--artifact", default=None, help="evaluate this compiled artifact (run on its ranks) instead")
-    p.add_argument("--max-bytes", type=int, default=None, help="evaluate on fewer held-out bytes")
-    p.add_argument("--kernels", choices=KERNELS, default="torch")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--max-bytes", type=int, default=None, help="evaluate on fewer held-out bytes (default: all)")
+    p.add_argument("--kernels", choices=KERNELS, default="torch", help="op implementations of the artifact's ranks")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
-    p = sub.add_parser("bench", help="side-by-side measurements (see `planc bench --list`)")
-    p.add_argument("cases", nargs="*")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--list", action="store_true")
+    p = _sub(sub, "bench", "side-by-side measurements (see `planc bench --list`)")
+    p.add_argument("cases", nargs="*", help="cases to run (default: all)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--list", action="store_true", help="list the cases")
     return parser
 
 
 STUCK_S = 3.0  # a main thread that has not run its signal handler by then is blocked in C++
+SIGPIPE_STATUS = 128 + 13  # what a shell reports for a writer whose reader went away
 
 
 class Stop(BaseException):
@@ -105,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with _signals_interrupt(args.command):
-            return COMMANDS[args.command](args) or 0
+            status = COMMANDS[args.command](args) or 0
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+            return status
+    except BrokenPipeError:
+        return _stdout_closed()
     except Stop as stop:
         print(_interrupted_line(args.command, stop.signum), file=sys.stderr)
         return 128 + stop.signum
@@ -115,6 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     except PlancError as exc:
         print(f"planc {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _stdout_closed() -> int:
+    """The reader of our output went away (`planc schema | head`): stop quietly, as cat does; what
+    is still buffered goes nowhere instead of into a second error at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return SIGPIPE_STATUS
 
 
 @contextlib.contextmanager
@@ -173,6 +223,59 @@ def _interrupted_line(command: str, signum: int) -> str:
             f"and no partial artifact")
 
 
+# -- what every command checks before any work ---------------------------------------------------
+
+
+def _plan_and_model(plan_path: str, model: str | None):
+    """The plan (its errors before torch is imported) and the MODEL to compile it on: the one given,
+    or the plan's model.source; both given and naming different models is an error. A factory
+    (package.module:factory) is the exception: a plan may not name one, so MODEL stands in."""
+    from planc.plan import load_plan, locate
+
+    plan = load_plan(plan_path)
+    if model is None or plan.model is None:
+        return plan, model
+    from planc.models.registry import source_kind
+
+    named = plan.model.source
+    if source_kind(model) == "factory" or _same_model(model, named, source_kind):
+        return plan, model
+    where = locate(plan, ("model", "source")) or plan_path
+    raise PlanError(f"MODEL {model!r} is not the plan's model.source {named!r} ({where}); leave MODEL out to use "
+                    f"the plan's model, or make them name the same model")
+
+
+def _same_model(a: str, b: str, source_kind: Callable[[str], str]) -> bool:
+    paths = ("checkpoint", "config")
+    if source_kind(a) in paths and source_kind(b) in paths:
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
+
+
+def _check_artifact_out(out: str) -> None:
+    """-o must be a new path or an artifact (replaced); anything else is refused before compiling."""
+    path = Path(out)
+    if path.exists() and not (path / MANIFEST).is_file():
+        what = "a directory that is not a planc artifact" if path.is_dir() else "a file, not an artifact directory"
+        raise ArtifactError(f"-o {out}: {what}; refusing to replace it (choose another -o)")
+
+
+def _check_page_out(out: str) -> None:
+    path = Path(out)
+    if path.is_dir():
+        raise ArtifactError(f"-o {out}: a directory; name the page's file, e.g. -o {path / 'plan.html'}")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ArtifactError(f"-o {out}: {parent} is a file, so the page cannot be written under it")
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=1))
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
 def cmd_schema(args) -> int:
     from planc.plan import plan_json_schema
 
@@ -180,19 +283,34 @@ def cmd_schema(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from planc.driver import validate
+    _plan_and_model(args.plan, args.model)
+    from planc.driver import validate, validation
 
-    print(validate(args.plan, args.model, meta=args.meta, strict=args.strict))
+    if args.json:
+        _print_json(validation(args.plan, args.model, meta=args.meta, strict=args.strict))
+    else:
+        print(validate(args.plan, args.model, meta=args.meta, strict=args.strict))
 
 
 def cmd_compile(args) -> int:
+    plan, model = _plan_and_model(args.plan, args.model)
+    _check_artifact_out(args.out)
+    from planc.diff import human_bytes, rank_groups
     from planc.driver import compile
 
-    art = compile(args.model, args.plan, args.out, meta=args.meta, strict=args.strict, log=print)
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    art = compile(model, plan, args.out, meta=args.meta, strict=args.strict, log=log)
+    if args.json:
+        _print_json({"artifact": str(art.path), "model": art.manifest["model"]["source"],
+                     "world_size": art.manifest["world_size"], "dtype": art.manifest["dtype"], "meta": args.meta,
+                     "compile_seconds": art.report["compile_seconds"], "per_rank": art.report["per_rank"],
+                     "collectives_per_decode_step": art.report["collectives_per_decode_step"],
+                     "declines": art.report["declines"]})
+        return 0
     if args.graph:
         print(art.report["graphs"][list(art.report["graphs"])[-1]])
-    for entry in art.report["per_rank"]:
-        print(f"rank {entry['rank']}: weights {entry['weight_bytes'] / 2**20:.2f} MiB ({art.manifest['dtype']}), "
+    for ranks, entry in rank_groups(art.report["per_rank"]):
+        print(f"{ranks}: weights {human_bytes(entry['weight_bytes'])} ({art.manifest['dtype']}), "
               f"KV cache {entry['kv_bytes_per_token']} B/token")
     print(f"wrote {art.path} in {art.report['compile_seconds']:.1f} s")
 
@@ -203,6 +321,11 @@ def _rdzv(args) -> dict:
     return {k: v for k, v in keys.items() if v is not None}
 
 
+def _speaks() -> bool:
+    """Inside torchrun's job every rank runs the command; rank 0 alone prints."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def cmd_run(args) -> int:
     from planc.run import format_run, run
 
@@ -210,7 +333,8 @@ def cmd_run(args) -> int:
                  sampling={"temperature": args.temperature, "top_k": args.top_k, "seed": args.seed},
                  kernels=args.kernels, timeout_s=args.timeout, collective_timeout_s=args.collective_timeout,
                  rdzv=_rdzv(args))
-    print(json.dumps(result) if args.json else format_run(result))
+    if _speaks():
+        print(json.dumps(result) if args.json else format_run(result))
 
 
 def cmd_verify(args) -> int:
@@ -219,25 +343,44 @@ def cmd_verify(args) -> int:
 
     report = verify(Path(args.artifact), max_new_tokens=args.max_new_tokens,
                     kernels=args.kernels or default_kernels(), timeout_s=args.timeout,
-                    collective_timeout_s=args.collective_timeout)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(f"token_agreement {report['token_agreement']:.4f} over {report['tokens_compared']} tokens, "
-              f"max_logit_diff {report['max_logit_diff']:.3e}, median {report['median_logit_diff']:.3e} over the "
-              f"{report['logit_steps_agreeing']} row steps before any divergence, max_logit_diff "
-              f"{report['max_logit_diff_all_steps']:.3e} over all {report['logit_steps_all']} row steps "
-              f"({report['world_size']} ranks, {report['dtype']})")
-        verdict = "passed" if report["passed"] else "FAILED"
-        ranks = "" if report["ranks_agree"] else "; the ranks generated different tokens"
-        print(f"{verdict}: {report['dtype']} tolerance {report['tolerance']}{ranks}")
+                    collective_timeout_s=args.collective_timeout, nproc=args.nproc, rdzv=_rdzv(args))
+    if _speaks():
+        print(json.dumps(report) if args.json else _verify_lines(report))
     return 0 if report["passed"] else 1
 
 
+def _verify_lines(report: dict) -> str:
+    verdict = "passed" if report["passed"] else "FAILED"
+    ranks = "" if report["ranks_agree"] else "; the ranks generated different tokens"
+    return (f"token_agreement {report['token_agreement']:.4f} over {report['tokens_compared']} tokens, "
+            f"max_logit_diff {report['max_logit_diff']:.3e}, median {report['median_logit_diff']:.3e} over the "
+            f"{report['logit_steps_agreeing']} row steps before any divergence, max_logit_diff "
+            f"{report['max_logit_diff_all_steps']:.3e} over all {report['logit_steps_all']} row steps "
+            f"({report['world_size']} ranks, {report['dtype']})\n"
+            f"{verdict}: {report['dtype']} tolerance {report['tolerance']}{ranks}")
+
+
 def cmd_inspect(args) -> int:
+    _check_page_out(args.out)
     from planc.report.inspect import write
 
-    print(f"wrote {write(Path(args.artifact), Path(args.out))}")
+    page = write(Path(args.artifact), Path(args.out))
+    if args.json:
+        from planc.diff import summarize
+
+        _print_json({"page": str(page), **summarize(Path(args.artifact))})
+    else:
+        print(f"wrote {page}")
+
+
+def cmd_diff(args) -> int:
+    from planc.diff import diff, format_diff
+
+    result = diff(args.a, args.b, model=args.model)
+    if args.json:
+        _print_json(result)
+    else:
+        print(format_diff(result))
 
 
 def _check_artifact_model(artifact: str, model: str) -> None:
@@ -269,7 +412,7 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {"schema": cmd_schema, "validate": cmd_validate, "compile": cmd_compile, "run": cmd_run,
-            "verify": cmd_verify, "eval": cmd_eval, "inspect": cmd_inspect, "bench": cmd_bench}
+            "verify": cmd_verify, "eval": cmd_eval, "inspect": cmd_inspect, "diff": cmd_diff, "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,10 +19,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from planc.lazy import lazy
 from planc.models.registry import bundled_config
 from planc.ring import ring_all_gather_bytes, ring_all_reduce_bytes, ring_reduce_scatter_bytes
+
+torch = lazy("torch")
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,32 @@ every number a rank uses.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 
-import torch
+from planc.lazy import lazy
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+torch = lazy("torch")
+
+
+class _Dtypes(Mapping):
+    """Plan and manifest dtype names -> torch dtypes (torch is imported at the first lookup)."""
+
+    NAMES = ("float32", "float64", "bfloat16", "float16")
+
+    def __getitem__(self, name: str) -> torch.dtype:
+        if name not in self.NAMES:
+            raise KeyError(name)
+        return getattr(torch, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.NAMES)
+
+    def __len__(self) -> int:
+        return len(self.NAMES)
+
+
+DTYPES = _Dtypes()
 
 
 @dataclass(frozen=True)

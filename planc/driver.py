@@ -24,6 +24,7 @@ from planc.dims import DTYPES
 from planc.errors import ModelError, PlanError
 from planc.lift import lift
 from planc.lift.captured import captured_lines
+from planc.lift.dynamo import DynamoCaptured
 from planc.models.registry import dtype_name, load_model, source_kind
 from planc.models.tokenizer import NONE, model_tokenizer, tokenizer_files
 from planc.passes import STRATEGIES
@@ -83,24 +84,28 @@ def parallelize(lifted: fx.Graph, plan: Plan, model: nn.Module | None = None, *,
     return run_passes(bind(lifted, plan), STRATEGIES, rule_refs(plan), ctx), ctx
 
 
-def pass_order() -> str:
-    return " -> ".join(dict.fromkeys(s.name for s in STRATEGIES))
+def passes_that_ran(ctx: PassContext) -> str:
+    """The passes that rewrote or declined something, in pass order (not every pass planc has)."""
+    ran = {r.pass_name for r in ctx.records}
+    return " -> ".join(name for name in dict.fromkeys(s.name for s in STRATEGIES) if name in ran) or "none"
 
 
 def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | Path, *,
-            meta: bool = False, strict: bool = False, log=None) -> Artifact:
+            meta: bool = False, strict: bool = False, log=None, captured: DynamoCaptured | None = None) -> Artifact:
+    """`captured`: the model's graph from another front end (the torch.compile backend's Dynamo
+    graph); without it the lift captures the model with torch.export."""
     log = log or (lambda msg: None)
     started = time.perf_counter()
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
     model, source = resolve_model(model, plan, meta)
     log(f"model    {source} ({type(model).__name__}{', meta' if meta else ''})")
-    lifted = lift(model, check=not meta)
+    lifted = lift(model, check=not meta, captured=captured)
     log(f"lift     {len(lifted.blocks)} blocks" + (f", {sum(c.method == 'numeric' for c in lifted.checks)} checked numerically against the captured graph, "
                                              f"{sum(c.method != 'numeric' for c in lifted.checks)} structurally" if lifted.checks else ""))
     for line in captured_lines(lifted.blocks):
         log(f"captured {line}")
     graph, ctx = parallelize(lifted.graph, plan, model, strict=strict, meta=meta)
-    log(f"passes   {pass_order()}: {sum(r.action == 'applied' for r in ctx.records)} rewrites, "
+    log(f"passes   {passes_that_ran(ctx)}: {sum(r.action == 'applied' for r in ctx.records)} rewrites, "
         f"{sum(r.action == 'declined' for r in ctx.records)} declined")
     for record in ctx.records:
         if record.action == "declined":
@@ -142,18 +147,29 @@ def _manifest(model: nn.Module, source: str, plan: Plan, meta: bool) -> dict:
     }
 
 
-def validate(plan_path: str | Path, model: str | None = None, *, meta: bool = False, strict: bool = False) -> str:
+def validation(plan_path: str | Path, model: str | None = None, *, meta: bool = False, strict: bool = False) -> dict:
     """Schema check, and with a model: bind and run the passes exactly as compile does (no
-    partition, nothing written)."""
+    partition, nothing written). What `planc validate --json` prints."""
     plan = load_plan(plan_path)
+    found = {"plan": str(plan_path), "valid": True, "rules": len(plan.rules), "devices": plan.mesh.devices,
+             "model": None}
     if model is None and plan.model is None:
-        return f"{plan_path}: valid plan ({len(plan.rules)} rules, {plan.mesh.devices} devices); no model to check against"
+        return found
     module, source = resolve_model(model, plan, meta)
     lifted = lift(module, check=False)
     graph, ctx = parallelize(lifted.graph, plan, module, strict=strict, meta=meta)
-    applied = sum(r.action == "applied" for r in ctx.records)
-    declines = [f"\n  declined {r.pass_name} on {r.target} (rules[{r.rule}]): {r.detail}"
-                for r in ctx.records if r.action == "declined"]
-    found = "".join(f"\n  {line}" for line in candidate_lines(candidates(graph, ctx)))
-    return (f"{plan_path}: valid for {source} ({len(plan.rules)} rules, {applied} blocks rewritten, "
-            f"{len(declines)} declined, {plan.mesh.devices} devices)" + "".join(declines) + found)
+    return {**found, "model": source, "applied": sum(r.action == "applied" for r in ctx.records),
+            "declines": [{"pass": r.pass_name, "target": r.target, "rule": r.rule, "detail": r.detail}
+                         for r in ctx.records if r.action == "declined"],
+            "candidates": candidates(graph, ctx)}
+
+
+def validate(plan_path: str | Path, model: str | None = None, *, meta: bool = False, strict: bool = False) -> str:
+    """validation() as the lines `planc validate` prints."""
+    v = validation(plan_path, model, meta=meta, strict=strict)
+    if v["model"] is None:
+        return f"{plan_path}: valid plan ({v['rules']} rules, {v['devices']} devices); no model to check against"
+    declines = [f"\n  declined {d['pass']} on {d['target']} (rules[{d['rule']}]): {d['detail']}" for d in v["declines"]]
+    found = "".join(f"\n  {line}" for line in candidate_lines(v["candidates"]))
+    return (f"{plan_path}: valid for {v['model']} ({v['rules']} rules, {v['applied']} blocks rewritten, "
+            f"{len(declines)} declined, {v['devices']} devices)" + "".join(declines) + found)

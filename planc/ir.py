@@ -20,12 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-import torch
-import torch.fx as fx
-
 from planc.dims import CommDims
+from planc.lazy import lazy
 
-Tensors = dict[str, torch.Tensor]
+torch = lazy("torch")
+fx = lazy("torch.fx")
+
+
+Tensors = dict[str, "torch.Tensor"]
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
 
 from planc.dims import GqaDims, MlaDims, MoeDims, RouterDims
+from planc.lazy import lazy
 from planc.weights import scoped
 
-Weights = dict[str, torch.Tensor]
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
+
+
+Weights = dict[str, "torch.Tensor"]
 
 
 @dataclass

@@ -9,7 +9,7 @@ from planc.runtime.artifact import open_artifact
 from planc.runtime.decode import choose_strategy
 from planc.runtime.launch import COLLECTIVE_TIMEOUT_S, check_limits, launch
 from planc.runtime.kernel_ops import default_kernels
-from planc.verify import DEFAULT_PROMPTS, WORKER, default_prompt_ids
+from planc.verify import DEFAULT_PROMPTS, WORKER, default_prompt_ids, ranks_per_machine
 
 
 def per_step(stats: dict, steps: int) -> dict:
@@ -36,11 +36,8 @@ def run(artifact: Path, *, nproc: int | None = None, prompts: list[str] | None =
     manifest = opened.manifest
     if manifest.get("meta"):
         raise RunError(f"{artifact}: compiled with --meta (a weightless dry run); recompile without --meta to run it")
-    world, nnodes = manifest["world_size"], (rdzv or {}).get("nnodes", 1)
-    nproc = world // nnodes if nproc is None else nproc
-    if nproc * nnodes != world:
-        raise RunError(f"{artifact}: compiled for mesh.devices = {world}, but --nproc {nproc} x {nnodes} node(s) "
-                       f"= {nproc * nnodes} ranks; run with --nproc {world // nnodes} or recompile the plan")
+    world = manifest["world_size"]
+    nproc = ranks_per_machine(artifact, world, nproc, rdzv)
     kernels = kernels or default_kernels()
     choose_strategy(**(sampling or {}))  # a bad temperature or top_k fails here, not on every rank
     tokenizer = artifact_tokenizer(manifest, opened.tokenizer_dir())
@@ -62,7 +59,15 @@ def run(artifact: Path, *, nproc: int | None = None, prompts: list[str] | None =
         "decode_tokens_per_s": len(ids) * r0["decode_steps"] / r0["decode_s"] if r0["decode_s"] else 0.0,
         "collectives_per_decode_step": per_step(r0["comm"].get("decode", {}), r0["decode_steps"]),
         "collectives_prefill": r0["comm"].get("prefill", {}),
+        "ranks": [_rank_figures(r) for r in results if r is not None],
     }
+
+
+def _rank_figures(r: dict) -> dict:
+    decode = r["comm"].get("decode", {})
+    return {"rank": r["rank"], "prefill_s": r["prefill_s"], "decode_s": r["decode_s"],
+            "decode_collective_calls": sum(c["calls"] for c in decode.values()),
+            "decode_logical_bytes": sum(c["bytes"] for c in decode.values())}
 
 
 def format_run(result: dict) -> str:
@@ -73,4 +78,8 @@ def format_run(result: dict) -> str:
                  f"{result['decode_steps']} decode steps at {result['decode_tokens_per_s']:.1f} tokens/s (batch {len(result['tokens'])})")
     for op, c in sorted(result["collectives_per_decode_step"].items()):
         lines.append(f"    per decode step: {op:<18} {c['calls']:.0f} calls  {c['bytes']:.0f} logical bytes (rank 0)")
+    for r in result.get("ranks", []):
+        lines.append(f"    rank {r['rank']}: prefill {r['prefill_s'] * 1e3:.1f} ms, decode {r['decode_s'] * 1e3:.1f} ms, "
+                     f"{r['decode_collective_calls']} collectives moving {r['decode_logical_bytes']} logical bytes "
+                     f"over the decode steps")
     return "\n".join(lines)

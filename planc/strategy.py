@@ -8,8 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch.fx as fx
 from pydantic import BaseModel, ConfigDict, Field
+
+from planc.lazy import lazy
+
+fx = lazy("torch.fx")
+
 
 if TYPE_CHECKING:
     from planc.passmanager import PassContext
@@ -41,7 +45,7 @@ class Section(Frozen):
         return getattr(self, self.discriminator)
 
 
-Pass = Callable[[fx.Graph, Section, "PassContext"], fx.Graph]
+Pass = Callable[["fx.Graph", Section, "PassContext"], "fx.Graph"]
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import math
 
-import torch
+from planc.lazy import lazy
+
+torch = lazy("torch")
+
 
 def hadamard(n: int, seed: int) -> torch.Tensor:
     """diag(s) H / sqrt(n): H a Hadamard matrix of order n, s a seeded random +-1 vector (fp64)."""

@@ -31,6 +31,7 @@ from transformers import GenerationConfig
 from planc.models.registry import load_model
 from planc.models.tokenizer import Tokenizer, artifact_tokenizer
 from planc.dims import DTYPES
+from planc.errors import RunError
 from planc.runtime.artifact import open_artifact
 from planc.runtime.launch import COLLECTIVE_TIMEOUT_S, check_limits, launch
 
@@ -138,17 +139,32 @@ def judge(report: dict, dtype_name: str) -> dict:
     return {**report, "dtype": dtype_name, "tolerance": tol.bound(dtype, report), "passed": tol.holds(dtype, report)}
 
 
+def ranks_per_machine(artifact: Path, world: int, nproc: int | None, rdzv: dict | None) -> int:
+    """--nproc, or the artifact's world size over --nnodes machines; they must multiply to it."""
+    if nproc is not None and nproc < 1:
+        raise RunError(f"--nproc {nproc}: the number of ranks on this machine must be at least 1 (leave it out "
+                       f"for the plan's mesh.devices)")
+    nnodes = (rdzv or {}).get("nnodes", 1)
+    nproc = world // nnodes if nproc is None else nproc
+    if nproc * nnodes != world:
+        raise RunError(f"{artifact}: compiled for mesh.devices = {world}, but --nproc {nproc} x {nnodes} node(s) "
+                       f"= {nproc * nnodes} ranks; run with --nproc {world // nnodes} or recompile the plan")
+    return nproc
+
+
 def verify(artifact: Path, *, max_new_tokens: int = 16, kernels: str = "torch", timeout_s: float = 600,
-           collective_timeout_s: float = COLLECTIVE_TIMEOUT_S) -> dict:
+           collective_timeout_s: float = COLLECTIVE_TIMEOUT_S, nproc: int | None = None,
+           rdzv: dict | None = None) -> dict:
     opened = open_artifact(artifact)
     manifest = opened.manifest
-    check_limits(manifest["world_size"], timeout_s, collective_timeout_s)  # before the slow reference
+    nproc = ranks_per_machine(artifact, manifest["world_size"], nproc, rdzv)
+    check_limits(nproc, timeout_s, collective_timeout_s)  # before the slow reference
     prompts = default_prompt_ids(manifest, artifact_tokenizer(manifest, opened.tokenizer_dir()))
     ref_tokens, ref_logits = reference_generate(manifest, prompts, max_new_tokens)
     args = {"artifact": str(Path(artifact).resolve()), "prompts": prompts, "max_new_tokens": max_new_tokens,
             "stop_at_eos": False, "keep_logits": True, "kernels": kernels}
-    results = launch(WORKER, args, manifest["world_size"], timeout_s=timeout_s,
-                     collective_timeout_s=collective_timeout_s)
+    results = launch(WORKER, args, nproc, timeout_s=timeout_s, collective_timeout_s=collective_timeout_s, rdzv=rdzv,
+                     backend=manifest["backend"])
     got = results[0]
     report = compare(ref_tokens, ref_logits, got["tokens"], got["logits"])
     report["ranks_agree"] = all(r["tokens"] == got["tokens"] for r in results)

@@ -1,9 +1,12 @@
 """A rank's tensors by full FQN, with cached per-block views (`W.scope("model.layers.0.mlp")`)."""
 from __future__ import annotations
 
-import torch
+from planc.lazy import lazy
 
-Tensors = dict[str, torch.Tensor]
+torch = lazy("torch")
+
+
+Tensors = dict[str, "torch.Tensor"]
 
 
 def named_tensors(module: torch.nn.Module) -> Tensors:

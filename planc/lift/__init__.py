@@ -19,6 +19,7 @@ from torch import nn
 from planc.capture import Captured, capture, module_fqns
 from planc.errors import CompileError
 from planc.lift.captured import with_code
+from planc.lift.dynamo import DynamoCaptured
 from planc.lift.check import Check, check_blocks, structural_checks
 from planc.lift.graph import build_graph
 from planc.lift.recognize import Block, recognize
@@ -30,17 +31,20 @@ class Lifted:
     graph: fx.Graph
     blocks: list[Block]
     checks: list[Check]  # empty when the model is on meta (nothing to run)
-    captured: Captured  # the model with one decoder layer per structure
+    captured: Captured | DynamoCaptured  # the model with one decoder layer per structure, or Dynamo's graph
 
 
-def lift(model: nn.Module, *, check: bool) -> Lifted:
-    """Recognize every block, capture one layer per structure, and (with `check`) run the checks."""
+def lift(model: nn.Module, *, check: bool, captured: Captured | DynamoCaptured | None = None) -> Lifted:
+    """Recognize every block, capture one layer per structure, and (with `check`) run the checks.
+
+    `captured`: the model's graph as another front end already has it (a torch.compile backend's
+    Dynamo graph, planc.lift.dynamo) instead of capturing it here."""
     blocks = recognize(model)
     representative = representatives(model.model.layers, blocks)
     blocks = with_code(model, blocks, representative)
-    captured = capture(model, layers=sorted(set(representative.values())))
+    captured = captured or capture(model, layers=sorted(set(representative.values())))
     ran = [b for b in blocks if b.layer is None or representative[b.layer] == b.layer]
-    seen = module_fqns(captured.program)
+    seen = module_fqns(captured)
     missing = [b.fqn for b in ran if b.kind != "lm_head" and b.fqn not in seen]
     if missing:
         raise CompileError(f"recognized blocks never ran in the captured graph: {', '.join(missing[:4])}")

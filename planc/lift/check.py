@@ -44,7 +44,7 @@ def _stack_fqns(node: fx.Node) -> set[str]:
 
 def _boundary(graph: fx.Graph, fqn: str) -> tuple[fx.Node | None, fx.Node | None]:
     """(activation entering the block, value leaving it) in the captured graph."""
-    inside = [n for n in graph.nodes if n.op == "call_function" and fqn in _stack_fqns(n)]
+    inside = [n for n in graph.nodes if n.op in ("call_function", "call_method") and fqn in _stack_fqns(n)]
     members = set(inside)
     entering = [a for n in inside for a in n.all_input_nodes if a not in members and a.op != "get_attr"]
     leaving = [n for n in inside if any(u not in members for u in n.users)]

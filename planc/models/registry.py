@@ -26,19 +26,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-import torch
-from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV3Config, LlamaConfig, PretrainedConfig
-from transformers.utils import logging as hf_logging
-
 from planc.dims import DTYPES
 from planc.errors import ModelError, one_line, read_json
+from planc.lazy import lazy
+
+torch = lazy("torch")
+nn = lazy("torch.nn")
+transformers = lazy("transformers")
+hf_logging = lazy("transformers.utils.logging")
+
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 INIT_SEED = 0
 
 # safetensors' dtype names of the floating dtypes planc compiles
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F64": torch.float64, "BF16": torch.bfloat16, "F16": torch.float16}
+SAFETENSORS_DTYPES = {"F32": "float32", "F64": "float64", "BF16": "bfloat16", "F16": "float16"}
 SAFETENSORS_MAX_HEADER = 100 * 2**20  # the safetensors format's own limit on its JSON header
 MAX_CONFIG_BYTES = 16 * 2**20  # a config.json is a few KiB
 
@@ -47,8 +49,8 @@ BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
 BYTE_VOCAB = 260
 
 
-def _tiny_deepseek() -> PretrainedConfig:
-    return DeepseekV3Config(
+def _tiny_deepseek() -> transformers.PretrainedConfig:
+    return transformers.DeepseekV3Config(
         vocab_size=BYTE_VOCAB, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
         q_lora_rank=64, kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
@@ -59,16 +61,16 @@ def _tiny_deepseek() -> PretrainedConfig:
     )
 
 
-def _tiny_draft() -> PretrainedConfig:
-    return LlamaConfig(
+def _tiny_draft() -> transformers.PretrainedConfig:
+    return transformers.LlamaConfig(
         vocab_size=BYTE_VOCAB, hidden_size=96, intermediate_size=256, num_hidden_layers=6,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
         tie_word_embeddings=False, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
     )
 
 
-def _deepseek_v3() -> PretrainedConfig:
-    return DeepseekV3Config(
+def _deepseek_v3() -> transformers.PretrainedConfig:
+    return transformers.DeepseekV3Config(
         vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
         num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
         q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
@@ -81,7 +83,7 @@ def _deepseek_v3() -> PretrainedConfig:
     )
 
 
-def _kimi_k2() -> PretrainedConfig:
+def _kimi_k2() -> transformers.PretrainedConfig:
     # Kimi-K2 is the DeepSeek-V3 architecture with 64 heads, 384 routed experts and one group.
     cfg = _deepseek_v3()
     cfg.num_attention_heads = cfg.num_key_value_heads = 64
@@ -95,7 +97,7 @@ def _kimi_k2() -> PretrainedConfig:
 
 @dataclass(frozen=True)
 class Bundled:
-    config: Callable[[], PretrainedConfig]
+    config: Callable[[], transformers.PretrainedConfig]
     full_size: bool  # too large to materialize: meta only
 
 
@@ -107,27 +109,27 @@ BUNDLED: dict[str, Bundled] = {
 }
 
 
-def pin_static_paths(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> PretrainedConfig:
+def pin_static_paths(config: transformers.PretrainedConfig, dtype: torch.dtype | None = None) -> transformers.PretrainedConfig:
     """Pick code paths that export and Dynamo can capture (eager experts loop over nonzero()).
 
-    grouped_mm has no fp64 kernel, so fp64 models (exactness checks) use batched_mm."""
+    grouped_mm has no fp64 kernel, so fp64 models (exactness checks) use batched_mm (dtype None: float32)."""
     if getattr(config, "num_local_experts", None) or getattr(config, "n_routed_experts", None):
         config._experts_implementation = "batched_mm" if dtype == torch.float64 else "grouped_mm"
     config._attn_implementation = "sdpa"
     return config
 
 
-def bundled_config(name: str) -> PretrainedConfig:
+def bundled_config(name: str) -> transformers.PretrainedConfig:
     return pin_static_paths(BUNDLED[name].config())
 
 
-def _init(config: PretrainedConfig, dtype: torch.dtype, meta: bool) -> nn.Module:
+def _init(config: transformers.PretrainedConfig, dtype: torch.dtype, meta: bool) -> nn.Module:
     pin_static_paths(config, dtype)
     if meta:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False).eval()
+            return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False).eval()
     torch.manual_seed(INIT_SEED)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False).eval()
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False).eval()
 
 
 def _load_checkpoint(path: Path, dtype: torch.dtype) -> nn.Module:
@@ -143,8 +145,8 @@ def _load_checkpoint(path: Path, dtype: torch.dtype) -> nn.Module:
     hf_logging.disable_progress_bar()  # a per-tensor progress bar is noise in `planc run` output
     local = {"local_files_only": True, "trust_remote_code": False}
     try:
-        config = pin_static_paths(AutoConfig.from_pretrained(path, **local), dtype)
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, use_safetensors=True, **local)
+        config = pin_static_paths(transformers.AutoConfig.from_pretrained(path, **local), dtype)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, use_safetensors=True, **local)
     except Exception as exc:  # transformers raises many types for bad files
         raise ModelError(f"{path}: cannot load checkpoint: {type(exc).__name__}: {one_line(exc)}. "
                          "Check that the files are complete (re-save with save_pretrained)") from exc
@@ -154,7 +156,7 @@ def _load_checkpoint(path: Path, dtype: torch.dtype) -> nn.Module:
 def _load_config_file(path: Path, dtype: torch.dtype, meta: bool) -> nn.Module:
     data = read_config(path)
     try:
-        config = AutoConfig.for_model(**data)
+        config = transformers.AutoConfig.for_model(**data)
     except Exception as exc:
         raise ModelError(f"{path}: not a valid transformers config: {type(exc).__name__}: {one_line(exc)}") from exc
     return _init(config, dtype, meta)
@@ -255,7 +257,7 @@ def _safetensors_dtype(checkpoint: Path) -> torch.dtype | None:
         found = Counter(v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"] in SAFETENSORS_DTYPES)
     except (OSError, struct.error, ValueError, TypeError, AttributeError, KeyError):
         return None  # not a readable header: loading the checkpoint reports the broken file
-    return SAFETENSORS_DTYPES[found.most_common(1)[0][0]] if found else None
+    return DTYPES[SAFETENSORS_DTYPES[found.most_common(1)[0][0]]] if found else None
 
 
 def dtype_name(model: nn.Module) -> str:

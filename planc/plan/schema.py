@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, PrivateAttr, create_model, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, create_model, model_validator
 
 from planc.passes import STRATEGIES
 from planc.strategy import Frozen as _Frozen, Section
@@ -47,8 +47,18 @@ class ModelRef(_Frozen):
     )
 
 
+def _exactly_one_section_schema(schema: dict[str, Any]) -> None:
+    """The JSON Schema says what the validator below enforces, so an editor flags a rule with no
+    section key or with two as `planc validate` does."""
+    names = [name for name in schema.get("properties", {}) if name != "match"]
+    schema["oneOf"] = [{"required": [name]} for name in names]
+    schema["description"] = f"{schema.get('description', '')} Exactly one section key: {', '.join(names)}.".strip()
+
+
 class _RuleBase(_Frozen):
     """Apply one section to every module whose FQN matches `match`; the first matching rule wins."""
+
+    model_config = ConfigDict(json_schema_extra=_exactly_one_section_schema)
 
     match: str = Field(
         min_length=1,

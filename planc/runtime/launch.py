@@ -19,6 +19,11 @@ decides) and die with the launcher (PR_SET_PDEATHSIG), so no rank outlives it.
 
 Workers start with "spawn" (a fresh interpreter, as torchrun does), so they see the caller's
 current environment, sys.path and stdout; call launch under `if __name__ == "__main__":`.
+
+Inside a job that torchrun (or any elastic agent) launched, launch starts nothing: the process is
+already one rank of the job (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE in its environment), so
+it runs entry(args) as that rank and every rank returns every rank's values. The job's size is
+torchrun's; rendezvous options are refused there (torchrun already made the rendezvous).
 """
 from __future__ import annotations
 
@@ -93,6 +98,8 @@ def launch(
     check_limits(nproc, timeout_s, collective_timeout_s)
     _check_entry(entry)
     rdzv = _check_rdzv(rdzv)
+    if in_launched_job():
+        return _run_as_rank(entry, args, nproc * rdzv.get("nnodes", 1), rdzv, backend, timeout_s, collective_timeout_s)
     deadline = time.time() + timeout_s if timeout_s is not None else None
     with tempfile.TemporaryDirectory(prefix="planc-run-") as run_dir:
         results = Path(result_dir) if result_dir is not None else Path(run_dir, "results")
@@ -131,6 +138,45 @@ def write_result(obj: Any) -> None:
 
 
 # -- caller side ------------------------------------------------------------------------------
+
+
+JOB_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")  # what torchrun gives each rank
+
+
+def in_launched_job() -> bool:
+    """Whether this process is one rank of a job an elastic agent (torchrun) started, rather than
+    a launcher of its own (planc's own workers carry RESULT_DIR_ENV and never launch)."""
+    return all(k in os.environ for k in JOB_ENV) and RESULT_DIR_ENV not in os.environ
+
+
+def _run_as_rank(entry: str, args: Any, world_size: int, rdzv: dict[str, Any], backend: str,
+                 timeout_s: float | None, collective_timeout_s: float) -> list[Any] | None:
+    """launch() inside torchrun's job: entry(args) on this rank; every rank's value, gathered."""
+    rank, job_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if rdzv:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(rdzv))
+        raise RunError(f"already rank {rank} of a launched job of {job_size} (torchrun): its rendezvous is made, so "
+                       f"{flags} cannot apply; pass them to torchrun instead")
+    if world_size != job_size:
+        raise RunError(f"rank {rank} of a launched job of {job_size} ranks (torchrun), but {world_size} ranks are "
+                       f"needed; start torchrun with --nproc-per-node x --nnodes = {world_size}")
+    if not dist.is_initialized():
+        _init_process_group(_resolve_backend(backend), collective_timeout_s)
+    _arm_deadline(time.time() + timeout_s if timeout_s is not None else None)
+    try:
+        with tempfile.TemporaryDirectory(prefix="planc-rank-") as result_dir:
+            os.environ[RESULT_DIR_ENV] = result_dir
+            try:
+                _import_entry(entry)(args)
+            finally:
+                del os.environ[RESULT_DIR_ENV]
+            mine = Path(result_dir, f"rank{rank}.json")
+            value = json.loads(mine.read_text()) if mine.exists() else None
+        values: list[Any] = [None] * job_size
+        dist.all_gather_object(values, value)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    return values if any(v is not None for v in values) else None
 
 
 def check_limits(nproc: int, timeout_s: float | None, collective_timeout_s: float) -> None:

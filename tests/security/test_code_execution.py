@@ -31,6 +31,14 @@ INJECTED = "x\"\"\"'''\nraise SystemExit('injected code ran')\n#"
 DRAFT_PLAN = PLANS / "draft_tp.yaml"
 
 
+def _draft_plan_for(tmp_path) -> str:
+    """plans/draft_tp.yaml without its model section: the checkpoint is given as MODEL (a MODEL
+    other than the plan's model.source is an error)."""
+    lines = DRAFT_PLAN.read_text().splitlines(keepends=True)
+    (tmp_path / "draft_tp.yaml").write_text("".join(line for line in lines if not line.startswith("model:")))
+    return str(tmp_path / "draft_tp.yaml")
+
+
 @pytest.fixture
 def answer_yes(monkeypatch):
     """A user at a terminal who answers yes to transformers' "run the custom code? [y/N]"."""
@@ -41,7 +49,7 @@ def test_a_checkpoint_path_reaches_program_py_only_as_a_literal(tmp_path, capsys
     ckpt = tmp_path / INJECTED
     shutil.copytree(WEIGHTS_DIR / "tiny-draft", ckpt)
     out = tmp_path / "art"
-    assert main(["compile", str(ckpt), str(DRAFT_PLAN), "-o", str(out), "--meta"]) == 0, capsys.readouterr().err
+    assert main(["compile", str(ckpt), _draft_plan_for(tmp_path), "-o", str(out), "--meta"]) == 0, capsys.readouterr().err
     source = (out / "programs" / "target" / "program.py").read_text()
     tree = ast.parse(source)
     # Below the docstring only imports, constants and definitions: importing the program runs nothing.
@@ -88,7 +96,7 @@ def test_a_checkpoints_custom_code_is_not_run(tmp_path, answer_yes, capsys):
     marker = tmp_path / "ran"
     ckpt = _custom_code_checkpoint(tmp_path, marker)
     started = time.monotonic()
-    assert main(["validate", str(DRAFT_PLAN), "--model", str(ckpt)]) == 2
+    assert main(["validate", _draft_plan_for(tmp_path), "--model", str(ckpt)]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and str(ckpt) in err and "cannot load checkpoint" in err
     assert not marker.exists() and time.monotonic() - started < 30
