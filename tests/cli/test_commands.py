@@ -27,10 +27,9 @@ def test_validate_plan_alone_and_against_model(capsys):
 
 @given(st.integers(0, 500), st.integers(1, 16))
 def test_token_slices_cover_every_token_once(num_tokens, world):
-    slices = token_slices(num_tokens, world)
-    assert slices[0][0] == 0 and slices[-1][1] == num_tokens
-    assert all(a[1] == b[0] for a, b in zip(slices, slices[1:]))
-    assert max(e - s for s, e in slices) - min(e - s for s, e in slices) <= 1
+    sizes = token_slices(num_tokens, world)
+    assert len(sizes) == world and sum(sizes) == num_tokens and min(sizes) >= 0
+    assert max(sizes) - min(sizes) <= 1
 
 
 @given(st.sampled_from([(4, 2), (8, 2), (8, 8), (16, 4), (32, 8)]), st.sampled_from([1, 2, 4, 8, 16]))
