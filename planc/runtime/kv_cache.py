@@ -22,8 +22,9 @@ from planc.ops import GqaCache, MlaCache, Step
 class KvCache:
     """`layers` is the per-layer dict the generated program indexes as rt.kv[fqn]."""
 
-    def __init__(self, specs: dict[str, dict], dtype: torch.dtype):
-        self.specs = specs
+    def __init__(self, specs: dict[str, dict], dtype: torch.dtype, rank: int = 0):
+        # a layer placed on one rank (an EasySpec draft's grouped attention) is cached there alone
+        self.specs = {fqn: spec for fqn, spec in specs.items() if spec.get("rank", rank) == rank}
         self.dtype = dtype
         self.layers: dict[str, MlaCache | GqaCache] = {}
         self.key_mask_BT = torch.zeros(0, 0, dtype=torch.bool)

@@ -43,7 +43,7 @@ class Model:
         self.ops = make_ops(kernels, artifact)
         self.program = artifact.load_module(program_file(program), f"planc_artifact_program_{program}")
         self.weights = Weights(load_file(artifact.path(weights_file(program, comm.rank))))
-        self.cache = KvCache(spec["caches"], DTYPES[spec.get("dtype", self.manifest["dtype"])])
+        self.cache = KvCache(spec["caches"], DTYPES[spec.get("dtype", self.manifest["dtype"])], comm.rank)
         self.steps = 0  # extend() calls since allocate(): step 0 is the prefill
         self.work: Counter[str] = Counter()  # forwards run, by kind, and what they ran on this rank
 
