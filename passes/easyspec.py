@@ -130,12 +130,12 @@ def place(graph: fx.Graph, section: EasySpecSection, ctx) -> fx.Graph:
 
 def _grouped(graph: fx.Graph, n: int, section: EasySpecSection, ctx, *, record: bool) -> fx.Graph:
     graph = copy_graph(graph)
-    cores = [n for n in graph.nodes if "planc" in n.meta and info(n).kind in ATTENTION]
+    cores = [node for node in graph.nodes if "planc" in node.meta and info(node).kind in ATTENTION]
     grouped = cores[1:-1] if section.keep_first_last else cores
     check_degree(section, len(grouped), ctx)
     subs = {core: _sublayer(graph, core, ctx if record else None) for core in grouped}
     combine = section.combine if n > 1 else "seq_mlp"
-    for g, start in enumerate(range(0, len(grouped), n)):
+    for start in range(0, len(grouped), n):
         members = grouped[start:start + n]
         ranks = tuple((start + i) % ctx.world_size for i in range(len(members)))
         if any(subs[core] is None for core in members):
@@ -155,11 +155,6 @@ def check_degree(section: EasySpecSection, grouped: int, ctx) -> None:
         raise PlanError(f"{ctx.where('layer_parallel')}: layer_parallel {n} needs {n} ranks and {n} grouped layers, "
                         f"but the mesh has {world} devices and the draft {grouped} layers to group; valid values: "
                         f"1..{most}")
-
-
-def _layers(cores: list[fx.Node]) -> str:
-    layers = [info(c).layer for c in cores]
-    return f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
 
 
 def _sublayer(graph: fx.Graph, core: fx.Node, ctx) -> _Sublayer | None:

@@ -112,7 +112,7 @@ def summarize(runs: dict[str, list], prompts: list[str], max_new_tokens: int) ->
             "note": NOTE.format(cores=cores())}
 
 
-def run(prompts: int = 6, prompt_bytes: int = 64, max_new_tokens: int = 48, repeats: int = 3) -> dict:
+def run(prompts: int = 24, prompt_bytes: int = 64, max_new_tokens: int = 48, repeats: int = 3) -> dict:
     texts = heldout_prompts(prompts, prompt_bytes)
     with tempfile.TemporaryDirectory(prefix="planc-bench-easyspec-") as tmp:
         artifacts = {name: compile(None, parse_plan_text(plan_text(changes), f"{PLAN.name} ({name})"),
