@@ -129,22 +129,24 @@ def place(graph: fx.Graph, section: EasySpecSection, ctx) -> fx.Graph:
 
 
 def _grouped(graph: fx.Graph, n: int, section: EasySpecSection, ctx, *, record: bool) -> fx.Graph:
+    """Rewrite the drafting groups in chunks of n (n = N or 1): a group with a member that cannot
+    run alone stays sequential in both graphs, so both place the same layers on the same ranks."""
     graph = copy_graph(graph)
     cores = [node for node in graph.nodes if "planc" in node.meta and info(node).kind in ATTENTION]
     grouped = cores[1:-1] if section.keep_first_last else cores
     check_degree(section, len(grouped), ctx)
     subs = {core: _sublayer(graph, core, ctx if record else None) for core in grouped}
-    combine = section.combine if n > 1 else "seq_mlp"
-    for start in range(0, len(grouped), n):
-        members = grouped[start:start + n]
-        ranks = tuple((start + i) % ctx.world_size for i in range(len(members)))
+    combine, size = (section.combine if n > 1 else "seq_mlp"), section.layer_parallel
+    for start in range(0, len(grouped), size):
+        members = grouped[start:start + size]
         if any(subs[core] is None for core in members):
-            continue  # a member that cannot run alone keeps the group sequential (declined above)
-        _rewrite_group(graph, [subs[core] for core in members], ranks, combine, ctx)
-        if record:
-            for core, rank in zip(members, ranks):
-                ctx.applied(core, f"attention on rank {rank}; drafting group {start // section.layer_parallel} "
-                                  f"of {section.layer_parallel}")
+            continue  # declined above
+        for first in range(0, len(members), n):
+            chunk = members[first:first + n]
+            ranks = tuple((start + first + i) % ctx.world_size for i in range(len(chunk)))
+            _rewrite_group(graph, [subs[core] for core in chunk], ranks, combine, ctx)
+        for i, core in enumerate(members if record else []):
+            ctx.applied(core, f"attention on rank {(start + i) % ctx.world_size}; drafting group {start // size} of {size}")
     return graph
 
 

@@ -22,11 +22,11 @@ from planc.codegen.emit_program import emit_program
 from planc.codegen.partition import model_tensors, partition
 from planc.dims import DTYPES
 from planc.errors import ModelError, PlanError
+from planc.ir import RuleRef
 from planc.lift import lift
 from planc.lift.captured import captured_lines
 from planc.models.registry import dtype_name, load_model, source_kind
 from planc.models.tokenizer import NONE, model_tokenizer, tokenizer_files
-from planc.ir import RuleRef
 from planc.passes import STRATEGIES, easyspec
 from planc.passmanager import PassContext, run_passes
 from planc.plan import Plan, load_plan, locate
@@ -136,15 +136,17 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
     return Artifact(path, manifest, report, program)
 
 
-def compile_draft(plan: Plan, target: nn.Module, *, meta: bool = False, strict: bool = False, log=None) -> Draft:
+def compile_draft(plan: Plan, target: nn.Module, *, meta: bool = False, strict: bool = False, check: bool = True,
+                  log=None) -> Draft:
     """The plan's draft section through the same pipeline (its own rules, the same mesh), plus the
-    EasySpec layer-parallel graph as a second entry point of its program when the plan asks for it."""
+    EasySpec layer-parallel graph as a second entry point of its program when the plan asks for it
+    (check: the lift's numeric checks, as compile runs them)."""
     log = log or (lambda msg: None)
     sub = plan.draft_plan()
     model, source = resolve_model(None, sub, meta)
     _check_vocabulary(plan, model, target)
     log(f"draft    {source} ({type(model).__name__})")
-    graph, ctx = parallelize(lift(model, check=not meta).graph, sub, model, strict=strict, meta=meta)
+    graph, ctx = parallelize(lift(model, check=check and not meta).graph, sub, model, strict=strict, meta=meta)
     more, found = {}, None
     if plan.draft.easyspec is not None:
         graph, parallel = _easyspec(graph, plan, ctx)
@@ -191,9 +193,8 @@ def _check_vocabulary(plan: Plan, draft: nn.Module, target: nn.Module) -> None:
 def _speculate(plan: Plan, source: str, graph: fx.Graph, found: dict | None) -> dict:
     """What the runtime reads: gamma, whether drafting is layer-parallel and its fuzzy entries need
     calibration, and the attention depth of each kind of draft forward."""
-    layers = sum(1 for _ in cache_specs(graph))
     spec = plan.draft.easyspec
-    return {"tokens": plan.draft.speculate.tokens, "draft": source, "sequential_depth": layers,
+    return {"tokens": plan.draft.speculate.tokens, "draft": source, "sequential_depth": len(cache_specs(graph)),
             "layer_parallel": None if spec is None else {
                 "degree": spec.layer_parallel, "combine": spec.combine, "calibrate": spec.calibrate,
                 "depth": found["depth"], "exact": all(len(g) == 1 for g in found["groups"]),
@@ -233,6 +234,11 @@ def validate(plan_path: str | Path, model: str | None = None, *, meta: bool = Fa
     applied = sum(r.action == "applied" for r in ctx.records)
     declines = [f"\n  declined {r.pass_name} on {r.target} (rules[{r.rule}]): {r.detail}"
                 for r in ctx.records if r.action == "declined"]
-    found = "".join(f"\n  {line}" for line in candidate_lines(candidates(graph, ctx)))
+    listed = candidates(graph, ctx)
+    if plan.draft is not None:  # the draft through its pipeline too (it is small): its declines, its placement
+        draft = compile_draft(plan, module, meta=meta, strict=strict, check=False)
+        declines += [f"\n  declined {r['pass_name']} on draft {r['target']}: {r['detail']}" for r in draft.report["declines"]]
+        listed["easyspec"] = draft.report["candidates"].get("easyspec", [])
+    found = "".join(f"\n  {line}" for line in candidate_lines(listed))
     return (f"{plan_path}: valid for {source} ({len(plan.rules)} rules, {applied} blocks rewritten, "
             f"{len(declines)} declined, {plan.mesh.devices} devices)" + "".join(declines) + found)

@@ -129,3 +129,10 @@ def test_a_degree_beyond_the_ranks_is_a_plan_error():
     with pytest.raises(PlanError, match=r"plan.yaml:9:3: draft.easyspec.layer_parallel: layer_parallel 3 needs 3 "
                                         r"ranks .* valid values: 1..2"):
         _graphs(2, 3)
+
+
+def test_a_declined_member_keeps_its_group_sequential_in_both_forwards():
+    one = '\n  - match: "model.layers.1.self_attn"\n    attention: {strategy: tp}'
+    _, exact, parallel, _ = _graphs(4, 2, rules=one)
+    ranks = [[e["rank"] for e in easyspec.placement(g)["layers"]] for g in (exact, parallel)]
+    assert ranks[0] == ranks[1] == [None, None, None, 2, 3, None]  # caches and weights agree in both

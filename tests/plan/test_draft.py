@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from planc.driver import compile
+from planc.driver import compile, validate
 from planc.errors import PlanError
 from planc.plan import locate, parse_plan_text
 
@@ -44,3 +44,14 @@ def test_a_draft_with_another_vocabulary_is_refused_at_its_source(tmp_path):
     with pytest.raises(PlanError, match="p.yaml:5:11: draft.model.source: the draft's vocabulary has 129280 tokens "
                                         "and the target's 260"):
         compile(None, plan, tmp_path / "out", meta=True)
+
+
+def test_validate_runs_the_draft_through_its_pipeline(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(PLAN.replace("devices: 2", "devices: 4").replace(
+        '    - match: "model.layers.*.mlp"\n      mlp: {strategy: tp}', '    - match: "model.layers.1.self_attn"\n'
+        '      attention: {strategy: tp}'))
+    text = validate(path)
+    assert "declined easyspec on draft model.layers.1.self_attn: stays on every rank" in text
+    assert "easyspec model.layers.2.self_attn: every rank" in text  # its group stays sequential with layer 1
+    assert "easyspec model.layers.3.self_attn: rank 2" in text and "easyspec model.layers.5.self_attn: every rank" in text
