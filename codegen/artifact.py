@@ -49,6 +49,7 @@ class Program:
     source: str
     caches: dict
     rank_tensors: list[dict[str, torch.Tensor]] | None  # None: a --meta dry run
+    dtype: str | None = None  # the program's weights and caches, when not the manifest's "dtype"
 
 
 def program_file(name: str) -> str:
@@ -120,7 +121,8 @@ def _fill(tmp: Path, manifest: dict, programs: dict[str, Program], report: dict,
         (tmp / kernel_file(name)).write_text(source)
     (tmp / REPORT).write_text(json.dumps(report, indent=1))
     manifest = {**manifest, "format_version": FORMAT_VERSION,
-                "programs": {name: {"caches": p.caches} for name, p in programs.items()},
+                "programs": {name: {"caches": p.caches, **({"dtype": p.dtype} if p.dtype else {})}
+                             for name, p in programs.items()},
                 "files": _hashes(tmp)}
     manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: its presence marks completeness

@@ -35,15 +35,21 @@ def _const_name(meta: NodeInfo, prefix: str) -> str:
 
 
 class _Emitter:
-    def __init__(self, graph: fx.Graph):
-        self.graph = graph
+    def __init__(self):
         self.consts: list[str] = []
         self.imports: dict[str, None] = {}
         self.functions: dict[str, Definition] = {}
         self.body: list[str] = []
 
     def const(self, meta: NodeInfo, prefix: str, value) -> str:
-        name = _const_name(meta, prefix)
+        """A module-level constant; a name already holding another value (the same node in another
+        function of the program, rewritten) gets a numbered suffix."""
+        base = name = _const_name(meta, prefix)
+        taken = {line.split(" = ", 1)[0]: line for line in self.consts}
+        suffix = 1
+        while name in taken and taken[name] != f"{name} = {value!r}":
+            suffix += 1
+            name = f"{base}_{suffix}"
         line = f"{name} = {value!r}"
         if line not in self.consts:
             self.consts.append(line)
@@ -79,9 +85,12 @@ class _Emitter:
         parts = [p for p in (meta.strategy, layout, meta.why) if p]
         return "  # " + "".join(ch if ch.isprintable() else "?" for ch in f"{meta.rule.label} {': '.join(parts)}")
 
-    def emit(self) -> None:
+    def emit(self, graph: fx.Graph, name: str, doc: str) -> None:
+        """One function `name(rt, ids, step)` computing `graph`."""
+        self.body += ["", "", f"def {name}(rt, ids, step):", f'    """{doc}"""',
+                      "    ops, comm, W, caches = rt.ops, rt.comm, rt.weights, rt.kv"]
         layer = None
-        for node in self.graph.nodes:
+        for node in graph.nodes:
             if node.op != "call_function":
                 continue
             meta = info(node)
@@ -89,21 +98,19 @@ class _Emitter:
                 layer = meta.layer
                 self.body.append(f"    # -- layer {layer}")
             self.body.append(self.line(node))
-        out = next(n for n in self.graph.nodes if n.op == "output")
+        out = next(n for n in graph.nodes if n.op == "output")
         self.body.append(f"    return {out.args[0].name}")
 
 
-def emit_program(graph: fx.Graph, *, model: str, world_size: int, plan_hash: str) -> str:
-    em = _Emitter(graph)
-    em.emit()
+def emit_program(graph: fx.Graph, *, model: str, world_size: int, plan_hash: str,
+                 more: dict[str, tuple[fx.Graph, str]] | None = None) -> str:
+    """program.py: `forward` computing `graph`, then one function per entry of `more` (name ->
+    (graph, docstring)) over the same weights and caches (a draft's layer-parallel forward)."""
+    em = _Emitter()
+    em.emit(graph, "forward", "ids [B, S] -> logits [B, S, vocab], identical on every rank.")
+    for name, (extra, doc) in (more or {}).items():
+        em.emit(extra, name, doc)
     head = HEADER.format(version=__version__, world=world_size, plan_hash=plan_hash)
     em.consts.insert(0, f"MODEL = {model!r}")
     functions = [line for fn in em.functions.values() for line in ("", "", fn.source.rstrip("\n"))]
-    signature = [
-        "",
-        "",
-        "def forward(rt, ids, step):",
-        '    """ids [B, S] -> logits [B, S, vocab], identical on every rank."""',
-        "    ops, comm, W, caches = rt.ops, rt.comm, rt.weights, rt.kv",
-    ]
-    return head + "\n".join(sorted(em.imports) + [""] + em.consts + functions + signature + em.body) + "\n"
+    return head + "\n".join(sorted(em.imports) + [""] + em.consts + functions + em.body) + "\n"

@@ -22,15 +22,26 @@ from planc.codegen.emit_program import emit_program
 from planc.codegen.partition import model_tensors, partition
 from planc.dims import DTYPES
 from planc.errors import ModelError, PlanError
+from planc.ir import RuleRef
 from planc.lift import lift
 from planc.lift.captured import captured_lines
 from planc.lift.dynamo import DynamoCaptured
 from planc.models.registry import dtype_name, load_model, source_kind
 from planc.models.tokenizer import NONE, model_tokenizer, tokenizer_files
-from planc.passes import STRATEGIES
+from planc.passes import STRATEGIES, easyspec
 from planc.passmanager import PassContext, run_passes
 from planc.plan import Plan, load_plan, locate
-from planc.report.report import build_report, cache_specs, candidate_lines, candidates
+from planc.report.report import build_report, cache_specs, candidate_lines, candidates, collectives_per_step
+
+
+@dataclass
+class Draft:
+    """The draft compiled for speculative decoding: its program, its report and what the runtime
+    needs to speculate (manifest["speculate"])."""
+
+    program: Program
+    report: dict
+    speculate: dict
 
 
 @dataclass
@@ -116,14 +127,83 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
     ranks = partition(graph, full, plan.mesh.devices)
     manifest = _manifest(model, source, plan, meta)
     report = build_report(graph, ctx, ranks, elem=DTYPES[manifest["dtype"]].itemsize, checks=lifted.checks, meta=meta)
-    report["compile_seconds"] = time.perf_counter() - started
     for line in candidate_lines(report["candidates"]):
         log(line)
     program = emit_program(graph, model=source, world_size=plan.mesh.devices, plan_hash=plan.hash())
-    target = Program(program, cache_specs(graph), None if meta else ranks)
-    path = write_artifact(Path(out), manifest=manifest, programs={"target": target}, report=report,
+    programs = {"target": Program(program, cache_specs(graph), None if meta else ranks)}
+    if plan.draft is not None:
+        draft = compile_draft(plan, model, meta=meta, strict=strict, log=log)
+        programs["draft"], report["draft"], manifest["speculate"] = draft.program, draft.report, draft.speculate
+        report["candidates"]["easyspec"] = draft.report["candidates"].get("easyspec", [])
+    report["compile_seconds"] = time.perf_counter() - started
+    path = write_artifact(Path(out), manifest=manifest, programs=programs, report=report,
                           tokenizer=tokenizer_files(source))
     return Artifact(path, manifest, report, program)
+
+
+def compile_draft(plan: Plan, target: nn.Module, *, meta: bool = False, strict: bool = False, check: bool = True,
+                  log=None) -> Draft:
+    """The plan's draft section through the same pipeline (its own rules, the same mesh), plus the
+    EasySpec layer-parallel graph as a second entry point of its program when the plan asks for it
+    (check: the lift's numeric checks, as compile runs them)."""
+    log = log or (lambda msg: None)
+    sub = plan.draft_plan()
+    model, source = resolve_model(None, sub, meta)
+    _check_vocabulary(plan, model, target)
+    log(f"draft    {source} ({type(model).__name__})")
+    graph, ctx = parallelize(lift(model, check=check and not meta).graph, sub, model, strict=strict, meta=meta)
+    more, found = {}, None
+    if plan.draft.easyspec is not None:
+        graph, parallel = _easyspec(graph, plan, ctx)
+        found = easyspec.placement(parallel)
+        more["forward_layer_parallel"] = (parallel, "EasySpec drafting: groups of attention sub-layers read the "
+                                          "same input, each on its own rank; their KV entries are fuzzy.")
+        log(f"easyspec {len(found['groups'])} groups of {plan.draft.easyspec.layer_parallel}: sequential attention "
+            f"depth {found['depth']} of {found['sequential_depth']}")
+    ranks = partition(graph, model_tensors(model), plan.mesh.devices)
+    report = build_report(graph, ctx, ranks, elem=DTYPES[dtype_name(model)].itemsize, checks=[], meta=meta)
+    for record in ctx.records:
+        if record.action == "declined":
+            log(f"declined {record.pass_name} on draft {record.target}: {record.detail}")
+    if found is not None:
+        report["candidates"]["easyspec"] = easyspec.candidates(found)
+        for line in candidate_lines({"easyspec": report["candidates"]["easyspec"]}):
+            log(line)
+        report["layer_parallel"] = {**found, "collectives_per_step": collectives_per_step(
+            more["forward_layer_parallel"][0], DTYPES[dtype_name(model)].itemsize, plan.mesh.devices)}
+    text = emit_program(graph, model=source, world_size=plan.mesh.devices, plan_hash=plan.hash(), more=more)
+    program = Program(text, cache_specs(graph), None if meta else ranks, dtype=dtype_name(model))
+    return Draft(program, report, _speculate(plan, source, graph, found))
+
+
+def _easyspec(graph: fx.Graph, plan: Plan, ctx: PassContext) -> tuple[fx.Graph, fx.Graph]:
+    """The easyspec pass's two graphs (exact forward, layer-parallel forward), recorded like the
+    rule passes' (records and graphs in the draft's report)."""
+    ctx.current = "easyspec"
+    ctx.rule = RuleRef(-1, "draft.easyspec", locate(plan, ("draft", "easyspec")) or "plan", section="easyspec")
+    exact, parallel = (rewrite(graph, plan.draft.easyspec, ctx) for rewrite in (easyspec.place, easyspec.layer_parallel))
+    for name, g in (("easyspec", exact), ("easyspec layer_parallel", parallel)):
+        g.lint()
+        ctx.graphs.append((name, g))
+    return exact, parallel
+
+
+def _check_vocabulary(plan: Plan, draft: nn.Module, target: nn.Module) -> None:
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise PlanError(f"{locate(plan, ('draft', 'model', 'source')) or 'plan'}: draft.model.source: the draft's "
+                        f"vocabulary has {draft.config.vocab_size} tokens and the target's {target.config.vocab_size}; "
+                        "speculative decoding needs the same tokenizer: choose a draft trained on the target's")
+
+
+def _speculate(plan: Plan, source: str, graph: fx.Graph, found: dict | None) -> dict:
+    """What the runtime reads: gamma, whether drafting is layer-parallel and its fuzzy entries need
+    calibration, and the attention depth of each kind of draft forward."""
+    spec = plan.draft.easyspec
+    return {"tokens": plan.draft.speculate.tokens, "draft": source, "sequential_depth": len(cache_specs(graph)),
+            "layer_parallel": None if spec is None else {
+                "degree": spec.layer_parallel, "combine": spec.combine, "calibrate": spec.calibrate,
+                "depth": found["depth"], "exact": all(len(g) == 1 for g in found["groups"]),
+                "placement": {e["attention"]: e["rank"] for e in found["layers"]}}}
 
 
 def _manifest(model: nn.Module, source: str, plan: Plan, meta: bool) -> dict:
@@ -158,10 +238,16 @@ def validation(plan_path: str | Path, model: str | None = None, *, meta: bool = 
     module, source = resolve_model(model, plan, meta)
     lifted = lift(module, check=False)
     graph, ctx = parallelize(lifted.graph, plan, module, strict=strict, meta=meta)
+    declines = [{"pass": r.pass_name, "target": r.target, "rule": r.rule, "detail": r.detail}
+                for r in ctx.records if r.action == "declined"]
+    listed = candidates(graph, ctx)
+    if plan.draft is not None:  # the draft through its pipeline too (it is small): its declines, its placement
+        draft = compile_draft(plan, module, meta=meta, strict=strict, check=False)
+        declines += [{"pass": r["pass_name"], "target": f"draft {r['target']}", "rule": "draft", "detail": r["detail"]}
+                     for r in draft.report["declines"]]
+        listed["easyspec"] = draft.report["candidates"].get("easyspec", [])
     return {**found, "model": source, "applied": sum(r.action == "applied" for r in ctx.records),
-            "declines": [{"pass": r.pass_name, "target": r.target, "rule": r.rule, "detail": r.detail}
-                         for r in ctx.records if r.action == "declined"],
-            "candidates": candidates(graph, ctx)}
+            "declines": declines, "candidates": listed}
 
 
 def validate(plan_path: str | Path, model: str | None = None, *, meta: bool = False, strict: bool = False) -> str:

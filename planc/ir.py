@@ -45,7 +45,8 @@ class RuleRef:
 
     @property
     def label(self) -> str:
-        return f"rules[{self.index}]"
+        """rules[i]; a pass configured outside the rules (index -1) goes by its plan field."""
+        return f"rules[{self.index}]" if self.index >= 0 else self.match
 
 
 class Shard:

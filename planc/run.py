@@ -27,7 +27,9 @@ def _prompt_ids(artifact: Path, manifest: dict, tokenizer: Tokenizer | None, pro
 
 def run(artifact: Path, *, nproc: int | None = None, prompts: list[str] | None = None, max_new_tokens: int = 64,
         sampling: dict | None = None, kernels: str | None = None, timeout_s: float = 900,
-        collective_timeout_s: float = COLLECTIVE_TIMEOUT_S, rdzv: dict | None = None) -> dict:
+        collective_timeout_s: float = COLLECTIVE_TIMEOUT_S, rdzv: dict | None = None, speculate: bool = True) -> dict:
+    """Generate on the artifact's ranks; speculatively when it holds a draft (unless speculate is
+    False: vanilla decoding of its target)."""
     if nproc is not None and nproc < 1:
         raise RunError(f"--nproc {nproc}: the number of ranks on this machine must be at least 1 (leave it out "
                        f"for the plan's mesh.devices)")
@@ -43,11 +45,12 @@ def run(artifact: Path, *, nproc: int | None = None, prompts: list[str] | None =
     tokenizer = artifact_tokenizer(manifest, opened.tokenizer_dir())
     ids = _prompt_ids(artifact, manifest, tokenizer, prompts)
     args = {"artifact": str(Path(artifact).resolve()), "prompts": ids, "max_new_tokens": max_new_tokens,
-            "sampling": sampling or {}, "kernels": kernels}
+            "sampling": sampling or {}, "kernels": kernels, "speculate": speculate}
     results = launch(WORKER, args, nproc, timeout_s=timeout_s, collective_timeout_s=collective_timeout_s, rdzv=rdzv,
                      backend=manifest["backend"])
     r0 = results[0]
     new_tokens = sum(len(t) for t in r0["tokens"])
+    decoded = new_tokens - len(r0["tokens"])  # the first token of each row comes from the prefill
     return {
         "world_size": world, "kernels": kernels,
         "prompts": (prompts or list(DEFAULT_PROMPTS)) if tokenizer else ids,
@@ -56,10 +59,11 @@ def run(artifact: Path, *, nproc: int | None = None, prompts: list[str] | None =
         "ranks_agree": all(r is None or r["tokens"] == r0["tokens"] for r in results),
         "new_tokens": new_tokens,
         "prefill_s": r0["prefill_s"], "decode_s": r0["decode_s"], "decode_steps": r0["decode_steps"],
-        "decode_tokens_per_s": len(ids) * r0["decode_steps"] / r0["decode_s"] if r0["decode_s"] else 0.0,
+        "decode_tokens_per_s": decoded / r0["decode_s"] if r0["decode_s"] else 0.0,
         "collectives_per_decode_step": per_step(r0["comm"].get("decode", {}), r0["decode_steps"]),
         "collectives_prefill": r0["comm"].get("prefill", {}),
         "ranks": [_rank_figures(r) for r in results if r is not None],
+        "speculation": _speculation(manifest, results) if r0["speculation"] else None,
     }
 
 
@@ -68,6 +72,16 @@ def _rank_figures(r: dict) -> dict:
     return {"rank": r["rank"], "prefill_s": r["prefill_s"], "decode_s": r["decode_s"],
             "decode_collective_calls": sum(c["calls"] for c in decode.values()),
             "decode_logical_bytes": sum(c["bytes"] for c in decode.values())}
+
+
+def _speculation(manifest: dict, results: list[dict]) -> dict:
+    """Rank 0's acceptance figures, each rank's draft work, rank 0's collectives per round by phase."""
+    r0, spec = results[0], manifest["speculate"]
+    rounds = r0["speculation"]["rounds"]
+    return {**r0["speculation"], "draft": spec["draft"], "easyspec": spec["layer_parallel"],
+            "draft_work_per_rank": [{"rank": r["rank"], **r["draft_work"]} for r in results],
+            "collectives_per_round": {phase: per_step(r0["comm"].get(phase, {}), rounds)
+                                      for phase in ("verify", "draft", "calibrate") if phase in r0["comm"]}}
 
 
 def format_run(result: dict) -> str:
@@ -82,4 +96,25 @@ def format_run(result: dict) -> str:
         lines.append(f"    rank {r['rank']}: prefill {r['prefill_s'] * 1e3:.1f} ms, decode {r['decode_s'] * 1e3:.1f} ms, "
                      f"{r['decode_collective_calls']} collectives moving {r['decode_logical_bytes']} logical bytes "
                      f"over the decode steps")
+    if result.get("speculation"):
+        lines += format_speculation(result["speculation"])
     return "\n".join(lines)
+
+
+def format_speculation(s: dict) -> list[str]:
+    lp = s["easyspec"]
+    how = (f"EasySpec layer_parallel {lp['degree']} ({lp['combine']}, "
+           f"{'calibrated' if lp['calibrate'] else 'not calibrated'})" if lp else "layer by layer")
+    lines = [f"--- speculative: draft {s['draft']}, {s['tokens']} tokens per round, {how}",
+             f"    {s['rounds']} rounds: drafted {s['drafted']}, accepted {s['accepted']}, acceptance rate "
+             f"{s['acceptance_rate']:.3f}, mean accepted length {s['mean_accepted_length']:.2f} tokens per verification",
+             f"    draft sequential depth {s['draft_sequential_depth']:.2f} attention steps per drafted token "
+             f"(layer by layer: {s['sequential_depth']})"]
+    for w in s["draft_work_per_rank"]:
+        lines.append(f"    rank {w['rank']} draft work: {w.get('forwards', 0)} exact forwards, "
+                     f"{w.get('layer_parallel_forwards', 0)} layer-parallel, {w.get('grouped_attention', 0)} grouped "
+                     f"attentions run here, {w['draft_s'] * 1e3:.1f} ms drafting")
+    for phase, ops in s["collectives_per_round"].items():
+        for op, c in sorted(ops.items()):
+            lines.append(f"    per round, {phase:<9}: {op:<18} {c['calls']:.1f} calls  {c['bytes']:.0f} logical bytes (rank 0)")
+    return lines

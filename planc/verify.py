@@ -1,6 +1,9 @@
 """`planc verify`: the same prompts through transformers on one process and the artifact on N ranks.
 
-Greedy tokens are compared position by position (a row stops at its EOS in both); the tolerance
+Greedy tokens are compared position by position (a row stops at its EOS in both); an artifact with
+a draft decodes speculatively, so its tokens and logits (the target's, from its verification
+passes) are checked against the target model alone, and the report carries the acceptance figures
+(`speculation`). The tolerance
 judges logits at the steps where both still agree on the prefix, and the report also gives the
 largest logit difference over all steps. The prompts are DEFAULT_PROMPTS
 encoded by the model's tokenizer (random ids when it has none).
@@ -169,5 +172,6 @@ def verify(artifact: Path, *, max_new_tokens: int = 16, kernels: str = "torch", 
     report = compare(ref_tokens, ref_logits, got["tokens"], got["logits"])
     report["ranks_agree"] = all(r["tokens"] == got["tokens"] for r in results)
     report["world_size"] = manifest["world_size"]
+    report["speculation"] = got.get("speculation")
     report = judge(report, manifest["dtype"])
     return {**report, "passed": report["passed"] and report["ranks_agree"]}

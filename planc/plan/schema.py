@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import ConfigDict, Field, PrivateAttr, create_model, model_validator
 
 from planc.passes import STRATEGIES
+from planc.passes.easyspec import EasySpecSection
 from planc.strategy import Frozen as _Frozen, Section
 
 MAX_DEVICES = 1024  # ranks of one program; each gets its own weights file
@@ -110,6 +111,31 @@ Rule = create_model("Rule", __base__=_RuleBase, __doc__=_RuleBase.__doc__,
                     **{key: _section_field(key) for key in SECTIONS})
 
 
+MAX_SPECULATE_TOKENS = 16  # the target scores tokens + 1 positions in one pass
+
+
+class Speculate(_Frozen):
+    """How many tokens the draft proposes per round."""
+
+    tokens: int = Field(4, ge=1, le=MAX_SPECULATE_TOKENS, strict=True,
+                        description=f"gamma: draft tokens per round (1..{MAX_SPECULATE_TOKENS}); the target scores "
+                        "gamma + 1 positions in one pass.")
+
+
+class Draft(_Frozen):
+    """Speculative decoding: a draft model compiled beside the target (program `draft` of the same
+    artifact, on the same ranks) under its own rules; greedy or sampled as `planc run` asks."""
+
+    model: ModelRef = Field(description="The draft model; its vocabulary must be the target's.")
+    rules: tuple[Rule, ...] = Field(
+        (), max_length=MAX_RULES,
+        description="The draft's own module rules (same form as the plan's); none: every block replicated.")
+    easyspec: EasySpecSection | None = Field(
+        None, description="EasySpec layer-parallel drafting with KV calibration; absent: the draft runs its "
+        "layers in order (standard speculative decoding).")
+    speculate: Speculate = Field(default_factory=Speculate)
+
+
 class Plan(_Frozen):
     """A planc parallel plan: a device mesh, a model and module-matching rules."""
 
@@ -122,6 +148,7 @@ class Plan(_Frozen):
         (), max_length=MAX_RULES,
         description=f"Module rules in priority order; the first rule matching a module wins (at most {MAX_RULES}).",
     )
+    draft: Draft | None = Field(None, description="A draft model for speculative decoding, with its own rules.")
 
     # Where the plan came from, for error messages; kept out of dumps, the hash and the schema.
     # _positions maps a field path such as ("rules", 0, "match") to its 1-based (line, column).
@@ -141,6 +168,15 @@ class Plan(_Frozen):
         """SHA-256 hex digest of the plan's canonical JSON; part of every cache key."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def draft_plan(self) -> "Plan":
+        """The draft section as a plan of its own (same mesh), keeping where each field is written,
+        so the pipeline compiles the draft as it compiles any plan and its errors point into this file."""
+        assert self.draft is not None
+        plan = Plan(version=1, mesh=self.mesh, model=self.draft.model, rules=self.draft.rules)
+        plan._source = self._source
+        plan._positions = {path[1:]: where for path, where in self._positions.items() if path[:1] == ("draft",)}
+        return plan
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """Plain data that `yaml.safe_dump` writes and `parse_plan_text` reads back unchanged (defaults omitted)."""

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -344,8 +345,8 @@ def candidates_section(report: dict) -> str:
                  "" if e.get("rule") is None else f"rules[{e['rule']}]", escape(e.get("detail", "")),
                  *(_value_html(e.get(k, "")) for k in extra)] for e in entries]
         classes = ["declined" if e["status"] == "declined" else "" for e in entries]
-        fused = sum(e["status"] == "fused" for e in entries)
-        parts.append(f"<h3>{escape(name)}: {fused} of {len(entries)} fused</h3>"
+        counts = Counter(e["status"] for e in entries)
+        parts.append(f"<h3>{escape(name)}: {escape(', '.join(f'{n} {status}' for status, n in counts.items()))}</h3>"
                      + _table(["target", "status", "rule", "detail", *extra], rows, classes))
     return _section("Candidates", "".join(parts), "candidates") if parts else ""
 

@@ -31,8 +31,9 @@ def cache_width(spec: dict) -> int:
     return spec["ckv"] + spec["kpe"] if spec["kind"] == "mla" else 2 * spec["kv_heads"] * spec["head_dim"]
 
 
-def kv_bytes_per_token(specs: dict[str, dict], elem: int) -> int:
-    return sum(cache_width(s) for s in specs.values()) * elem
+def kv_bytes_per_token(specs: dict[str, dict], elem: int, rank: int = 0) -> int:
+    """What `rank` caches per token (a layer placed on one rank counts there alone)."""
+    return sum(cache_width(s) for s in specs.values() if s.get("rank", rank) == rank) * elem
 
 
 RING = {"all_reduce": ring_all_reduce_bytes, "all_gather": ring_all_gather_bytes, "all_gather_varlen": ring_all_gather_bytes,
@@ -97,7 +98,7 @@ def build_report(graph: fx.Graph, ctx: PassContext, rank_tensors: list[dict[str,
     world = ctx.world_size
     return {
         "world_size": world,
-        "per_rank": [{"rank": r, "weight_bytes": tensor_bytes(t), "kv_bytes_per_token": kv_bytes_per_token(specs, elem)}
+        "per_rank": [{"rank": r, "weight_bytes": tensor_bytes(t), "kv_bytes_per_token": kv_bytes_per_token(specs, elem, r)}
                      for r, t in enumerate(rank_tensors)],
         "kv_width_per_rank": {fqn: cache_width(s) for fqn, s in specs.items()},
         "collectives_per_decode_step": collectives_per_step(graph, elem, world, "decode"),

@@ -1,10 +1,13 @@
 """The generate loop and the decode strategies it drives (which token to take from a step's logits).
 
-A strategy is an object with `pick(logits_BV) -> tokens_B`; the loop owns the model, its cache,
-stopping at EOS and timing, and never looks inside the strategy. Every rank runs the same loop on
-the same logits with the same seed, so every rank picks the same tokens.
+A strategy is an object with `pick(logits_BV) -> tokens_B`, and for speculative decoding
+`verify(target_BGV, draft_BGV, draft_BG) -> (accepted_B, next_B)`; the loops (here and
+planc.runtime.speculative) own the models, their caches, stopping at EOS and timing, and never
+look inside the strategy. Every rank runs the same loop on the same logits with the same seed, so
+every rank picks the same tokens.
 
-Legend: B batch rows, V vocabulary, P padded prompt width.
+Legend: B batch rows, V vocabulary, P padded prompt width, G draft tokens per round (G + 1 target
+positions: one per draft token, then the bonus).
 """
 from __future__ import annotations
 
@@ -21,11 +24,27 @@ from planc.runtime.model import Model
 class Strategy(Protocol):
     def pick(self, logits_BV: torch.Tensor) -> torch.Tensor: ...
 
+    def verify(self, target_BGV: torch.Tensor, draft_BGV: torch.Tensor,
+               draft_BG: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
 
 @dataclass(frozen=True)
 class Greedy:
     def pick(self, logits_BV: torch.Tensor) -> torch.Tensor:
         return logits_BV.argmax(dim=-1)
+
+    def verify(self, target_BGV: torch.Tensor, draft_BGV: torch.Tensor,
+               draft_BG: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accept draft tokens while they are the target's argmax; the next token is the target's
+        argmax after the last accepted one (the bonus when all are)."""
+        best_BG = target_BGV.argmax(dim=-1)
+        accepted_B = _leading(best_BG[:, :-1] == draft_BG)
+        return accepted_B, best_BG.gather(1, accepted_B[:, None])[:, 0]
+
+
+def _leading(ok_BG: torch.Tensor) -> torch.Tensor:
+    """How many leading True each row has."""
+    return ok_BG.long().cumprod(dim=-1).sum(dim=-1)
 
 
 @dataclass
@@ -43,12 +62,34 @@ class Sampling:
                            f"> 0 (use greedy decoding for 0) and top_k >= 0 (0 = no cut)")
         self._gen = torch.Generator().manual_seed(self.seed)
 
-    def pick(self, logits_BV: torch.Tensor) -> torch.Tensor:
-        logits = logits_BV.float() / self.temperature
+    def probs(self, logits_V: torch.Tensor) -> torch.Tensor:
+        """The distribution tokens are drawn from, over the last dim."""
+        logits = logits_V.float() / self.temperature
         if self.top_k:
-            kth = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            kth = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=self._gen).flatten()
+        return torch.softmax(logits, dim=-1)
+
+    def pick(self, logits_BV: torch.Tensor) -> torch.Tensor:
+        return torch.multinomial(self.probs(logits_BV), 1, generator=self._gen).flatten()
+
+    def verify(self, target_BGV: torch.Tensor, draft_BGV: torch.Tensor,
+               draft_BG: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Speculative sampling: accept draft token i with probability min(1, p_i/q_i); at the first
+        rejection draw from norm(max(0, p - q)), after G acceptances the bonus from p_G. The tokens
+        emitted are distributed as the target's own samples (Leviathan et al., 2023)."""
+        B, G = draft_BG.shape
+        p_BGV, q_BGV = self.probs(target_BGV), self.probs(draft_BGV)
+        p_BG = p_BGV[:, :G].gather(-1, draft_BG[..., None])[..., 0]
+        q_BG = q_BGV.gather(-1, draft_BG[..., None])[..., 0]
+        u_BG = torch.rand(B, G, generator=self._gen)
+        accepted_B = _leading(u_BG * q_BG < p_BG)
+        q_BGV = torch.cat([q_BGV, q_BGV.new_zeros(B, 1, q_BGV.shape[-1])], dim=1)  # no draft after the last
+        at_B = accepted_B[:, None, None].expand(B, 1, p_BGV.shape[-1])
+        p_BV, q_BV = p_BGV.gather(1, at_B)[:, 0], q_BGV.gather(1, at_B)[:, 0]
+        residual_BV = (p_BV - q_BV).clamp(min=0)
+        residual_BV = torch.where(residual_BV.sum(-1, keepdim=True) > 0, residual_BV, p_BV)
+        return accepted_B, torch.multinomial(residual_BV, 1, generator=self._gen).flatten()
 
 
 def choose_strategy(temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> Greedy | Sampling:
@@ -62,7 +103,8 @@ class Generation:
     step_logits: list[torch.Tensor] = field(default_factory=list)  # [B, V] per generated token
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    decode_steps: int = 0
+    decode_steps: int = 0  # target forwards after the prefill (speculative: one per round)
+    speculation: dict | None = None  # the speculative loop's figures (planc.runtime.speculative)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,12 @@
 Slots are shared by the whole batch: prompts are left-padded, so every row's newest token sits in
 the same slot and a step writes slots [length, length + S) for all rows at once. Padded slots are
 masked out of attention; a row's rope position is the number of real tokens before it, so the
-positions follow from the mask and a rollback (truncate) needs nothing else restored.
+positions follow from the mask and a rollback (truncate) needs nothing else restored. Speculative
+decoding rolls rows back by different amounts (`reject`): a row's rejected slots become holes,
+masked like padding, and the slots no row keeps are freed.
+
+A slot written by a layer-parallel draft forward is fuzzy (computed from a group's input rather
+than the layer's own); `fuzzy_T` marks them until they are truncated away.
 
 Legend: B batch, T capacity (slots), S tokens this step.
 """
@@ -17,17 +22,20 @@ from planc.ops import GqaCache, MlaCache, Step
 class KvCache:
     """`layers` is the per-layer dict the generated program indexes as rt.kv[fqn]."""
 
-    def __init__(self, specs: dict[str, dict], dtype: torch.dtype):
-        self.specs = specs
+    def __init__(self, specs: dict[str, dict], dtype: torch.dtype, rank: int = 0):
+        # a layer placed on one rank (an EasySpec draft's grouped attention) is cached there alone
+        self.specs = {fqn: spec for fqn, spec in specs.items() if spec.get("rank", rank) == rank}
         self.dtype = dtype
         self.layers: dict[str, MlaCache | GqaCache] = {}
         self.key_mask_BT = torch.zeros(0, 0, dtype=torch.bool)
+        self.fuzzy_T = torch.zeros(0, dtype=torch.bool)
         self.length = 0  # slots in use
 
     def allocate(self, batch: int, capacity: int) -> None:
         """Empty buffers of [batch, capacity, ...] per attention layer."""
         self.layers = {fqn: _buffers(spec, batch, capacity, self.dtype) for fqn, spec in self.specs.items()}
         self.key_mask_BT = torch.zeros(batch, capacity, dtype=torch.bool)
+        self.fuzzy_T = torch.zeros(capacity, dtype=torch.bool)
         self.length = 0
 
     @property
@@ -50,12 +58,24 @@ class KvCache:
         pos_BS = (self.next_pos_B()[:, None] + real_BS.long().cumsum(-1) - 1).clamp(min=0)
         return Step(self.length, pos_BS, self.key_mask_BT)
 
-    def advance(self, num_tokens: int) -> None:
+    def advance(self, num_tokens: int, *, fuzzy: bool = False) -> None:
         """Keep the first num_tokens slots the last step wrote (fewer: the rest are dropped)."""
         if not 0 <= num_tokens <= self.capacity - self.length:
             raise ValueError(f"KvCache.advance({num_tokens}): {self.length} of {self.capacity} slots in use")
+        self.fuzzy_T[self.length:self.length + num_tokens] = fuzzy
         self.length += num_tokens
         self.key_mask_BT[:, self.length:] = False
+
+    def reject(self, start: int, keep_BS: torch.Tensor) -> None:
+        """Per row, forget the last S slots [start, length) that keep_BS marks False (they become
+        holes); the trailing slots no row keeps are freed."""
+        S = keep_BS.shape[1]
+        if start < 0 or start + S != self.length:
+            raise ValueError(f"KvCache.reject: slots [{start}, {start + S}) are not the last ones in use "
+                             f"(length {self.length})")
+        self.key_mask_BT[:, start:start + S] &= keep_BS
+        kept = keep_BS.any(0).nonzero()
+        self.truncate(start + (int(kept[-1]) + 1 if len(kept) else 0))
 
     def truncate(self, length: int) -> None:
         """Roll back to the first `length` slots (rejected speculative tokens are forgotten)."""
@@ -63,6 +83,11 @@ class KvCache:
             raise ValueError(f"KvCache.truncate({length}): only {self.length} slots are in use")
         self.length = length
         self.key_mask_BT[:, length:] = False
+        self.fuzzy_T[length:] = False
+
+    def fuzzy_slots(self) -> int:
+        """Slots in use written by a layer-parallel forward."""
+        return int(self.fuzzy_T[:self.length].sum())
 
 
 def _buffers(spec: dict, batch: int, capacity: int, dtype: torch.dtype) -> MlaCache | GqaCache:

@@ -2,12 +2,15 @@
 
 program.py's `forward(rt, ids, step)` reads rt.ops, rt.comm, rt.weights and rt.kv (the per-layer
 caches of this model's KvCache); a Model is that `rt`. An artifact may hold several programs
-(a target and its draft), each loaded as its own Model with its own cache.
+(a target and its draft), each loaded as its own Model with its own cache. A draft compiled with
+EasySpec also has `forward_layer_parallel`, whose cache writes are fuzzy (KvCache.fuzzy_T); code
+it calls counts its work per rank in rt.work.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -40,8 +43,9 @@ class Model:
         self.ops = make_ops(kernels, artifact)
         self.program = artifact.load_module(program_file(program), f"planc_artifact_program_{program}")
         self.weights = Weights(load_file(artifact.path(weights_file(program, comm.rank))))
-        self.cache = KvCache(spec["caches"], DTYPES[self.manifest["dtype"]])
+        self.cache = KvCache(spec["caches"], DTYPES[spec.get("dtype", self.manifest["dtype"])], comm.rank)
         self.steps = 0  # extend() calls since allocate(): step 0 is the prefill
+        self.work: Counter[str] = Counter()  # forwards run, by kind, and what they ran on this rank
 
     def fingerprint(self) -> bytes:
         """sha256 of what this rank runs: the manifest (which holds every file's sha256) and the program."""
@@ -56,17 +60,26 @@ class Model:
         self.steps = 0
         return self.cache
 
-    def forward(self, ids_BS: torch.Tensor, step: Step) -> torch.Tensor:
-        """The program's forward at an explicit Step; the cache's length is left as it was."""
-        return self.program.forward(self, ids_BS, step)
+    @property
+    def layer_parallel(self) -> bool:
+        """Whether the program has a layer-parallel forward (an EasySpec draft)."""
+        return hasattr(self.program, "forward_layer_parallel")
 
-    def extend(self, ids_BS: torch.Tensor, real_BS: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the next S tokens (real_BS: False for padding) and keep them in the cache; [B, S, V] logits."""
+    def forward(self, ids_BS: torch.Tensor, step: Step, *, layer_parallel: bool = False) -> torch.Tensor:
+        """The program's forward at an explicit Step; the cache's length is left as it was."""
+        self.work["layer_parallel_forwards" if layer_parallel else "forwards"] += 1
+        run = self.program.forward_layer_parallel if layer_parallel else self.program.forward
+        return run(self, ids_BS, step)
+
+    def extend(self, ids_BS: torch.Tensor, real_BS: torch.Tensor | None = None, *,
+               layer_parallel: bool = False, fuzzy: bool = False) -> torch.Tensor:
+        """Run the next S tokens (real_BS: False for padding) and keep them in the cache; [B, S, V] logits.
+        layer_parallel: through forward_layer_parallel; fuzzy: mark the slots it writes as fuzzy."""
         real_BS = torch.ones(ids_BS.shape, dtype=torch.bool) if real_BS is None else real_BS
         status.current().at_step(self.name, self.steps, self.comm.current_phase)
         self.steps += 1
-        logits = self.forward(ids_BS, self.cache.step(real_BS))
-        self.cache.advance(ids_BS.shape[1])
+        logits = self.forward(ids_BS, self.cache.step(real_BS), layer_parallel=layer_parallel)
+        self.cache.advance(ids_BS.shape[1], fuzzy=fuzzy)
         return logits
 
 

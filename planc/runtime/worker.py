@@ -12,6 +12,7 @@ from planc.runtime.comm import Comm
 from planc.runtime.decode import choose_strategy, generate
 from planc.runtime.launch import write_result
 from planc.runtime.model import Model
+from planc.runtime.speculative import Speculation, speculative_generate
 
 AGREED = ("compiled program (manifest sha256)", "request (prompts, max_new_tokens, sampling, kernels)")
 
@@ -24,12 +25,22 @@ def main(args: dict) -> None:
 
 
 def run_rank(args: dict, comm: Comm) -> dict:
-    model = Model(args["artifact"], comm=comm, kernels=args.get("kernels", "torch"))
+    """Generate with the artifact's target; speculatively with its draft when it has one, unless
+    args["speculate"] is False (vanilla decoding of the same target)."""
+    kernels = args.get("kernels", "torch")
+    model = Model(args["artifact"], comm=comm, kernels=kernels)
     check_ranks_agree(comm, model, args)
     config = model.manifest["model"]
-    out = generate(model, args["prompts"], args["max_new_tokens"], choose_strategy(**args.get("sampling", {})),
-                   eos_id=config["eos_token_id"] if args.get("stop_at_eos", True) else None,
-                   pad_id=config["pad_token_id"] or 0, keep_logits=args.get("keep_logits", False))
+    speculate = model.manifest.get("speculate") if args.get("speculate", True) else None
+    draft = Model(args["artifact"], "draft", comm=comm, kernels=kernels) if speculate else None
+    options = {"eos_id": config["eos_token_id"] if args.get("stop_at_eos", True) else None,
+               "pad_id": config["pad_token_id"] or 0, "keep_logits": args.get("keep_logits", False)}
+    strategy = choose_strategy(**args.get("sampling", {}))
+    if draft is None:
+        out = generate(model, args["prompts"], args["max_new_tokens"], strategy, **options)
+    else:
+        out = speculative_generate(model, draft, args["prompts"], args["max_new_tokens"], strategy,
+                                   Speculation.from_manifest(speculate), **options)
     return {
         "rank": comm.rank,
         "tokens": out.tokens,
@@ -37,6 +48,8 @@ def run_rank(args: dict, comm: Comm) -> dict:
         "prefill_s": out.prefill_s,
         "decode_s": out.decode_s,
         "decode_steps": out.decode_steps,
+        "speculation": out.speculation,
+        "draft_work": None if draft is None else {**draft.work, "draft_s": out.speculation["draft_s"]},
         "comm": comm.stats(),
     }
 

@@ -11,7 +11,7 @@ import pytest
 
 from planc.cli import main
 from planc.codegen.artifact import manifest_digest
-from planc.run import run
+from planc.run import format_run, run
 from planc.verify import verify
 
 
@@ -96,3 +96,31 @@ def test_seeded_sampling_is_reproducible_and_identical_on_all_ranks(compiled):
     assert sampled[0]["tokens"] == sampled[1]["tokens"]
     assert all(s["ranks_agree"] for s in sampled)
     assert sampled[0]["tokens"] != sampled[2]["tokens"]  # 8 draws over 260 ids: equal by chance ~never
+
+
+def test_speculative_run_prints_acceptance_and_its_collectives_equal_the_report(compiled, capsys):
+    """plans/deepseek_easyspec.yaml on 4 gloo ranks: the acceptance figures and each rank's draft
+    work are printed; per round, the verification makes the target's decode-step collectives, the
+    G - 1 drafting forwards one gather per group, the calibration one per grouped layer."""
+    artifact = compiled("deepseek_easyspec.yaml", 4)
+    assert main(["run", str(artifact), "--max-new-tokens", "12", "--json", "--timeout", "300"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    spec, report = result["speculation"], _report(artifact)
+    assert result["ranks_agree"] and spec["rounds"] == result["decode_steps"] >= 2
+    assert 0 < spec["accepted"] <= spec["drafted"] and spec["draft_sequential_depth"] == 4.5  # (6 + 3 * 4) / 4
+    assert [w["grouped_attention"] for w in spec["draft_work_per_rank"]] == [spec["rounds"] * 4 + 1] * 4
+    per_round, rows = spec["collectives_per_round"], len(result["tokens"])
+    drafting = report["draft"]["layer_parallel"]["collectives_per_step"]["all_gather_varlen"]
+    assert per_round["draft"]["all_gather_varlen"]["calls"] == 3 * drafting["calls"] == 3 * 2
+    assert per_round["draft"]["all_gather_varlen"]["bytes"] == 3 * drafting["bytes_per_token"] * rows
+    assert per_round["calibrate"]["all_gather_varlen"]["calls"] == 4
+    assert {op: c["calls"] for op, c in per_round["verify"].items()} == \
+        {op: c["calls"] for op, c in report["collectives_per_decode_step"].items()}
+    text = format_run(result)
+    assert "acceptance rate" in text and "rank 3 draft work" in text and "EasySpec layer_parallel 2" in text
+
+
+def test_speculative_verify_agrees_with_the_target_alone(compiled):
+    report = verify(compiled("deepseek_easyspec.yaml", 4), max_new_tokens=10, timeout_s=300)
+    assert report["passed"] and report["token_agreement"] == 1.0, report
+    assert report["speculation"]["rounds"] >= 2

@@ -49,7 +49,7 @@ def block_source(graph: fx.Graph, block: str) -> tuple[str, str]:
     inside = set(nodes)
     entering = next(a for n in nodes for a in n.all_input_nodes if a not in inside)
     leaving = next(n for n in nodes if any(u not in inside for u in n.users))
-    em = _Emitter(graph)
+    em = _Emitter()
     body = [em.line(n) for n in nodes]
     src = "\n".join(sorted(em.imports) + em.consts + [f"def block({entering.name}, ops, comm, W, caches, step):"]
                     + body + [f"    return {leaving.name}"])

@@ -67,7 +67,7 @@ def test_unknown_key_suggests_a_fix() -> None:
 def test_unknown_key_without_a_close_match() -> None:
     message = _error(EXAMPLE + "zzz: 1\n")
     assert message == ("plan.yaml:11:1: zzz: unknown key 'zzz'. "
-                       "Allowed keys: mesh, model, rules, version.")
+                       "Allowed keys: draft, mesh, model, rules, version.")
 
 
 def test_duplicate_key_names_both_places() -> None:

@@ -98,3 +98,19 @@ def test_any_of_several_eos_ids_stops_a_row(model, greedy):
     got = generate(model, PROMPTS, NEW, Greedy(), eos_id=[never, eos])
     assert got.tokens == [row[:row.index(eos) + 1] if eos in row else row for row in greedy.tokens]
     assert got.tokens[cut][-1] == eos
+
+
+def test_greedy_verify_accepts_the_target_argmax_prefix():
+    """Target argmax per position: row 0 [1, 2, 3, 0] (drafts 1, 2, 3 all accepted, bonus 0);
+    row 1 [1, 0, ...] (draft 1 accepted, draft 2 rejected: the correction is 0)."""
+    best = torch.tensor([[1, 2, 3, 0], [1, 0, 3, 2]])
+    target_BGV = torch.nn.functional.one_hot(best, 4).float()
+    accepted, next_B = Greedy().verify(target_BGV, torch.zeros(2, 3, 4), torch.tensor([[1, 2, 3], [1, 2, 3]]))
+    assert accepted.tolist() == [3, 1] and next_B.tolist() == [0, 0]
+
+
+def test_sampling_verify_accepts_what_the_target_would_draw_with_certainty():
+    """p = q: every draft is accepted (u * q < p for u < 1), and the bonus comes from p_G."""
+    logits = torch.tensor([[[0.0, 9.0, 0.0], [9.0, 0.0, 0.0], [0.0, 0.0, 30.0]]])
+    accepted, next_B = Sampling(seed=0).verify(logits, logits[:, :2], torch.tensor([[1, 0]]))
+    assert accepted.tolist() == [2] and next_B.tolist() == [2]

@@ -123,3 +123,38 @@ def test_a_chunk_after_rollback_equals_the_chunk_without_one(model):
     first = model.extend(ids, real)
     model.cache.truncate(0)
     assert torch.equal(model.extend(ids, real), first)
+
+
+def test_reject_leaves_holes_per_row_and_positions_count_real_tokens():
+    cache = _cache(capacity=10)
+    cache.step(torch.ones(2, 2, dtype=torch.bool))
+    cache.advance(2)
+    cache.step(torch.ones(2, 4, dtype=torch.bool))  # a verify step: 4 speculative slots
+    cache.advance(4)
+    cache.reject(2, torch.tensor([[True, True, False, False], [True, False, False, False]]))
+    assert cache.length == 4  # slot 5 is kept by no row: freed; slot 3 is row 1's hole
+    assert cache.key_mask_BT[:, :4].tolist() == [[True] * 4, [True, True, True, False]]
+    assert cache.step(torch.ones(2, 1, dtype=torch.bool)).pos_BS.tolist() == [[4], [3]]
+    cache.advance(1)
+    cache.reject(4, torch.zeros(2, 1, dtype=torch.bool))
+    assert cache.length == 4
+    with pytest.raises(ValueError, match="not the last ones in use"):
+        cache.reject(1, torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_fuzzy_slots_are_marked_until_truncated():
+    cache = _cache()
+    cache.step(torch.ones(2, 3, dtype=torch.bool))
+    cache.advance(3)
+    for _ in range(2):
+        cache.step(torch.ones(2, 1, dtype=torch.bool))
+        cache.advance(1, fuzzy=True)
+    assert cache.fuzzy_slots() == 2 and cache.fuzzy_T[:5].tolist() == [False] * 3 + [True] * 2
+    cache.truncate(3)
+    assert cache.fuzzy_slots() == 0 and not cache.fuzzy_T.any()
+
+
+def test_a_layer_placed_on_one_rank_is_cached_there_alone():
+    specs = {**SPECS, "c": {**SPECS["b"], "rank": 1}}
+    assert set(KvCache(specs, torch.float32, rank=0).specs) == {"a", "b"}
+    assert set(KvCache(specs, torch.float32, rank=1).specs) == {"a", "b", "c"}
