@@ -243,11 +243,15 @@ def validation(plan_path: str | Path, model: str | None = None, *, meta: bool = 
     listed = candidates(graph, ctx)
     if plan.draft is not None:  # the draft through its pipeline too (it is small): its declines, its placement
         draft = compile_draft(plan, module, meta=meta, strict=strict, check=False)
-        declines += [{"pass": r["pass_name"], "target": f"draft {r['target']}", "rule": "draft", "detail": r["detail"]}
+        declines += [{"pass": r["pass_name"], "target": f"draft {r['target']}", "rule": None, "detail": r["detail"]}
                      for r in draft.report["declines"]]
         listed["easyspec"] = draft.report["candidates"].get("easyspec", [])
     return {**found, "model": source, "applied": sum(r.action == "applied" for r in ctx.records),
             "declines": declines, "candidates": listed}
+
+
+def _rule_label(rule: int | None) -> str:
+    return "" if rule is None else f" (rules[{rule}])"  # a draft's declines name the draft instead
 
 
 def validate(plan_path: str | Path, model: str | None = None, *, meta: bool = False, strict: bool = False) -> str:
@@ -255,7 +259,7 @@ def validate(plan_path: str | Path, model: str | None = None, *, meta: bool = Fa
     v = validation(plan_path, model, meta=meta, strict=strict)
     if v["model"] is None:
         return f"{plan_path}: valid plan ({v['rules']} rules, {v['devices']} devices); no model to check against"
-    declines = [f"\n  declined {d['pass']} on {d['target']} (rules[{d['rule']}]): {d['detail']}" for d in v["declines"]]
+    declines = [f"\n  declined {d['pass']} on {d['target']}{_rule_label(d['rule'])}: {d['detail']}" for d in v["declines"]]
     found = "".join(f"\n  {line}" for line in candidate_lines(v["candidates"]))
     return (f"{plan_path}: valid for {v['model']} ({v['rules']} rules, {v['applied']} blocks rewritten, "
             f"{len(declines)} declined, {v['devices']} devices)" + "".join(declines) + found)

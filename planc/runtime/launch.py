@@ -160,7 +160,8 @@ def _run_as_rank(entry: str, args: Any, world_size: int, rdzv: dict[str, Any], b
     if world_size != job_size:
         raise RunError(f"rank {rank} of a launched job of {job_size} ranks (torchrun), but {world_size} ranks are "
                        f"needed; start torchrun with --nproc-per-node x --nnodes = {world_size}")
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         _init_process_group(_resolve_backend(backend), collective_timeout_s)
     _arm_deadline(time.time() + timeout_s if timeout_s is not None else None)
     try:
@@ -174,6 +175,8 @@ def _run_as_rank(entry: str, args: Any, world_size: int, rdzv: dict[str, Any], b
             value = json.loads(mine.read_text()) if mine.exists() else None
         values: list[Any] = [None] * job_size
         dist.all_gather_object(values, value)
+        if owned:  # every rank is past its last collective: close the group before the interpreter exits,
+            dist.destroy_process_group()  # or gloo's threads may abort the process as it tears down
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
     return values if any(v is not None for v in values) else None

@@ -16,10 +16,10 @@ def raise_in_decode(args: dict[str, Any]) -> None:
     if int(os.environ["RANK"]) == int(rank):
         forward = Model.forward
 
-        def faulty(self: Model, ids_BS, step_at):
+        def faulty(self: Model, ids_BS, step_at, **kwargs):
             if Path(trigger).exists():  # extend() has already recorded this step
                 raise ValueError(f"injected fault in step {self.steps - 1}")
-            return forward(self, ids_BS, step_at)
+            return forward(self, ids_BS, step_at, **kwargs)
 
         Model.forward = faulty
     worker.main(args)
