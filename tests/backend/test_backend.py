@@ -11,6 +11,7 @@ from planc.models.registry import load_model
 from planc.runtime.launch import launch
 from planc.torch_compile import compile_records
 from tests.conftest import ROOT, plan_for
+from tests.models import TP_PLAN
 
 ONE_DEVICE = """version: 1
 mesh: {devices: 1}
@@ -19,14 +20,7 @@ rules:
   - match: "model.layers.*.self_attn"
     attention: {strategy: replicated}
 """
-QWEN3_TP = """version: 1
-mesh: {devices: 2}
-rules:
-  - match: "model.layers.*.self_attn"
-    attention: {strategy: tp}
-  - match: "model.layers.*.mlp"
-    mlp: {strategy: tp}
-"""
+QWEN3_TP = TP_PLAN
 TOLERANCE = 1e-4  # fp32: planc's ops sum in other orders than transformers' (and over 2 ranks)
 
 
