@@ -60,8 +60,8 @@ def test_predicted_trace_is_valid_and_as_long_as_the_predicted_step(report, prof
 def test_collectives_start_and_end_together_on_every_rank(report):
     trace = timeline.predicted(report, cost.PROFILES["H100"], batch=8, context=CONTEXT)
     found = threads(trace)
-    rank0, rank1 = ([(e["name"], e["ts"], e["dur"]) for e in found[(r, timeline.COLLECTIVES)] if e["cat"] == "collective"]
-                    for r in range(2))
+    rank0, rank1 = ([(e["name"], e["ts"], e["dur"]) for e in found[(r, timeline.COLLECTIVES)]
+                     if e["cat"] == "collective"] for r in range(2))
     assert rank0 == rank1
     names = [op["node"] for op in report["decode_ops"] for _ in op["collectives"]]
     assert [name for name, _, _ in rank0] == names
