@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 = all")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (the same on every rank)")
+    p.add_argument("--trace", nargs="?", const="", default=None, metavar="FILE",
+                   help="record every rank's wall-clock span of each program node in the decode steps and write "
+                        "them, from rank 0, as one Chrome trace JSON (Perfetto); FILE defaults to ARTIFACT/trace.json, "
+                        "where `planc inspect` reads it. Untraced runs are not slowed")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     _add_run_options(p)
 
@@ -327,12 +331,14 @@ def _speaks() -> bool:
 
 
 def cmd_run(args) -> int:
+    from planc.report.timeline import MEASURED
     from planc.run import format_run, run
 
+    trace = None if args.trace is None else Path(args.trace or Path(args.artifact) / MEASURED)
     result = run(Path(args.artifact), nproc=args.nproc, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
                  sampling={"temperature": args.temperature, "top_k": args.top_k, "seed": args.seed},
                  kernels=args.kernels, timeout_s=args.timeout, collective_timeout_s=args.collective_timeout,
-                 rdzv=_rdzv(args))
+                 rdzv=_rdzv(args), trace=trace)
     if _speaks():
         print(json.dumps(result) if args.json else format_run(result))
 

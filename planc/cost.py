@@ -4,6 +4,8 @@ Each op is (FLOPs, bytes moved through HBM, weight bytes it holds); its time is
 max(flops / peak, bytes / bandwidth). A collective costs latency + ring bytes / link bandwidth
 (planc.runtime.comm's formulas). A step is the sum of its ops: no overlap, no kernel-efficiency
 factors, no launch overheads; the same assumptions for every strategy, so ratios are what it is for.
+A compiled artifact's step is timed op by op on every rank, its collectives barriers the ranks meet
+at (artifact_timeline; planc.report.timeline draws it).
 
 Legend (units): seconds s, bytes B, FLOP, FLOP/s, B/s.
 Shapes: b batch (sequences), L cached tokens per sequence, D hidden, H heads, Hr heads on one
@@ -248,28 +250,91 @@ def max_batch(hw: Hardware, weights_per_rank: float, kv_bytes_per_seq: float, us
 # -- a compiled artifact ------------------------------------------------------------------------
 
 
-def artifact_step(report: dict, hw: Hardware, batch: int, context: int) -> dict:
-    """One decode step of a compiled artifact on `hw`, from report.json's exact per-rank figures.
+@dataclass(frozen=True)
+class Slot:
+    """One stretch of one rank's decode step: an op reading memory, a wait for the other ranks at a
+    collective, or the collective itself. `op` is the report's decode_ops entry, `collective` the
+    entry of op["collectives"] (None for compute)."""
 
-    Every rank reads its weights once and `batch x context` cached tokens of kv_bytes_per_token,
-    both taken as memory-bound (decode GEMVs sit below the ridge until the batch nears peak FLOP/s
-    over bandwidth per weight byte; report.json carries no FLOPs), and an MoE rank is taken to
-    touch all its experts (a large batch does; a small one reads only its routed experts), then
-    runs the step's collectives (latency + logical ring bytes / link bandwidth each; all-to-all at
-    its upper bound). The slowest rank sets the step."""
-    collectives = [Collective(op, entry.get("bytes_per_token", entry.get("bytes_per_token_max", 0)) * batch)
-                   for op, entry in report.get("collectives_per_decode_step", {}).items()
-                   for _ in range(entry.get("calls", 0))]
-    comm = step_seconds(collectives, hw)
-    ranks = []
-    for r in report["per_rank"]:
-        weights = Op("weights", 0.0, r["weight_bytes"], r["weight_bytes"])
-        kv = Op("kv", 0.0, batch * context * r["kv_bytes_per_token"])
-        ranks.append({"rank": r["rank"], "weights_s": op_time(weights, hw), "kv_s": op_time(kv, hw),
-                      "collectives_s": comm})
-    slowest = max(ranks, key=lambda t: t["weights_s"] + t["kv_s"] + t["collectives_s"])
-    step = slowest["weights_s"] + slowest["kv_s"] + slowest["collectives_s"]
-    return {"batch": batch, "context": context, "step_s": step, "tokens_per_s": batch / step, "slowest": slowest}
+    rank: int
+    what: str  # "compute" | "wait" | "collective"
+    start: float
+    seconds: float
+    op: dict
+    collective: dict | None = None
+
+    @property
+    def end(self) -> float:
+        return self.start + self.seconds
+
+
+def per_token(collective: dict) -> int:
+    """Logical bytes per token of a report collective entry (all-to-all: its upper bound)."""
+    return collective.get("bytes_per_token", collective.get("bytes_per_token_max", 0))
+
+
+def collective_time(collective: dict, hw: Hardware, batch: int) -> float:
+    """`calls` calls of one collective moving `batch` tokens' logical bytes in all."""
+    calls = collective["calls"]
+    return calls * op_time(Collective(collective["op"], batch * per_token(collective) / max(calls, 1)), hw)
+
+
+def artifact_timeline(report: dict, hw: Hardware, batch: int, context: int) -> list[list[Slot]]:
+    """One decode step of a compiled artifact on `hw`, op by op on every rank, from report.json's
+    decode_ops (each node's exact per-rank weight and KV bytes and its collectives).
+
+    An op reads its weights and `batch x context` cached tokens of its kv_bytes_per_token at HBM
+    bandwidth, taken as memory-bound (decode GEMVs sit below the ridge until the batch nears peak
+    FLOP/s over bandwidth per weight byte; the report carries no FLOPs); an MoE rank is taken to
+    touch all its experts (a large batch does; a small one reads only its routed experts). A
+    collective is a barrier: it starts when the last rank reaches it, so the others wait, and costs
+    latency + logical ring bytes / link bandwidth per call (all-to-all at its upper bound). Nothing
+    overlaps: a fused GEMM + ring (T3) reads its weights, then moves its bytes."""
+    if "decode_ops" not in report:
+        raise ValueError("report.json has no decode_ops (written by an older planc); recompile the artifact")
+    world = len(report["per_rank"])
+    ready = [0.0] * world
+    slots: list[list[Slot]] = [[] for _ in range(world)]
+    for op in report["decode_ops"]:
+        for r in range(world):
+            read = op["weight_bytes"][r] + batch * context * op["kv_bytes_per_token"][r]
+            seconds = op_time(Op(op["node"], 0.0, read, op["weight_bytes"][r]), hw)
+            if seconds > 0:
+                slots[r].append(Slot(r, "compute", ready[r], seconds, op))
+                ready[r] += seconds
+        for c in op["collectives"]:
+            start, seconds = max(ready), collective_time(c, hw, batch)
+            for r in range(world):
+                if start > ready[r]:
+                    slots[r].append(Slot(r, "wait", ready[r], start - ready[r], op, c))
+                slots[r].append(Slot(r, "collective", start, seconds, op, c))
+                ready[r] = start + seconds
+    return slots
+
+
+def artifact_step(report: dict, hw: Hardware, batch: int, context: int) -> dict:
+    """One decode step of a compiled artifact on `hw` (artifact_timeline): its length is the last
+    rank's end. Ranks meet at every collective, so a rank slow in one layer and fast in another
+    does not average out: the step is the slowest rank's time between each pair of collectives,
+    summed, plus the collectives. Per rank: weights_s + kv_s (reading memory) + waiting_s +
+    collectives_s = its end; `slowest` is the rank that ends last (of those, the one that waited
+    least: the others waited for it)."""
+    timeline = artifact_timeline(report, hw, batch, context)
+    ranks = [_rank_step(r, slots, report, hw, batch, context) for r, slots in enumerate(timeline)]
+    slowest = max(ranks, key=lambda t: (t["end_s"], -t["waiting_s"]))
+    step = slowest["end_s"]
+    return {"batch": batch, "context": context, "step_s": step, "tokens_per_s": batch / step if step else 0.0,
+            "slowest": slowest, "ranks": ranks}
+
+
+def _rank_step(rank: int, slots: list[Slot], report: dict, hw: Hardware, batch: int, context: int) -> dict:
+    weights = sum(op["weight_bytes"][rank] for op in report["decode_ops"])
+    kv = batch * context * sum(op["kv_bytes_per_token"][rank] for op in report["decode_ops"])
+    return {"rank": rank,
+            "weights_s": op_time(Op("weights", 0.0, weights, weights), hw), "kv_s": op_time(Op("kv", 0.0, kv), hw),
+            "waiting_s": sum((s.seconds for s in slots if s.what == "wait"), 0.0),
+            "collectives_s": sum((s.seconds for s in slots if s.what == "collective"), 0.0),
+            "end_s": slots[-1].end if slots else 0.0}
 
 
 def artifact_max_batch(report: dict, hw: Hardware, context: int) -> int:

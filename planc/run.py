@@ -1,6 +1,7 @@
 """`planc run`: launch an artifact on its ranks, generate, and collect rank 0's figures."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from planc.errors import RunError
@@ -27,13 +28,17 @@ def _prompt_ids(artifact: Path, manifest: dict, tokenizer: Tokenizer | None, pro
 
 def run(artifact: Path, *, nproc: int | None = None, prompts: list[str] | None = None, max_new_tokens: int = 64,
         sampling: dict | None = None, kernels: str | None = None, timeout_s: float = 900,
-        collective_timeout_s: float = COLLECTIVE_TIMEOUT_S, rdzv: dict | None = None, speculate: bool = True) -> dict:
+        collective_timeout_s: float = COLLECTIVE_TIMEOUT_S, rdzv: dict | None = None, speculate: bool = True,
+        trace: Path | None = None) -> dict:
     """Generate on the artifact's ranks; speculatively when it holds a draft (unless speculate is
-    False: vanilla decoding of its target)."""
+    False: vanilla decoding of its target). trace: rank 0 writes every rank's spans of the decode
+    steps there as a Chrome trace (`planc run --trace`, planc.runtime.trace)."""
     if nproc is not None and nproc < 1:
         raise RunError(f"--nproc {nproc}: the number of ranks on this machine must be at least 1 (leave it out "
                        f"for the plan's mesh.devices)")
     check_limits(nproc or 1, timeout_s, collective_timeout_s)
+    if trace is not None:
+        _check_writable(Path(trace))
     opened = open_artifact(artifact)
     manifest = opened.manifest
     if manifest.get("meta"):
@@ -45,7 +50,8 @@ def run(artifact: Path, *, nproc: int | None = None, prompts: list[str] | None =
     tokenizer = artifact_tokenizer(manifest, opened.tokenizer_dir())
     ids = _prompt_ids(artifact, manifest, tokenizer, prompts)
     args = {"artifact": str(Path(artifact).resolve()), "prompts": ids, "max_new_tokens": max_new_tokens,
-            "sampling": sampling or {}, "kernels": kernels, "speculate": speculate}
+            "sampling": sampling or {}, "kernels": kernels, "speculate": speculate,
+            "trace": str(Path(trace).resolve()) if trace is not None else None}
     results = launch(WORKER, args, nproc, timeout_s=timeout_s, collective_timeout_s=collective_timeout_s, rdzv=rdzv,
                      backend=manifest["backend"])
     r0 = results[0]
@@ -64,7 +70,18 @@ def run(artifact: Path, *, nproc: int | None = None, prompts: list[str] | None =
         "collectives_prefill": r0["comm"].get("prefill", {}),
         "ranks": [_rank_figures(r) for r in results if r is not None],
         "speculation": _speculation(manifest, results) if r0["speculation"] else None,
+        "trace": r0["trace"],
     }
+
+
+def _check_writable(trace: Path) -> None:
+    """Before any rank starts: rank 0 can write the trace file (a new file beside it, then a rename)."""
+    folder = trace.resolve().parent
+    if trace.is_dir():
+        raise RunError(f"--trace {trace}: a directory; name the trace file (e.g. {trace / 'trace.json'})")
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise RunError(f"--trace {trace}: {folder} is not a directory this process can write in; "
+                       f"pass --trace FILE in one")
 
 
 def _rank_figures(r: dict) -> dict:
@@ -98,6 +115,10 @@ def format_run(result: dict) -> str:
                      f"over the decode steps")
     if result.get("speculation"):
         lines += format_speculation(result["speculation"])
+    if result.get("trace"):
+        t = result["trace"]
+        lines.append(f"--- trace: {t['file']}: {t['events']} spans of {t['decode_steps']} decode steps on "
+                     f"{result['world_size']} ranks (Chrome trace JSON: open it in https://ui.perfetto.dev)")
     return "\n".join(lines)
 
 

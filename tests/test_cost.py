@@ -81,21 +81,47 @@ def test_last_level_cache_size_is_read_from_sysfs():
     assert size >= 256 << 10 and size % 1024 == 0  # sysfs sizes are whole KiB
 
 
+def _op(node: str, weights: list[int], kv: list[int], collectives: list[dict] = ()) -> dict:
+    return {"node": node, "kind": "linear", "fqn": node, "layer": 0, "strategy": "replicated",
+            "weight_bytes": weights, "kv_bytes_per_token": kv, "collectives": list(collectives)}
+
+
 def test_artifact_step_from_report_figures():
     """Weights + batch x context cached tokens at HBM bandwidth, collectives at latency + bytes /
-    link; the slower rank sets the step; max batch fits every rank."""
+    link per call; the slower rank sets the step; max batch fits every rank."""
     hw = cost.Hardware("toy", flops=1.0, mem_bw=100.0, mem_bytes=10_000.0, link_bw=10.0, latency=0.5)
     report = {"per_rank": [{"rank": 0, "weight_bytes": 1000, "kv_bytes_per_token": 2},
                            {"rank": 1, "weight_bytes": 2000, "kv_bytes_per_token": 2}],
-              "collectives_per_decode_step": {"all_reduce": {"calls": 2, "bytes_per_token": 5},
-                                              "all_to_all": {"calls": 1, "bytes_per_token_max": 10}}}
+              "decode_ops": [_op("a", [1000, 2000], [2, 2]),
+                             _op("ar", [0, 0], [0, 0], [{"op": "all_reduce", "calls": 2, "bytes_per_token": 5}]),
+                             _op("a2a", [0, 0], [0, 0], [{"op": "all_to_all", "calls": 1, "bytes_per_token_max": 10}])]}
     step = cost.artifact_step(report, hw, batch=3, context=50)
     assert step["slowest"]["rank"] == 1
     assert step["slowest"]["weights_s"] == pytest.approx(20.0) and step["slowest"]["kv_s"] == pytest.approx(3.0)
-    assert step["slowest"]["collectives_s"] == pytest.approx(3 * 0.5 + (2 * 5 * 3 + 10 * 3) / 10.0)
+    # 3 calls of 0.5 s; bytes_per_token is what all the op's calls move per token, not each call
+    assert step["slowest"]["collectives_s"] == pytest.approx(3 * 0.5 + (5 * 3 + 10 * 3) / 10.0)
+    assert step["ranks"][0]["waiting_s"] == pytest.approx(10.0) and step["slowest"]["waiting_s"] == 0
+    assert step["step_s"] == pytest.approx(20.0 + 3.0 + 6.0)
     assert step["tokens_per_s"] == pytest.approx(3 / step["step_s"])
     # (0.9 x 10,000 - 2,000) / (2 x 50) = 70 sequences on rank 1, 80 on rank 0
     assert cost.artifact_max_batch(report, hw, context=50) == 70
+
+
+def test_ranks_meet_at_every_collective():
+    """Rank 0 is slow before the all-reduce, rank 1 after: the step is both slow stretches plus the
+    collective, longer than either rank's own reads plus the collective."""
+    hw = cost.Hardware("toy", flops=1.0, mem_bw=100.0, mem_bytes=10_000.0, link_bw=10.0, latency=1.0)
+    report = {"per_rank": [{"rank": r, "weight_bytes": 500, "kv_bytes_per_token": 0} for r in range(2)],
+              "decode_ops": [_op("first", [400, 100], [0, 0]),
+                             _op("ar", [0, 0], [0, 0], [{"op": "all_reduce", "calls": 1, "bytes_per_token": 20}]),
+                             _op("second", [100, 400], [0, 0])]}
+    step = cost.artifact_step(report, hw, batch=1, context=0)
+    assert step["step_s"] == pytest.approx(4.0 + (1.0 + 2.0) + 4.0)
+    timeline = cost.artifact_timeline(report, hw, batch=1, context=0)
+    assert [(s.what, s.start, s.seconds) for s in timeline[1]] == [
+        ("compute", 0.0, 1.0), ("wait", 1.0, 3.0), ("collective", 4.0, 3.0), ("compute", 7.0, 4.0)]
+    assert [r["waiting_s"] for r in step["ranks"]] == [0.0, 3.0]
+    assert step["slowest"]["rank"] == 1 and [r["end_s"] for r in step["ranks"]] == [8.0, 11.0]
 
 
 def test_moe_layer_bytes_follow_the_collectives_and_remote_rows():

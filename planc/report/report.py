@@ -3,12 +3,25 @@
 Everything here is read from the graph's typed NodeInfo and the OpSpecs: cache layouts from the
 dims each rank's ops see (`local_dims().cache()`), collectives from the nodes whose op is one, with
 the ring formulas the runtime's Comm wrapper uses, so a real run can be checked call for call.
+
+`decode_ops` is the same facts node by node, in program order, for planc.cost's per-rank timeline
+of a decode step (planc.report.timeline): every node that reads weights or cached tokens or
+communicates, stored once with one entry per rank in each list:
+
+    {"node": "q_2", "kind": "linear", "fqn": "model.layers.0.self_attn.q_b_proj", "layer": 0,
+     "strategy": "mla_tp", "weight_bytes": [24576, 24576], "kv_bytes_per_token": [0, 0],
+     "collectives": []}
+    {"node": "all_reduce", "kind": "all_reduce", ..., "weight_bytes": [0, 0], "kv_bytes_per_token": [0, 0],
+     "collectives": [{"op": "all_reduce", "calls": 1, "bytes_per_token": 512}]}
+
+Summed over the nodes they are `per_rank` and `collectives_per_decode_step` exactly.
 """
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
+from planc.codegen.partition import assign, owners
 from planc.ir import OPS, info
 from planc.lift.captured import captured_nodes
 from planc.passes import STRATEGIES
@@ -16,15 +29,17 @@ from planc.passmanager import PassContext
 from planc.ring import ring_all_gather_bytes, ring_all_reduce_bytes, ring_reduce_scatter_bytes
 
 
+def node_cache(node: fx.Node) -> dict | None:
+    """What one rank of an attention op caches per token (None: the op keeps no cache)."""
+    if "planc" not in node.meta or not OPS[info(node).kind].step:
+        return None
+    local = info(node).local_dims()
+    return local.cache() if hasattr(local, "cache") else None
+
+
 def cache_specs(graph: fx.Graph) -> dict[str, dict]:
     """Per attention op: what one rank caches per token."""
-    specs = {}
-    for node in graph.nodes:
-        if "planc" in node.meta and OPS[info(node).kind].step:
-            local = info(node).local_dims()
-            if hasattr(local, "cache"):
-                specs[info(node).fqn] = local.cache()
-    return specs
+    return {info(node).fqn: spec for node in graph.nodes if (spec := node_cache(node)) is not None}
 
 
 def cache_width(spec: dict) -> int:
@@ -36,38 +51,80 @@ def kv_bytes_per_token(specs: dict[str, dict], elem: int, rank: int = 0) -> int:
     return sum(cache_width(s) for s in specs.values() if s.get("rank", rank) == rank) * elem
 
 
+def cache_bytes_per_rank(spec: dict | None, elem: int, world: int) -> list[int]:
+    """One op's cache bytes per token on each rank (a layer placed on one rank caches there alone)."""
+    if spec is None:
+        return [0] * world
+    return [cache_width(spec) * elem if spec.get("rank", r) == r else 0 for r in range(world)]
+
+
 RING = {"all_reduce": ring_all_reduce_bytes, "all_gather": ring_all_gather_bytes, "all_gather_varlen": ring_all_gather_bytes,
         "reduce_scatter": ring_reduce_scatter_bytes}
 
 
+def node_collectives(node: fx.Node, elem: int, world: int, step: str = "decode") -> list[dict]:
+    """What one node moves in one forward step ("decode" or "prefill"), one entry per collective op:
+    {"op", "calls", "bytes_per_token"} in logical bytes per token of the step. An op that declares
+    its `traffic` (a GEMM fused with its ring) says what it moves in that step; any other
+    collective op is one call of its ring formula.
+
+    all_to_all volume depends on the routing; its figure is the upper bound (every token's row to
+    `fanout` other ranks), labelled `bytes_per_token_max`."""
+    spec = OPS[info(node).kind] if "planc" in node.meta else None
+    if spec is not None and spec.traffic is not None:
+        return [{"op": t.op, "calls": t.calls, "bytes_per_token": t.bytes_per_token}
+                for t in spec.traffic(info(node), step, elem, world)]
+    op = spec.collective if spec is not None else None
+    if op is None:
+        return []
+    d = info(node).dims
+    payload = d.fixed_bytes or d.width * elem
+    if op == "all_to_all":
+        return [{"op": op, "calls": 1, "bytes_per_token_max": d.fanout * payload}]
+    return [{"op": op, "calls": 1, "bytes_per_token": RING[op](payload, world)}]
+
+
 def collectives_per_step(graph: fx.Graph, elem: int, world: int, step: str = "decode") -> dict[str, dict]:
     """Calls per forward step ("decode" or "prefill") and logical bytes per token of the step, by
-    collective. An op that declares its `traffic` (a GEMM fused with its ring) says what it moves
-    in that step; any other collective op is one call of its ring formula.
-
-    all_to_all volume depends on the routing; its figure is the upper bound (every token's
-    row to `fanout` other ranks), labelled `bytes_per_token_max`."""
+    collective: node_collectives summed over the graph."""
     out: dict[str, dict] = {}
     for node in graph.nodes:
-        spec = OPS[info(node).kind] if "planc" in node.meta else None
-        if spec is not None and spec.traffic is not None:
-            for t in spec.traffic(info(node), step, elem, world):
-                entry = out.setdefault(t.op, {"calls": 0})
-                entry["calls"] += t.calls
-                entry["bytes_per_token"] = entry.get("bytes_per_token", 0) + t.bytes_per_token
-            continue
-        op = spec.collective if spec is not None else None
-        if op is None:
-            continue
-        d = info(node).dims
-        payload = d.fixed_bytes or d.width * elem
-        entry = out.setdefault(op, {"calls": 0})
-        entry["calls"] += 1
-        if op == "all_to_all":
-            entry["bytes_per_token_max"] = entry.get("bytes_per_token_max", 0) + d.fanout * payload
-        else:
-            entry["bytes_per_token"] = entry.get("bytes_per_token", 0) + RING[op](payload, world)
+        for c in node_collectives(node, elem, world, step):
+            entry = out.setdefault(c["op"], {"calls": 0})
+            entry["calls"] += c["calls"]
+            for key in ("bytes_per_token", "bytes_per_token_max"):
+                if key in c:
+                    entry[key] = entry.get(key, 0) + c[key]
     return out
+
+
+def weight_bytes_by_node(graph: fx.Graph, rank_tensors: list[dict[str, torch.Tensor]]) -> dict[str, list[int]]:
+    """Node name -> the bytes of the tensors it holds on each rank (partition's owners: the
+    deepest owning FQN above a tensor's name holds it)."""
+    nodes = owners(graph)
+    out = {node.name: [0] * len(rank_tensors) for node in nodes.values()}
+    for rank, tensors in enumerate(rank_tensors):
+        for fqn, owned in assign(graph, tensors).items():
+            out[nodes[fqn].name][rank] += tensor_bytes(owned)
+    return out
+
+
+def decode_ops(graph: fx.Graph, rank_tensors: list[dict[str, torch.Tensor]], elem: int, world: int) -> list[dict]:
+    """Every node of a decode step that reads weights or cached tokens or communicates, in program
+    order, with its bytes on each rank (the module docstring shows an entry)."""
+    weights = weight_bytes_by_node(graph, rank_tensors)
+    ops = []
+    for node in graph.nodes:
+        if "planc" not in node.meta:
+            continue
+        m = info(node)
+        entry = {"node": node.name, "kind": m.kind, "fqn": m.fqn, "layer": m.layer, "strategy": m.strategy,
+                 "weight_bytes": weights.get(node.name, [0] * world),
+                 "kv_bytes_per_token": cache_bytes_per_rank(node_cache(node), elem, world),
+                 "collectives": node_collectives(node, elem, world, "decode")}
+        if any(entry["weight_bytes"]) or any(entry["kv_bytes_per_token"]) or entry["collectives"]:
+            ops.append(entry)
+    return ops
 
 
 def run_as_captured(graph: fx.Graph) -> list[dict]:
@@ -102,6 +159,7 @@ def build_report(graph: fx.Graph, ctx: PassContext, rank_tensors: list[dict[str,
                      for r, t in enumerate(rank_tensors)],
         "kv_width_per_rank": {fqn: cache_width(s) for fqn, s in specs.items()},
         "collectives_per_decode_step": collectives_per_step(graph, elem, world, "decode"),
+        "decode_ops": decode_ops(graph, rank_tensors, elem, world),
         "collectives_per_prefill": collectives_per_step(graph, elem, world, "prefill"),
         "passes": [r.__dict__ for r in ctx.records],
         "declines": [r.__dict__ for r in ctx.records if r.action == "declined"],

@@ -9,7 +9,9 @@ outputs with (ArtifactDir.tokenizer_dir).
 """
 from __future__ import annotations
 
+import ast
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -72,13 +74,16 @@ class ArtifactDir:
         self._expect(rel, sha256_file(self._existing(rel)))
         return self.root / rel
 
-    def load_module(self, rel: str, name: str) -> ModuleType:
-        """Execute the checked bytes of a Python file as a fresh module (writes no __pycache__)."""
+    def load_module(self, rel: str, name: str, *,
+                    instrument: Callable[[ast.Module], ast.Module] | None = None) -> ModuleType:
+        """Execute the checked bytes of a Python file as a fresh module (writes no __pycache__);
+        `instrument` rewrites its syntax tree first (a traced run's program, planc.runtime.trace)."""
         source = self._existing(rel).read_bytes()
         self._expect(rel, hashlib.sha256(source).hexdigest())
         module = ModuleType(name)
         module.__file__ = str(self.root / rel)  # kernels find their C source and Triton its text here
-        exec(compile(source, module.__file__, "exec"), module.__dict__)
+        code = source if instrument is None else instrument(ast.parse(source, module.__file__))
+        exec(compile(code, module.__file__, "exec"), module.__dict__)
         return module
 
     def check_all(self) -> None:

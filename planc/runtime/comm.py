@@ -19,6 +19,9 @@ Asynchronous forms (all_reduce_async, reduce_scatter_async, all_gather_async, is
 return a Pending whose wait() returns the result; they count exactly as their synchronous forms,
 under the same op name, and their time runs from the call until wait() returns.
 
+While a trace records (`planc run --trace`, planc.runtime.trace), `spans` holds every call's
+(op, logical bytes, start, end) in time.perf_counter seconds; otherwise it is None.
+
 Verified on torch 2.13 CPU with gloo (2 and 4 ranks; fp32, bf16, fp16, int64, values checked):
 all_reduce, reduce_scatter_single, all_gather_single, broadcast and all_to_all_single with uneven,
 zero-size and fully empty splits all work natively, so no fallback path exists here; so do
@@ -106,6 +109,7 @@ class Comm:
         self._sync_cuda = sync_cuda
         self._phase = "default"
         self._stats: Stats = {}
+        self.spans: list[tuple[str, int, float, float]] | None = None
 
     # -- accounting -------------------------------------------------------------------------
 
@@ -127,13 +131,15 @@ class Comm:
     def reset(self) -> None:
         self._stats = {}
 
-    def _record(self, rec: CommRecord) -> None:
+    def _record(self, rec: CommRecord, start: float) -> None:
         counter = self._stats.setdefault(rec.phase, {}).setdefault(
             rec.op, {"calls": 0, "bytes": 0, "seconds": 0.0}
         )
         counter["calls"] += 1
         counter["bytes"] += rec.logical_bytes
         counter["seconds"] += rec.seconds
+        if self.spans is not None:
+            self.spans.append((rec.op, rec.logical_bytes, start, start + rec.seconds))
 
     def _timed(self, op: str, logical_bytes: int, x: torch.Tensor, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         sync = self._sync_cuda and x.is_cuda
@@ -146,7 +152,7 @@ class Comm:
         if sync:
             torch.cuda.synchronize(x.device)
         rank_status.end()
-        self._record(CommRecord(op, self._phase, logical_bytes, time.perf_counter() - start))
+        self._record(CommRecord(op, self._phase, logical_bytes, time.perf_counter() - start), start)
         return out
 
     def _started(self, op: str, logical_bytes: int, x: torch.Tensor, start_fn: Callable[[], dist.Work],
@@ -166,7 +172,7 @@ class Comm:
             if sync:
                 torch.cuda.synchronize(x.device)
             rank_status.end()
-            self._record(CommRecord(op, phase, logical_bytes, time.perf_counter() - start))
+            self._record(CommRecord(op, phase, logical_bytes, time.perf_counter() - start), start)
             return result
 
         return Pending(finish)

@@ -4,14 +4,17 @@ program.py's `forward(rt, ids, step)` reads rt.ops, rt.comm, rt.weights and rt.k
 caches of this model's KvCache); a Model is that `rt`. An artifact may hold several programs
 (a target and its draft), each loaded as its own Model with its own cache. A draft compiled with
 EasySpec also has `forward_layer_parallel`, whose cache writes are fuzzy (KvCache.fuzzy_T); code
-it calls counts its work per rank in rt.work.
+it calls counts its work per rank in rt.work. A Model given a Tracer runs its program with `forward`
+stamping every node (`planc run --trace`, planc.runtime.trace).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 from collections import Counter
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
@@ -27,12 +30,15 @@ from planc.runtime.kernel_ops import make_ops
 from planc.runtime.kv_cache import KvCache
 from planc.weights import Weights
 
+if TYPE_CHECKING:
+    from planc.runtime.trace import Tracer
+
 
 class Model:
     """Program, weights, ops, comm and KV cache of one program on one rank."""
 
     def __init__(self, artifact: ArtifactDir | str | Path, program: str = "target", *,
-                 comm: Comm | None = None, kernels: str = "torch"):
+                 comm: Comm | None = None, kernels: str = "torch", tracer: Tracer | None = None):
         artifact = artifact if isinstance(artifact, ArtifactDir) else ArtifactDir(artifact)
         comm = comm or Comm.single()
         _check_runnable(artifact, comm)
@@ -41,7 +47,8 @@ class Model:
         self.manifest = artifact.manifest
         self.comm = comm
         self.ops = make_ops(kernels, artifact)
-        self.program = artifact.load_module(program_file(program), f"planc_artifact_program_{program}")
+        load = artifact.load_module if tracer is None else partial(tracer.load, artifact)
+        self.program = load(program_file(program), f"planc_artifact_program_{program}")
         self.weights = Weights(load_file(artifact.path(weights_file(program, comm.rank))))
         self.cache = KvCache(spec["caches"], DTYPES[spec.get("dtype", self.manifest["dtype"])], comm.rank)
         self.steps = 0  # extend() calls since allocate(): step 0 is the prefill

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -13,6 +14,7 @@ from planc.runtime.decode import choose_strategy, generate
 from planc.runtime.launch import write_result
 from planc.runtime.model import Model
 from planc.runtime.speculative import Speculation, speculative_generate
+from planc.runtime.trace import Tracer
 
 AGREED = ("compiled program (manifest sha256)", "request (prompts, max_new_tokens, sampling, kernels)")
 
@@ -26,9 +28,11 @@ def main(args: dict) -> None:
 
 def run_rank(args: dict, comm: Comm) -> dict:
     """Generate with the artifact's target; speculatively with its draft when it has one, unless
-    args["speculate"] is False (vanilla decoding of the same target)."""
+    args["speculate"] is False (vanilla decoding of the same target). args["trace"]: a file to write
+    the target's traced decode steps to, from rank 0 (planc.runtime.trace)."""
     kernels = args.get("kernels", "torch")
-    model = Model(args["artifact"], comm=comm, kernels=kernels)
+    tracer = Tracer(comm) if args.get("trace") else None
+    model = Model(args["artifact"], comm=comm, kernels=kernels, tracer=tracer)
     check_ranks_agree(comm, model, args)
     config = model.manifest["model"]
     speculate = model.manifest.get("speculate") if args.get("speculate", True) else None
@@ -41,6 +45,7 @@ def run_rank(args: dict, comm: Comm) -> dict:
     else:
         out = speculative_generate(model, draft, args["prompts"], args["max_new_tokens"], strategy,
                                    Speculation.from_manifest(speculate), **options)
+    traced = tracer.finish(Path(args["trace"]), {"kernels": kernels}) if tracer is not None else None
     return {
         "rank": comm.rank,
         "tokens": out.tokens,
@@ -51,17 +56,19 @@ def run_rank(args: dict, comm: Comm) -> dict:
         "speculation": out.speculation,
         "draft_work": None if draft is None else {**draft.work, "draft_s": out.speculation["draft_s"]},
         "comm": comm.stats(),
+        "trace": traced,
     }
 
 
 def check_ranks_agree(comm: Comm, model: Model, args: dict) -> None:
     """Before the first step, every rank compares what it loaded and was asked to do with every other
     rank; ranks that differ (another artifact on one machine, other options) would pair mismatched
-    tensors in their collectives, a hang or garbage, so every rank raises instead. The artifact's
-    path is left out: machines may keep the same artifact at different paths."""
+    tensors in their collectives, a hang or garbage, so every rank raises instead. Paths (the
+    artifact, the trace file) are left out: machines may keep the same artifact at different paths."""
     if comm.world_size == 1:
         return
-    request = json.dumps({k: v for k, v in args.items() if k != "artifact"}, sort_keys=True).encode()
+    request = json.dumps({**{k: v for k, v in args.items() if k not in ("artifact", "trace")},
+                          "trace": bool(args.get("trace"))}, sort_keys=True).encode()
     mine_D = torch.frombuffer(bytearray(model.fingerprint() + hashlib.sha256(request).digest()), dtype=torch.uint8)
     with comm.phase("load"):
         every_RD = comm.all_gather(mine_D[None])
