@@ -38,6 +38,7 @@ from planc.dims import CommDims, GqaDims, MlaDims
 from planc.errors import PlanError
 from planc.ir import Call, NodeInfo, Shard, Tensors, add_node, copy_graph, declare_op, info
 from planc.lazy import lazy
+from planc.semantic import MLA_KERNELS
 from planc.strategy import Frozen
 
 torch = lazy("torch")
@@ -102,7 +103,8 @@ def _gather(c: Call) -> str:
     return f"easyspec.gather(comm, {c.args[0]}, ({parts},), {c.const('RANKS', c.info.shard.ranks)})"
 
 
-declare_op("easyspec_attention", _attention, imports=IMPORT, owns_weights=True, rotary=True, step=True)
+declare_op("easyspec_attention", _attention, imports=IMPORT, owns_weights=True, rotary=True, step=True,
+           kernels=(*MLA_KERNELS, "gqa_decode.py"))
 declare_op("easyspec_gather", _gather, imports=IMPORT, collective="all_gather_varlen")
 declare_op("easyspec_part", lambda c: f"{c.args[0]}[{c.args[1]}]")
 

@@ -42,6 +42,7 @@ from pydantic import Field
 from planc.dims import CommDims, MoeDims, RouterDims
 from planc.ir import Call, NodeInfo, Shard, Tensors, add_node, copy_graph, declare_op, divisors, info
 from planc.lazy import lazy
+from planc.semantic import MOE_KERNELS
 from planc.strategy import Frozen, Section, Strategy
 
 torch = lazy("torch")
@@ -113,7 +114,8 @@ def _route_groups(c: Call) -> str:
 declare_op("moe_route", _route, imports=IMPORT)
 declare_op("moe_dispatch", lambda c: f"ep.dispatch(comm, {c.args[0]}, {c.args[1]})", collective="all_to_all")
 declare_op("moe_experts", lambda c: f"ops.moe_experts({c.args[0]}, {c.args[1]}.weight_RE, "
-                                    f"W.scope({c.info.fqn + '.experts'!r}), {c.info.dims.act!r})", owns_weights=True)
+                                    f"W.scope({c.info.fqn + '.experts'!r}), {c.info.dims.act!r})", owns_weights=True,
+           kernels=MOE_KERNELS)
 declare_op("moe_return", lambda c: f"ep.give_back(comm, {c.args[0]}, {c.args[1]})", collective="all_to_all")
 declare_op("moe_combine", lambda c: f"{c.args[2]}.combine({c.args[0]}, {c.args[1]})")
 declare_op("moe_slice", lambda c: f"{c.args[1]}.mine_rows({c.args[0]})")
@@ -121,7 +123,8 @@ declare_op("all_gather_varlen", lambda c: f"comm.all_gather_varlen({c.args[0]}, 
                                           f".view_as({c.args[2]})", collective="all_gather_varlen")
 declare_op("moe_shuffle", _shuffle, imports=IMPORT)
 declare_op("shuffle_reduce_scatter", lambda c: f"comm.reduce_scatter_varlen({c.args[1]}.permute(ops, {c.args[0]}), "
-                                               f"{c.args[1]}.sizes)", collective="reduce_scatter")
+                                               f"{c.args[1]}.sizes)", collective="reduce_scatter",
+           kernels=("permute.py",))
 declare_op("shuffle_take", lambda c: f"{c.args[1]}.take({c.args[0]})")
 declare_op("moe_route_rows", lambda c: f"ep.route_rows(ops, {c.args[0]}, W.scope({c.info.fqn + '.gate'!r}), "
                                        f"{c.const('ROUTER', c.info.dims.router)})", imports=IMPORT)
@@ -129,7 +132,8 @@ declare_op("route_all_gather", lambda c: f"comm.all_gather_varlen({c.args[0]}, {
            collective="all_gather_varlen")
 declare_op("moe_route_groups", _route_groups, imports=IMPORT)
 declare_op("shuffle_all_gather", lambda c: f"{c.args[1]}.unpermute(ops, comm.all_gather_varlen({c.args[0]}, "
-                                           f"{c.args[1]}.sizes), {c.args[2]})", collective="all_gather_varlen")
+                                           f"{c.args[1]}.sizes), {c.args[2]})", collective="all_gather_varlen",
+           kernels=("permute.py",))
 
 
 # -- the pass --------------------------------------------------------------------------------------

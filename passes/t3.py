@@ -96,7 +96,7 @@ def _traffic(m: NodeInfo, step: str, elem: int, world: int) -> tuple[Traffic, ..
 
 
 declare_op(FUSED, _emit, owns_weights=True, imports=("from planc.passes import t3",), collective="all_reduce",
-           traffic=_traffic)
+           traffic=_traffic, kernels=("t3_gemm.py", "linear.py"))
 
 
 # -- the pass ---------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from planc.ir import (Call, LinearShard, NodeInfo, Shard, Tensors, add_node, cop
                       mark, members, sum_partials_after)
 from planc.lazy import lazy
 from planc.ops import MlaCache, Step, acc, apply_rope
+from planc.semantic import MLA_KERNELS
 from planc.strategy import Section, Strategy
 from planc.transforms import hadamard, pca, slice_scales
 
@@ -176,7 +177,7 @@ declare_op("tpla_sumsq", lambda c: f"tpla.sumsq({c.args[0]})", imports=IMPORT)
 declare_op("tpla_attention", lambda c: f"tpla.attention(ops, {c.args[0]}, {c.args[1]}, "
                                        f"{c.args[2] if len(c.args) > 2 else 'None'}, step, caches[{c.info.fqn!r}], "
                                        f"{c.W}, {_dims(c)})",
-           owns_weights=True, rotary=True, step=True, imports=IMPORT)
+           owns_weights=True, rotary=True, step=True, imports=IMPORT, kernels=MLA_KERNELS)
 
 
 # -- the layout: which heads, which slice, which rotation -----------------------------------------

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from planc import __version__
+from planc.cost import PROFILES
 from planc.errors import ArtifactError, Interrupted, PlancError, PlanError
 from planc.runtime import KERNELS
 
@@ -106,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="compiled artifact directory")
     p.add_argument("-o", "--out", default="plan.html", help="the page's file")
     p.add_argument("--json", action="store_true", help="also print the page's figures as one JSON object")
+    p.add_argument("--trace-out", metavar="FILE", default=None,
+                   help="also write the predicted decode step (and the measured one `planc run --trace` left in "
+                        "the artifact) as Chrome trace JSON, which Perfetto opens")
+    p.add_argument("--profile", choices=list(PROFILES), default="H100",
+                   help="device profile of the predicted trace (default: %(default)s)")
 
     p = _sub(sub, "diff", "compare two artifacts, or two plans on one model: placements, per-rank bytes, "
                           "collectives, predicted decode step, kernels")
@@ -113,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b", metavar="B", help="artifact directory or plan file")
     p.add_argument("--model", default=None, help=f"for plans: {model_help} (default: each plan's model.source)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("-o", "--out", default=None, help="also write the comparison as an HTML page to this file")
 
     p = _sub(sub, "eval", "held-out bits per byte of a model, alone or as a compiled artifact on N ranks")
     p.add_argument("model", help=model_help)
@@ -264,13 +271,14 @@ def _check_artifact_out(out: str) -> None:
         raise ArtifactError(f"-o {out}: {what}; refusing to replace it (choose another -o)")
 
 
-def _check_page_out(out: str) -> None:
+def _check_page_out(out: str, flag: str = "-o", example: str = "plan.html") -> None:
+    """An output file's path, checked before any work: not a directory, not under a file."""
     path = Path(out)
     if path.is_dir():
-        raise ArtifactError(f"-o {out}: a directory; name the page's file, e.g. -o {path / 'plan.html'}")
+        raise ArtifactError(f"{flag} {out}: a directory; name the file to write, e.g. {flag} {path / example}")
     parent = next((p for p in path.absolute().parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
-        raise ArtifactError(f"-o {out}: {parent} is a file, so the page cannot be written under it")
+        raise ArtifactError(f"{flag} {out}: {parent} is a file, so nothing can be written under it")
 
 
 def _print_json(value: object) -> None:
@@ -368,25 +376,40 @@ def _verify_lines(report: dict) -> str:
 
 def cmd_inspect(args) -> int:
     _check_page_out(args.out)
+    if args.trace_out is not None:
+        _check_page_out(args.trace_out, "--trace-out", "trace.json")
     from planc.report.inspect import write
 
     page = write(Path(args.artifact), Path(args.out))
+    trace = None
+    if args.trace_out is not None:
+        from planc.report.timeline import export
+
+        trace = export(Path(args.artifact), Path(args.trace_out), profile=args.profile)
     if args.json:
         from planc.diff import summarize
 
-        _print_json({"page": str(page), **summarize(Path(args.artifact))})
+        _print_json({"page": str(page), **({"trace": str(trace)} if trace else {}), **summarize(Path(args.artifact))})
     else:
-        print(f"wrote {page}")
+        print(f"wrote {page}" + (f" and {trace}" if trace else ""))
 
 
 def cmd_diff(args) -> int:
+    if args.out is not None:
+        _check_page_out(args.out)
     from planc.diff import diff, format_diff
 
     result = diff(args.a, args.b, model=args.model)
+    if args.out is not None:
+        from planc.report.inspect import render_diff, write_atomic
+
+        result["page"] = str(write_atomic(render_diff(result), Path(args.out)))
     if args.json:
         _print_json(result)
     else:
         print(format_diff(result))
+        if args.out is not None:
+            print(f"wrote {result['page']}")
 
 
 def _check_artifact_model(artifact: str, model: str) -> None:

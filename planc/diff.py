@@ -17,7 +17,7 @@ from pathlib import Path
 from planc.errors import ArtifactError
 
 MANIFEST, REPORT, PROGRAM = "manifest.json", "report.json", "programs/target/program.py"
-PREDICT_CONTEXT = 32768  # cached tokens per sequence in the predicted step (as the inspect page)
+PREDICT_CONTEXT = 32768  # cached tokens per sequence in a predicted decode step (here and on the inspect page)
 LAYER = re.compile(r"(?<=\.layers\.)(\d+)(?=\.)")
 UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
@@ -173,6 +173,14 @@ def _change(a: float | None, b: float | None) -> str:
 
 def format_diff(d: dict) -> str:
     """Side by side for a terminal: a label column, then A, then B."""
+    rows = diff_rows(d)
+    widths = [max(len(r[i]) for r in rows) for i in (0, 1)]
+    return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}".rstrip() for r in rows)
+
+
+def diff_rows(d: dict) -> list[tuple[str, str, str]]:
+    """(label, A, B) rows, headings with empty figures and their entries indented by two spaces:
+    what the terminal and the page both show."""
     a, b = d["a"], d["b"]
     rows: list[tuple[str, str, str]] = [("", f"A: {a['given']}", f"B: {b['given']}"),
                                         ("model", f"{a['model']} ({a['dtype']})", f"{b['model']} ({b['dtype']})"),
@@ -190,8 +198,7 @@ def format_diff(d: dict) -> str:
     rows += [(f"  {hw}", _ms(sa), _ms(sb) + _change(sa, sb)) for hw, (sa, sb) in d["predicted_decode_step_s"].items()]
     rows.append(("program ops (calls per forward)", "", ""))
     rows += [(f"  {op}", str(na), str(nb)) for op, (na, nb) in d["program_ops"].items()]
-    widths = [max(len(r[i]) for r in rows) for i in (0, 1)]
-    return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}".rstrip() for r in rows)
+    return rows
 
 
 def _fold_ranks(per_rank: dict[str, list]) -> list[tuple[str, list]]:

@@ -196,6 +196,7 @@ class OpSpec:
     imports: tuple[str, ...] = ()  # lines the program needs for the emitted call
     collective: Literal["all_reduce", "all_gather", "all_gather_varlen", "all_to_all", "reduce_scatter"] | None = None
     step: bool = False  # the op depends on the position in the sequence (prefill vs decode)
+    kernels: tuple[str, ...] = ()  # files of kernels/ its call can run, under some --kernels choice
     # An op whose communication is not one collective call (a GEMM fused with its ring): what it
     # moves in a "decode" or "prefill" step, given (node, step, element bytes, world size).
     traffic: Callable[[NodeInfo, str, int, int], tuple[Traffic, ...]] | None = None

@@ -12,17 +12,22 @@ def _core_args(c: Call) -> str:
     return ", ".join(c.args)
 
 
+MLA_KERNELS = ("mla_decode.py", "mla_decode_cpu.py", "mla_decode_cpu.c", "rmsnorm.py")  # decode attention, latent norm
+MOE_KERNELS = ("grouped_gemm.py", "permute.py")  # expert-sorted rows, one grouped GEMM per projection
+
 declare_op("embedding", lambda c: f"ops.embedding({c.args[0]}, {c.weight('weight')})", owns_weights=True)
 declare_op("rmsnorm", lambda c: f"ops.rmsnorm({c.args[0]}, {c.weight('weight')}, {c.info.dims.eps!r})",
-           owns_weights=True)
-declare_op("linear", lambda c: f"ops.linear({c.args[0]}, {c.weight('weight')}, {c.maybe('bias')})", owns_weights=True)
+           owns_weights=True, kernels=("rmsnorm.py",))
+declare_op("linear", lambda c: f"ops.linear({c.args[0]}, {c.weight('weight')}, {c.maybe('bias')})", owns_weights=True,
+           kernels=("linear.py",))
 declare_op("add", lambda c: f"{c.args[0]} + {c.args[1]}")
 declare_op("sigmoid_scale", lambda c: f"ops.sigmoid_scale({c.args[0]}, {c.args[1]})")
 declare_op("mlp", lambda c: f"ops.gated_act({c.args[0]}, {c.args[1]}, {c.info.dims.act!r})")
 declare_op("mla_attention", lambda c: f"ops.mla_core({_core_args(c)}, step, caches[{c.info.fqn!r}], {c.W}, {c.dims})",
-           owns_weights=True, rotary=True, step=True)
+           owns_weights=True, rotary=True, step=True, kernels=MLA_KERNELS)
 declare_op("gqa_attention", lambda c: f"ops.gqa_core({_core_args(c)}, step, caches[{c.info.fqn!r}], {c.W}, {c.dims})",
-           owns_weights=True, rotary=True, step=True)
+           owns_weights=True, rotary=True, step=True, kernels=("gqa_decode.py",))
 declare_op("captured", lambda c: f"{c.define(c.info.dims.fn)}({c.args[0]}, {c.W})", owns_weights=True)
-declare_op("moe", lambda c: f"ops.moe_routed({c.args[0]}, {c.W}, {c.dims})", owns_weights=True)
+declare_op("moe", lambda c: f"ops.moe_routed({c.args[0]}, {c.W}, {c.dims})", owns_weights=True,
+           kernels=MOE_KERNELS)
 declare_op("all_reduce", lambda c: f"comm.all_reduce({c.args[0]})", collective="all_reduce")

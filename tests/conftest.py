@@ -14,10 +14,14 @@ PLANS = ROOT / "plans"
 
 def plan_for(tmp: Path, name: str, devices: int, **changes) -> Path:
     """A copy of plans/NAME with mesh.devices (and top-level keys) replaced."""
-    data = yaml.safe_load((PLANS / name).read_text())
+    text = (PLANS / name).read_text()
+    data = yaml.safe_load(text)
+    path = tmp / f"{Path(name).stem}_{devices}.yaml"
+    if data["mesh"]["devices"] == devices and not changes:
+        path.write_text(text)  # as written, comments and all
+        return path
     data["mesh"]["devices"] = devices
     data.update(changes)
-    path = tmp / f"{Path(name).stem}_{devices}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 

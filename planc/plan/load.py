@@ -101,6 +101,7 @@ def parse_plan_text(text: str, source_name: str) -> Plan:
         messages = [_describe(error, source_name, positions) for error in exc.errors()]
         raise PlanError("\n".join(messages)) from None
     plan._source = source_name
+    plan._text = text
     plan._positions = positions
     return plan
 

@@ -153,6 +153,7 @@ class Plan(_Frozen):
     # Where the plan came from, for error messages; kept out of dumps, the hash and the schema.
     # _positions maps a field path such as ("rules", 0, "match") to its 1-based (line, column).
     _source: str | None = PrivateAttr(None)
+    _text: str | None = PrivateAttr(None)  # the YAML as written, comments and all
     _positions: dict[tuple[Any, ...], tuple[int, int]] = PrivateAttr(default_factory=dict)
 
     def __eq__(self, other: object) -> bool:

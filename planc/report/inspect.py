@@ -1,12 +1,15 @@
 """`planc inspect`: one self-contained HTML page showing what a compile decided.
 
-Everything comes from the artifact directory: manifest.json (plan, model, versions),
-report.json (pass records, every candidate a strategy could rewrite, memory, collectives, lift
-checks, blocks run as captured, every intermediate graph as text and as JSON nodes) and program.py. A line `name = ...` of `forward` is
-the node `name` of the final graph, whose JSON gives its rule, strategy, layer, block and shard:
-nothing is read from comments. The
-page has no dependencies: inline CSS, a few lines of vanilla JS to highlight a rule's program
-lines, every text value passed through html.escape.
+Everything comes from the artifact directory: manifest.json (the plan as written and as resolved,
+model, versions), report.json (pass records, every candidate a strategy could rewrite, memory,
+collectives, lift checks, blocks run as captured, every intermediate graph as text and as JSON
+nodes), program.py, and the measured decode-step trace when `planc run --trace` left one. A line
+`name = ...` of `forward` is the node `name` of the final graph, whose JSON gives its rule,
+strategy, layer, block and shard: nothing is read from comments.
+
+This module turns those files into plain data (a view); templates/inspect.html.j2 lays it out
+with Jinja2, which escapes every value. The page has no dependencies: inline CSS, inline
+JavaScript that reads the page's own JSON (`<script type="application/json">`), no requests.
 """
 from __future__ import annotations
 
@@ -16,12 +19,17 @@ import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from html import escape
+from functools import cache
 from pathlib import Path
 
+import jinja2
+import yaml
+
 from planc import cost
-from planc.errors import ArtifactError
 from planc.codegen.artifact import program_file
+from planc.diff import PREDICT_CONTEXT, human_bytes
+from planc.errors import ArtifactError, read_json
+from planc.report import graphview, timeline
 from planc.runtime.artifact import read_manifest
 
 ASSIGNMENT = re.compile(r"^\s+(\w+) = ")
@@ -29,18 +37,19 @@ LAYER_FQN = re.compile(r"layers\.(\d+)\.(.+)$")
 COLUMNS = ("attention", "ffn")
 FLOW_WIDTH = 64  # longer mappings of scalars are printed as blocks
 CAPTURED = "run as captured"  # a grid cell's strategy when planc did not lift the block
-
+TEMPLATES = Path(__file__).parent / "templates"
 
 # ---- reading the artifact -------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Line:
-    """One program.py line and the plan rule / grid cell ("layer:column") it belongs to."""
+    """One program.py line and the plan rule / grid cell ("layer:column") / graph node it belongs to."""
     text: str
     rule: int | None = None
     cell: str | None = None
     strategy: str = ""
     numbers: dict[str, str] = field(default_factory=dict)
+    node: str | None = None
 
 
 @dataclass
@@ -51,6 +60,7 @@ class Cell:
     details: list[str] = field(default_factory=list)
     numbers: dict[str, str] = field(default_factory=dict)
     rules: set[int] = field(default_factory=set)
+    from_program: bool = False  # the strategy was read off the program's nodes, in the plan's words
 
 
 def _read(artifact: Path) -> tuple[dict, dict, str]:
@@ -96,15 +106,16 @@ def parse_program(source: str, nodes: dict[str, dict], captured: frozenset[str] 
             in_forward = text.startswith("def forward(")
         found = ASSIGNMENT.match(text) if in_forward else None
         node = nodes.get(found.group(1)) if found else None
-        if node is not None and node.get("rule") is None and node.get("fqn") in captured:
-            lines.append(Line(text, None, cell_of(node["fqn"]), CAPTURED))
-            continue
-        if node is None or node.get("rule") is None:
+        if node is None:
             lines.append(Line(text))
-            continue
-        where = node.get("block") or node.get("fqn", "")
-        lines.append(Line(text, node["rule"], cell_of(where), node["strategy"],
-                          {k: str(v) for k, v in node.get("shard", {}).items()}))
+        elif node.get("rule") is None and node.get("fqn") in captured:
+            lines.append(Line(text, None, cell_of(node["fqn"]), CAPTURED, node=node["name"]))
+        elif node.get("rule") is None:
+            lines.append(Line(text, node=node["name"]))
+        else:
+            where = node.get("block") or node.get("fqn", "")
+            lines.append(Line(text, node["rule"], cell_of(where), node["strategy"],
+                              {k: str(v) for k, v in node.get("shard", {}).items()}, node["name"]))
     return lines
 
 
@@ -112,7 +123,7 @@ def build_grid(report: dict, lines: list[Line]) -> dict[str, Cell]:
     cells: dict[str, Cell] = {}
     for line in lines:
         if line.cell:
-            cell = cells.setdefault(line.cell, Cell(strategy=line.strategy))
+            cell = cells.setdefault(line.cell, Cell(strategy=line.strategy, from_program=True))
             cell.rules |= {line.rule} - {None}
             cell.numbers.update(line.numbers)
     for record in report.get("passes", []):
@@ -129,30 +140,46 @@ def build_grid(report: dict, lines: list[Line]) -> dict[str, Cell]:
 
 
 def _add_record(cells: dict[str, Cell], record: dict) -> None:
-    """A record about a block sets its cell's strategy; one about a projection in it (a `linear`
-    node, as an overlap pass rewrites) only adds a line to the cell."""
+    """A record about a block names its cell's strategy unless the program's nodes already did (in
+    the plan's words: `tp`, not the pass `dense_tp`); one about a projection in it (a `linear` node,
+    as an overlap pass rewrites) only adds a line to the cell."""
     key = cell_of(record["target"])
     if key is None:
         return
     cell = cells.setdefault(key, Cell())
-    if record["action"] == "applied" and record.get("kind") != "linear":
+    if record["action"] == "applied" and record.get("kind") != "linear" and not cell.from_program:
         cell.strategy = record["pass_name"]
     cell.declined = cell.declined or record["action"] == "declined"
     cell.details.append(f"{record['action']}: {record['detail']}")
 
 
+def rule_spans(text: str) -> dict[int, tuple[int, int]]:
+    """1-based first and last line of each `rules` entry in a plan's YAML text (composed, never
+    constructed: nothing in the text runs)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(root, yaml.MappingNode):
+        return {}
+    for key, value in root.value:
+        if key.value == "rules" and isinstance(value, yaml.SequenceNode):
+            lines = text.splitlines()
+            spans = {}
+            for i, item in enumerate(value.value):
+                end = item.end_mark
+                # a block node ends where the next token starts: on the next item's "- " line, or
+                # at column 0 of the line after it
+                before = lines[end.line][:end.column] if end.line < len(lines) else ""
+                last = end.line if before.strip() in ("", "-") else end.line + 1
+                while last > item.start_mark.line + 1 and lines[last - 1].strip()[:1] in ("", "#"):
+                    last -= 1  # blank and comment lines before the next rule belong to neither
+                spans[i] = (item.start_mark.line + 1, max(item.start_mark.line + 1, last))
+            return spans
+    return {}
+
+
 # ---- formatting -----------------------------------------------------------------------------
-
-def human_bytes(n: float) -> str:
-    """Binary units, as memory is allocated: 768 -> '768 B', 3300064 -> '3.15 MiB'."""
-    if n < 1024:
-        return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
-        n /= 1024
-        if n < 1024 or unit == "PiB":
-            return f"{n:.2f} {unit}"
-    raise AssertionError("unreachable")
-
 
 def _scalar(value: object) -> str:
     if value is None:
@@ -188,366 +215,321 @@ def color(strategy: str) -> str:
     if strategy == "replicated":
         return "hsl(0 0% 93%)"
     hue = zlib.crc32(strategy.encode()) % 360
-    return f"hsl({hue} 70% 88%)"
+    return f"hsl({hue} 70% 86%)"
 
 
-def _table(head: list[str], rows: list[list[str]], classes: list[str] | None = None) -> str:
-    """rows hold already-escaped HTML; classes (one per row) mark rows such as declines."""
-    classes = classes or [""] * len(rows)
-    th = "".join(f"<th>{escape(h)}</th>" for h in head)
-    body = "".join(f'<tr class="{c}">' + "".join(f"<td>{v}</td>" for v in row) + "</tr>" for row, c in zip(rows, classes))
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+def fmt(value: object, spec: str = ".4g") -> str:
+    return format(value, spec) if isinstance(value, float) else str(value)
 
 
-def _section(title: str, body: str, anchor: str) -> str:
-    return f'<section id="{anchor}"><h2>{escape(title)}</h2>{body}</section>'
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms"
 
 
-# ---- sections -------------------------------------------------------------------------------
-
-def header(manifest: dict, report: dict) -> str:
-    model = manifest.get("model", {})
-    versions = {"planc": manifest.get("planc_version", "?"), **manifest.get("versions", {})}
-    facts = [("model class", model.get("class", "?")), ("world size", manifest.get("world_size")),
-             ("dtype", manifest.get("dtype")), ("versions", ", ".join(f"{k} {v}" for k, v in versions.items())),
-             ("compile", f"{report.get('compile_seconds', 0):.1f} s"), ("kernels", ", ".join(manifest.get("kernels", [])))]
-    items = "".join(f"<div><b>{escape(k)}</b> {escape(str(v))}</div>" for k, v in facts)
-    digest = str(manifest.get("plan_hash", ""))
-    items += f'<div><b>plan sha256</b> <code title="{escape(digest)}">{escape(digest[:16])}…</code></div>'
-    badge = '<span class="badge">weightless dry run (--meta)</span>' if manifest.get("meta") else ""
-    title = f'<h1>{escape(str(model.get("source", "?")))} {badge}</h1>'
-    return f'<header>{title}<div class="facts">{items}</div>{_alerts(report)}</header>'
+def rounded(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    return float(format(value, ".3g")) if isinstance(value, float) else value
 
 
-def _alerts(report: dict) -> str:
-    checks = report.get("lift_checks")
-    failed = [c for c in checks if not c.get("ok")] if isinstance(checks, list) else []
-    notes = [f"{len(report.get('declines', []))} declined rewrite(s)"] if report.get("declines") else []
-    notes += [f"{len(failed)} lift check(s) failed"] if failed else []
-    notes += report.get("advice") or []
-    return "".join(f'<div class="alert">{escape(n)}</div>' for n in notes)
+def logical_bytes(entry: dict) -> tuple[str, int, bool]:
+    """(human figure, exact bytes, is an upper bound) of a collective's bytes per token."""
+    if "bytes_per_token" in entry:
+        return human_bytes(entry["bytes_per_token"]), entry["bytes_per_token"], False
+    n = entry.get("bytes_per_token_max", 0)
+    return human_bytes(n), n, True
 
 
-def plan_section(plan: dict) -> str:
+# ---- the view -------------------------------------------------------------------------------
+
+def kernels_used(nodes: dict[str, dict], shipped: list[str]) -> list[str]:
+    """The shipped kernel files this program's calls can run (under some --kernels choice), as
+    each op's declaration names them."""
+    return sorted({f for n in nodes.values() for f in graphview.declared(n).kernels if f in shipped})
+
+
+def plan_view(manifest: dict) -> dict:
+    """The plan as written (numbered lines, each rule's span) and as resolved (defaults filled in)."""
+    plan = manifest.get("plan", {})
+    written = manifest.get("plan_file") or {}
+    text = written.get("text")
+    spans = rule_spans(text) if text else {}
+    rule_of_line = {line: i for i, (first, last) in spans.items() for line in range(first, last + 1)}
+    lines = [{"n": n, "text": t, "rule": rule_of_line.get(n)} for n, t in enumerate((text or "").splitlines(), 1)]
+    rules = []
+    for i, rule in enumerate(plan.get("rules", [])):
+        sections = {k: v for k, v in rule.items() if k not in ("match", "required")}
+        said = ", ".join(f"{k}: {v.get('strategy') or v.get('kind') or next(iter(v.values()), '')}"
+                         if isinstance(v, dict) else f"{k}: {v}" for k, v in sections.items())
+        rules.append({"index": i, "match": rule.get("match", ""), "summary": said,
+                      "text": "\n".join(yamlish(rule, 1)), "span": spans.get(i)})
     top = {k: v for k, v in plan.items() if k != "rules"}
-    rules = "".join(_rule_block(i, rule) for i, rule in enumerate(plan.get("rules", [])))
-    body = f'<pre class="plan">{escape(chr(10).join(yamlish(top)))}</pre>'
-    hint = '<p class="note">Click a rule to highlight the program lines it produced.</p>'
-    return _section("Plan", body + "<h3>rules</h3>" + hint + rules, "plan")
+    return {"name": written.get("name"), "lines": lines, "top": "\n".join(yamlish(top)), "rules": rules}
 
 
-def _rule_block(index: int, rule: dict) -> str:
-    text = "\n".join(yamlish(rule, 1))
-    return (f'<pre class="rule pick" data-pick=\'.ln[data-rule="{index}"]\'>'
-            f'<span class="tag">rules[{index}]</span>\n{escape(text)}</pre>')
-
-
-def grid_section(cells: dict[str, Cell]) -> str:
+def grid_rows(cells: dict[str, Cell]) -> list[dict]:
+    """Grid rows, consecutive layers that agree in every column folded into one row with a count."""
     layers = sorted({int(key.split(":")[0]) for key in cells})
-    head = "<tr><th>layer</th>" + "".join(f"<th>{c}</th>" for c in COLUMNS) + "</tr>"
-    rows = "".join(f"<tr><th>{layer}</th>" + "".join(_cell_html(f"{layer}:{c}", cells.get(f"{layer}:{c}", Cell()))
-                                                      for c in COLUMNS) + "</tr>" for layer in layers)
-    legend = "".join(f'<span class="chip" style="background:{color(s)}">{escape(s)}</span>'
-                     for s in sorted({cell.strategy for cell in cells.values()}))
-    return _section("Layers × blocks", f'<div class="legend">{legend}</div><table class="grid">{head}{rows}</table>', "grid")
+
+    def signature(layer: int) -> tuple:
+        return tuple((c.strategy, c.declined, tuple(sorted(c.numbers.items())), tuple(sorted(c.rules)))
+                     for c in (cells.get(f"{layer}:{col}", Cell()) for col in COLUMNS))
+
+    rows: list[list[int]] = []
+    for layer in layers:
+        if rows and rows[-1][-1] == layer - 1 and signature(rows[-1][0]) == signature(layer):
+            rows[-1].append(layer)
+        else:
+            rows.append([layer])
+    out = []
+    for run in rows:
+        label = str(run[0]) if len(run) == 1 else f"{run[0]}–{run[-1]}"
+        entries = []
+        for col in COLUMNS:
+            first = cells.get(f"{run[0]}:{col}", Cell())
+            details = list(dict.fromkeys(first.details))
+            entries.append({"key": f"cell:{run[0]}-{run[-1]}:{col}", "column": col, "cells": [f"{l}:{col}" for l in run],
+                            "strategy": first.strategy, "color": color(first.strategy), "declined": first.declined,
+                            "numbers": first.numbers, "rules": " ".join(f"rules[{r}]" for r in sorted(first.rules)),
+                            "details": details})
+        out.append({"label": label, "count": len(run), "layers": run, "entries": entries})
+    return out
 
 
-def _cell_html(key: str, cell: Cell) -> str:
-    numbers = "".join(f'<span class="num">{escape(k)} <b>{escape(v)}</b></span>' for k, v in cell.numbers.items())
-    declines = "".join(f'<div class="detail">{escape(d)}</div>' for d in cell.details if d.startswith("declined"))
-    rules = " ".join(f"rules[{r}]" for r in sorted(cell.rules))
-    cls = "cell pick declined" if cell.declined else "cell pick"
-    return (f'<td class="{cls}" data-cell="{key}" data-pick=\'.ln[data-cell="{key}"]\' '
-            f'style="background:{color(cell.strategy)}" title="{escape(chr(10).join(cell.details))}">'
-            f'<div class="strategy">{escape(cell.strategy)} <small>{escape(rules)}</small></div>{numbers}{declines}</td>')
+def memory_view(report: dict, manifest: dict) -> dict:
+    """Per rank: weights, KV cache per token, and a decode step's activations per sequence, with
+    the device profiles' capacities for the page to set against a chosen context and batch."""
+    hidden = manifest.get("model", {}).get("hidden_size") or 0
+    vocab = manifest.get("model", {}).get("vocab_size") or 0
+    element = 2 if manifest.get("dtype") in ("bfloat16", "float16") else 4
+    # Live at once in a decode step, per sequence: the residual stream, a block's input and output
+    # (3 × hidden in the model's dtype) and the float32 logits (the widest tensor of the step).
+    activations = 3 * hidden * element + 4 * vocab
+    ranks = [{"rank": r["rank"], "weights": r["weight_bytes"], "kv_per_token": r["kv_bytes_per_token"],
+              "activations_per_seq": activations} for r in report.get("per_rank", [])]
+    devices = {name: hw.mem_bytes for name, hw in cost.PROFILES.items()}
+    return {"ranks": ranks, "devices": devices, "usable": cost.USABLE_MEMORY, "context": PREDICT_CONTEXT,
+            "batch": 1, "activation_formula": f"3 × hidden ({hidden}) × {element} B + float32 logits (4 × {vocab} B)"}
 
 
-def memory_section(report: dict, meta: bool) -> str:
-    ranks = report.get("per_rank", [])
-    body = "<h3>weights per rank</h3>" + _bars(ranks, "weight_bytes")
-    body += "<h3>KV cache per token per rank</h3>" + _bars(ranks, "kv_bytes_per_token")
-    note = "Weight bytes are predicted from shapes (meta device, no weights written). " if meta else ""
-    body += f'<p class="note">{note}KV bytes per token sum every layer\'s cache width on that rank × dtype size.</p>'
-    return _section("Per-rank memory", body, "memory")
-
-
-def _bars(ranks: list[dict], key: str) -> str:
-    top = max((r[key] for r in ranks), default=0) or 1
-    rows = "".join(f'<div class="bar"><span class="lbl">rank {r["rank"]}</span>'
-                   f'<span class="track"><span class="fill" style="width:{100 * r[key] / top:.1f}%"></span></span>'
-                   f'<span class="val">{human_bytes(r[key])} <small>({r[key]:,} B)</small></span></div>' for r in ranks)
-    return f'<div class="bars">{rows}</div>'
-
-
-def collectives_section(report: dict) -> str:
-    decode, prefill = report.get("collectives_per_decode_step", {}), report.get("collectives_per_prefill", {})
-    steps = [("decode step", decode)] + ([("prefill", prefill)] if prefill and prefill != decode else [])
-    body = "".join((f"<h3>{escape(name)}</h3>" if len(steps) > 1 else "") + _table(
-        ["op", "calls", "logical bytes / token"],
-        [[f"<code>{escape(op)}</code>", str(e.get("calls", 0)), _logical_bytes(e)] for op, e in ops.items()])
-        for name, ops in steps)
-    note = ('<p class="note">Bytes are logical bytes per token from the ring formulas (all-reduce 2(n−1)/n·S, '
-            'reduce-scatter / all-gather (n−1)/n·S, all-to-all: off-diagonal blocks), not bytes measured on the wire; '
-            'all-to-all volume depends on routing, so its figure is an upper bound.</p>')
-    title = "Collectives per decode step" + (" and per prefill" if len(steps) > 1 else "")
-    return _section(title, body + note, "collectives")
-
-
-PREDICT_CONTEXT = 32768  # cached tokens per sequence in the predicted decode step
-
-
-def prediction_section(report: dict) -> str:
-    """planc.cost on this artifact's per-rank bytes and collectives, for each hardware profile."""
-    if not any(r["kv_bytes_per_token"] for r in report.get("per_rank", [])):
-        return _section("Predicted decode step", '<p class="note">No KV cache: nothing to predict a decode step of.</p>',
-                        "predicted")
+def predicted_rows(report: dict) -> list[dict]:
     rows = []
     for name, hw in cost.PROFILES.items():
         most = cost.artifact_max_batch(report, hw, PREDICT_CONTEXT)
         one = cost.artifact_step(report, hw, 1, PREDICT_CONTEXT)
-        if most < 1:
-            rows.append([escape(name), "0", _ms(one["step_s"]), "does not fit", "", ""])
-            continue
-        full = cost.artifact_step(report, hw, most, PREDICT_CONTEXT)
-        parts = full["slowest"]
-        split = " / ".join(f"{100 * parts[k] / full['step_s']:.0f}%" for k in ("weights_s", "kv_s", "collectives_s"))
-        rows.append([escape(name), f"{most:,}", _ms(one["step_s"]), _ms(full["step_s"]),
-                     f"{full['tokens_per_s']:,.0f}", split])
-    note = (f'<p class="note">planc.cost at {PREDICT_CONTEXT:,} cached tokens per sequence, from this report\'s '
-            "per-rank weight and KV bytes and its collectives: each rank reads all its weights (every expert, as a "
-            "large batch does) and its cache once per step at HBM bandwidth, collectives cost latency + ring bytes / "
-            "link bandwidth; the slowest rank sets the step. Max batch: the most sequences whose cache fits "
-            f"beside the weights in {cost.USABLE_MEMORY:.0%} of device memory on every rank.</p>")
-    head = ["profile", "max batch", "step, batch 1", "step, max batch", "tokens/s", "weights / KV / collectives"]
-    return _section("Predicted decode step", _table(head, rows) + note, "predicted")
+        row = {"profile": name, "max_batch": most, "one": ms(one["step_s"]), "full": None}
+        if most >= 1:
+            full = cost.artifact_step(report, hw, most, PREDICT_CONTEXT)
+            parts = full["slowest"]
+            row.update(full=ms(full["step_s"]), tokens_per_s=f"{full['tokens_per_s']:,.0f}",
+                       split=" / ".join(f"{100 * parts[k] / full['step_s']:.0f}%"
+                                        for k in ("weights_s", "kv_s", "waiting_s", "collectives_s")))
+        rows.append(row)
+    return rows
 
 
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3g} ms"
-
-
-def _logical_bytes(entry: dict) -> str:
-    if "bytes_per_token" in entry:
-        n = entry["bytes_per_token"]
-        return f"{human_bytes(n)} <small>({n:,} B)</small>"
-    n = entry.get("bytes_per_token_max", 0)
-    return f"≤ {human_bytes(n)} <small>({n:,} B, upper bound)</small>"
-
-
-def candidates_section(report: dict) -> str:
-    """Per strategy that surveys them: every candidate, fused / declined / without a rule, and why."""
-    parts = []
+def candidate_tables(report: dict) -> list[dict]:
+    tables = []
     for name, entries in (report.get("candidates") or {}).items():
         if not entries:
             continue
         extra = [k for k in entries[0] if k not in ("target", "status", "rule", "detail")]
-        rows = [[f"<code>{escape(e['target'])}</code>", escape(e["status"]),
-                 "" if e.get("rule") is None else f"rules[{e['rule']}]", escape(e.get("detail", "")),
-                 *(_value_html(e.get(k, "")) for k in extra)] for e in entries]
-        classes = ["declined" if e["status"] == "declined" else "" for e in entries]
         counts = Counter(e["status"] for e in entries)
-        parts.append(f"<h3>{escape(name)}: {escape(', '.join(f'{n} {status}' for status, n in counts.items()))}</h3>"
-                     + _table(["target", "status", "rule", "detail", *extra], rows, classes))
-    return _section("Candidates", "".join(parts), "candidates") if parts else ""
+        rows = [{"target": e["target"], "status": e["status"], "rule": e.get("rule"), "detail": e.get("detail", ""),
+                 "extra": [_extra_value(e.get(k, "")) for k in extra]} for e in entries]
+        tables.append({"name": name, "counts": ", ".join(f"{n} {status}" for status, n in counts.items()),
+                       "extra": extra, "rows": rows})
+    return tables
 
 
-def _value_html(value: object) -> str:
-    """A scalar as text; a mapping folded under its keys (the full value as YAML when opened)."""
+def _extra_value(value: object) -> dict:
     if isinstance(value, dict):
-        body = escape("\n".join(yamlish({k: _rounded(v) for k, v in value.items()})))
-        return f"<details><summary>{escape(', '.join(map(str, value)))}</summary><pre>{body}</pre></details>"
-    return escape(_fmt(value, ".3g"))
+        return {"summary": ", ".join(map(str, value)), "yaml": "\n".join(yamlish(rounded(value)))}
+    return {"text": fmt(value, ".3g")}
 
 
-def _rounded(value: object) -> object:
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    return float(format(value, ".3g")) if isinstance(value, float) else value
+def heatmaps(report: dict) -> list[dict]:
+    """Per block with a `heatmap` note (expert placement): the expected share of all activations by
+    expert (rows) and the rank its tokens sit on (columns); the expert's own rank is outlined."""
+    out = []
+    for notes in (report.get("notes") or {}).values():
+        for fqn, entry in notes.items():
+            heat = entry.get("heatmap")
+            if not isinstance(heat, dict):
+                continue
+            load, owner = heat["load"], heat["owner"]
+            peak = max(max(row) for row in load) or 1.0
+            world = len(load[0])
+            out.append({"fqn": fqn, "world": world, "shuffled": heat.get("shuffled", False),
+                        "local": sum(row[owner[e]] for e, row in enumerate(load)),
+                        "served": [sum(sum(row) for e, row in enumerate(load) if owner[e] == d) for d in range(world)],
+                        "rows": [{"expert": e, "owner": owner[e],
+                                  "cells": [{"v": v, "alpha": f"{v / peak:.2f}", "own": owner[e] == d}
+                                            for d, v in enumerate(row)]} for e, row in enumerate(load)]})
+    return out
 
 
-def passes_section(report: dict) -> str:
-    records = report.get("passes", [])
-    rows = [[escape(r["pass_name"]), f"<code>{escape(r['target'])}</code>", escape(r["action"]), escape(r["detail"])]
-            for r in records]
-    classes = ["declined" if r["action"] == "declined" else "" for r in records]
-    declined = classes.count("declined")
-    summary = f"{len(records) - declined} applied, {declined} declined"
-    body = f"<details{' open' if declined or len(records) <= 40 else ''}><summary>{summary}</summary>"
-    return _section("Pass records", body + _table(["pass", "target", "action", "detail"], rows, classes) + "</details>", "passes")
-
-
-def lift_section(report: dict) -> str:
-    checks = report.get("lift_checks", [])
-    if not isinstance(checks, list):
-        return _section("Lift checks", f'<p class="note">{escape(str(checks))}</p>', "lift")
-    rows = [[f"<code>{escape(c['block'])}</code>", escape(_fmt(c["rel_err"], ".1e")), "ok" if c["ok"] else "MISMATCH"]
-            for c in checks]
-    classes = ["" if c["ok"] else "declined" for c in checks]
-    failed = classes.count("declined")
-    summary = f"<summary>{len(checks) - failed} of {len(checks)} blocks match the captured graph</summary>"
-    table = _table(["block", "rel err", "ok"], rows, classes)
-    return _section("Lift checks", f"<details{' open' if failed else ''}>{summary}{table}</details>", "lift")
-
-
-def captured_section(report: dict) -> str:
-    """Blocks planc did not lift: each runs whole on every rank as the function program.py defines."""
-    entries = report.get("run_as_captured") or []
-    if not entries:
-        return ""
-    rows = [[f"<code>{escape(e['block'])}</code>", escape(e["class"]), f"<code>{escape(e['function'])}</code>",
-             escape(e["why"])] for e in entries]
-    note = ('<p class="note">Not lifted, so no rule can split them: each runs whole on every rank, as the code '
-            "torch.export captured of it (a function defined at the top of program.py).</p>")
-    return _section(f"Run as captured ({len(entries)})", _table(["block", "class", "function", "why not lifted"], rows)
-                    + note, "captured")
-
-
-def notes_section(report: dict) -> str:
-    """What each pass decided from data (a transform, slice energies, ...), one table per pass
-    (a heatmap note is drawn by heatmap_section)."""
-    parts = []
+def pass_notes(report: dict) -> list[dict]:
+    """What each pass decided from data, one table per pass (heatmaps are drawn, not listed)."""
+    out = []
     for pass_name, notes in (report.get("notes") or {}).items():
         keys = sorted({k for entry in notes.values() for k in entry} - {"heatmap"})
-        rows = [[f"<code>{escape(fqn)}</code>", *(escape(_fmt(entry.get(k, ""))) for k in keys)]
-                for fqn, entry in notes.items()]
-        parts.append(f"<h3>{escape(pass_name)}</h3>" + _table(["block", *keys], rows))
-    return _section("Pass notes", "".join(parts), "notes") if parts else ""
+        out.append({"name": pass_name, "columns": keys,
+                    "rows": [[fqn, *(fmt(entry.get(k, "")) for k in keys)] for fqn, entry in notes.items()]})
+    return out
 
 
-def heatmap_section(report: dict) -> str:
-    """Per block with a `heatmap` note (expert placement): the expected share of all activations by
-    expert (rows) and the rank its tokens sit on (columns), on the calibration text; the expert's
-    own rank is outlined, so the outlined cells add up to the expected local activation rate."""
-    maps = [(fqn, entry) for notes in (report.get("notes") or {}).values() for fqn, entry in notes.items()
-            if isinstance(entry.get("heatmap"), dict)]
-    if not maps:
-        return ""
-    note = ('<p class="note">Expected share of the layer\'s expert activations on the calibration text, by expert '
-            "and the rank its token sits on: spread evenly over the ranks without token shuffling, on its "
-            "predicted rank with it (before the equal-group limit moves some tokens on, so held-out text "
-            "runs somewhat less local). Outlined: the expert's own rank (a local activation).</p>")
-    return _section("Expert placement", note + "".join(_heatmap(fqn, entry) for fqn, entry in maps), "heatmap")
+def _details(lines: list[Line], cells: dict[str, Cell], grid: list[dict], picture: graphview.Picture,
+             plan: dict, report: dict, nodes: dict[str, dict]) -> dict[str, dict]:
+    """What the page shows for each thing a user can pick: a title, facts, and program line numbers."""
+    line_of = {line.node: n for n, line in enumerate(lines, 1) if line.node}
+    checks = {c["block"]: c for c in report.get("lift_checks", [])} if isinstance(report.get("lift_checks"), list) else {}
+    per_call = {op: logical_bytes(e)[1] // max(1, e.get("calls", 1))
+                for op, e in report.get("collectives_per_decode_step", {}).items()}
+    out: dict[str, dict] = {}
+    for rule in plan["rules"]:
+        hits = [n for n, line in enumerate(lines, 1) if line.rule == rule["index"]]
+        blocks = sorted({r["target"] for r in report.get("passes", []) if r.get("rule") == rule["index"]})
+        declined = [r["detail"] for r in report.get("passes", [])
+                    if r.get("rule") == rule["index"] and r["action"] == "declined"]
+        out[f"rule:{rule['index']}"] = {
+            "title": f"rules[{rule['index']}]  match: {rule['match']}",
+            "facts": [["says", rule["summary"]], ["rewrote", f"{len(blocks)} module(s)"],
+                      *[["declined", d] for d in declined[:5]], ["program lines", str(len(hits))]],
+            "lines": hits}
+    for row in grid:
+        for entry in row["entries"]:
+            keys = set(entry["cells"])
+            hits = [n for n, line in enumerate(lines, 1) if line.cell in keys]
+            blocks = sorted({nodes[line.node].get("block") for line in lines
+                             if line.cell in keys and line.node and nodes[line.node].get("block")})
+            collectives = Counter(graphview.collective_of(nodes[line.node]) for line in lines
+                                  if line.cell in keys and line.node) - Counter({None: 10**9})
+            facts = [["strategy", entry["strategy"]], ["layers", row["label"] + (f" (×{row['count']})" if row["count"] > 1 else "")],
+                     *[[k, v] for k, v in entry["numbers"].items()], *[["", d] for d in entry["details"][:6]],
+                     *[[f"collective", f"{op} ×{n}"] for op, n in collectives.items() if op],
+                     *[["lift check", _check_text(checks[b])] for b in blocks[:1] if b in checks]]
+            out[entry["key"]] = {"title": f"layer {row['label']} · {entry['column']}", "facts": facts, "lines": hits}
+    for box in picture.nodes:
+        members = [nodes[m] for m in box.members if m in nodes]
+        first = members[0] if members else {}
+        facts = [["strategy", box.strategy]]
+        if box.layers:
+            start, count = box.layers
+            facts.append(["layers", f"{start}" if count == 1 else f"{start}–{start + count - 1} (×{count})"])
+        if first.get("block") or first.get("fqn"):
+            facts.append(["module", first.get("block") or first.get("fqn")])
+        if box.collective:
+            bytes_per_call = per_call.get(box.collective) or per_call.get(first.get("kind", ""))
+            facts.append(["collective", box.collective + (f", {human_bytes(bytes_per_call)}/token per call"
+                                                           if bytes_per_call else "")])
+            if first.get("why"):
+                facts.append(["why", first["why"]])
+        shards = {k: v for m in members for k, v in (m.get("shard") or {}).items()}
+        facts += [[k, str(v)] for k, v in shards.items()]
+        kinds = Counter(m["kind"] for m in members if m.get("layer") == first.get("layer"))
+        facts.append(["nodes", ", ".join(f"{k} ×{n}" if n > 1 else k for k, n in kinds.items())])
+        block = first.get("block") or first.get("fqn")
+        if block in checks:
+            facts.append(["lift check", _check_text(checks[block])])
+        out[f"node:{box.key}"] = {"title": f"{box.label}" + (f" · {box.sub}" if box.sub else ""), "facts": facts,
+                                  "lines": sorted(line_of[m] for m in box.members if m in line_of)}
+    return out
 
 
-def _heatmap(fqn: str, entry: dict) -> str:
-    heat = entry["heatmap"]
-    load, owner = heat["load"], heat["owner"]
-    world = len(load[0])
-    peak = max(max(row) for row in load) or 1.0
-    rows = []
-    for expert, row in enumerate(load):
-        cells = "".join(
-            f'<td class="heat{" own" if owner[expert] == d else ""}" style="background:rgba(37,99,235,{v / peak:.2f})" '
-            f'title="{v:.2%}">{v:.1%}</td>' for d, v in enumerate(row))
-        rows.append(f"<tr><th>expert {expert}</th>{cells}<td>rank {owner[expert]}</td></tr>")
-    served = [sum(sum(row) for e, row in enumerate(load) if owner[e] == d) for d in range(world)]
-    local = sum(row[owner[e]] for e, row in enumerate(load))
-    foot = "".join(f"<td>{v:.1%}</td>" for v in served)
-    head = "".join(f"<th>tokens on rank {d}</th>" for d in range(world))
-    how = "tokens shuffled to their predicted rank" if heat.get("shuffled") else "tokens in slices, not shuffled"
-    title = f"<h3>{escape(fqn)}: {local:.1%} local ({escape(how)})</h3>"
-    table = (f'<table class="heatmap"><thead><tr><th></th>{head}<th>held by</th></tr></thead><tbody>{"".join(rows)}'
-             f"</tbody><tfoot><tr><th>served by rank</th>{foot}<td></td></tr></tfoot></table>")
-    return title + table
+def _check_text(check: dict) -> str:
+    err = "not run" if check.get("rel_err") is None else f"rel err {check['rel_err']:.1e}"
+    return f"{'ok' if check.get('ok') else 'MISMATCH'} ({check.get('method', '?')}, {err})"
 
 
-def _fmt(value: object, spec: str = ".4g") -> str:
-    return format(value, spec) if isinstance(value, float) else str(value)
+def timeline_view(report: dict, artifact: Path) -> dict:
+    """The predicted decode step per hardware profile (batch 1, PREDICT_CONTEXT cached tokens) as
+    Chrome traces, and the steps `planc run --trace` measured when it left ARTIFACT/trace.json;
+    with each trace's per-rank summary (busy, waiting, in collectives)."""
+    predicted = {name: timeline.predicted(report, hw, batch=1, context=PREDICT_CONTEXT)
+                 for name, hw in cost.PROFILES.items()}
+    measured, unreadable = None, None
+    if (path := artifact / timeline.MEASURED).is_file():
+        try:
+            measured = read_json(path, timeline.MAX_TRACE_BYTES)
+            timeline.summary(measured)
+        except (ValueError, KeyError, TypeError) as exc:
+            measured, unreadable = None, f"{path.name} is not a trace planc wrote ({exc}); run `planc run --trace` again"
+    return {"predicted": predicted, "measured": measured, "unreadable": unreadable, "context": PREDICT_CONTEXT,
+            "summaries": {name: timeline.summary(trace) for name, trace in predicted.items()},
+            "measured_summary": timeline.summary(measured) if measured else None}
 
 
-def program_section(lines: list[Line]) -> str:
-    body = "".join(_program_line(n, line) for n, line in enumerate(lines, 1))
-    status = ('<p class="note"><span id="status">Click a rule or a grid cell to highlight its lines.</span> '
-              '<a href="#plan">↑ plan</a> <a href="#grid">↑ grid</a></p>')
-    return _section("program.py", f'{status}<pre class="program" id="program">{body}</pre>', "program")
+def view(artifact: Path) -> dict:
+    """Everything the inspect template shows, as plain data."""
+    manifest, report, program = _read(artifact)
+    captured = frozenset(e["block"] for e in report.get("run_as_captured", []))
+    nodes = final_nodes(report)
+    lines = parse_program(program, nodes, captured)
+    cells = build_grid(report, lines)
+    grid = grid_rows(cells)
+    picture = graphview.build(list(nodes.values()))
+    plan = plan_view(manifest)
+    model = manifest.get("model", {})
+    checks = report.get("lift_checks")
+    failed = [c for c in checks if not c.get("ok")] if isinstance(checks, list) else []
+    alerts = [f"{len(report.get('declines', []))} declined rewrite(s)"] if report.get("declines") else []
+    alerts += [f"{len(failed)} lift check(s) failed"] if failed else []
+    alerts += report.get("advice") or []
+    strategies = sorted({e["strategy"] for row in grid for e in row["entries"]} | {b.strategy for b in picture.nodes})
+    return {
+        "title": f"{plan['name'] or 'plan'} on {model.get('source', artifact.name)} · planc inspect",
+        "manifest": manifest, "report": report, "model": model, "plan": plan, "alerts": alerts,
+        "kernels": kernels_used(nodes, manifest.get("kernels", [])),
+        "legend": [(s, color(s)) for s in strategies],
+        "grid": grid, "picture": picture, "bands": graphview.bands(picture),
+        "memory": memory_view(report, manifest), "predicted": predicted_rows(report),
+        "collectives": _collective_steps(report), "candidates": candidate_tables(report),
+        "notes": pass_notes(report), "heatmaps": heatmaps(report), "lines": lines,
+        "timeline": timeline_view(report, artifact),
+        "details": _details(lines, cells, grid, picture, plan, report, nodes),
+    }
 
 
-def _program_line(number: int, line: Line) -> str:
-    attrs = f' data-rule="{line.rule}"' if line.rule is not None else ""
-    attrs += f' data-cell="{line.cell}"' if line.cell else ""
-    code = escape(line.text)
-    if line.rule is not None:
-        cut = line.text.rfind("#")
-        code = f'{escape(line.text[:cut])}<span class="cm">{escape(line.text[cut:])}</span>'
-    return f'<span class="ln"{attrs}><i>{number}</i>{code}\n</span>'
-
-
-def graphs_section(report: dict) -> str:
-    graphs = report.get("graphs", {})
-    body = "".join(f"<details><summary>after <b>{escape(name)}</b> ({text.count(chr(10)) + 1} lines)</summary>"
-                   f"<pre>{escape(text)}</pre></details>" for name, text in graphs.items())
-    return _section("Intermediate graphs", body, "graphs")
+def _collective_steps(report: dict) -> list[dict]:
+    decode, prefill = report.get("collectives_per_decode_step", {}), report.get("collectives_per_prefill", {})
+    steps = [("decode step", decode)] + ([("prefill", prefill)] if prefill and prefill != decode else [])
+    return [{"name": name, "ops": [{"op": op, "calls": e.get("calls", 0), "bytes": logical_bytes(e)}
+                                   for op, e in ops.items()]} for name, ops in steps]
 
 
 # ---- page -----------------------------------------------------------------------------------
 
-CSS = """
-body{font:14px/1.45 system-ui,sans-serif;margin:0;background:#fafafa;color:#1d1d1f}
-header{background:#1f2937;color:#f9fafb;padding:14px 24px}
-header h1{margin:0 0 6px;font-size:22px}
-.facts{display:flex;flex-wrap:wrap;gap:4px 22px;font-size:13px}.facts b{color:#9ca3af;font-weight:500}
-.badge{font-size:12px;background:#f59e0b;color:#111;border-radius:4px;padding:2px 6px;vertical-align:middle}
-.alert{margin-top:8px;background:#b91c1c;padding:4px 10px;border-radius:4px;display:inline-block;margin-right:8px}
-main{padding:8px 24px}.cols{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:0 28px}
-h2{font-size:17px;border-bottom:2px solid #d1d5db;padding-bottom:3px;margin:18px 0 8px}
-h3{font-size:13px;margin:10px 0 4px;color:#4b5563}
-pre{background:#fff;border:1px solid #e5e7eb;border-radius:4px;padding:6px 10px;margin:4px 0;overflow:auto;font-size:12px}
-.pick{cursor:pointer}.rule:hover,.cell:hover{outline:2px solid #2563eb}
-.rule .tag{color:#6b7280}.picked{outline:2px solid #2563eb}
-table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #e5e7eb;padding:3px 8px;text-align:left;vertical-align:top}
-thead th{background:#f3f4f6}tr.declined td{background:#fee2e2}
-.grid td{min-width:220px}.grid{width:100%}.strategy{font-weight:600}.strategy small{font-weight:400;color:#6b7280}
-.num{display:inline-block;font-size:11px;background:rgba(255,255,255,.65);border-radius:3px;padding:0 4px;margin:2px 3px 0 0}
-.detail{font-size:11px;color:#374151}td.declined{outline:2px solid #dc2626}
-.legend .chip{display:inline-block;padding:1px 8px;border-radius:3px;margin:0 6px 6px 0;font-size:12px}
-.bar{display:flex;align-items:center;gap:8px;margin:2px 0}.lbl{width:52px;font-size:12px}
-.track{flex:1;background:#e5e7eb;height:12px;border-radius:3px;overflow:hidden}
-.fill{display:block;height:100%;background:#3b82f6}
-.val{width:250px;font-size:12px}.note{color:#6b7280;font-size:12px;margin:4px 0}
-.program{max-height:70vh;position:relative}.ln{display:block;white-space:pre}
-.ln i{display:inline-block;width:3.5em;color:#9ca3af;font-style:normal;user-select:none}
-.cm{color:#047857}.ln.hl{background:#fef08a}
-details{margin:4px 0}summary{cursor:pointer;color:#1f2937}
-.heatmap td.heat{text-align:right;font-size:11px;min-width:58px}.heatmap td.own{outline:2px solid #111;outline-offset:-2px}
-"""
-
-JS = """
-document.addEventListener('click', function (e) {
-  var pick = e.target.closest('.pick');
-  if (!pick) return;
-  document.querySelectorAll('.hl, .picked').forEach(function (x) { x.classList.remove('hl', 'picked'); });
-  var hits = document.querySelectorAll(pick.dataset.pick);
-  hits.forEach(function (x) { x.classList.add('hl'); });
-  pick.classList.add('picked');
-  document.getElementById('status').textContent = hits.length + ' program line(s) highlighted';
-  if (hits.length) { var box = document.getElementById('program');
-    box.scrollTop = hits[0].offsetTop - 40;  // .program is positioned: offsets are relative to it
-    box.scrollIntoView({block: 'nearest'}); }
-});
-"""
+@cache
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(human_bytes=human_bytes, fmt=fmt, color=color, ms=ms)
+    return env
 
 
 def render(artifact: Path) -> str:
     """The inspection page of ARTIFACT as one HTML string."""
-    artifact = Path(artifact)
-    manifest, report, program = _read(artifact)
-    captured = frozenset(e["block"] for e in report.get("run_as_captured", []))
-    lines = parse_program(program, final_nodes(report), captured)
-    left = [plan_section(manifest.get("plan", {})), memory_section(report, bool(manifest.get("meta"))),
-            collectives_section(report), prediction_section(report),
-            lift_section(report), captured_section(report), notes_section(report), heatmap_section(report)]
-    right = [grid_section(build_grid(report, lines))]
-    wide = [candidates_section(report), passes_section(report), program_section(lines), graphs_section(report)]
-    title = f"planc inspect: {manifest.get('model', {}).get('source', artifact.name)}"
-    main = f'<div class="cols"><div>{"".join(left)}</div><div>{"".join(right)}</div></div>{"".join(wide)}'
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
-            f"<style>{CSS}</style></head><body>{header(manifest, report)}<main>{main}</main>"
-            f"<script>{JS}</script></body></html>\n")
+    return environment().get_template("inspect.html.j2").render(**view(Path(artifact)))
 
 
 def write(artifact: Path, out: Path) -> Path:
-    """Render ARTIFACT to OUT atomically: a temp file beside OUT, then os.replace."""
-    page = render(artifact)
+    """Render ARTIFACT's page to OUT atomically."""
+    return write_atomic(render(artifact), out)
+
+
+def render_diff(d: dict) -> str:
+    """`planc diff`'s figures (planc.diff.diff) as a page: the terminal's rows, changes marked."""
+    from planc.diff import diff_rows
+
+    rows = diff_rows(d)[1:]  # the first row names the sides, as the header does
+    return environment().get_template("diff.html.j2").render(
+        title=f"planc diff: {d['a']['given']} vs {d['b']['given']}", a=d["a"]["given"], b=d["b"]["given"],
+        rows=rows, context=PREDICT_CONTEXT)
+
+
+def write_atomic(page: str, out: Path) -> Path:
+    """PAGE to OUT: a temp file beside OUT, then os.replace (OUT is never half-written)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")

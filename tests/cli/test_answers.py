@@ -93,7 +93,7 @@ def test_compile_refuses_an_out_that_is_not_an_artifact_before_any_work(tmp_path
 def test_inspect_refuses_a_directory_as_its_page(compiled, tmp_path, capsys):
     assert main(["inspect", str(compiled("deepseek_mla_tp_ep.yaml", 2)), "-o", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err == f"planc inspect: error: -o {tmp_path}: a directory; name the page's file, e.g. -o {tmp_path / 'plan.html'}\n"
+    assert err == f"planc inspect: error: -o {tmp_path}: a directory; name the file to write, e.g. -o {tmp_path / 'plan.html'}\n"
 
 
 def test_model_is_optional_when_the_plan_names_it_and_another_is_an_error(tmp_path, capsys):

@@ -127,6 +127,6 @@ def test_inspect_page_lists_the_captured_blocks_and_their_grid_cells(compiled):
     section = re.search(r'<section id="captured">(.*?)</section>', page, re.S).group(1)
     assert "Run as captured (3)" in section and section.count("<code>captured_L1_mlp</code>") == 2
     for layer in (1, 2):
-        cell = re.search(rf'<td [^>]*data-cell="{layer}:ffn"[^>]*>(.*?)</td>', page).group(1)
+        cell = re.search(rf'<td [^>]*data-cell="(?:[^"]* )?{layer}:ffn(?: [^"]*)?"[^>]*>(.*?)</td>', page, re.S).group(1)
         assert '<div class="strategy">run as captured ' in cell
-        assert re.search(rf'<span class="ln" data-cell="{layer}:ffn"><i>\d+</i>\s+m_\d+ = captured_L1_mlp\(', page)
+        assert re.search(rf'<span class="ln" id="L\d+" data-cell="{layer}:ffn"><i>\d+</i>\s+m_\d+ = captured_L1_mlp\(', page)

@@ -1,13 +1,13 @@
 """`planc inspect`: the HTML page shows what report.json / program.py hold, escaped, written atomically."""
 from __future__ import annotations
 
-import html
 import json
 import re
 import shutil
 from pathlib import Path
 
 import pytest
+from markupsafe import escape
 
 import planc.report.inspect as inspect
 from planc import __version__
@@ -39,7 +39,8 @@ def meta_artifact(tmp_path_factory) -> Path:
 
 
 def _cell(page: str, key: str) -> str:
-    found = re.search(rf'<td [^>]*data-cell="{key}"[^>]*>(.*?)</td>', page)
+    """The grid cell showing KEY ("layer:column"; a folded row shows several layers)."""
+    found = re.search(rf'<td [^>]*data-cell="(?:[^"]* )?{key}(?: [^"]*)?"[^>]*>(.*?)</td>', page, re.S)
     assert found, f"no grid cell {key}"
     return found.group(1)
 
@@ -50,11 +51,15 @@ def _section(page: str, anchor: str) -> str:
 
 def test_grid_shows_every_layers_strategy_and_numbers(page, report):
     assert len(report["passes"]) == 8  # 4 attention blocks, 1 dense MLP, 3 MoE
+    said = {"mla_tp": "mla_tp", "dense_tp": "tp", "ep": "ep"}  # the plan's words, not the pass names
     for record in report["passes"]:
         layer = re.search(r"layers\.(\d+)\.", record["target"]).group(1)
         column = "attention" if record["target"].endswith("self_attn") else "ffn"
         cell = _cell(page, f"{layer}:{column}")
-        assert f'<div class="strategy">{record["pass_name"]} ' in cell
+        assert f'<div class="strategy">{said[record["pass_name"]]} ' in cell
+    assert "dense_tp" not in _section(page, "grid")
+    # layers 1-3 agree in every column: one row with a count
+    assert re.search(r"<th>1–3 <small>\(×3\)</small></th>", _section(page, "grid"))
     assert "heads_per_rank <b>2</b>" in _cell(page, "3:attention")
     assert "kv_width_per_rank <b>80</b>" in _cell(page, "3:attention")
     assert "intermediate_per_rank <b>128</b>" in _cell(page, "0:ffn")
@@ -64,9 +69,12 @@ def test_grid_shows_every_layers_strategy_and_numbers(page, report):
 def test_per_rank_bytes_appear_formatted(page, report):
     memory = _section(page, "memory")
     for rank in report["per_rank"]:
-        for key in ("weight_bytes", "kv_bytes_per_token"):
-            assert f"{inspect.human_bytes(rank[key])} <small>({rank[key]:,} B)</small>" in memory
-    assert memory.count('class="fill"') == 2 * len(report["per_rank"])
+        w, kv = rank["weight_bytes"], rank["kv_bytes_per_token"]
+        assert f"weights {inspect.human_bytes(w)} <small>({w:,} B)</small>" in memory
+        assert f"KV {inspect.human_bytes(kv)}/token <small>({kv:,} B)</small>" in memory
+    assert memory.count('class="stack"') == len(report["per_rank"])
+    for name in ("H100", "H200", "H800"):
+        assert f"<option{' selected' if name == 'H100' else ''}>{name}</option>" in memory
 
 
 def test_human_bytes():
@@ -91,20 +99,27 @@ def test_program_lines_present_escaped_and_tagged(page, artifact):
     body = _section(page, "program")
     for line in program.splitlines():
         code = line[:line.rfind("#")] if "# rules[" in line else line
-        assert html.escape(code) in body
+        assert str(escape(code)) in body
     assert "ids [B, S] -&gt; logits" in body and "ids [B, S] -> logits" not in body
     tagged = sum("# rules[0]" in line for line in program.splitlines())
     # mla_tp's lines in 4 layers: q_b_proj, the core, o_proj and the all-reduce after it
     assert tagged == 16 and body.count('data-rule="0" data-cell=') == tagged
 
 
-def test_plan_rules_pick_their_program_lines(page):
+def test_plan_as_written_beside_the_resolved_rules(page, artifact):
     plan = _section(page, "plan")
-    assert 'match: &quot;model.layers.*.self_attn&quot;' in plan
-    assert "attention:" in plan and "strategy: mla_tp" in plan
+    written = (PLANS / "deepseek_mla_tp_ep.yaml").read_text()
+    assert "<h3>as written: deepseek_mla_tp_ep_2.yaml</h3>" in plan
+    comment = next(line for line in written.splitlines() if line.startswith("# tiny-deepseek"))
+    assert f'<span class="yc">{escape(comment)}</span>' in plan  # comments kept, as written
+    assert "match: &#34;model.layers.*.self_attn&#34;" in plan and "strategy: mla_tp" in plan
+    details = json.loads(re.search(r'<script type="application/json" id="page-data">(.*?)</script>', page, re.S).group(1))
+    program = (artifact / "programs" / "target" / "program.py").read_text().splitlines()
     for index in range(3):
-        assert f"data-pick='.ln[data-rule=\"{index}\"]'" in plan
-    assert "addEventListener('click'" in page and "<script src" not in page and "http" not in page.split("<body>")[0]
+        assert f'data-key="rule:{index}"' in plan
+        picked = details["details"][f"rule:{index}"]["lines"]
+        assert picked and all(f"# rules[{index}]" in program[n - 1] for n in picked)
+    assert "<script src" not in page and "http" not in page.split("<body>")[0]
 
 
 def test_pass_records_lift_checks_and_graphs(page, report):
@@ -117,7 +132,7 @@ def test_pass_records_lift_checks_and_graphs(page, report):
     graphs = _section(page, "graphs")
     for name in report["graphs"]:
         assert f"after <b>{name}</b>" in graphs
-    assert html.escape(report["graphs"]["ep"]) in graphs
+    assert str(escape(report["graphs"]["ep"])) in graphs
 
 
 def test_predicted_decode_step_uses_the_cost_model_per_profile(page, report):
@@ -152,7 +167,7 @@ def test_hostile_text_is_escaped_and_declines_highlighted(meta_artifact, tmp_pat
     page = inspect.render(art)
     assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "x = a &lt; b &amp; c" in page
-    assert 'class="cell pick declined"' in page and "not divisible by &lt;3&gt; groups" in _cell(page, "2:attention")
+    assert 'class="cell declined"' in page and "not divisible by &lt;3&gt; groups" in _cell(page, "2:attention")
     assert '<tr class="declined">' in _section(page, "passes") and "1 declined rewrite(s)" in page
 
 
@@ -220,3 +235,76 @@ def test_expert_placement_heatmap_per_moe_layer(compiled):
 
 def test_no_heatmap_without_a_profile(page):
     assert 'id="heatmap"' not in page
+
+
+def test_graph_picture_folds_identical_layers_and_keeps_every_collective(artifact, page, report):
+    from planc.report import graphview
+
+    nodes = list(inspect.final_nodes(report).values())
+    picture = graphview.build(nodes)
+    assert picture.runs == [(0, 1), (1, 3)]  # the dense layer, then three identical MoE layers
+    drawn = {name for box in picture.nodes for name in box.members}
+    collectives = [n["name"] for n in nodes if graphview.collective_of(n)]
+    # every collective of every layer is drawn, by the box of its position in its run's first layer
+    assert len(collectives) == 5 + 6 + 3 and set(collectives) <= drawn
+    assert {box.collective for box in picture.nodes} - {None} == {"all_reduce", "all_to_all", "all_gather_varlen"}
+    import networkx as nx
+
+    g = nx.DiGraph([(a.key, b.key) for a, b in picture.edges])
+    assert nx.is_directed_acyclic_graph(g) and nx.is_weakly_connected(g) and len(g) == len(picture.nodes)
+    assert page.count('class="gnode pick') == len(picture.nodes)
+    assert "layers 1–3 (×3)" in _section(page, "graph")
+
+
+def test_rule_spans_follow_the_yaml_as_written():
+    text = "version: 1\nrules:\n  - match: a  # first\n    x: 1\n\n  # about b\n  - match: b\n    y: {a: 1}\nmesh: {devices: 2}\n"
+    assert inspect.rule_spans(text) == {0: (3, 4), 1: (7, 8)}
+    assert inspect.rule_spans("rules: [{match: a}, {match: b}]\n") == {0: (1, 1), 1: (1, 1)}
+    assert inspect.rule_spans("!!python/object:os.system x") == {}  # composed, never constructed
+
+
+def test_header_lists_the_kernels_the_program_can_run(page, report, artifact):
+    from planc.runtime.artifact import read_manifest
+
+    used = inspect.kernels_used(inspect.final_nodes(report), read_manifest(artifact)["kernels"])
+    # MLA decode (triton and the C kernel), the GEMM and norm kernels, and EP's grouped GEMM + row permute
+    assert used == ["grouped_gemm.py", "linear.py", "mla_decode.py", "mla_decode_cpu.c", "mla_decode_cpu.py",
+                    "permute.py", "rmsnorm.py"]
+    header = page.split("</header>")[0]
+    assert "gqa_decode" not in header and "t3_gemm" not in header and "<b>kernels</b> grouped_gemm.py, linear.py" in header
+
+
+def test_timeline_section_and_trace_export(artifact, page, tmp_path, capsys):
+    from planc.cli import main
+    from planc.report import timeline
+
+    section = _section(page, "timeline")
+    assert '<select id="tl-profile">' in section and "Download Chrome trace" in section
+    report = json.loads((artifact / "report.json").read_text())
+    data = json.loads(re.search(r'<script type="application/json" id="page-data">(.*?)</script>', page, re.S).group(1))
+    from planc import cost
+
+    for name, hw in cost.PROFILES.items():  # the page's traces are the cost model's, profile by profile
+        assert data["timeline"]["predicted"][name] == timeline.predicted(report, hw, batch=1, context=inspect.PREDICT_CONTEXT)
+    assert data["timeline"]["measured"] is None and "planc run ARTIFACT --trace" in section
+    out = tmp_path / "trace.json"
+    assert main(["inspect", str(artifact), "-o", str(tmp_path / "p.html"), "--trace-out", str(out), "--profile", "H200"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'p.html'} and {out}"
+    assert json.loads(out.read_text()) == timeline.predicted(report, cost.PROFILES["H200"], batch=1,
+                                                             context=inspect.PREDICT_CONTEXT)
+
+
+def test_measured_trace_is_drawn_beside_the_prediction(artifact, tmp_path):
+    from planc.report import timeline
+
+    art = Path(shutil.copytree(artifact, tmp_path / "art"))
+    report = json.loads((art / "report.json").read_text())
+    measured = timeline.predicted(report, inspect.cost.PROFILES["H800"], batch=2, context=64)  # stands in for a run's trace
+    (art / timeline.MEASURED).write_text(json.dumps(measured))
+    page = inspect.render(art)
+    section = _section(page, "timeline")
+    assert "measured (planc run --trace)" in section and 'id="tl-measured"' in section
+    for row in timeline.summary(measured):
+        assert f"<td>{row['name']}</td><td>{inspect.ms(row['busy_s'])}</td>" in section
+    (art / timeline.MEASURED).write_text("{not json")
+    assert "is not a trace planc wrote" in _section(inspect.render(art), "timeline")
