@@ -216,7 +216,8 @@ def _manifest(model: nn.Module, source: str, plan: Plan, meta: bool) -> dict:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton.__version__},
         "plan_hash": plan.hash(),
         "plan": plan.to_yaml_dict(),
-        "plan_file": {"name": Path(plan._source).name if plan._source else None, "text": plan._text},
+        "plan_file": {"name": Path(plan._source).name if plan._source else None, "text": plan._text,
+                      "resolved": plan.model_dump(mode="json", exclude_none=True)},  # every default filled in
         "model": {"source": source, "class": type(model).__name__, "vocab_size": config.vocab_size,
                   "hidden_size": getattr(config, "hidden_size", None),
                   "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,

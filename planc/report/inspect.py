@@ -250,8 +250,8 @@ def kernels_used(nodes: dict[str, dict], shipped: list[str]) -> list[str]:
 
 def plan_view(manifest: dict) -> dict:
     """The plan as written (numbered lines, each rule's span) and as resolved (defaults filled in)."""
-    plan = manifest.get("plan", {})
     written = manifest.get("plan_file") or {}
+    plan = written.get("resolved") or manifest.get("plan", {})
     text = written.get("text")
     spans = rule_spans(text) if text else {}
     rule_of_line = {line: i for i, (first, last) in spans.items() for line in range(first, last + 1)}
