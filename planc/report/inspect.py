@@ -442,6 +442,22 @@ def _check_text(check: dict) -> str:
     return f"{'ok' if check.get('ok') else 'MISMATCH'} ({check.get('method', '?')}, {err})"
 
 
+def compact_trace(trace: dict, names: dict[str, int]) -> dict:
+    """A Chrome trace as the page draws and downloads it: spans as [pid, tid, cat, start, end, name]
+    rows (name an index into the page's shared `names`; start and end in microseconds rounded to
+    the nanosecond, so spans that meet still meet) and the
+    processes' and threads' names; the spans' args are left out (`planc inspect --trace-out`
+    writes them)."""
+    rows, labels = [], {}
+    for e in trace["traceEvents"]:
+        if e["ph"] == "X":
+            rows.append([e["pid"], e["tid"], e.get("cat", ""), round(e["ts"], 3), round(e["ts"] + e["dur"], 3),
+                         names.setdefault(e["name"], len(names))])
+        elif e["ph"] == "M" and e["name"] in ("process_name", "thread_name"):
+            labels[f"{e['pid']}" if e["name"] == "process_name" else f"{e['pid']}/{e['tid']}"] = e["args"]["name"]
+    return {"spans": rows, "labels": labels, "metadata": trace.get("metadata", {})}
+
+
 def timeline_view(report: dict, artifact: Path) -> dict:
     """The predicted decode step per hardware profile (batch 1, PREDICT_CONTEXT cached tokens) as
     Chrome traces, and the steps `planc run --trace` measured when it left ARTIFACT/trace.json;
@@ -455,7 +471,10 @@ def timeline_view(report: dict, artifact: Path) -> dict:
             timeline.summary(measured)
         except (ValueError, KeyError, TypeError) as exc:
             measured, unreadable = None, f"{path.name} is not a trace planc wrote ({exc}); run `planc run --trace` again"
-    return {"predicted": predicted, "measured": measured, "unreadable": unreadable, "context": PREDICT_CONTEXT,
+    names: dict[str, int] = {}
+    return {"predicted": {name: compact_trace(trace, names) for name, trace in predicted.items()},
+            "measured": compact_trace(measured, names) if measured else None, "names": list(names),
+            "unreadable": unreadable, "context": PREDICT_CONTEXT,
             "summaries": {name: timeline.summary(trace) for name, trace in predicted.items()},
             "measured_summary": timeline.summary(measured) if measured else None}
 

@@ -285,7 +285,12 @@ def test_timeline_section_and_trace_export(artifact, page, tmp_path, capsys):
     from planc import cost
 
     for name, hw in cost.PROFILES.items():  # the page's traces are the cost model's, profile by profile
-        assert data["timeline"]["predicted"][name] == timeline.predicted(report, hw, batch=1, context=inspect.PREDICT_CONTEXT)
+        full = timeline.predicted(report, hw, batch=1, context=inspect.PREDICT_CONTEXT)
+        spans = data["timeline"]["predicted"][name]["spans"]
+        assert len(spans) == sum(e["ph"] == "X" for e in full["traceEvents"])
+        step_us = cost.artifact_step(report, hw, 1, inspect.PREDICT_CONTEXT)["step_s"] * 1e6
+        assert max(end for *_, end, _ in spans) == pytest.approx(step_us, abs=1e-3)
+        assert {data["timeline"]["names"][s[5]] for s in spans} <= {e["name"] for e in full["traceEvents"]}
     assert data["timeline"]["measured"] is None and "planc run ARTIFACT --trace" in section
     out = tmp_path / "trace.json"
     assert main(["inspect", str(artifact), "-o", str(tmp_path / "p.html"), "--trace-out", str(out), "--profile", "H200"]) == 0

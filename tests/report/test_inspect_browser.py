@@ -105,6 +105,22 @@ def test_picking_scrolls_its_program_lines_into_view(chromium, page_file, target
     assert "program lines" in box["details"] or "strategy" in box["details"]
 
 
+def test_trace_download_is_a_valid_chrome_trace_of_the_chosen_profile(chromium, page_file, report):
+    from planc import cost
+    from tests.report.chrome import threads
+
+    with browser.open_page(page_file) as opened:
+        opened.page.select_option("#tl-profile", "H200")
+        with opened.page.expect_download() as download:
+            opened.page.click("#tl-export")
+        trace = json.loads(Path(download.value.path()).read_text())
+        assert download.value.suggested_filename == "planc-decode-step-H200.json"
+    spans = threads(trace)  # complete events, named ranks and threads, ordered, no overlaps
+    end = max(e["ts"] + e["dur"] for events in spans.values() for e in events)
+    assert end == pytest.approx(cost.artifact_step(report, cost.PROFILES["H200"], 1, 32768)["step_s"] * 1e6, abs=1e-3)
+    assert trace["metadata"]["profile"] == "H200" and opened.requests == []
+
+
 def test_module_name_with_script_renders_as_text(chromium, artifact, tmp_path):
     art = Path(shutil.copytree(artifact, tmp_path / "art"))
     report = json.loads((art / "report.json").read_text())

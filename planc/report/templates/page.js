@@ -85,44 +85,53 @@
     if (text !== undefined) e.textContent = text;
     return e;
   }
+  // a compact trace: spans [pid, tid, cat, start_us, end_us, name index], labels of pids and pid/tids
   function drawTrace(svg, trace) {
     while (svg.firstChild) svg.removeChild(svg.firstChild);
-    var events = (trace.traceEvents || []).filter(function (e) { return e.ph === 'X'; });
-    var lanes = {}, order = [];
-    events.forEach(function (e) {
-      var lane = e.pid + '/' + e.tid;
-      if (!(lane in lanes)) { lanes[lane] = order.length; order.push([e.pid, e.tid]); }
+    var spans = trace.spans, lanes = {}, order = [];
+    spans.forEach(function (s) {
+      var lane = s[0] + '/' + s[1];
+      if (!(lane in lanes)) { lanes[lane] = 0; order.push([s[0], s[1]]); }
     });
-    order.sort(function (a, b) { return a[0] - b[0] || String(a[1]).localeCompare(String(b[1])); });
+    order.sort(function (a, b) { return a[0] - b[0] || a[1] - b[1]; });
     order.forEach(function (l, i) { lanes[l[0] + '/' + l[1]] = i; });
-    var end = Math.max.apply(null, events.map(function (e) { return e.ts + e.dur; }).concat([1]));
-    var scale = (WIDTH - LABEL - 10) / end;
-    svg.setAttribute('height', order.length * LANE + 24);
-    svg.setAttribute('viewBox', '0 0 ' + WIDTH + ' ' + (order.length * LANE + 24));
-    var names = {};
-    (trace.traceEvents || []).forEach(function (e) {
-      if (e.ph === 'M' && e.name === 'thread_name') names[e.pid + '/' + e.tid] = e.args.name;
-      if (e.ph === 'M' && e.name === 'process_name') names[e.pid] = e.args.name;
-    });
+    var end = Math.max.apply(null, spans.map(function (s) { return s[4]; }).concat([1]));
+    var scale = (WIDTH - LABEL - 10) / end, height = order.length * LANE + 24;
+    svg.setAttribute('height', height);
+    svg.setAttribute('viewBox', '0 0 ' + WIDTH + ' ' + height);
     order.forEach(function (l, i) {
-      svg.appendChild(el('text', {x: 2, y: i * LANE + 12}, (names[l[0]] || 'rank ' + l[0]) + ' ' + (names[l[0] + '/' + l[1]] || l[1])));
+      var label = (trace.labels[l[0]] || 'rank ' + l[0]).replace(/ \(.*\)$/, '') + ' ' + (trace.labels[l[0] + '/' + l[1]] || l[1]);
+      svg.appendChild(el('text', {x: 2, y: i * LANE + 12}, label));
     });
     var fills = {compute: '#3b82f6', wait: '#d1d5db', collective: '#f59e0b'};
-    events.forEach(function (e) {
-      var r = el('rect', {x: LABEL + e.ts * scale, y: lanes[e.pid + '/' + e.tid] * LANE + 2,
-        width: Math.max(0.5, e.dur * scale), height: LANE - 4, fill: fills[e.cat] || '#6b7280'});
-      r.appendChild(el('title', {}, e.name + ': ' + (e.dur / 1000).toFixed(3) + ' ms'));
+    spans.forEach(function (s) {
+      var r = el('rect', {x: LABEL + s[3] * scale, y: lanes[s[0] + '/' + s[1]] * LANE + 2,
+        width: Math.max(0.5, (s[4] - s[3]) * scale), height: LANE - 4, fill: fills[s[2]] || '#6b7280'});
+      r.appendChild(el('title', {}, data.timeline.names[s[5]] + ' (' + s[2] + '): ' + ((s[4] - s[3]) / 1000).toFixed(4) + ' ms'));
       svg.appendChild(r);
     });
-    svg.appendChild(el('text', {x: LABEL, y: order.length * LANE + 18}, '0'));
-    svg.appendChild(el('text', {x: WIDTH - 80, y: order.length * LANE + 18}, (end / 1000).toFixed(3) + ' ms'));
-    return {end: end, events: events, names: names};
+    svg.appendChild(el('text', {x: LABEL, y: height - 6}, '0'));
+    svg.appendChild(el('text', {x: WIDTH - 80, y: height - 6}, (end / 1000).toFixed(3) + ' ms'));
+    return {end: end, spans: spans.length};
+  }
+  function chromeTrace(trace) {  // the compact trace back in Chrome's JSON object format
+    var events = [];
+    Object.keys(trace.labels).forEach(function (key) {
+      var parts = key.split('/');
+      events.push(parts.length === 1
+        ? {name: 'process_name', ph: 'M', pid: +parts[0], tid: 0, args: {name: trace.labels[key]}}
+        : {name: 'thread_name', ph: 'M', pid: +parts[0], tid: +parts[1], args: {name: trace.labels[key]}});
+    });
+    trace.spans.forEach(function (s) {
+      events.push({name: data.timeline.names[s[5]], cat: s[2], ph: 'X', pid: s[0], tid: s[1], ts: s[3], dur: s[4] - s[3], args: {}});
+    });
+    return {traceEvents: events, displayTimeUnit: 'ms', metadata: trace.metadata};
   }
   var profile = document.getElementById('tl-profile');
   function drawTimeline() {
     var drawn = drawTrace(document.getElementById('tl-predicted'), data.timeline.predicted[profile.value]);
     document.getElementById('tl-summary').textContent = 'predicted step on ' + profile.value + ': ' +
-      (drawn.end / 1000).toFixed(3) + ' ms, ' + drawn.events.length + ' spans (blue: reading weights and cache, ' +
+      (drawn.end / 1000).toFixed(3) + ' ms, ' + drawn.spans + ' spans (blue: reading weights and cache, ' +
       'grey: waiting for the last rank, orange: collectives)';
     document.querySelectorAll('.tl-table').forEach(function (t) { t.hidden = t.dataset.profile !== profile.value; });
   }
@@ -130,7 +139,7 @@
   drawTimeline();
   if (data.timeline.measured) drawTrace(document.getElementById('tl-measured'), data.timeline.measured);
   document.getElementById('tl-export').addEventListener('click', function () {
-    var trace = data.timeline.predicted[profile.value];
+    var trace = chromeTrace(data.timeline.predicted[profile.value]);
     var url = URL.createObjectURL(new Blob([JSON.stringify(trace)], {type: 'application/json'}));
     var a = document.createElement('a');
     a.href = url; a.download = 'planc-decode-step-' + profile.value + '.json';
