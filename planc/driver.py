@@ -17,7 +17,7 @@ import transformers
 import triton
 from torch import nn
 
-from planc import __version__
+from planc import __version__, progress
 from planc.bind import bind, rule_refs
 from planc.calibrate import Profiles
 from planc.codegen.artifact import KERNEL_FILES, Program, write_artifact
@@ -66,10 +66,12 @@ def resolve_model(model: nn.Module | str | None, plan: Plan, meta: bool) -> tupl
         return model.eval(), type(model).__name__
     if model is not None:
         source = _absolute(model)
-        return load_model(source, dtype=dtype, meta=meta), source
+        with progress.bar(f"model {model}"):
+            return load_model(source, dtype=dtype, meta=meta), source
     source, where = _plan_source(plan)
     try:
-        return load_model(source, dtype=dtype, meta=meta), source
+        with progress.bar(f"model {plan.model.source}"):
+            return load_model(source, dtype=dtype, meta=meta), source
     except ModelError as exc:
         raise ModelError(f"{where}: {exc}") from None
 
