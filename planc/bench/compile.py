@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 from planc.driver import compile, gc_paused
-from planc.models.registry import bundled_config
+from planc.models.registry import bundled_config, init_model
 from planc.plan import Plan, load_plan
 from planc.dims import DTYPES
 
@@ -35,10 +34,10 @@ STAGES = ("build", "resolve", "capture+lift", "passes", "partition+report", "cod
 
 
 def deepseek_v3_on_meta(num_layers: int, dtype: torch.dtype) -> nn.Module:
+    """The bundled config at `num_layers`, built as `planc compile deepseek-v3 --meta` builds it."""
     config = bundled_config("deepseek-v3")
     config.num_hidden_layers = num_layers
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    return init_model(config, dtype, meta=True)
 
 
 def time_compile(num_layers: int, plan: Plan, out: Path) -> dict[str, float]:
