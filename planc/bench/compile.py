@@ -98,7 +98,7 @@ def run(layers: Sequence[int] = (4, 16, 61), repeats: int | Sequence[int] = 3) -
         "samples": [[s["total"] for s in depth] for depth in samples],
         "note": "median of `repeats` compiles per depth (a single sample where repeats is 1), rounds "
                 "interleaved across depths after one untimed warm-up; seconds = model build on meta + "
-                "planc.driver.compile on this CPU machine",
+                "planc.driver.compile (garbage collection paused, as compile pauses it) on this CPU machine",
     }
 
 
