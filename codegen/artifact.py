@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 import planc.kernels
+from planc import progress
 from planc.codegen.replace import staged
 from planc.errors import ArtifactError
 
@@ -132,7 +133,8 @@ def _write_program(tmp: Path, name: str, program: Program) -> None:
     source = tmp / program_file(name)
     source.parent.mkdir(parents=True)
     source.write_text(program.source)
-    for rank, tensors in enumerate(program.rank_tensors or []):
+    ranks = program.rank_tensors or []
+    for rank, tensors in progress.track(enumerate(ranks), f"write {name} weights", "ranks", total=len(ranks)):
         path = tmp / weights_file(name, rank)
         path.parent.mkdir(exist_ok=True)
         save_file(_unaliased(tensors), path)

@@ -36,7 +36,7 @@ def _const_name(meta: NodeInfo, prefix: str) -> str:
 
 class _Emitter:
     def __init__(self):
-        self.consts: list[str] = []
+        self.consts: dict[str, str] = {}  # name -> `name = value` line
         self.imports: dict[str, None] = {}
         self.functions: dict[str, Definition] = {}
         self.body: list[str] = []
@@ -45,14 +45,11 @@ class _Emitter:
         """A module-level constant; a name already holding another value (the same node in another
         function of the program, rewritten) gets a numbered suffix."""
         base = name = _const_name(meta, prefix)
-        taken = {line.split(" = ", 1)[0]: line for line in self.consts}
-        suffix = 1
-        while name in taken and taken[name] != f"{name} = {value!r}":
+        text, suffix = repr(value), 1
+        while name in self.consts and self.consts[name] != f"{name} = {text}":
             suffix += 1
             name = f"{base}_{suffix}"
-        line = f"{name} = {value!r}"
-        if line not in self.consts:
-            self.consts.append(line)
+        self.consts[name] = f"{name} = {text}"
         module = type(value).__module__
         if module != "builtins":
             self.imports[f"from {module} import {type(value).__name__}"] = None
@@ -111,6 +108,6 @@ def emit_program(graph: fx.Graph, *, model: str, world_size: int, plan_hash: str
     for name, (extra, doc) in (more or {}).items():
         em.emit(extra, name, doc)
     head = HEADER.format(version=__version__, world=world_size, plan_hash=plan_hash)
-    em.consts.insert(0, f"MODEL = {model!r}")
+    consts = [f"MODEL = {model!r}", *em.consts.values()]
     functions = [line for fn in em.functions.values() for line in ("", "", fn.source.rstrip("\n"))]
-    return head + "\n".join(sorted(em.imports) + [""] + em.consts + functions + em.body) + "\n"
+    return head + "\n".join(sorted(em.imports) + [""] + consts + functions + em.body) + "\n"

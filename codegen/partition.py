@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from planc import progress
 from planc.ir import OPS, Tensors, info
 from planc.weights import named_tensors
 
@@ -44,7 +45,7 @@ def assign(graph: fx.Graph, full: Tensors) -> dict[str, Tensors]:
 def partition(graph: fx.Graph, full: Tensors, world_size: int) -> list[Tensors]:
     """Every rank's tensors, keyed by full FQN; rope ops also get `<fqn>.rotary.inv_freq`."""
     nodes, owned = owners(graph), assign(graph, full)
-    return [_rank_tensors(nodes, owned, full, rank) for rank in range(world_size)]
+    return [_rank_tensors(nodes, owned, full, rank) for rank in progress.track(range(world_size), "partition", "ranks")]
 
 
 def _rank_tensors(nodes: dict[str, fx.Node], owned: dict[str, Tensors], full: Tensors, rank: int) -> Tensors:

@@ -23,8 +23,8 @@ from typing import Literal
 from pydantic import Field
 
 from planc.dims import CommDims, GqaDims
-from planc.ir import (LinearShard, NodeInfo, Segments, Shard, Tensors, add_node, copy_graph, declare_op, divisors,
-                      even_ranges, info, insert_after, mark, members, sum_partials_after, take)
+from planc.ir import (LinearShard, NodeInfo, Segments, Shard, Tensors, add_node, block_members, copy_graph, declare_op,
+                      divisors, even_ranges, info, insert_after, mark, sum_partials_after, take)
 from planc.lazy import lazy
 from planc.strategy import Section, Strategy
 
@@ -78,7 +78,9 @@ def kv_head_range(num_heads: int, num_kv_heads: int, heads_per_rank: int, rank: 
 def attention_tp(graph: fx.Graph, section: AttentionTpSection, ctx) -> fx.Graph:
     graph = copy_graph(graph)
     n = ctx.world_size
-    for core in ctx.bound(graph, ("gqa_attention",)):
+    cores = ctx.bound(graph, ("gqa_attention",))
+    blocks = block_members(graph, [info(core).fqn for core in cores])
+    for core in cores:
         d: GqaDims = info(core).dims
         if n not in valid_degrees(d.num_heads, d.num_kv_heads):
             ctx.decline(core, f"{d.num_heads} query / {d.num_kv_heads} KV heads do not split over {n} devices; valid "
@@ -86,7 +88,7 @@ def attention_tp(graph: fx.Graph, section: AttentionTpSection, ctx) -> fx.Graph:
             continue
         h = d.num_heads // n
         kv = tuple((tuple(x * d.head_dim for x in kv_head_range(d.num_heads, d.num_kv_heads, h, r)),) for r in range(n))
-        parts, rule = members(graph, info(core).fqn), info(core).rule
+        parts, rule = blocks[info(core).fqn], info(core).rule
         mark(parts["q_proj"], strategy="tp", rule=rule, shard=LinearShard("column", even_ranges(d.num_heads, n, d.head_dim)))
         for name in ("k_proj", "v_proj"):
             mark(parts[name], strategy="tp", rule=rule, shard=LinearShard("column", kv))

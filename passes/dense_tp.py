@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from planc.dims import MlpDims
-from planc.ir import (LinearShard, Shard, members, copy_graph, divisors, even_ranges, info, mark,
+from planc.ir import (LinearShard, Shard, block_members, copy_graph, divisors, even_ranges, info, mark,
                       sum_partials_after)
 from planc.lazy import lazy
 from planc.strategy import Section, Strategy
@@ -38,14 +38,16 @@ class Intermediate(Shard):
 def dense_tp(graph: fx.Graph, section: DenseTpSection, ctx) -> fx.Graph:
     graph = copy_graph(graph)
     n = ctx.world_size
-    for act in ctx.bound(graph, ("mlp",)):
+    acts = ctx.bound(graph, ("mlp",))
+    parts = block_members(graph, [info(act).fqn for act in acts])
+    for act in acts:
         width = info(act).dims.intermediate
         if width % n:
             ctx.decline(act, f"intermediate size {width} does not split over {n} devices; valid degrees: "
                              f"{', '.join(map(str, divisors(width)))}")
             continue
         fqn, rule = info(act).fqn, info(act).rule
-        linears = members(graph, fqn)
+        linears = parts[fqn]
         ranges = even_ranges(width, n)
         for name in ("gate_proj", "up_proj"):
             mark(linears[name], strategy="tp", rule=rule, shard=LinearShard("column", ranges))

@@ -84,11 +84,16 @@ class Experts(Shard):
     tables: tuple[tuple[str, torch.Tensor], ...] = field(default=(), repr=False, compare=False)
 
     def slice(self, W: Tensors, info: NodeInfo, rank: int) -> Tensors:
-        local = torch.tensor([e for e, r in enumerate(self.owner) if r == rank])
         out = dict(W)
         for name in ("experts.gate_up_proj", "experts.down_proj"):
-            out[name] = W[name][local] if W[name].device.type != "meta" else W[name][: len(local)]
+            out[name] = self._local(W[name], rank)
         return out | {f"shuffle.{name}": t.clone() for name, t in self.tables}
+
+    def _local(self, experts: torch.Tensor, rank: int) -> torch.Tensor:
+        """The rank's rows of an [E, ...] experts tensor (on meta only their number matters)."""
+        if experts.device.type == "meta":
+            return experts[: self.owner.count(rank)]
+        return experts[torch.tensor([e for e, r in enumerate(self.owner) if r == rank])]
 
 
 IMPORT = ("from planc.passes import ep",)

@@ -16,8 +16,8 @@ from typing import Literal
 from pydantic import Field
 
 from planc.dims import MlaDims
-from planc.ir import (LinearShard, NodeInfo, Shard, Tensors, members, copy_graph, divisors, even_ranges, info, mark,
-                      sum_partials_after)
+from planc.ir import (LinearShard, NodeInfo, Shard, Tensors, block_members, copy_graph, divisors, even_ranges, info,
+                      mark, sum_partials_after)
 from planc.lazy import lazy
 from planc.strategy import Section, Strategy
 
@@ -60,13 +60,15 @@ def _split_heads(graph: fx.Graph, core: fx.Node, parts: dict[str, fx.Node], head
 def mla_tp(graph: fx.Graph, section: MlaTpSection, ctx) -> fx.Graph:
     graph = copy_graph(graph)
     n = ctx.world_size
-    for core in ctx.bound(graph, ("mla_attention",)):
+    cores = ctx.bound(graph, ("mla_attention",))
+    parts = block_members(graph, [info(core).fqn for core in cores])
+    for core in cores:
         d = info(core).dims
         if d.num_heads % n:
             ctx.decline(core, f"{d.num_heads} heads do not split over {n} devices; valid degrees: "
                               f"{', '.join(map(str, divisors(d.num_heads)))}")
             continue
-        _split_heads(graph, core, members(graph, info(core).fqn), d.num_heads // n, n)
+        _split_heads(graph, core, parts[info(core).fqn], d.num_heads // n, n)
         ctx.applied(core, f"{d.num_heads // n} of {d.num_heads} heads per rank; latent cache "
                           f"{d.kv_lora_rank + d.rope_dim} wide on every rank")
     return graph

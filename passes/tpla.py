@@ -29,8 +29,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from planc.dims import CommDims, MlaDims
-from planc.ir import (Call, LinearShard, NodeInfo, Shard, Tensors, add_node, copy_graph, declare_op, divisors, info,
-                      mark, members, sum_partials_after)
+from planc.ir import (Call, LinearShard, NodeInfo, Shard, Tensors, add_node, block_members, copy_graph, declare_op,
+                      divisors, info, mark, sum_partials_after)
 from planc.lazy import lazy
 from planc.ops import MlaCache, Step, acc, apply_rope
 from planc.semantic import MLA_KERNELS
@@ -335,8 +335,9 @@ def tpla(graph: fx.Graph, section: TplaSection, ctx) -> fx.Graph:
         else:
             cores.append(core)
     folds = _folds(cores, section, ctx)
+    parts = block_members(graph, [info(core).fqn for core in cores])
     for core in cores:
-        _expand(graph, core, section, ctx.world_size, *folds[info(core).fqn])
+        _expand(graph, core, parts[info(core).fqn], section, ctx.world_size, *folds[info(core).fqn])
         ctx.applied(core, f"{section.latent_groups} latent slices of {info(core).dims.kv_lora_rank // section.latent_groups}, "
                           f"{info(core).dims.num_heads // (ctx.world_size // section.latent_groups)} heads per rank, "
                           f"transform {section.transform}, prefill {section.prefill}, rmsnorm {section.rmsnorm}")
@@ -370,13 +371,12 @@ def _folds(cores: list[fx.Node], section: TplaSection, ctx) -> dict[str, tuple[t
     return out
 
 
-def _expand(graph: fx.Graph, core: fx.Node, section: TplaSection, world: int, U: torch.Tensor,
+def _expand(graph: fx.Graph, core: fx.Node, parts: dict[str, fx.Node], section: TplaSection, world: int, U: torch.Tensor,
             scales: torch.Tensor | None) -> None:
     meta = info(core)
     d: MlaDims = meta.dims
     layout = Layout(d.num_heads, world, section.latent_groups, section.prefill == "mla")
     whole = section.prefill == "mla" or section.rmsnorm == "recompute"
-    parts = members(graph, meta.fqn)
     q, kv, o_proj = parts.get("q_b_proj", parts.get("q_proj")), parts["kv_a_proj_with_mqa"], parts["o_proj"]
     ranks = range(world)
     mark(q, strategy="tpla", rule=meta.rule, shard=LinearShard(

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from planc import progress
 from planc.errors import PlanError
 from planc.ops import Ops
 from planc.placement import counts
@@ -135,7 +136,7 @@ class Profiles:
             hooks.append(self._module(module_fqn).register_forward_hook(
                 lambda _m, inputs, _out, f=fqn, rec=record: seen[f].append(rec(inputs[0], ids))))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), progress.calls(self.model.model.layers, f"calibrate {name}"):
                 self.model(ids, use_cache=False)
         finally:
             for h in hooks:

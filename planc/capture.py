@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from planc import progress
 from planc.errors import ModelError
 
 EXAMPLE_SHAPE = (2, 8)  # batch, tokens: small, but > 1 so no dimension is specialized to 1
@@ -56,7 +57,9 @@ def capture(model: nn.Module, layers: Sequence[int] | None = None) -> Captured:
     args, kwargs = (example_ids(model),), {"use_cache": False}
     if layers is None:
         return capture_module(model, args, kwargs)
-    captured = capture_module(_keep_layers(model, layers), args, kwargs)
+    kept = _keep_layers(model, layers)
+    with progress.calls(kept.model.layers, "capture", "layers traced"):
+        captured = capture_module(kept, args, kwargs)
     _rename_layers(captured.program, list(layers))
     return captured
 

@@ -4,7 +4,10 @@ plan -> model -> capture -> lift -> bind -> passes -> partition -> codegen -> ar
 """
 from __future__ import annotations
 
+import gc
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import transformers
 import triton
 from torch import nn
 
-from planc import __version__
+from planc import __version__, progress
 from planc.bind import bind, rule_refs
 from planc.calibrate import Profiles
 from planc.codegen.artifact import KERNEL_FILES, Program, write_artifact
@@ -63,10 +66,12 @@ def resolve_model(model: nn.Module | str | None, plan: Plan, meta: bool) -> tupl
         return model.eval(), type(model).__name__
     if model is not None:
         source = _absolute(model)
-        return load_model(source, dtype=dtype, meta=meta), source
+        with progress.bar(f"model {model}"):
+            return load_model(source, dtype=dtype, meta=meta), source
     source, where = _plan_source(plan)
     try:
-        return load_model(source, dtype=dtype, meta=meta), source
+        with progress.bar(f"model {plan.model.source}"):
+            return load_model(source, dtype=dtype, meta=meta), source
     except ModelError as exc:
         raise ModelError(f"{where}: {exc}") from None
 
@@ -101,6 +106,22 @@ def passes_that_ran(ctx: PassContext) -> str:
     return " -> ".join(name for name in dict.fromkeys(s.name for s in STRATEGIES) if name in ran) or "none"
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside: a compile allocates many long-lived objects (module
+    trees, FX nodes and their metadata), and each full collection they trigger walks the whole heap
+    of a process that imported torch (about 0.3 s on a CPU machine). Cycles made meanwhile are
+    collected after, on the interpreter's usual schedule."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@gc_paused()
 def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | Path, *,
             meta: bool = False, strict: bool = False, log=None, captured: DynamoCaptured | None = None) -> Artifact:
     """`captured`: the model's graph from another front end (the torch.compile backend's Dynamo

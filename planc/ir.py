@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -240,13 +240,19 @@ def nodes_of(graph: fx.Graph, *kinds: str) -> list[fx.Node]:
     return [n for n in graph.nodes if "planc" in n.meta and info(n).kind in kinds]
 
 
-def members(graph: fx.Graph, fqn: str) -> dict[str, fx.Node]:
-    """The nodes computing `fqn` and its submodules, keyed by FQN relative to it ("" for the node
-    of `fqn` itself, "o_proj", "shared_experts.down_proj", ...); the first node of each FQN."""
-    found = {}
+def block_members(graph: fx.Graph, fqns: Iterable[str]) -> dict[str, dict[str, fx.Node]]:
+    """For each of `fqns`: the nodes computing it and its submodules, keyed by FQN relative to it
+    ("" for the node of the FQN itself, "o_proj", "shared_experts.down_proj", ...), the first node
+    of each FQN. One walk of the graph for all: a pass that rewrites every layer's block asks for
+    them all before its first rewrite (each rewrite adds nodes under its own block only)."""
+    found: dict[str, dict[str, fx.Node]] = {fqn: {} for fqn in fqns}
     for n in graph.nodes:
-        if "planc" in n.meta and (info(n).fqn == fqn or info(n).fqn.startswith(fqn + ".")):
-            found.setdefault(info(n).fqn[len(fqn):].lstrip("."), n)
+        if "planc" not in n.meta:
+            continue
+        fqn = info(n).fqn
+        for cut in [len(fqn)] + [i for i in range(len(fqn) - 1, 0, -1) if fqn[i] == "."]:
+            if fqn[:cut] in found:
+                found[fqn[:cut]].setdefault(fqn[cut + 1:], n)
     return found
 
 

@@ -4,10 +4,13 @@ The same config with num_hidden_layers set to each depth, compiled with the mla_
 8 devices, all in this process, rounds interleaved so that drift hits every depth alike. One
 untimed warm-up compile at the smallest depth runs first (imports, export's first-call caches).
 A timed sample is model construction on meta + `planc.driver.compile` (what `planc compile
---meta` waits for, less interpreter start); artifacts go to a temporary directory.
+--meta` waits for, less interpreter start), both with garbage collection paused as the driver
+pauses it, after an untimed full collection (a fresh process's heap holds no earlier compile's
+garbage); artifacts go to a temporary directory.
 """
 from __future__ import annotations
 
+import gc
 import statistics
 import tempfile
 import time
@@ -16,41 +19,45 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
 
-from planc.driver import compile
-from planc.models.registry import bundled_config
+from planc.driver import compile, gc_paused
+from planc.models.registry import bundled_config, init_model
 from planc.plan import Plan, load_plan
 from planc.dims import DTYPES
 
 PLAN = Path(__file__).resolve().parents[2] / "plans" / "deepseek_v3_mla_tp_ep8.yaml"
-# The driver logs one line after each step; a stage is named by the line that closes it.
-STAGE_NAMES = {"model": "resolve", "lift": "capture+lift", "passes": "passes"}
-STAGES = ("build", "resolve", "capture+lift", "passes", "partition+codegen")
+# The driver logs lines after its steps; a stage ends at the first line of the word that closes
+# it (the plan's t3 candidates are listed once partition and report are done), and lines of other
+# words (captured, declined, note) fall in the stage that is running, so the stages add up.
+CLOSED_BY = {"model": "resolve", "lift": "capture+lift", "passes": "passes", "t3": "partition+report"}
+STAGES = ("build", "resolve", "capture+lift", "passes", "partition+report", "codegen+write")
 
 
 def deepseek_v3_on_meta(num_layers: int, dtype: torch.dtype) -> nn.Module:
+    """The bundled config at `num_layers`, built as `planc compile deepseek-v3 --meta` builds it."""
     config = bundled_config("deepseek-v3")
     config.num_hidden_layers = num_layers
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    return init_model(config, dtype, meta=True)
 
 
 def time_compile(num_layers: int, plan: Plan, out: Path) -> dict[str, float]:
     """Seconds of one build + compile (artifact written to `out`), split by stage."""
-    stamps: list[tuple[str, float]] = []
+    stamps: dict[str, float] = {}
 
     def stamp(line: str) -> None:
-        word = line.split()[0]
-        stamps.append((STAGE_NAMES.get(word, word), time.perf_counter()))
+        stage = CLOSED_BY.get(line.split()[0])
+        if stage is not None:
+            stamps.setdefault(stage, time.perf_counter())
 
-    started = time.perf_counter()
-    model = deepseek_v3_on_meta(num_layers, DTYPES.get(plan.model.dtype, torch.float32))
-    stamps.append(("build", time.perf_counter()))
-    compile(model, plan, out, meta=True, log=stamp)
-    stamps.append(("partition+codegen", time.perf_counter()))
+    gc.collect()
+    with gc_paused():
+        started = time.perf_counter()
+        model = deepseek_v3_on_meta(num_layers, DTYPES.get(plan.model.dtype, torch.float32))
+        stamps["build"] = time.perf_counter()
+        compile(model, plan, out, meta=True, log=stamp)
+        stamps["codegen+write"] = time.perf_counter()
     stages, previous = {}, started
-    for name, at in stamps:
+    for name, at in sorted(stamps.items(), key=lambda item: item[1]):
         stages[name], previous = at - previous, at
     return {"total": previous - started, **stages}
 
@@ -86,11 +93,12 @@ def run(layers: Sequence[int] = (4, 16, 61), repeats: int | Sequence[int] = 3) -
         "seconds": seconds,
         "repeats": counts,
         "seconds_per_layer": _marginal(list(layers), seconds),
+        "growth": _growth(seconds),
         "stages": [{name: statistics.median(s[name] for s in depth) for name in STAGES} for depth in samples],
         "samples": [[s["total"] for s in depth] for depth in samples],
         "note": "median of `repeats` compiles per depth (a single sample where repeats is 1), rounds "
                 "interleaved across depths after one untimed warm-up; seconds = model build on meta + "
-                "planc.driver.compile on this CPU machine",
+                "planc.driver.compile (garbage collection paused, as compile pauses it) on this CPU machine",
     }
 
 
@@ -99,16 +107,23 @@ def _marginal(layers: list[int], seconds: list[float]) -> list[float | None]:
     return [None] + [(s1 - s0) / (l1 - l0) for l0, l1, s0, s1 in zip(layers, layers[1:], seconds, seconds[1:])]
 
 
+def _growth(seconds: list[float]) -> list[float | None]:
+    """Relative increase of the seconds from the previous depth (None for the first)."""
+    return [None] + [s1 / s0 - 1 for s0, s1 in zip(seconds, seconds[1:])]
+
+
 def table(result: dict) -> str:
     head = (f"compile: {result['model']}, {result['plan']}, {result['devices']} devices "
-            f"(median seconds; stages: median of each stage)")
-    cols = f"{'layers':>6} {'repeats':>7} {'seconds':>8} {'s/layer':>8}  " + " ".join(f"{s:>{_w(s)}}" for s in STAGES)
+            f"(median seconds; s/layer and growth: from the "
+            f"previous depth; stages: median of each stage)")
+    cols = (f"{'layers':>6} {'repeats':>7} {'seconds':>8} {'s/layer':>8} {'growth':>7}  "
+            + " ".join(f"{s:>{_w(s)}}" for s in STAGES))
     rows = [head, cols]
     for i, num_layers in enumerate(result["layers"]):
-        per_layer = result["seconds_per_layer"][i]
-        rows.append(f"{num_layers:>6} {result['repeats'][i]:>7} {result['seconds'][i]:>8.2f} "
-                    f"{'-' if per_layer is None else f'{per_layer:.3f}':>8}  "
-                    + " ".join(f"{result['stages'][i][s]:>{_w(s)}.2f}" for s in STAGES))
+        per_layer, growth = result["seconds_per_layer"][i], result["growth"][i]
+        rows.append(f"{num_layers:>6} {result['repeats'][i]:>7} {result['seconds'][i]:>8.3f} "
+                    f"{'-' if per_layer is None else f'{per_layer:.4f}':>8} {'-' if growth is None else f'{growth:+.1%}':>7}  "
+                    + " ".join(f"{result['stages'][i][s]:>{_w(s)}.3f}" for s in STAGES))
     return "\n".join(rows + [f"note: {result['note']}"])
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from planc import progress
 from planc.ops import GqaCache, MlaCache, Ops, Step
 from planc.lift.recognize import CAPTURED, Block
 from planc.weights import named_tensors, scoped
@@ -122,7 +123,8 @@ def check_blocks(model: nn.Module, gm: fx.GraphModule, blocks: list[Block], exam
     rec = _Recorder(gm, wanted)
     with torch.no_grad():
         rec.run(*example_args, *example_kwargs.values())
-        return [_check_one(model, b, bounds[b.fqn], rec.values) for b in blocks] + _check_residuals(blocks, bounds, rec.values)
+        checked = [_check_one(model, b, bounds[b.fqn], rec.values) for b in progress.track(blocks, "lift checks", "blocks")]
+        return checked + _check_residuals(blocks, bounds, rec.values)
 
 
 def _check_one(model: nn.Module, block: Block, bound, values) -> Check:

@@ -15,6 +15,7 @@ from planc.plan import load_plan
 def test_compile_case_times_a_meta_compile_of_the_depth_asked_for(tmp_path):
     sample = compile_case.time_compile(5, load_plan(compile_case.PLAN), tmp_path / "art")
     assert set(compile_case.STAGES) <= set(sample)  # every stage closed by a driver log line, none missing
+    assert sum(sample[s] for s in compile_case.STAGES) == pytest.approx(sample["total"])  # no second left out
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     report = json.loads((tmp_path / "art" / "report.json").read_text())
     assert manifest["meta"] and manifest["world_size"] == 8 and not (tmp_path / "art" / "weights").exists()
@@ -27,6 +28,7 @@ def test_compile_case_reports_each_depth():
     assert (result["case"], result["layers"], result["repeats"], result["devices"]) == ("compile", [4, 5], [1, 1], 8)
     assert [len(s) for s in result["samples"]] == [1, 1] and result["seconds"] == [s[0] for s in result["samples"]]
     assert [set(stages) for stages in result["stages"]] == [set(compile_case.STAGES)] * 2
+    assert result["growth"] == [None, pytest.approx(result["seconds"][1] / result["seconds"][0] - 1)]
     json.dumps(result)
     assert [line.split()[0] for line in compile_case.table(result).splitlines()[2:4]] == ["4", "5"]
 

@@ -51,8 +51,8 @@ def block_source(graph: fx.Graph, block: str) -> tuple[str, str]:
     leaving = next(n for n in nodes if any(u not in inside for u in n.users))
     em = _Emitter()
     body = [em.line(n) for n in nodes]
-    src = "\n".join(sorted(em.imports) + em.consts + [f"def block({entering.name}, ops, comm, W, caches, step):"]
-                    + body + [f"    return {leaving.name}"])
+    src = "\n".join(sorted(em.imports) + list(em.consts.values())
+                    + [f"def block({entering.name}, ops, comm, W, caches, step):"] + body + [f"    return {leaving.name}"])
     return src, entering.name
 
 
