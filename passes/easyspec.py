@@ -39,7 +39,7 @@ from planc.errors import PlanError
 from planc.ir import Call, NodeInfo, Shard, Tensors, add_node, copy_graph, declare_op, info
 from planc.lazy import lazy
 from planc.semantic import MLA_KERNELS
-from planc.strategy import Frozen
+from planc.strategy import Drafted, Drafting, Frozen
 
 torch = lazy("torch")
 fx = lazy("torch.fx")
@@ -120,6 +120,28 @@ class _Sublayer:
     out: fx.Node  # o_proj
     add: fx.Node  # residual add after the attention
     h_in: fx.Node  # the hidden state the sub-layer reads
+
+
+def draft(graph: fx.Graph, section: EasySpecSection, ctx) -> Drafted:
+    """The pass: the exact `forward` and `forward_layer_parallel`, where each draft attention runs
+    and what the runtime needs to draft layer-parallel and calibrate."""
+    exact, parallel = place(graph, section, ctx), layer_parallel(graph, section, ctx)
+    found = placement(parallel)
+    speculate = {"layer_parallel": {
+        "degree": section.layer_parallel, "combine": section.combine, "calibrate": section.calibrate,
+        "depth": found["depth"], "exact": all(len(g) == 1 for g in found["groups"]),
+        "placement": {e["attention"]: e["rank"] for e in found["layers"]}}}
+    doc = "EasySpec drafting: groups of attention sub-layers read the same input, each on its own rank; their KV entries are fuzzy."
+    log = [f"easyspec {len(found['groups'])} groups of {section.layer_parallel}: sequential attention depth "
+           f"{found['depth']} of {found['sequential_depth']}"]
+    return Drafted(exact, {"forward_layer_parallel": (parallel, doc)},
+                   [("easyspec", exact), ("easyspec layer_parallel", parallel)],
+                   candidates(found), {"layer_parallel": found}, speculate, log)
+
+
+DRAFTING = Drafting("easyspec", EasySpecSection, draft,
+                    "EasySpec layer-parallel drafting with KV calibration; absent: the draft runs its layers in "
+                    "order (standard speculative decoding).")
 
 
 def layer_parallel(graph: fx.Graph, section: EasySpecSection, ctx) -> fx.Graph:

@@ -31,20 +31,23 @@ from planc.lift.captured import captured_lines
 from planc.lift.dynamo import DynamoCaptured
 from planc.models.registry import dtype_name, load_model, source_kind
 from planc.models.tokenizer import NONE, model_tokenizer, tokenizer_files
-from planc.passes import STRATEGIES, easyspec
+from planc.passes import STRATEGIES
 from planc.passmanager import PassContext, run_passes
 from planc.plan import Plan, load_plan, locate
 from planc.report.report import build_report, cache_specs, candidate_lines, candidates, collectives_per_step
+from planc.strategy import Drafted
 
 
 @dataclass
 class Draft:
     """The draft compiled for speculative decoding: its program, its report and what the runtime
-    needs to speculate (manifest["speculate"])."""
+    needs to speculate (manifest["speculate"]); drafting_candidates: its drafting pass's candidates
+    (listed with the target's)."""
 
     program: Program
     report: dict
     speculate: dict
+    drafting_candidates: dict[str, list[dict]]
 
 
 @dataclass
@@ -155,7 +158,7 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
     if plan.draft is not None:
         draft = compile_draft(plan, model, meta=meta, strict=strict, log=log)
         programs["draft"], report["draft"], manifest["speculate"] = draft.program, draft.report, draft.speculate
-        report["candidates"]["easyspec"] = draft.report["candidates"].get("easyspec", [])
+        report["candidates"].update(draft.drafting_candidates)
     report["compile_seconds"] = time.perf_counter() - started
     path = write_artifact(Path(out), manifest=manifest, programs=programs, report=report,
                           tokenizer=tokenizer_files(source))
@@ -164,49 +167,50 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
 
 def compile_draft(plan: Plan, target: nn.Module, *, meta: bool = False, strict: bool = False, check: bool = True,
                   log=None) -> Draft:
-    """The plan's draft section through the same pipeline (its own rules, the same mesh), plus the
-    EasySpec layer-parallel graph as a second entry point of its program when the plan asks for it
-    (check: the lift's numeric checks, as compile runs them)."""
+    """The plan's draft section through the same pipeline (its own rules, the same mesh), then the
+    drafting pass the section names (passes.DRAFTINGS), whose further graphs become further entry
+    points of the draft's program (check: the lift's numeric checks, as compile runs them)."""
     log = log or (lambda msg: None)
     sub = plan.draft_plan()
     model, source = resolve_model(None, sub, meta)
     _check_vocabulary(plan, model, target)
     log(f"draft    {source} ({type(model).__name__})")
     graph, ctx = parallelize(lift(model, check=check and not meta).graph, sub, model, strict=strict, meta=meta)
-    more, found = {}, None
-    if plan.draft.easyspec is not None:
-        graph, parallel = _easyspec(graph, plan, ctx)
-        found = easyspec.placement(parallel)
-        more["forward_layer_parallel"] = (parallel, "EasySpec drafting: groups of attention sub-layers read the "
-                                          "same input, each on its own rank; their KV entries are fuzzy.")
-        log(f"easyspec {len(found['groups'])} groups of {plan.draft.easyspec.layer_parallel}: sequential attention "
-            f"depth {found['depth']} of {found['sequential_depth']}")
+    elem = DTYPES[dtype_name(model)].itemsize
+    drafted = [_drafting(drafting, section, graph, plan, ctx) for drafting, section in plan.draft.draftings()]
+    graph = drafted[-1][1].forward if drafted else graph
     ranks = partition(graph, model_tensors(model), plan.mesh.devices)
-    report = build_report(graph, ctx, ranks, elem=DTYPES[dtype_name(model)].itemsize, checks=[], meta=meta)
+    report = build_report(graph, ctx, ranks, elem=elem, checks=[], meta=meta)
     for record in ctx.records:
         if record.action == "declined":
             log(f"declined {record.pass_name} on draft {record.target}: {record.detail}")
-    if found is not None:
-        report["candidates"]["easyspec"] = easyspec.candidates(found)
-        for line in candidate_lines({"easyspec": report["candidates"]["easyspec"]}):
+    more, speculate, listed = {}, _speculate(plan, source, graph), {}
+    for name, done in drafted:
+        more.update(done.more)
+        speculate.update(done.speculate)
+        report.update(done.report)
+        listed[name] = report["candidates"][name] = done.candidates
+        for line in [*done.log, *candidate_lines({name: done.candidates})]:
             log(line)
-        report["layer_parallel"] = {**found, "collectives_per_step": collectives_per_step(
-            more["forward_layer_parallel"][0], DTYPES[dtype_name(model)].itemsize, plan.mesh.devices)}
+    # what each further entry point moves per step, as the report counts `forward`'s
+    report["entry_points"] = {entry: {"doc": doc, "collectives_per_step": collectives_per_step(g, elem, plan.mesh.devices)}
+                              for entry, (g, doc) in more.items()}
     text = emit_program(graph, model=source, world_size=plan.mesh.devices, plan_hash=plan.hash(), more=more)
     program = Program(text, cache_specs(graph), None if meta else ranks, dtype=dtype_name(model))
-    return Draft(program, report, _speculate(plan, source, graph, found))
+    return Draft(program, report, speculate, listed)
 
 
-def _easyspec(graph: fx.Graph, plan: Plan, ctx: PassContext) -> tuple[fx.Graph, fx.Graph]:
-    """The easyspec pass's two graphs (exact forward, layer-parallel forward), recorded like the
-    rule passes' (records and graphs in the draft's report)."""
-    ctx.current = "easyspec"
-    ctx.rule = RuleRef(-1, "draft.easyspec", locate(plan, ("draft", "easyspec")) or "plan", section="easyspec")
-    exact, parallel = (rewrite(graph, plan.draft.easyspec, ctx) for rewrite in (easyspec.place, easyspec.layer_parallel))
-    for name, g in (("easyspec", exact), ("easyspec layer_parallel", parallel)):
+def _drafting(drafting, section, graph: fx.Graph, plan: Plan, ctx: PassContext) -> tuple[str, Drafted]:
+    """A drafting pass over the draft's graph, recorded like the rule passes (records and graphs in
+    the draft's report; its declines point at its plan key)."""
+    ctx.current = drafting.name
+    where = locate(plan, ("draft", drafting.name)) or "plan"
+    ctx.rule = RuleRef(-1, f"draft.{drafting.name}", where, section=drafting.name)
+    done = drafting.rewrite(graph, section, ctx)
+    for name, g in done.graphs:
         g.lint()
         ctx.graphs.append((name, g))
-    return exact, parallel
+    return drafting.name, done
 
 
 def _check_vocabulary(plan: Plan, draft: nn.Module, target: nn.Module) -> None:
@@ -216,15 +220,10 @@ def _check_vocabulary(plan: Plan, draft: nn.Module, target: nn.Module) -> None:
                         "speculative decoding needs the same tokenizer: choose a draft trained on the target's")
 
 
-def _speculate(plan: Plan, source: str, graph: fx.Graph, found: dict | None) -> dict:
-    """What the runtime reads: gamma, whether drafting is layer-parallel and its fuzzy entries need
-    calibration, and the attention depth of each kind of draft forward."""
-    spec = plan.draft.easyspec
-    return {"tokens": plan.draft.speculate.tokens, "draft": source, "sequential_depth": len(cache_specs(graph)),
-            "layer_parallel": None if spec is None else {
-                "degree": spec.layer_parallel, "combine": spec.combine, "calibrate": spec.calibrate,
-                "depth": found["depth"], "exact": all(len(g) == 1 for g in found["groups"]),
-                "placement": {e["attention"]: e["rank"] for e in found["layers"]}}}
+def _speculate(plan: Plan, source: str, graph: fx.Graph) -> dict:
+    """What the runtime reads of every draft: gamma, the draft, the attention depth of its exact
+    forward (a drafting pass adds what drafting its way needs)."""
+    return {"tokens": plan.draft.speculate.tokens, "draft": source, "sequential_depth": len(cache_specs(graph))}
 
 
 def _manifest(model: nn.Module, source: str, plan: Plan, meta: bool) -> dict:
@@ -269,7 +268,7 @@ def validation(plan_path: str | Path, model: str | None = None, *, meta: bool = 
         draft = compile_draft(plan, module, meta=meta, strict=strict, check=False)
         declines += [{"pass": r["pass_name"], "target": f"draft {r['target']}", "rule": None, "detail": r["detail"]}
                      for r in draft.report["declines"]]
-        listed["easyspec"] = draft.report["candidates"].get("easyspec", [])
+        listed.update(draft.drafting_candidates)
     return {**found, "model": source, "applied": sum(r.action == "applied" for r in ctx.records),
             "declines": declines, "candidates": listed}
 

@@ -95,7 +95,7 @@ def _speculation(manifest: dict, results: list[dict]) -> dict:
     """Rank 0's acceptance figures, each rank's draft work, rank 0's collectives per round by phase."""
     r0, spec = results[0], manifest["speculate"]
     rounds = r0["speculation"]["rounds"]
-    return {**r0["speculation"], "draft": spec["draft"], "easyspec": spec["layer_parallel"],
+    return {**r0["speculation"], "draft": spec["draft"], "easyspec": spec.get("layer_parallel"),
             "draft_work_per_rank": [{"rank": r["rank"], **r["draft_work"]} for r in results],
             "collectives_per_round": {phase: per_step(r0["comm"].get(phase, {}), rounds)
                                       for phase in ("verify", "draft", "calibrate") if phase in r0["comm"]}}

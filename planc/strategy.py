@@ -68,3 +68,36 @@ class Strategy:
     rewrite: Pass
     summary: str = ""
     candidates: Callable[[fx.Graph, "PassContext"], list[dict[str, Any]]] | None = None
+
+
+@dataclass(frozen=True)
+class Drafted:
+    """What a drafting pass made of the draft's graph (its rules already applied).
+
+    forward: the draft program's `forward` (prefill, and any exact pass over accepted tokens);
+    more: further entry points of the draft program, name -> (graph, docstring); graphs: the graphs
+    to record in the draft's report, in order; candidates: report.json's candidates[name] (also
+    listed with the target's, so `planc compile`, validate and inspect show them); report: entries
+    of the draft's report.json; speculate: entries of manifest["speculate"], what the runtime reads
+    to draft this way; log: lines `planc compile` prints."""
+
+    forward: fx.Graph
+    more: dict[str, tuple[fx.Graph, str]]
+    graphs: list[tuple[str, fx.Graph]]
+    candidates: list[dict[str, Any]]
+    report: dict[str, Any]
+    speculate: dict[str, Any]
+    log: list[str]
+
+
+@dataclass(frozen=True)
+class Drafting:
+    """A way of drafting for speculative decoding, written as a key of the plan's `draft:` section
+    (`draft: {easyspec: {...}}`). name: that key and the pass's name; config: the section's
+    pydantic model; rewrite: the pass, `(graph, section, ctx) -> Drafted`, run once on the draft's
+    graph after the draft's own rules; summary: the schema's description of the key."""
+
+    name: str
+    config: type[Frozen]
+    rewrite: Callable[["fx.Graph", Any, "PassContext"], Drafted]
+    summary: str = ""

@@ -13,8 +13,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import ConfigDict, Field, PrivateAttr, create_model, model_validator
 
-from planc.passes import STRATEGIES
-from planc.passes.easyspec import EasySpecSection
+from planc.passes import DRAFTINGS, STRATEGIES
 from planc.strategy import Frozen as _Frozen, Section
 
 MAX_DEVICES = 1024  # ranks of one program; each gets its own weights file
@@ -122,7 +121,7 @@ class Speculate(_Frozen):
                         "gamma + 1 positions in one pass.")
 
 
-class Draft(_Frozen):
+class _DraftBase(_Frozen):
     """Speculative decoding: a draft model compiled beside the target (program `draft` of the same
     artifact, on the same ranks) under its own rules; greedy or sampled as `planc run` asks."""
 
@@ -130,10 +129,23 @@ class Draft(_Frozen):
     rules: tuple[Rule, ...] = Field(
         (), max_length=MAX_RULES,
         description="The draft's own module rules (same form as the plan's); none: every block replicated.")
-    easyspec: EasySpecSection | None = Field(
-        None, description="EasySpec layer-parallel drafting with KV calibration; absent: the draft runs its "
-        "layers in order (standard speculative decoding).")
     speculate: Speculate = Field(default_factory=Speculate)
+
+    @model_validator(mode="after")
+    def _one_drafting(self) -> "_DraftBase":
+        present = [d.name for d, _ in self.draftings()]
+        if len(present) > 1:
+            raise ValueError(f"choose one way of drafting; found {', '.join(present)}")
+        return self
+
+    def draftings(self) -> list[tuple[Any, Any]]:
+        """The drafting passes this section asks for, with their sections (none: layer by layer)."""
+        return [(d, getattr(self, d.name)) for d in DRAFTINGS if getattr(self, d.name) is not None]
+
+
+# A key per way of drafting (passes/ declares them; this file lists none).
+Draft = create_model("Draft", __base__=_DraftBase, __doc__=_DraftBase.__doc__,
+                     **{d.name: (d.config | None, Field(None, description=d.summary)) for d in DRAFTINGS})
 
 
 class Plan(_Frozen):

@@ -110,7 +110,7 @@ def test_speculative_run_prints_acceptance_and_its_collectives_equal_the_report(
     assert 0 < spec["accepted"] <= spec["drafted"] and spec["draft_sequential_depth"] == 4.5  # (6 + 3 * 4) / 4
     assert [w["grouped_attention"] for w in spec["draft_work_per_rank"]] == [spec["rounds"] * 4 + 1] * 4
     per_round, rows = spec["collectives_per_round"], len(result["tokens"])
-    drafting = report["draft"]["layer_parallel"]["collectives_per_step"]["all_gather_varlen"]
+    drafting = report["draft"]["entry_points"]["forward_layer_parallel"]["collectives_per_step"]["all_gather_varlen"]
     assert per_round["draft"]["all_gather_varlen"]["calls"] == 3 * drafting["calls"] == 3 * 2
     assert per_round["draft"]["all_gather_varlen"]["bytes"] == 3 * drafting["bytes_per_token"] * rows
     assert per_round["calibrate"]["all_gather_varlen"]["calls"] == 4
