@@ -97,13 +97,18 @@ def final_nodes(report: dict) -> dict[str, dict]:
 
 
 def parse_program(source: str, nodes: dict[str, dict], captured: frozenset[str] = frozenset()) -> list[Line]:
-    """Lines of `forward` are nodes; module-level functions (run-as-captured code) are not. A call of
-    a `captured` block (by FQN) belongs to its grid cell, though no rule produced it."""
+    """Lines of `forward` are nodes (its `def` line the inputs); module-level functions (run-as-captured
+    code) are not. A line of a block belongs to its grid cell, with a rule or without (replicated;
+    a `captured` block, by FQN, runs as captured)."""
     lines = []
     in_forward = False
+    inputs = [name for name, n in nodes.items() if n.get("kind") == "placeholder"]
     for text in source.splitlines():
         if text.startswith("def "):
             in_forward = text.startswith("def forward(")
+            if in_forward and inputs:
+                lines.append(Line(text, node=inputs[0]))
+                continue
         found = ASSIGNMENT.match(text) if in_forward else None
         node = nodes.get(found.group(1)) if found else None
         if node is None:
@@ -111,7 +116,9 @@ def parse_program(source: str, nodes: dict[str, dict], captured: frozenset[str] 
         elif node.get("rule") is None and node.get("fqn") in captured:
             lines.append(Line(text, None, cell_of(node["fqn"]), CAPTURED, node=node["name"]))
         elif node.get("rule") is None:
-            lines.append(Line(text, node=node["name"]))
+            block = node.get("block") or ""
+            lines.append(Line(text, None, cell_of(block) if block else None, node.get("strategy") or "replicated",
+                              node=node["name"]))
         else:
             where = node.get("block") or node.get("fqn", "")
             lines.append(Line(text, node["rule"], cell_of(where), node["strategy"],
@@ -124,8 +131,11 @@ def build_grid(report: dict, lines: list[Line]) -> dict[str, Cell]:
     for line in lines:
         if line.cell:
             cell = cells.setdefault(line.cell, Cell(strategy=line.strategy, from_program=True))
-            cell.rules |= {line.rule} - {None}
-            cell.numbers.update(line.numbers)
+            if line.rule is not None:
+                if not cell.rules:
+                    cell.strategy = line.strategy  # the block's first line from a rule names its strategy
+                cell.rules.add(line.rule)
+                cell.numbers.update(line.numbers)
     for record in report.get("passes", []):
         _add_record(cells, record)
     for entry in report.get("run_as_captured", []):

@@ -313,3 +313,30 @@ def test_measured_trace_is_drawn_beside_the_prediction(artifact, tmp_path):
         assert f"<td>{row['name']}</td><td>{inspect.ms(row['busy_s'])}</td>" in section
     (art / timeline.MEASURED).write_text("{not json")
     assert "is not a trace planc wrote" in _section(inspect.render(art), "timeline")
+
+
+FAMILY_PLAN = """version: 1
+mesh: {devices: 2}
+rules:
+  - match: "model.layers.*.self_attn"
+    attention: {strategy: %s}
+  - match: "model.layers.*.mlp"
+    %s
+"""
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen2_moe", "olmoe", "deepseek_v2"])
+def test_every_family_page_picks_lines_for_everything_it_shows(family, tmp_path):
+    """Across the families: each rule, grid cell and graph box the page shows has program lines."""
+    from tests.families.configs import build
+
+    moe = family not in ("llama", "qwen3")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(FAMILY_PLAN % ("mla_tp" if family.startswith("deepseek") else "tp",
+                                   "moe: {strategy: ep}" if moe else "mlp: {strategy: tp}"))
+    art = compile(build(family), plan, tmp_path / "art", meta=True).path
+    view = inspect.view(art)
+    assert view["details"] and all(entry["lines"] for entry in view["details"].values()), \
+        [key for key, entry in view["details"].items() if not entry["lines"]]
+    shown = {k for k in view["details"] if k.startswith("node:")}
+    assert shown == {f"node:{box.key}" for box in view["picture"].nodes}
