@@ -95,18 +95,22 @@ class Figures:
         return cls(**{f.name: summary[f.name] for f in fields(cls)})
 
     def summary(self, spec: Speculation) -> dict:
-        return {"tokens": spec.tokens, **asdict(self),
-                "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+        return {"tokens": spec.tokens, "sequential_depth": spec.sequential_depth,
+                "layer_parallel": spec.layer_parallel, "calibrate": spec.calibrate and spec.fuzzy,
+                **self.rates(spec.tokens)}
+
+    def rates(self, tokens: int) -> dict:
+        """The counts and seconds, and the rates derived from them (tokens: drafted per round)."""
+        return {**asdict(self), "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
                 "mean_accepted_length": (self.accepted + self.verified) / self.verified if self.verified else 0.0,
-                "draft_sequential_depth": self.draft_depth / (self.rounds * spec.tokens) if self.rounds else 0.0,
-                "sequential_depth": spec.sequential_depth, "layer_parallel": spec.layer_parallel,
-                "calibrate": spec.calibrate and spec.fuzzy}
+                "draft_sequential_depth": self.draft_depth / (self.rounds * tokens) if self.rounds else 0.0}
 
 
-def combined(summaries: list[dict], spec: Speculation) -> dict:
-    """The summary of batches decoded one after another (`planc run --batch-size`): counts and
-    seconds summed, rates derived from the sums."""
-    return sum((Figures.of(s) for s in summaries), Figures()).summary(spec)
+def combined(summaries: list[dict]) -> dict:
+    """One summary for runs of the same speculation (the batches of `planc run --batch-size`, a
+    benchmark's rounds): the first's settings, counts and seconds summed, rates derived from the sums."""
+    total = sum((Figures.of(s) for s in summaries), Figures())
+    return {**summaries[0], **total.rates(summaries[0]["tokens"])}
 
 
 @torch.no_grad()

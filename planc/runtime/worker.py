@@ -69,7 +69,7 @@ def _generate(model: Model, draft: Model | None, spec: Speculation | None, args:
             parts.append(speculative_generate(model, draft, prompts, args["max_new_tokens"], strategy, spec, **options))
     out = concat(parts)
     if spec is not None:
-        out.speculation = combined([p.speculation for p in parts], spec)
+        out.speculation = combined([p.speculation for p in parts])
     return out
 
 
