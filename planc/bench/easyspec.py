@@ -21,9 +21,9 @@ Two batch settings, measured in one run:
 Rounds interleave the configurations so drift on this shared machine hits each alike. Figures are
 pooled over a configuration's rounds: tokens/s is every decoded token over every second of the
 decode loops (inside rank 0), acceptance figures are derived from the summed counts, draft and
-verify times per round are rank 0's wall time in the draft's forwards (catch-up or calibration
-included) and in the target's, summed, over the rounds summed. speedup_vs_vanilla compares within
-one batch setting.
+verify ms per round are rank 0's wall time in the draft's forwards (catch-up or calibration
+included) and in the target's over all rounds. speedup_vs_vanilla compares within one batch
+setting.
 
 The prediction is the cost model's (planc.cost: roofline per op, ring collectives, 10 us per
 call) for DeepSeek-V3 on 8 x H100 (MLA heads and dense MLPs split 8 ways, experts 8 ways) with
