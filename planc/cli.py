@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="compiled artifact directory")
     p.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable: one batch row each)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="decode the prompts N at a time, each batch prefilled and decoded on its own, one after "
+                        "another in the same launch; the figures are summed over the batches (default: all "
+                        "prompts in one batch)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 = all")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (the same on every rank)")
@@ -346,7 +350,7 @@ def cmd_run(args) -> int:
     result = run(Path(args.artifact), nproc=args.nproc, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
                  sampling={"temperature": args.temperature, "top_k": args.top_k, "seed": args.seed},
                  kernels=args.kernels, timeout_s=args.timeout, collective_timeout_s=args.collective_timeout,
-                 rdzv=_rdzv(args), trace=trace)
+                 rdzv=_rdzv(args), trace=trace, batch_size=args.batch_size)
     if _speaks():
         print(json.dumps(result) if args.json else format_run(result))
 

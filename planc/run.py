@@ -7,7 +7,7 @@ from pathlib import Path
 from planc.errors import RunError
 from planc.models.tokenizer import Tokenizer, artifact_tokenizer
 from planc.runtime.artifact import open_artifact
-from planc.runtime.decode import choose_strategy
+from planc.runtime.decode import batches, choose_strategy
 from planc.runtime.launch import COLLECTIVE_TIMEOUT_S, check_limits, launch
 from planc.runtime.kernel_ops import default_kernels
 from planc.verify import DEFAULT_PROMPTS, WORKER, default_prompt_ids, ranks_per_machine
@@ -29,13 +29,18 @@ def _prompt_ids(artifact: Path, manifest: dict, tokenizer: Tokenizer | None, pro
 def run(artifact: Path, *, nproc: int | None = None, prompts: list[str] | None = None, max_new_tokens: int = 64,
         sampling: dict | None = None, kernels: str | None = None, timeout_s: float = 900,
         collective_timeout_s: float = COLLECTIVE_TIMEOUT_S, rdzv: dict | None = None, speculate: bool = True,
-        trace: Path | None = None) -> dict:
+        trace: Path | None = None, batch_size: int | None = None) -> dict:
     """Generate on the artifact's ranks; speculatively when it holds a draft (unless speculate is
     False: vanilla decoding of its target). trace: rank 0 writes every rank's spans of the decode
-    steps there as a Chrome trace (`planc run --trace`, planc.runtime.trace)."""
+    steps there as a Chrome trace (`planc run --trace`, planc.runtime.trace). batch_size: decode the
+    prompts that many at a time, one batch after another in the same launch (None: all at once);
+    the figures are summed over the batches."""
     if nproc is not None and nproc < 1:
         raise RunError(f"--nproc {nproc}: the number of ranks on this machine must be at least 1 (leave it out "
                        f"for the plan's mesh.devices)")
+    if batch_size is not None and batch_size < 1:
+        raise RunError(f"--batch-size {batch_size}: the prompts decoded together must be at least 1 (leave it out "
+                       f"to decode all prompts as one batch)")
     check_limits(nproc or 1, timeout_s, collective_timeout_s)
     if trace is not None:
         _check_writable(Path(trace))
@@ -49,21 +54,22 @@ def run(artifact: Path, *, nproc: int | None = None, prompts: list[str] | None =
     choose_strategy(**(sampling or {}))  # a bad temperature or top_k fails here, not on every rank
     tokenizer = artifact_tokenizer(manifest, opened.tokenizer_dir())
     ids = _prompt_ids(artifact, manifest, tokenizer, prompts)
-    args = {"artifact": str(Path(artifact).resolve()), "prompts": ids, "max_new_tokens": max_new_tokens,
-            "sampling": sampling or {}, "kernels": kernels, "speculate": speculate,
+    args = {"artifact": str(Path(artifact).resolve()), "prompts": ids, "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens, "sampling": sampling or {}, "kernels": kernels, "speculate": speculate,
             "trace": str(Path(trace).resolve()) if trace is not None else None}
     results = launch(WORKER, args, nproc, timeout_s=timeout_s, collective_timeout_s=collective_timeout_s, rdzv=rdzv,
                      backend=manifest["backend"])
     r0 = results[0]
     new_tokens = sum(len(t) for t in r0["tokens"])
-    decoded = new_tokens - len(r0["tokens"])  # the first token of each row comes from the prefill
+    decoded = new_tokens - len(r0["tokens"])  # the first token of each row comes from its batch's prefill
     return {
         "world_size": world, "kernels": kernels,
+        "batch_size": min(batch_size or len(ids), len(ids)), "batches": len(batches(ids, batch_size)),
         "prompts": (prompts or list(DEFAULT_PROMPTS)) if tokenizer else ids,
         "texts": [tokenizer.decode(t) for t in r0["tokens"]] if tokenizer else None,
         "tokens": r0["tokens"],
         "ranks_agree": all(r is None or r["tokens"] == r0["tokens"] for r in results),
-        "new_tokens": new_tokens,
+        "new_tokens": new_tokens, "decode_tokens": decoded,
         "prefill_s": r0["prefill_s"], "decode_s": r0["decode_s"], "decode_steps": r0["decode_steps"],
         "decode_tokens_per_s": decoded / r0["decode_s"] if r0["decode_s"] else 0.0,
         "collectives_per_decode_step": per_step(r0["comm"].get("decode", {}), r0["decode_steps"]),
@@ -106,7 +112,7 @@ def format_run(result: dict) -> str:
     for prompt, text in zip(result["prompts"], result["texts"] or result["tokens"]):
         lines += [f"--- prompt: {prompt!r}", f"{prompt}{text}" if isinstance(text, str) else str(text)]
     lines.append(f"--- {result['world_size']} ranks, kernels={result['kernels']}: prefill {result['prefill_s'] * 1e3:.1f} ms, "
-                 f"{result['decode_steps']} decode steps at {result['decode_tokens_per_s']:.1f} tokens/s (batch {len(result['tokens'])})")
+                 f"{result['decode_steps']} decode steps at {result['decode_tokens_per_s']:.1f} tokens/s ({_batching(result)})")
     for op, c in sorted(result["collectives_per_decode_step"].items()):
         lines.append(f"    per decode step: {op:<18} {c['calls']:.0f} calls  {c['bytes']:.0f} logical bytes (rank 0)")
     for r in result.get("ranks", []):
@@ -120,6 +126,12 @@ def format_run(result: dict) -> str:
         lines.append(f"--- trace: {t['file']}: {t['events']} spans of {t['decode_steps']} decode steps on "
                      f"{result['world_size']} ranks (Chrome trace JSON: open it in https://ui.perfetto.dev)")
     return "\n".join(lines)
+
+
+def _batching(result: dict) -> str:
+    if result["batches"] == 1:
+        return f"batch {result['batch_size']}"
+    return f"batch {result['batch_size']}: {len(result['tokens'])} prompts in {result['batches']} batches, one after another"
 
 
 def format_speculation(s: dict) -> list[str]:

@@ -9,10 +9,21 @@ greedy, on prompts cut from the held-out split of the corpus the models never tr
                           the draft at the target's tensor parallelism; 2 all-reduces per layer)
     easyspec_2, _4        EasySpec, layer_parallel 2 and 4, calibrated
 
-Rounds interleave the configurations so drift on this shared machine hits each alike; tokens/s is
-the median over rounds (decode loop only, inside rank 0), acceptance figures are the first
-round's (greedy: every round decodes the same tokens). Draft and verify times per round are
-rank 0's wall time in the draft's forwards (catch-up or calibration included) and in the target's.
+Two batch settings, measured in one run:
+
+    configs               batch 1, each prompt decoded alone (`planc run --batch-size 1`), the way
+                          speculative decoding is measured: every other prompt (12), cut into 2
+                          rounds, so each is decoded once per configuration (fewer prompts than
+                          the whole batch: one prompt at a time costs the most wall time here)
+    configs_batch_all     all prompts as one batch, 3 rounds of the same prompts: a batch runs
+                          until its slowest row is done
+
+Rounds interleave the configurations so drift on this shared machine hits each alike. Figures are
+pooled over a configuration's rounds: tokens/s is every decoded token over every second of the
+decode loops (inside rank 0), acceptance figures are derived from the summed counts, draft and
+verify ms per round are rank 0's wall time in the draft's forwards (catch-up or calibration
+included) and in the target's over all rounds. speedup_vs_vanilla compares within one batch
+setting.
 
 The prediction is the cost model's (planc.cost: roofline per op, ring collectives, 10 us per
 call) for DeepSeek-V3 on 8 x H100 (MLA heads and dense MLPs split 8 ways, experts 8 ways) with
@@ -23,7 +34,6 @@ knows: the prediction takes each configuration's acceptance rate measured here.
 from __future__ import annotations
 
 import math
-import statistics
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +47,7 @@ from planc.models.tokenizer import decode
 from planc.plan import parse_plan_text
 from planc.ring import all_to_all_bytes, ring_all_gather_bytes, ring_all_reduce_bytes
 from planc.run import run as run_artifact
+from planc.runtime.speculative import combined
 from planc.zoo import corpus
 
 PLAN = Path(__file__).resolve().parents[2] / "plans" / "deepseek_easyspec.yaml"
@@ -68,36 +79,26 @@ def heldout_prompts(count: int, length: int) -> list[str]:
     return [decode(w.tolist()) for w in corpus.windows("heldout", count, length)]
 
 
-def measure(artifacts: dict[str, Path], prompts: list[str], max_new_tokens: int, repeats: int) -> dict[str, list]:
+def measure(artifacts: dict[str, Path], rounds: list[list[str]], max_new_tokens: int,
+            batch_size: int | None) -> dict[str, list]:
+    """Every configuration on each round's prompts, batch_size at a time, the configurations
+    interleaved round by round."""
     runs: dict[str, list] = {name: [] for name in CONFIGS}
-    for _ in range(repeats):
+    for prompts in rounds:
         for name, (_, speculate) in CONFIGS.items():
             artifact = artifacts["speculative" if name == "vanilla" else name]
             with rank_threads():
                 runs[name].append(run_artifact(artifact, nproc=WORLD, prompts=prompts, max_new_tokens=max_new_tokens,
-                                               speculate=speculate))
+                                               speculate=speculate, batch_size=batch_size))
     return runs
 
 
-def summarize(runs: dict[str, list], prompts: list[str], max_new_tokens: int) -> dict:
-    vanilla = statistics.median(r["decode_tokens_per_s"] for r in runs["vanilla"])
-    configs = {}
-    for name, rs in runs.items():
-        spec, tps = rs[0]["speculation"], statistics.median(r["decode_tokens_per_s"] for r in rs)
-        entry = {"tokens_per_s": tps, "speedup_vs_vanilla": tps / vanilla,
-                 "same_tokens_as_vanilla": rs[0]["tokens"] == runs["vanilla"][0]["tokens"],
-                 "samples_tokens_per_s": [r["decode_tokens_per_s"] for r in rs]}
-        if spec:
-            rounds = [r["speculation"]["rounds"] for r in rs]
-            entry |= {k: spec[k] for k in ("acceptance_rate", "mean_accepted_length", "draft_sequential_depth",
-                                           "sequential_depth", "rounds", "drafted", "accepted")}
-            entry |= {"draft_ms_per_round": statistics.median(r["speculation"]["draft_s"] / n * 1e3
-                                                              for r, n in zip(rs, rounds)),
-                      "verify_ms_per_round": statistics.median(r["speculation"]["verify_s"] / n * 1e3
-                                                               for r, n in zip(rs, rounds)),
-                      "draft_work_per_rank": spec["draft_work_per_rank"],
-                      "collectives_per_round": spec["collectives_per_round"]}
-        configs[name] = entry
+def summarize(runs: dict[str, list], batch_size: int, how: str) -> dict:
+    """One batch setting: per configuration, figures pooled over its rounds (tokens/s: every decoded
+    token over every decode second; the speculation's counts summed, rates derived from the sums)."""
+    configs = {name: _pooled(rs, runs["vanilla"]) for name, rs in runs.items()}
+    for c in configs.values():
+        c["speedup_vs_vanilla"] = c["tokens_per_s"] / configs["vanilla"]["tokens_per_s"]
     standard = configs["speculative"]
     for name in ("easyspec_2", "easyspec_4"):
         c = configs[name]
@@ -105,20 +106,50 @@ def summarize(runs: dict[str, list], prompts: list[str], max_new_tokens: int) ->
         c["depth_vs_sequential"] = c["draft_sequential_depth"] / c["sequential_depth"]
         c["drafting_speedup_vs_speculative"] = standard["draft_ms_per_round"] / c["draft_ms_per_round"]
         c["drafting_speedup_vs_draft_tp"] = configs["speculative_draft_tp"]["draft_ms_per_round"] / c["draft_ms_per_round"]
-    return {"case": "easyspec", "target": "tiny-deepseek", "draft": "tiny-draft", "ranks": WORLD,
-            "plan": PLAN.name, "decoding": "greedy", "prompts": len(prompts), "prompt_bytes": len(prompts[0].encode()),
-            "split": "heldout", "max_new_tokens": max_new_tokens, "repeats": len(runs["vanilla"]),
-            "configs": configs, "prediction": predict({n: c.get("acceptance_rate") for n, c in configs.items()}),
-            "note": NOTE.format(cores=cores())}
+    return {"batch_size": batch_size, "rounds": len(runs["vanilla"]), "how": how, "configs": configs}
 
 
-def run(prompts: int = 24, prompt_bytes: int = 64, max_new_tokens: int = 48, repeats: int = 3) -> dict:
+def _pooled(rs: list[dict], vanilla: list[dict]) -> dict:
+    entry = {"tokens_per_s": sum(r["decode_tokens"] for r in rs) / sum(r["decode_s"] for r in rs),
+             "same_tokens_as_vanilla": all(r["tokens"] == v["tokens"] for r, v in zip(rs, vanilla)),
+             "samples_tokens_per_s": [r["decode_tokens_per_s"] for r in rs]}
+    if rs[0]["speculation"] is None:
+        return entry
+    spec = combined([r["speculation"] for r in rs])
+    return entry | {k: spec[k] for k in ("acceptance_rate", "mean_accepted_length", "draft_sequential_depth",
+                                         "sequential_depth", "rounds", "drafted", "accepted")} | {
+        "draft_ms_per_round": spec["draft_s"] / spec["rounds"] * 1e3,
+        "verify_ms_per_round": spec["verify_s"] / spec["rounds"] * 1e3,
+        "draft_work_per_rank": rs[0]["speculation"]["draft_work_per_rank"],  # the first round's
+        "collectives_per_round": rs[0]["speculation"]["collectives_per_round"]}
+
+
+def run(prompts: int = 24, prompt_bytes: int = 64, max_new_tokens: int = 48, repeats: int = 3,
+        alone_prompts: int = 12, alone_rounds: int = 2) -> dict:
+    """Batch 1: every other prompt (alone_prompts of them), each decoded once per configuration,
+    cut into alone_rounds rounds (one prompt at a time costs the most wall time here). Whole batch:
+    all prompts together, `repeats` rounds of the same prompts."""
     texts = heldout_prompts(prompts, prompt_bytes)
+    alone_texts = texts[::prompts // alone_prompts][:alone_prompts]
     with tempfile.TemporaryDirectory(prefix="planc-bench-easyspec-") as tmp:
         artifacts = {name: compile(None, parse_plan_text(plan_text(changes), f"{PLAN.name} ({name})"),
                                    Path(tmp, name)).path
                      for name, (changes, _) in CONFIGS.items() if changes is not None}
-        return summarize(measure(artifacts, texts, max_new_tokens, repeats), texts, max_new_tokens)
+        alone = summarize(measure(artifacts, [alone_texts[i::alone_rounds] for i in range(alone_rounds)],
+                                  max_new_tokens, 1), 1,
+                          f"each prompt alone: {len(alone_texts)} of the {len(texts)} prompts, evenly spaced, in "
+                          f"{alone_rounds} interleaved rounds, every prompt once per configuration")
+        together = summarize(measure(artifacts, [texts] * repeats, max_new_tokens, None), len(texts),
+                             f"all {len(texts)} prompts as one batch, {repeats} interleaved rounds of the same prompts")
+    return {"case": "easyspec", "target": "tiny-deepseek", "draft": "tiny-draft", "ranks": WORLD,
+            "plan": PLAN.name, "decoding": "greedy", "prompts": len(texts), "prompt_bytes": len(texts[0].encode()),
+            "split": "heldout", "max_new_tokens": max_new_tokens,
+            "configs": alone["configs"], "configs_batch_all": together["configs"],
+            "batches": {"configs": {k: v for k, v in alone.items() if k != "configs"},
+                        "configs_batch_all": {k: v for k, v in together.items() if k != "configs"}},
+            "prediction": predict({n: c.get("acceptance_rate") for n, c in alone["configs"].items()}),
+            "note": f"{NOTE.format(cores=cores())}. configs: batch 1, {alone['how']}; configs_batch_all: "
+                    f"{together['how']}"}
 
 
 # -- the cost model's prediction: DeepSeek-V3 + a 1B-class draft on 8 x H100 ---------------------
@@ -216,14 +247,10 @@ def predict(acceptance: dict[str, float | None], gamma: int = 4, batch: int = 1,
 def table(result: dict) -> str:
     rows = [f"easyspec: {result['target']} + {result['draft']} on {result['ranks']} gloo ranks, greedy, "
             f"{result['prompts']} held-out prompts of {result['prompt_bytes']} bytes, {result['max_new_tokens']} new "
-            f"tokens, median of {result['repeats']} rounds",
-            f"{'config':<21} {'accept':>6} {'mean len':>8} {'depth':>5} {'draft ms/rd':>11} {'verify ms/rd':>12} "
-            f"{'tokens/s':>8} {'vs vanilla':>10} {'same':>5}"]
-    for name, c in result["configs"].items():
-        rows.append(f"{name:<21} {_f(c.get('acceptance_rate'), '.3f'):>6} {_f(c.get('mean_accepted_length'), '.2f'):>8} "
-                    f"{_f(c.get('draft_sequential_depth'), '.2f'):>5} {_f(c.get('draft_ms_per_round'), '.1f'):>11} "
-                    f"{_f(c.get('verify_ms_per_round'), '.1f'):>12} {c['tokens_per_s']:>8.1f} "
-                    f"{c['speedup_vs_vanilla']:>9.2f}x {str(c['same_tokens_as_vanilla']):>5}")
+            f"tokens"]
+    for key in ("configs", "configs_batch_all"):
+        rows += ["", f"batch {result['batches'][key]['batch_size']} ({result['batches'][key]['how']}):"]
+        rows += _measured(result[key])
     p = result["prediction"]
     rows += ["", f"predicted, deepseek-v3 + 1B-class draft on {p['hardware']}, batch {p['batch']}, "
                  f"context {p['context']}, G = {p['tokens']}:"]
@@ -232,6 +259,17 @@ def table(result: dict) -> str:
                     f"{_f(c.get('draft_sequential_depth'), '.2f'):>5} {_f(c.get('draft_ms_per_round'), '.2f'):>11} "
                     f"{_f(c.get('verify_ms'), '.2f'):>12} {c['tokens_per_s']:>8.1f} {c['speedup_vs_vanilla']:>9.2f}x")
     return "\n".join(rows + [f"note: {result['note']}"])
+
+
+def _measured(configs: dict) -> list[str]:
+    rows = [f"{'config':<21} {'accept':>6} {'mean len':>8} {'depth':>5} {'draft ms/rd':>11} {'verify ms/rd':>12} "
+            f"{'tokens/s':>8} {'vs vanilla':>10} {'same':>5}"]
+    for name, c in configs.items():
+        rows.append(f"{name:<21} {_f(c.get('acceptance_rate'), '.3f'):>6} {_f(c.get('mean_accepted_length'), '.2f'):>8} "
+                    f"{_f(c.get('draft_sequential_depth'), '.2f'):>5} {_f(c.get('draft_ms_per_round'), '.1f'):>11} "
+                    f"{_f(c.get('verify_ms_per_round'), '.1f'):>12} {c['tokens_per_s']:>8.1f} "
+                    f"{c['speedup_vs_vanilla']:>9.2f}x {str(c['same_tokens_as_vanilla']):>5}")
+    return rows
 
 
 def _f(value, spec: str) -> str:

@@ -107,6 +107,28 @@ class Generation:
     speculation: dict | None = None  # the speculative loop's figures (planc.runtime.speculative)
 
 
+def batches(prompts: list[list[int]], batch_size: int | None) -> list[list[list[int]]]:
+    """The prompts batch_size at a time, in order (None: all in one batch)."""
+    size = batch_size or len(prompts)
+    return [prompts[i:i + size] for i in range(0, len(prompts), size)]
+
+
+def concat(parts: list[Generation]) -> Generation:
+    """Batches decoded one after another as one Generation: rows in order, seconds and steps summed,
+    each step's logits side by side (zeros for the rows of a batch that had stopped). Speculation
+    figures are the caller's to combine (planc.runtime.speculative.combined)."""
+    if len(parts) == 1:
+        return parts[0]
+    out = Generation([t for p in parts for t in p.tokens], prefill_s=sum(p.prefill_s for p in parts),
+                     decode_s=sum(p.decode_s for p in parts), decode_steps=sum(p.decode_steps for p in parts))
+    steps = max(len(p.step_logits) for p in parts)
+    if steps:
+        V = next(p.step_logits[0].shape[-1] for p in parts if p.step_logits)
+        out.step_logits = [torch.cat([p.step_logits[i] if i < len(p.step_logits) else torch.zeros(len(p.tokens), V)
+                                      for p in parts]) for i in range(steps)]
+    return out
+
+
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids_BP, real_BP): prompts right-aligned, padding marked False."""
     width = max(len(p) for p in prompts)

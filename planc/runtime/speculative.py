@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, astuple, dataclass, fields
 
 import torch
 
@@ -75,22 +75,42 @@ class Round:
 
 @dataclass
 class Figures:
+    """Counts and seconds, all additive: the figures of batches decoded one after another are their
+    sum, and every rate is derived from sums (never an average of rates)."""
+
     rounds: int = 0
     drafted: int = 0  # draft tokens proposed to rows still running
     accepted: int = 0
-    emitted_per_round: list[int] = field(default_factory=list)  # per (row, round): accepted + 1
-    depth: int = 0  # attention steps on the draft's critical path, all rounds
+    verified: int = 0  # (row, round) verifications of rows still running; each emits accepted + 1 tokens
+    draft_depth: int = 0  # attention steps on the draft's critical path, all rounds
     draft_s: float = 0.0
     verify_s: float = 0.0
 
+    def __add__(self, other: Figures) -> Figures:
+        return Figures(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+    @classmethod
+    def of(cls, summary: dict) -> Figures:
+        """The counts behind a summary()."""
+        return cls(**{f.name: summary[f.name] for f in fields(cls)})
+
     def summary(self, spec: Speculation) -> dict:
-        per_round = self.emitted_per_round
-        return {"tokens": spec.tokens, "rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted,
-                "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
-                "mean_accepted_length": sum(per_round) / len(per_round) if per_round else 0.0,
-                "draft_sequential_depth": self.depth / (self.rounds * spec.tokens) if self.rounds else 0.0,
-                "sequential_depth": spec.sequential_depth, "layer_parallel": spec.layer_parallel,
-                "calibrate": spec.calibrate and spec.fuzzy, "draft_s": self.draft_s, "verify_s": self.verify_s}
+        return {"tokens": spec.tokens, "sequential_depth": spec.sequential_depth,
+                "layer_parallel": spec.layer_parallel, "calibrate": spec.calibrate and spec.fuzzy,
+                **self.rates(spec.tokens)}
+
+    def rates(self, tokens: int) -> dict:
+        """The counts and seconds, and the rates derived from them (tokens: drafted per round)."""
+        return {**asdict(self), "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+                "mean_accepted_length": (self.accepted + self.verified) / self.verified if self.verified else 0.0,
+                "draft_sequential_depth": self.draft_depth / (self.rounds * tokens) if self.rounds else 0.0}
+
+
+def combined(summaries: list[dict]) -> dict:
+    """One summary for runs of the same speculation (the batches of `planc run --batch-size`, a
+    benchmark's rounds): the first's settings, counts and seconds summed, rates derived from the sums."""
+    total = sum((Figures.of(s) for s in summaries), Figures())
+    return {**summaries[0], **total.rates(summaries[0]["tokens"])}
 
 
 @torch.no_grad()
@@ -150,7 +170,7 @@ def speculative_generate(target: Model, draft: Model, prompts: list[list[int]], 
         figures.rounds += 1
         figures.drafted += G * int(running_B.sum())
         figures.accepted += int(accepted_B[running_B].sum())
-        figures.emitted_per_round += (accepted_B[running_B] + 1).tolist()
+        figures.verified += int(running_B.sum())
         for row in range(B):
             k = int(accepted_B[row])
             emit(row, drafts_BG[row, :k].tolist() + [int(last_B[row])], p_BGV[row, :k + 1])
@@ -172,13 +192,13 @@ def _draft(draft: Model, strategy: Strategy, spec: Speculation, pending: list[li
     catch_up = spec.exact_catch_up
     with draft.comm.phase("calibrate" if spec.fuzzy and spec.calibrate else "draft"):
         q_BV = draft.extend(ids_BW, real_BW, layer_parallel=not catch_up, fuzzy=not catch_up and spec.fuzzy)[:, -1]
-    figures.depth += spec.sequential_depth if catch_up else spec.drafting_depth
+    figures.draft_depth += spec.sequential_depth if catch_up else spec.drafting_depth
     mark = draft.cache.length
     logits, tokens = [q_BV], [strategy.pick(q_BV)]
     with draft.comm.phase("draft"):
         for _ in range(spec.tokens - 1):
             q_BV = draft.extend(tokens[-1][:, None], layer_parallel=spec.layer_parallel, fuzzy=spec.fuzzy)[:, -1]
-            figures.depth += spec.drafting_depth
+            figures.draft_depth += spec.drafting_depth
             logits.append(q_BV)
             tokens.append(strategy.pick(q_BV))
     return torch.stack(tokens, dim=1), torch.stack(logits, dim=1), mark

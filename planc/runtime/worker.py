@@ -10,13 +10,13 @@ import torch.distributed as dist
 
 from planc.errors import RunError
 from planc.runtime.comm import Comm
-from planc.runtime.decode import choose_strategy, generate
+from planc.runtime.decode import Generation, batches, choose_strategy, concat, generate
 from planc.runtime.launch import write_result
 from planc.runtime.model import Model
-from planc.runtime.speculative import Speculation, speculative_generate
+from planc.runtime.speculative import Speculation, combined, speculative_generate
 from planc.runtime.trace import Tracer
 
-AGREED = ("compiled program (manifest sha256)", "request (prompts, max_new_tokens, sampling, kernels)")
+AGREED = ("compiled program (manifest sha256)", "request (prompts, batch_size, max_new_tokens, sampling, kernels)")
 
 
 def main(args: dict) -> None:
@@ -28,8 +28,9 @@ def main(args: dict) -> None:
 
 def run_rank(args: dict, comm: Comm) -> dict:
     """Generate with the artifact's target; speculatively with its draft when it has one, unless
-    args["speculate"] is False (vanilla decoding of the same target). args["trace"]: a file to write
-    the target's traced decode steps to, from rank 0 (planc.runtime.trace)."""
+    args["speculate"] is False (vanilla decoding of the same target). args["batch_size"]: decode the
+    prompts that many at a time, one batch after another (None: all at once). args["trace"]: a file
+    to write the target's traced decode steps to, from rank 0 (planc.runtime.trace)."""
     kernels = args.get("kernels", "torch")
     tracer = Tracer(comm) if args.get("trace") else None
     model = Model(args["artifact"], comm=comm, kernels=kernels, tracer=tracer)
@@ -37,14 +38,10 @@ def run_rank(args: dict, comm: Comm) -> dict:
     config = model.manifest["model"]
     speculate = model.manifest.get("speculate") if args.get("speculate", True) else None
     draft = Model(args["artifact"], "draft", comm=comm, kernels=kernels) if speculate else None
+    spec = Speculation.from_manifest(speculate) if speculate else None
     options = {"eos_id": config["eos_token_id"] if args.get("stop_at_eos", True) else None,
                "pad_id": config["pad_token_id"] or 0, "keep_logits": args.get("keep_logits", False)}
-    strategy = choose_strategy(**args.get("sampling", {}))
-    if draft is None:
-        out = generate(model, args["prompts"], args["max_new_tokens"], strategy, **options)
-    else:
-        out = speculative_generate(model, draft, args["prompts"], args["max_new_tokens"], strategy,
-                                   Speculation.from_manifest(speculate), **options)
+    out = _generate(model, draft, spec, args, options)
     traced = tracer.finish(Path(args["trace"]), {"kernels": kernels}) if tracer is not None else None
     return {
         "rank": comm.rank,
@@ -58,6 +55,22 @@ def run_rank(args: dict, comm: Comm) -> dict:
         "comm": comm.stats(),
         "trace": traced,
     }
+
+
+def _generate(model: Model, draft: Model | None, spec: Speculation | None, args: dict, options: dict) -> Generation:
+    """args["prompts"] args["batch_size"] at a time, each batch prefilled and decoded as if alone (its
+    own caches and a fresh seeded sampling stream), as one Generation with every batch's figures summed."""
+    parts = []
+    for prompts in batches(args["prompts"], args.get("batch_size")):
+        strategy = choose_strategy(**args.get("sampling", {}))
+        if draft is None:
+            parts.append(generate(model, prompts, args["max_new_tokens"], strategy, **options))
+        else:
+            parts.append(speculative_generate(model, draft, prompts, args["max_new_tokens"], strategy, spec, **options))
+    out = concat(parts)
+    if spec is not None:
+        out.speculation = combined([p.speculation for p in parts])
+    return out
 
 
 def check_ranks_agree(comm: Comm, model: Model, args: dict) -> None:

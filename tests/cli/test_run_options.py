@@ -14,6 +14,12 @@ def test_nproc_below_one(compiled, capsys, nproc):
                    f"(leave it out for the plan's mesh.devices)\n")
 
 
+def test_batch_size_below_one(compiled, capsys):
+    assert main(["run", str(compiled("deepseek_mla_tp_ep.yaml", 2)), "--batch-size", "0"]) == 2
+    assert capsys.readouterr().err == ("planc run: error: --batch-size 0: the prompts decoded together must be at "
+                                       "least 1 (leave it out to decode all prompts as one batch)\n")
+
+
 @pytest.mark.parametrize("command", ["run", "verify"])
 @pytest.mark.parametrize("flag", ["--timeout", "--collective-timeout"])
 def test_timeouts_must_be_positive(compiled, capsys, command, flag):

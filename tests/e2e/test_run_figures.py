@@ -120,6 +120,23 @@ def test_speculative_run_prints_acceptance_and_its_collectives_equal_the_report(
     assert "acceptance rate" in text and "rank 3 draft work" in text and "EasySpec layer_parallel 2" in text
 
 
+def test_batches_run_in_one_launch_and_their_collectives_add_up(compiled, capsys):
+    """--batch-size 2 over the 3 default prompts: two batches, one after another, on the same ranks;
+    per round, the verification's collectives summed over both batches still equal the report's
+    decode step, and tokens/s is every decoded token over every batch's decode time."""
+    artifact = compiled("deepseek_easyspec.yaml", 4)
+    assert main(["run", str(artifact), "--batch-size", "2", "--max-new-tokens", "8", "--json", "--timeout", "300"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    spec, rows = result["speculation"], len(result["tokens"])
+    assert (result["batch_size"], result["batches"], rows) == (2, 2, 3) and result["ranks_agree"]
+    assert result["decode_tokens"] == result["new_tokens"] - rows
+    assert result["decode_tokens_per_s"] == result["decode_tokens"] / result["decode_s"]
+    assert spec["rounds"] == result["decode_steps"] and spec["verified"] == spec["drafted"] / spec["tokens"]
+    assert {op: c["calls"] for op, c in spec["collectives_per_round"]["verify"].items()} == \
+        {op: c["calls"] for op, c in _report(artifact)["collectives_per_decode_step"].items()}
+    assert "batch 2: 3 prompts in 2 batches, one after another" in format_run(result)
+
+
 def test_speculative_verify_agrees_with_the_target_alone(compiled):
     report = verify(compiled("deepseek_easyspec.yaml", 4), max_new_tokens=10, timeout_s=300)
     assert report["passed"] and report["token_agreement"] == 1.0, report
