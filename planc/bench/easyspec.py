@@ -12,18 +12,17 @@ greedy, on prompts cut from the held-out split of the corpus the models never tr
 Two batch settings, measured in one run:
 
     configs               batch 1, each prompt decoded alone (`planc run --batch-size 1`), the way
-                          speculative decoding is measured: every other prompt (12), cut into 2
-                          rounds, so each is decoded once per configuration (fewer prompts than
-                          the whole batch: one prompt at a time costs the most wall time here)
-    configs_batch_all     all prompts as one batch, 3 rounds of the same prompts: a batch runs
-                          until its slowest row is done
+                          speculative decoding is measured: 8 of the prompts, evenly spaced (one
+                          prompt at a time costs the most wall time here), 3 rounds
+    configs_batch_all     all prompts as one batch, 3 rounds: a batch runs until its slowest row
+                          is done
 
-Rounds interleave the configurations so drift on this shared machine hits each alike. Figures are
-pooled over a configuration's rounds: tokens/s is every decoded token over every second of the
-decode loops (inside rank 0), acceptance figures are derived from the summed counts, draft and
-verify ms per round are rank 0's wall time in the draft's forwards (catch-up or calibration
-included) and in the target's over all rounds. speedup_vs_vanilla compares within one batch
-setting.
+Every round decodes the same prompts; rounds interleave the configurations so drift on this shared
+machine hits each alike. tokens/s is the median of the rounds' (a round's decoded tokens over the
+seconds of its decode loops, inside rank 0; tokens_per_s_pooled: over all rounds), and
+speedup_vs_vanilla compares medians within one batch setting. Acceptance figures are derived from
+the summed counts; draft and verify ms per round are rank 0's wall time in the draft's forwards
+(catch-up or calibration included) and in the target's over all rounds.
 
 The prediction is the cost model's (planc.cost: roofline per op, ring collectives, 10 us per
 call) for DeepSeek-V3 on 8 x H100 (MLA heads and dense MLPs split 8 ways, experts 8 ways) with
@@ -34,6 +33,7 @@ knows: the prediction takes each configuration's acceptance rate measured here.
 from __future__ import annotations
 
 import math
+import statistics
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,8 +94,9 @@ def measure(artifacts: dict[str, Path], rounds: list[list[str]], max_new_tokens:
 
 
 def summarize(runs: dict[str, list], batch_size: int, how: str) -> dict:
-    """One batch setting: per configuration, figures pooled over its rounds (tokens/s: every decoded
-    token over every decode second; the speculation's counts summed, rates derived from the sums)."""
+    """One batch setting: per configuration, tokens/s the median of its rounds' (each round's decoded
+    tokens over its decode seconds; tokens_per_s_pooled: over all rounds), the speculation's counts
+    summed and its rates derived from the sums."""
     configs = {name: _pooled(rs, runs["vanilla"]) for name, rs in runs.items()}
     for c in configs.values():
         c["speedup_vs_vanilla"] = c["tokens_per_s"] / configs["vanilla"]["tokens_per_s"]
@@ -110,7 +111,8 @@ def summarize(runs: dict[str, list], batch_size: int, how: str) -> dict:
 
 
 def _pooled(rs: list[dict], vanilla: list[dict]) -> dict:
-    entry = {"tokens_per_s": sum(r["decode_tokens"] for r in rs) / sum(r["decode_s"] for r in rs),
+    entry = {"tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in rs),
+             "tokens_per_s_pooled": sum(r["decode_tokens"] for r in rs) / sum(r["decode_s"] for r in rs),
              "same_tokens_as_vanilla": all(r["tokens"] == v["tokens"] for r, v in zip(rs, vanilla)),
              "samples_tokens_per_s": [r["decode_tokens_per_s"] for r in rs]}
     if rs[0]["speculation"] is None:
@@ -125,20 +127,19 @@ def _pooled(rs: list[dict], vanilla: list[dict]) -> dict:
 
 
 def run(prompts: int = 24, prompt_bytes: int = 64, max_new_tokens: int = 48, repeats: int = 3,
-        alone_prompts: int = 12, alone_rounds: int = 2) -> dict:
-    """Batch 1: every other prompt (alone_prompts of them), each decoded once per configuration,
-    cut into alone_rounds rounds (one prompt at a time costs the most wall time here). Whole batch:
-    all prompts together, `repeats` rounds of the same prompts."""
+        alone_prompts: int = 8) -> dict:
+    """Batch 1: alone_prompts of the prompts, evenly spaced, each decoded alone (one prompt at a
+    time costs the most wall time here). Whole batch: all prompts together. Both `repeats` rounds
+    of the same prompts."""
     texts = heldout_prompts(prompts, prompt_bytes)
     alone_texts = texts[::prompts // alone_prompts][:alone_prompts]
     with tempfile.TemporaryDirectory(prefix="planc-bench-easyspec-") as tmp:
         artifacts = {name: compile(None, parse_plan_text(plan_text(changes), f"{PLAN.name} ({name})"),
                                    Path(tmp, name)).path
                      for name, (changes, _) in CONFIGS.items() if changes is not None}
-        alone = summarize(measure(artifacts, [alone_texts[i::alone_rounds] for i in range(alone_rounds)],
-                                  max_new_tokens, 1), 1,
-                          f"each prompt alone: {len(alone_texts)} of the {len(texts)} prompts, evenly spaced, in "
-                          f"{alone_rounds} interleaved rounds, every prompt once per configuration")
+        alone = summarize(measure(artifacts, [alone_texts] * repeats, max_new_tokens, 1), 1,
+                          f"each prompt alone: {len(alone_texts)} of the {len(texts)} prompts, evenly spaced, "
+                          f"{repeats} interleaved rounds of the same prompts")
         together = summarize(measure(artifacts, [texts] * repeats, max_new_tokens, None), len(texts),
                              f"all {len(texts)} prompts as one batch, {repeats} interleaved rounds of the same prompts")
     return {"case": "easyspec", "target": "tiny-deepseek", "draft": "tiny-draft", "ranks": WORLD,

@@ -1,5 +1,6 @@
 """bench easyspec without launching ranks: the configurations' plans, the summary of measured runs
-pooled per batch setting, and the cost model's prediction for DeepSeek-V3 with a 1B-class draft."""
+per batch setting (tokens/s the median of the rounds', rates from summed counts), and the cost
+model's prediction for DeepSeek-V3 with a 1B-class draft."""
 from __future__ import annotations
 
 import json
@@ -36,8 +37,8 @@ def _spec(rounds: int, accepted: int, draft_s: float, depth: int) -> dict:
 
 
 def test_a_setting_pools_its_rounds_and_compares_within_itself():
-    """Two rounds of unequal size: tokens/s and every rate come from the sums, not an average of
-    the rounds' rates."""
+    """Two rounds of unequal size: tokens/s is the median of the rounds' (pooled beside it), every
+    speculation rate comes from the summed counts, not an average of the rounds' rates."""
     runs = {"vanilla": [_run(100, 10.0, [[1]]), _run(20, 1.0, [[2]])],
             "speculative": [_run(100, 5.0, [[1]], _spec(10, 30, 0.2, 24)), _run(20, 0.5, [[2]], _spec(5, 5, 0.4, 24))],
             "speculative_draft_tp": [_run(100, 20.0, [[1]], _spec(10, 30, 2.0, 24)),
@@ -47,8 +48,9 @@ def test_a_setting_pools_its_rounds_and_compares_within_itself():
     out = easyspec.summarize(runs, 1, "each prompt alone")
     c = out["configs"]
     assert (out["batch_size"], out["rounds"]) == (1, 2)
-    assert c["vanilla"]["tokens_per_s"] == 120 / 11 and c["vanilla"]["samples_tokens_per_s"] == [10.0, 20.0]
-    assert c["speculative"]["speedup_vs_vanilla"] == pytest.approx((120 / 5.5) / (120 / 11))
+    assert c["vanilla"]["tokens_per_s"] == 15.0 and c["vanilla"]["samples_tokens_per_s"] == [10.0, 20.0]
+    assert c["vanilla"]["tokens_per_s_pooled"] == 120 / 11
+    assert c["speculative"]["speedup_vs_vanilla"] == pytest.approx(30.0 / 15.0)
     assert c["speculative"]["acceptance_rate"] == 35 / 60  # the rounds' own rates average 0.5
     assert c["speculative"]["mean_accepted_length"] == (35 + 15) / 15
     assert c["speculative"]["draft_ms_per_round"] == pytest.approx(0.6 / 15 * 1e3)
