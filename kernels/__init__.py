@@ -10,7 +10,8 @@ mla_decode_cpu is C for CPU ranks and shares mla_decode's reference).
 - `mla_decode_cpu`: `mla_decode_cpu(q_lat, q_pe, ckv, kpe, key_mask, scale)`, the same op fused for
   one CPU core in C (mla_decode_cpu.c, float32), built with the machine's C compiler.
 
-Host-side helpers: `split_merge` (the split-sequence merge), `mla_inputs` (input checks).
+Shared pieces: `gemm_tile` (the K loop of every GEMM kernel here, and their block sizes), `split_merge`
+(the split-sequence merge), `mla_inputs` (input checks).
 
 Import from the modules directly (`from planc.kernels.linear import linear`). Without CUDA the
 kernels run under the Triton interpreter, which `import planc` selects before any kernel is

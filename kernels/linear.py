@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from planc.kernels.gemm_tile import block, matmul_tile
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GROUP_M = 8
 
@@ -49,25 +51,10 @@ def _linear_kernel(
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + offs_k) < K
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST:  # the interpreter's low-precision tl.dot is wrong; fp32 is exact there
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision="ieee")
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    acc = matmul_tile(x_ptrs, w_ptrs, mask_m, mask_n, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
 
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-def _block(dim: int, cap: int) -> int:
-    """Smallest power of two >= dim, clamped to [16, cap] (tl.dot needs every side >= 16)."""
-    return max(16, min(cap, triton.next_power_of_2(dim)))
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -98,7 +85,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     buf_dtype = torch.float32 if interpret and x.dtype == torch.bfloat16 else x.dtype
     y_MN = torch.empty((m, n), dtype=buf_dtype, device=x.device)
-    block_m, block_n, block_k = _block(m, 64), _block(n, 64), _block(k, 64)
+    block_m, block_n, block_k = block(m, 64), block(n, 64), block(k, 64)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _linear_kernel[grid](
         x_MK, weight, y_MN,

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from planc.kernels.gemm_tile import block, matmul_tile
+
 from planc.ring import ring_piece_order
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -68,17 +70,7 @@ def _t3_gemm_kernel(
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + offs_k) < K
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST:  # the interpreter's low-precision tl.dot is wrong; fp32 is exact there
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision="ieee")
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    acc = matmul_tile(x_ptrs, w_ptrs, mask_m, mask_n, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
 
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -95,13 +87,8 @@ def _wait_piece_kernel(counter_ptr, piece, target):
         seen = tl.atomic_add(counter_ptr + piece, 0, sem="acquire")
 
 
-def _block(dim: int, cap: int) -> int:
-    """Smallest power of two >= dim, clamped to [16, cap] (tl.dot needs every side >= 16)."""
-    return max(16, min(cap, triton.next_power_of_2(dim)))
-
-
 def blocks(m: int, n: int, k: int, pieces: int) -> tuple[int, int, int]:
-    return _block(m, 64), _block(n // pieces, 64), _block(k, 64)
+    return block(m, 64), block(n // pieces, 64), block(k, 64)
 
 
 def tiles_per_piece(m: int, n: int, k: int, pieces: int) -> int:
