@@ -166,3 +166,20 @@ class _Interrupts:
         signum, self.pending = self.pending, None
         if signum is not None:
             self._unwind(signum, None)
+
+
+def replace_file(out: str | Path, data: str | bytes) -> Path:
+    """A file's counterpart of `staged`: DATA written to a temp file beside OUT, then renamed over
+    it, so a reader finds the old file or the whole new one; a failed write leaves no temp file."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

@@ -78,6 +78,7 @@ def open_page(html: Path, *, width: int = 1280, height: int = 900) -> Iterator[O
 
 def screenshot(artifact: Path, out: Path, *, width: int = 1280, height: int = 900) -> Path:
     """The inspect page of ARTIFACT as a PNG of its first width × height pixels, written atomically."""
+    from planc.codegen.replace import replace_file
     from planc.report.inspect import write
 
     out = Path(out)
@@ -86,11 +87,7 @@ def screenshot(artifact: Path, out: Path, *, width: int = 1280, height: int = 90
         with open_page(html, width=width, height=height) as opened:
             shot = Path(tmp) / "shot.png"
             opened.page.screenshot(path=str(shot))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        beside = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        shutil.copyfile(shot, beside)
-        os.replace(beside, out)
-    return out
+        return replace_file(out, shot.read_bytes())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,6 @@ JavaScript that reads the page's own JSON (`<script type="application/json">`), 
 from __future__ import annotations
 
 import json
-import os
 import re
 import zlib
 from collections import Counter
@@ -27,6 +26,7 @@ import yaml
 
 from planc import cost
 from planc.codegen.artifact import program_file
+from planc.codegen.replace import replace_file
 from planc.diff import PREDICT_CONTEXT, human_bytes
 from planc.errors import ArtifactError, read_json
 from planc.report import graphview, timeline
@@ -474,11 +474,11 @@ def timeline_view(report: dict, artifact: Path) -> dict:
     with each trace's per-rank summary (busy, waiting, in collectives)."""
     predicted = {name: timeline.predicted(report, hw, batch=1, context=PREDICT_CONTEXT)
                  for name, hw in cost.PROFILES.items()}
-    measured, unreadable = None, None
+    measured, measured_summary, unreadable = None, None, None
     if (path := artifact / timeline.MEASURED).is_file():
         try:
             measured = read_json(path, timeline.MAX_TRACE_BYTES)
-            timeline.summary(measured)
+            measured_summary = timeline.summary(measured)
         except (ValueError, KeyError, TypeError) as exc:
             measured, unreadable = None, f"{path.name} is not a trace planc wrote ({exc}); run `planc run --trace` again"
     names: dict[str, int] = {}
@@ -486,7 +486,7 @@ def timeline_view(report: dict, artifact: Path) -> dict:
             "measured": compact_trace(measured, names) if measured else None, "names": list(names),
             "unreadable": unreadable, "context": PREDICT_CONTEXT,
             "summaries": {name: timeline.summary(trace) for name, trace in predicted.items()},
-            "measured_summary": timeline.summary(measured) if measured else None}
+            "measured_summary": measured_summary}
 
 
 def view(artifact: Path) -> dict:
@@ -544,7 +544,7 @@ def render(artifact: Path) -> str:
 
 def write(artifact: Path, out: Path) -> Path:
     """Render ARTIFACT's page to OUT atomically."""
-    return write_atomic(render(artifact), out)
+    return replace_file(out, render(artifact))
 
 
 def render_diff(d: dict) -> str:
@@ -555,17 +555,3 @@ def render_diff(d: dict) -> str:
     return environment().get_template("diff.html.j2").render(
         title=f"planc diff: {d['a']['given']} vs {d['b']['given']}", a=d["a"]["given"], b=d["b"]["given"],
         rows=rows, context=PREDICT_CONTEXT)
-
-
-def write_atomic(page: str, out: Path) -> Path:
-    """PAGE to OUT: a temp file beside OUT, then os.replace (OUT is never half-written)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out

@@ -20,10 +20,10 @@ measured ranks as pids 100 + rank (MEASURED_PID), each process named for its sou
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from planc import cost
+from planc.codegen.replace import replace_file
 from planc.errors import ArtifactError, read_json
 
 COMPUTE, COLLECTIVES = 0, 1  # tids
@@ -60,14 +60,7 @@ def to_json(trace: dict) -> str:
 
 def write(trace: dict, out: Path) -> Path:
     """Write `trace` to `out` atomically: a reader finds the old file or the whole new one."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(to_json(trace))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return replace_file(out, to_json(trace))
 
 
 # -- predicted ----------------------------------------------------------------------------------

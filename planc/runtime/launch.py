@@ -54,6 +54,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, P
 from torch.distributed.elastic.rendezvous import RendezvousError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from planc.codegen.replace import replace_file
 from planc.errors import RunError
 from planc.runtime import status
 from planc.runtime.faults import Exit, Watchdog, explain, read_notes, read_statuses, short_error
@@ -131,10 +132,7 @@ def write_result(obj: Any) -> None:
     result_dir = os.environ.get(RESULT_DIR_ENV)
     if result_dir is None:
         raise RuntimeError("write_result() works only inside a worker started by planc.runtime.launch")
-    path = Path(result_dir, f"rank{os.environ['RANK']}.json")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)  # atomic: the caller never reads half a file
+    replace_file(Path(result_dir, f"rank{os.environ['RANK']}.json"), json.dumps(obj))  # never read half-written
 
 
 # -- caller side ------------------------------------------------------------------------------
@@ -405,10 +403,7 @@ def _note_failure(failure_dir: str, error: BaseException, rank_status: status.Ra
         "blocked": rank_status.blocked,  # raised inside a collective: most likely a peer's failure
         "frames": " <- ".join(f"{_short_path(f.filename)}:{f.lineno} in {f.name}" for f in reversed(frames)),
     }
-    path = Path(failure_dir, f"rank{os.environ['RANK']}.json")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(note))
-    os.replace(tmp, path)
+    replace_file(Path(failure_dir, f"rank{os.environ['RANK']}.json"), json.dumps(note))
 
 
 def _arm_deadline(deadline: float | None) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -180,8 +181,8 @@ def test_write_is_atomic(artifact, tmp_path, monkeypatch):
         replaced.append(Path(src).read_text())
         real_replace(src, dst)
 
-    real_replace = inspect.os.replace
-    monkeypatch.setattr(inspect.os, "replace", spy)
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", spy)
     assert inspect.write(artifact, out) == out
     assert replaced == [out.read_text()] and out.read_text().startswith("<!DOCTYPE html>")
     assert [p.name for p in out.parent.iterdir()] == ["plan.html"]
