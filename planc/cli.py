@@ -405,9 +405,10 @@ def cmd_diff(args) -> int:
 
     result = diff(args.a, args.b, model=args.model)
     if args.out is not None:
-        from planc.report.inspect import render_diff, write_atomic
+        from planc.codegen.replace import replace_file
+        from planc.report.inspect import render_diff
 
-        result["page"] = str(write_atomic(render_diff(result), Path(args.out)))
+        result["page"] = str(replace_file(Path(args.out), render_diff(result)))
     if args.json:
         _print_json(result)
     else:
