@@ -78,13 +78,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def attention_mask(step: Step, num_queries: int) -> torch.Tensor:
-    """[B, 1, S, L] bool: a query at slot start+i sees filled slots <= start+i."""
+def partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int | None,
+                 interleave: bool = False) -> torch.Tensor:
+    """apply_rope on the first rope_dim of each head; the rest passes through. Interleaved pairs
+    come out de-interleaved: the same permutation of q's and k's dims leaves every q·k unchanged."""
+    if rope_dim is None or rope_dim == x.shape[-1]:
+        return apply_rope(x, cos, sin, interleave)
+    return torch.cat([apply_rope(x[..., :rope_dim], cos, sin, interleave), x[..., rope_dim:]], dim=-1)
+
+
+def attention_mask(step: Step, num_queries: int, window: int | None = None) -> torch.Tensor:
+    """[B, 1, S, L] bool: a query at slot start+i sees filled slots <= start+i (and, with a sliding
+    `window`, only slots > start+i-window: transformers' window, counted in cache slots)."""
     length = step.start + num_queries
     q_slot = torch.arange(step.start, length, device=step.key_mask_BT.device)
     k_slot = torch.arange(length, device=step.key_mask_BT.device)
     causal = k_slot[None, :] <= q_slot[:, None]
+    if window is not None:
+        causal &= k_slot[None, :] > q_slot[:, None] - window
     return (causal[None] & step.key_mask_BT[:, None, :length])[:, None]
+
+
+def decode_key_mask(step: Step, window: int | None = None) -> torch.Tensor:
+    """[B, start+1] the keys a one-token step's query sees (its own slot included)."""
+    end = step.start + 1
+    mask = step.key_mask_BT[:, :end]
+    if window is None or window >= end:
+        return mask
+    return torch.cat([mask.new_zeros(mask.shape[0], end - window), mask[:, end - window:]], dim=1)
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -206,21 +227,21 @@ class Ops:
             q = self.rmsnorm(q, W["q_norm.weight"], d.eps)
             k = self.rmsnorm(k, W["k_norm.weight"], d.eps)
         cos, sin = rope_cos_sin(step.pos_BS, W["rotary.inv_freq"], d.rope_scaling, q_BSX.dtype)
-        q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
+        q, k = (partial_rope(t, cos, sin, d.rope_dim, d.rope_interleave) for t in (q, k))
         end = step.start + S
         cache.k_BTHD[:, step.start:end] = k
         cache.v_BTHD[:, step.start:end] = v
-        return self._gqa_attend(q, cache, step, S, d.scale).reshape(B, S, d.num_heads * d.head_dim)
+        return self._gqa_attend(q, cache, step, S, d.scale, d.window).reshape(B, S, d.num_heads * d.head_dim)
 
-    def _gqa_attend(self, q_BSHD, cache: GqaCache, step: Step, S: int, scale: float):
+    def _gqa_attend(self, q_BSHD, cache: GqaCache, step: Step, S: int, scale: float, window: int | None = None):
         end = step.start + S
         k, v = cache.k_BTHD[:, :end], cache.v_BTHD[:, :end]
         if S == 1:
-            return self.gqa_decode(q_BSHD[:, 0], k, v, step.key_mask_BT[:, :end], scale)[:, None]
+            return self.gqa_decode(q_BSHD[:, 0], k, v, decode_key_mask(step, window), scale)[:, None]
         rep = q_BSHD.shape[2] // k.shape[2]
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
         logits = torch.einsum("bshd,bthd->bhst", q_BSHD, k) * scale
-        probs = masked_softmax(logits, attention_mask(step, S)).to(v.dtype)
+        probs = masked_softmax(logits, attention_mask(step, S, window)).to(v.dtype)
         return torch.einsum("bhst,bthd->bshd", probs, v)
 
     def moe_route(self, x_ND: torch.Tensor, W: Weights, d: RouterDims) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,8 @@ against the captured graph.
 """
 from __future__ import annotations
 
+import functools
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +16,7 @@ from torch import nn
 
 from planc.errors import ModelError
 from planc.dims import GqaDims, MlaDims, RouterDims
+from planc.ops import apply_rope
 
 MLA_CHILDREN = frozenset(("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"))
 GQA_CHILDREN = frozenset(("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -72,10 +75,31 @@ def _mla_dims(attn: nn.Module, rope_scaling: float, complex_rope: bool) -> MlaDi
     return dims if shapes_agree else None
 
 
-def _gqa_dims(attn: nn.Module, rope_scaling: float) -> GqaDims | None:
+def sliding_window(attn: nn.Module, layer: int) -> int | None:
+    """The layer's attention window in transformers' conventions: the attention module's own
+    `sliding_window` where it has one (None on its full-attention layers: Qwen2/3, Gemma3); else the
+    config's `layer_types` entry for the layer; else the config's `sliding_window` (Mistral, Mixtral,
+    Starcoder2 apply it to every layer)."""
+    if hasattr(attn, "sliding_window"):
+        window = attn.sliding_window
+    else:
+        config = getattr(attn, "config", None)
+        types = getattr(config, "layer_types", None)
+        window = getattr(config, "sliding_window", None)
+        if types is not None and layer < len(types) and types[layer] != "sliding_attention":
+            window = None
+    longest = getattr(getattr(attn, "config", None), "max_position_embeddings", None)
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    return None if isinstance(longest, int) and window >= longest else window  # a window no sequence reaches
+
+
+def _gqa_dims(attn: nn.Module, rope_scaling: float, layer: int, rope_width: int | None) -> GqaDims | None:
     if not GQA_CHILDREN <= _children(attn) or not all(_is_linear(getattr(attn, c)) for c in sorted(GQA_CHILDREN)):
         return None
     head_dim = attn.head_dim
+    if rope_width is not None and rope_width > head_dim:
+        raise ModelError(f"the rotary embedding turns {rope_width} dims of a {head_dim}-wide head")
     q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
     qk_norm, eps = "none", 0.0
     if q_norm is not None and k_norm is not None:
@@ -94,7 +118,31 @@ def _gqa_dims(attn: nn.Module, rope_scaling: float) -> GqaDims | None:
     return GqaDims(
         num_heads=attn.q_proj.out_features // head_dim, num_kv_heads=attn.k_proj.out_features // head_dim,
         head_dim=head_dim, eps=eps, scale=float(attn.scaling), rope_scaling=rope_scaling, qk_norm=qk_norm,
+        window=sliding_window(attn, layer), rope_dim=rope_width if rope_width not in (None, head_dim) else None,
+        rope_interleave=rope_interleaved(type(attn), rope_width or head_dim),
     )
+
+
+@functools.lru_cache(maxsize=None)
+def rope_interleaved(attention_class: type, width: int) -> bool:
+    """Whether the attention's rope turns interleaved pairs (GLM, Helium): asked of its modeling
+    file's `apply_rotary_pos_emb` (transformers' name for it) on one random row. False without one,
+    or when it answers in neither layout (the lift's numeric check then says what differs)."""
+    apply = getattr(sys.modules.get(attention_class.__module__), "apply_rotary_pos_emb", None)
+    if not callable(apply) or width % 2:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 1, width, generator=gen, dtype=torch.float64)
+    angles = torch.rand(1, 1, width // 2, generator=gen, dtype=torch.float64) * 6.0
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    try:
+        with torch.no_grad():
+            got = apply(q, q.clone(), cos, sin)[0]
+    except Exception:
+        return False
+    turned = apply_rope(q[0].transpose(0, 1), cos, sin, True).transpose(0, 1)[None]  # [B, S, H, R] layout
+    return isinstance(got, torch.Tensor) and got.shape == q.shape and torch.allclose(
+        torch.cat([got[..., 0::2], got[..., 1::2]], -1), turned)
 
 
 def _router_dims(moe: nn.Module) -> RouterDims | None:
@@ -146,8 +194,16 @@ def _is_mlp(m: nn.Module | None) -> bool:
     return m is not None and MLP_CHILDREN <= _children(m) and all(_is_linear(getattr(m, c)) for c in sorted(MLP_CHILDREN))
 
 
-def _attention_block(attn: nn.Module, fqn: str, layer: int, rope_scaling: float, complex_rope: bool) -> Block:
-    for kind, dims in (("mla_attention", _mla_dims(attn, rope_scaling, complex_rope)), ("gqa_attention", _gqa_dims(attn, rope_scaling))):
+def _attention_block(attn: nn.Module, fqn: str, layer: int, rope: Rope) -> Block:
+    mla = _mla_dims(attn, rope.scaling, rope.complex)
+    if mla is not None and sliding_window(attn, layer) is not None:
+        raise ModelError(f"{fqn} ({type(attn).__name__}): MLA with a sliding window; planc's MLA attends to every "
+                         "cached key")
+    try:
+        gqa = None if mla is not None else _gqa_dims(attn, rope.scaling, layer, rope.width)
+    except ModelError as exc:
+        raise ModelError(f"{fqn} ({type(attn).__name__}): {exc}") from None
+    for kind, dims in (("mla_attention", mla), ("gqa_attention", gqa)):
         if dims is not None:
             return Block(kind, fqn, type(attn).__name__, layer, dims)
     raise ModelError(f"{fqn} ({type(attn).__name__}): not a recognized attention block; planc lifts MLA "
@@ -187,6 +243,43 @@ def _decoder(model: nn.Module) -> tuple[str, nn.Module]:
     return "model", base
 
 
+@dataclass(frozen=True)
+class Rope:
+    """The model's one rotary embedding (model.rotary_emb): its attention scaling, whether it hands
+    out complex rotations, and how many dims of a head it turns (2 × len(inv_freq); None without one)."""
+
+    scaling: float
+    complex: bool
+    width: int | None
+
+
+def _rope(base: nn.Module) -> Rope:
+    rotary = getattr(base, "rotary_emb", None)
+    others = sorted(name for name, child in base.named_children() if "rotary" in name and child is not rotary)
+    if others:  # Gemma3's local and global rotations: one per layer type
+        raise ModelError(f"{type(base).__name__}: {len(others) + 1} rotary embeddings (rotary_emb, {', '.join(others)}); "
+                         "planc lifts models with one rotary embedding shared by every layer")
+    inv_freq = getattr(rotary, "inv_freq", None)
+    width = 2 * inv_freq.numel() if isinstance(inv_freq, torch.Tensor) else None
+    return Rope(float(getattr(rotary, "attention_scaling", 1.0)), _complex_rope(rotary), width)
+
+
+LAYER_CHILDREN = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+def _layer_layout(layer: nn.Module, fqn: str) -> None:
+    """A pre-norm decoder layer: h + self_attn(input_layernorm(h)), then + mlp(post_attention_layernorm(.)).
+    Other children (a norm after the attention or the MLP, a parallel branch) mean other wiring."""
+    children = {c for c in _children(layer) if not isinstance(getattr(layer, c), (nn.Dropout, nn.Identity))}
+    missing = [c for c in LAYER_CHILDREN if c not in children]
+    extra = sorted(children - set(LAYER_CHILDREN))
+    if missing or extra:
+        found = "; ".join([f"no {', '.join(missing)}"] * bool(missing) + [f"also {', '.join(extra)}"] * bool(extra))
+        raise ModelError(f"{fqn} ({type(layer).__name__}): not a pre-norm decoder layer with children "
+                         f"{', '.join(LAYER_CHILDREN)} ({found}); planc lifts layers computing "
+                         "h + self_attn(input_layernorm(h)), then + mlp(post_attention_layernorm(.))")
+
+
 def _complex_rope(rotary: nn.Module | None) -> bool:
     """Whether the model's rotary embedding hands out complex rotations (DeepSeek-V2) rather than
     (cos, sin): asked of the module itself, on one position."""
@@ -216,10 +309,10 @@ def _norm_or_captured(m: nn.Module, fqn: str, layer: int | None) -> Block:
         return Block(CAPTURED, fqn, type(m).__name__, layer, None, {"why": why, "lifts": ("rmsnorm",)})
 
 
-def _stateful_block(attn: nn.Module, fqn: str, layer: int, rope_scaling: float, complex_rope: bool) -> Block:
+def _stateful_block(attn: nn.Module, fqn: str, layer: int, rope: Rope) -> Block:
     """An attention block planc does not recognize is an error: it cannot run as captured."""
     try:
-        return _attention_block(attn, fqn, layer, rope_scaling, complex_rope)
+        return _attention_block(attn, fqn, layer, rope)
     except ModelError as exc:
         raise ModelError(f"{exc}. It cannot run as captured either: attention keeps a KV cache from prefill to "
                          "each decode step, and a captured graph of one forward has no cache to carry") from exc
@@ -229,15 +322,14 @@ def recognize(model: nn.Module) -> list[Block]:
     """The blocks of a decoder LM, in execution order; an unrecognized feed-forward block or norm
     is a `captured` block (run as its exported graph, replicated)."""
     prefix, base = _decoder(model)
-    rotary = getattr(base, "rotary_emb", None)
-    rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
-    complex_rope = _complex_rope(rotary)
+    rope = _rope(base)
     blocks = [Block("embedding", f"{prefix}.embed_tokens", type(base.embed_tokens).__name__)]
     for i, layer in enumerate(base.layers):
         lp = f"{prefix}.layers.{i}"
+        _layer_layout(layer, lp)
         blocks += [
             _norm_or_captured(layer.input_layernorm, f"{lp}.input_layernorm", i),
-            _stateful_block(layer.self_attn, f"{lp}.self_attn", i, rope_scaling, complex_rope),
+            _stateful_block(layer.self_attn, f"{lp}.self_attn", i, rope),
             _norm_or_captured(layer.post_attention_layernorm, f"{lp}.post_attention_layernorm", i),
             _ffn_or_captured(layer.mlp, f"{lp}.mlp", i, model.config),
         ]

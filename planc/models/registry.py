@@ -116,8 +116,18 @@ def pin_static_paths(config: transformers.PretrainedConfig, dtype: torch.dtype |
     grouped_mm has no fp64 kernel, so fp64 models (exactness checks) use batched_mm (dtype None: float32)."""
     if getattr(config, "num_local_experts", None) or getattr(config, "n_routed_experts", None):
         config._experts_implementation = "batched_mm" if dtype == torch.float64 else "grouped_mm"
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = "sdpa" if _supports_sdpa(config) else "eager"
     return config
+
+
+def _supports_sdpa(config: transformers.PretrainedConfig) -> bool:
+    """Whether the config's causal-LM class runs its attention through SDPA (Gemma2 does not: its
+    soft-capping needs the eager path); an unknown class answers yes and transformers decides."""
+    try:
+        cls = transformers.AutoModelForCausalLM._model_mapping[type(config)]
+    except (KeyError, ValueError, AttributeError):
+        return True
+    return bool(getattr(cls, "_supports_sdpa", True))
 
 
 def bundled_config(name: str) -> transformers.PretrainedConfig:
@@ -152,10 +162,17 @@ def _load_checkpoint(path: Path, dtype: torch.dtype) -> nn.Module:
     local = {"local_files_only": True, "trust_remote_code": False}
     try:
         config = pin_static_paths(transformers.AutoConfig.from_pretrained(path, **local), dtype)
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, use_safetensors=True, **local)
+        model, loaded = transformers.AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=dtype, use_safetensors=True, output_loading_info=True, **local)
     except Exception as exc:  # transformers raises many types for bad files
         raise ModelError(f"{path}: cannot load checkpoint: {type(exc).__name__}: {one_line(exc)}. "
                          "Check that the files are complete (re-save with save_pretrained)") from exc
+    missing = sorted(loaded.get("missing_keys") or ())
+    if missing:  # transformers would leave them at their random initial values, and warn
+        listed = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise ModelError(f"{path}: the checkpoint's weight files lack {len(missing)} of {type(model).__name__}'s "
+                         f"tensors ({listed}); a model with random weights in their place is not this checkpoint. "
+                         "Check that every *.safetensors file is present (re-save with save_pretrained)")
     return model.eval()
 
 

@@ -37,6 +37,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -239,7 +240,7 @@ def _run_agent(job: _Job, nproc: int, rdzv: dict[str, Any], log_dir: Path, timeo
     for attempt in range(1, PORT_ATTEMPTS + 1):
         config = _launch_config(nproc, rdzv, log_dir, timeout_s)
         try:
-            elastic_launch(config, _worker)(job)
+            elastic_launch(config, _rank_main)(job)
             return
         except RendezvousError as e:
             raise RunError(f"rendezvous at {config.rdzv_endpoint} ({config.rdzv_backend}) failed: {e}") from None
@@ -356,9 +357,23 @@ def _read_results(result_dir: Path, world_size: int) -> list[Any] | None:
 # -- worker side ------------------------------------------------------------------------------
 
 
+def _rank_main(job: _Job) -> None:
+    """Entry of every spawned rank. A rank that failed leaves at once, once its failure is written
+    (its note, and @record's error file for the agent): a normal interpreter exit would destroy a
+    process group whose background threads still run, and C++ aborts on that with a stray "terminate
+    called without an active exception" on the user's terminal."""
+    try:
+        _worker(job)
+    except BaseException:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(1)
+
+
 @record
 def _worker(job: _Job) -> None:
-    """Entry of every spawned rank; @record writes the exception for the agent to report."""
+    """@record writes the exception for the agent to report."""
     _die_with_parent(job.parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     rank_status = status.install(Path(job.status_dir, f"rank{os.environ['RANK']}"))

@@ -74,6 +74,21 @@ def test_corrupt_checkpoint(tmp_path, capsys):
     assert str(ckpt) in err and "cannot load checkpoint" in err
 
 
+def test_a_checkpoint_lacking_a_tensor_is_refused_not_filled_at_random(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from planc.models.registry import load_model
+
+    ckpt = tmp_path / "ckpt"
+    load_model("tiny-draft").save_pretrained(ckpt)
+    weights = ckpt / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors["model.layers.1.mlp.down_proj.weight"]  # a weight lost in a hand-made conversion
+    save_file(tensors, weights, metadata={"format": "pt"})
+    err = compile_fails(tmp_path, capsys, model=str(ckpt))
+    assert str(ckpt) in err and "lack 1 of" in err and "model.layers.1.mlp.down_proj.weight" in err
+
+
 def test_unknown_model_name(tmp_path, capsys):
     err = compile_fails(tmp_path, capsys, model="tiny-deepsek")
     assert "'tiny-deepsek'" in err and "tiny-deepseek" in err

@@ -1,0 +1,115 @@
+"""Decoder layouts beyond the bundled families, as a user brings them: what planc reads from the
+modules (sliding windows, partial and interleaved rope), exactness against transformers on prompts
+longer than the window, and a clear refusal (never a traceback, never a silently different model)
+for what planc does not lift."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+from planc.driver import compile
+from planc.errors import CompileError, ModelError
+from planc.lift import lift
+from planc.lift.recognize import recognize
+from planc.plan import parse_plan_text
+from planc.runtime.decode import generate
+from planc.runtime.model import Model
+from planc.runtime.threads import run_threads
+
+COMMON = dict(vocab_size=260, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=256,
+              bos_token_id=256, eos_token_id=257, pad_token_id=258, intermediate_size=128, num_key_value_heads=2)
+WINDOW = 6
+
+
+def configs() -> dict[str, T.PretrainedConfig]:
+    return {
+        # one window for every layer, from the config (the attention module holds none)
+        "mistral_window": T.MistralConfig(**COMMON, sliding_window=WINDOW),
+        # a window on the layers from max_window_layers on (layer_types; the module holds it)
+        "qwen2_some_windows": T.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+        # rope on a quarter of each head, LayerNorm norms (run as captured)
+        "stablelm_partial_rope": T.StableLmConfig(**COMMON, partial_rotary_factor=0.25),
+        # interleaved pairs on half of each head; its fused gate_up MLP runs as captured
+        "glm_interleaved_partial_rope": T.GlmConfig(**COMMON, head_dim=16),
+        # interleaved pairs on the whole head
+        "helium_interleaved_rope": T.HeliumConfig(**COMMON, head_dim=16),
+    }
+
+
+def build(name: str, **changes) -> torch.nn.Module:
+    config = configs()[name] if not changes else changes.pop("config")
+    torch.manual_seed(0)
+    return T.AutoModelForCausalLM.from_config(config).eval()
+
+
+def _attention(name: str) -> list:
+    return [b.dims for b in recognize(build(name)) if b.kind == "gqa_attention"]
+
+
+def test_windows_and_rope_layouts_are_read_from_the_model():
+    assert [d.window for d in _attention("mistral_window")] == [WINDOW] * 3
+    assert [d.window for d in _attention("qwen2_some_windows")] == [None, WINDOW, WINDOW]
+    stablelm = _attention("stablelm_partial_rope")[0]
+    assert (stablelm.rope_dim, stablelm.rope_interleave, stablelm.window) == (4, False, None)
+    glm = _attention("glm_interleaved_partial_rope")[0]
+    assert (glm.rope_dim, glm.rope_interleave) == (8, True)
+    helium = _attention("helium_interleaved_rope")[0]
+    assert (helium.rope_dim, helium.rope_interleave) == (None, True)
+
+
+def test_a_layer_with_a_window_is_a_structure_of_its_own():
+    lifted = lift(build("qwen2_some_windows"), check=True)
+    numeric = {c.fqn for c in lifted.checks if c.method == "numeric"}
+    assert {"model.layers.0.self_attn", "model.layers.1.self_attn"} <= numeric  # layer 2 stands on layer 1
+    assert "model.layers.2.self_attn" not in numeric
+
+
+PLAN = """version: 1
+mesh: {devices: 2}
+rules:
+  - match: "model.layers.*.self_attn"
+    attention: {strategy: tp}
+"""
+
+
+@pytest.mark.parametrize("name", list(configs()))
+def test_two_ranks_give_transformers_logits_past_the_window(tmp_path, name):
+    model = build(name)
+    artifact = compile(model, parse_plan_text(PLAN, "plan.yaml"), tmp_path / "out").path
+    prompt = torch.randint(0, 256, (17,), generator=torch.Generator().manual_seed(1)).tolist()  # ~3 windows
+    steps = 6
+    got = run_threads(lambda comm: generate(Model(str(artifact), comm=comm), [prompt], steps, keep_logits=True), 2)[0]
+    ids = torch.tensor([prompt + got.tokens[0]])
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits[0, len(prompt) - 1:-1]
+    diff = max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want))
+    assert len(got.tokens[0]) == steps
+    assert diff <= 1e-4, diff  # fp32: the split GEMMs and all-reduce reorder additions
+
+
+def _layer_config(cls: str, **kw) -> T.PretrainedConfig:
+    return getattr(T, cls)(**COMMON, **kw)
+
+
+@pytest.mark.parametrize(("config", "says"), [
+    (_layer_config("CohereConfig"), "model.layers.0 (CohereDecoderLayer): not a pre-norm decoder layer"),
+    (_layer_config("Olmo2Config"), "no input_layernorm; also post_feedforward_layernorm"),
+    (_layer_config("Gemma2Config", head_dim=16), "also post_feedforward_layernorm, pre_feedforward_layernorm"),
+    (_layer_config("Phi3Config"), "model.layers.0.self_attn (Phi3Attention): not a recognized attention block"),
+])
+def test_a_layout_planc_does_not_lift_is_refused_by_name(config, says):
+    with pytest.raises(ModelError, match=says.replace("(", r"\(").replace(")", r"\)")):
+        recognize(build("", config=config))
+
+
+@pytest.mark.parametrize(("changes", "says"), [
+    ({"embedding_multiplier": 12.0}, "model.embed_tokens (glue): the embedding's output as the first layer's input"),
+    ({"logits_scaling": 8.0}, "lm_head (glue): lm_head's output as the logits"),
+    ({"residual_multiplier": 0.5}, "residual wiring differs"),
+])
+def test_scaling_between_blocks_is_a_lift_error_not_a_different_model(changes, says):
+    config = _layer_config("GraniteConfig", **{"embedding_multiplier": 1.0, "logits_scaling": 1.0,
+                                                "residual_multiplier": 1.0, "attention_multiplier": 0.25, **changes})
+    with pytest.raises(CompileError, match=says.replace("(", r"\(").replace(")", r"\)")):
+        lift(build("", config=config), check=True)
