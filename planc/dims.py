@@ -64,7 +64,7 @@ class GqaDims:
     rope_scaling: float
     qk_norm: str = "none"  # "head": per-head q/k RMSNorm (Qwen3); "full": over the whole projection (OLMoE)
     window: int | None = None  # sliding-window attention: a query sees the keys of its last `window` slots
-    rope_dim: int | None = None  # partial rotary: rope turns the first rope_dim of each head (None: all)
+    rope_dim: int | None = None  # partial rotary: rope turns the first rope_dim of each head (None: all; 0: NoPE)
     rope_interleave: bool = False  # rope turns pairs (x[2i], x[2i+1]) rather than (x[i], x[i + R/2])
 
     def local(self, num_heads: int, num_kv_heads: int) -> "GqaDims":

@@ -84,6 +84,8 @@ def partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim
     come out de-interleaved: the same permutation of q's and k's dims leaves every q·k unchanged."""
     if rope_dim is None or rope_dim == x.shape[-1]:
         return apply_rope(x, cos, sin, interleave)
+    if rope_dim == 0:  # a NoPE layer
+        return x
     return torch.cat([apply_rope(x[..., :rope_dim], cos, sin, interleave), x[..., rope_dim:]], dim=-1)
 
 

@@ -118,9 +118,18 @@ def _gqa_dims(attn: nn.Module, rope_scaling: float, layer: int, rope_width: int 
     return GqaDims(
         num_heads=attn.q_proj.out_features // head_dim, num_kv_heads=attn.k_proj.out_features // head_dim,
         head_dim=head_dim, eps=eps, scale=float(attn.scaling), rope_scaling=rope_scaling, qk_norm=qk_norm,
-        window=sliding_window(attn, layer), rope_dim=rope_width if rope_width not in (None, head_dim) else None,
+        window=sliding_window(attn, layer), rope_dim=_rope_dim(attn, rope_width, head_dim),
         rope_interleave=rope_interleaved(type(attn), rope_width or head_dim),
     )
+
+
+def _rope_dim(attn: nn.Module, rope_width: int | None, head_dim: int) -> int | None:
+    """How much of each head rope turns: None for all of it; 0 on a NoPE layer (SmolLM3, Llama4:
+    the attention's `use_rope` is False there)."""
+    use_rope = getattr(attn, "use_rope", True)
+    if isinstance(use_rope, (bool, int)) and not use_rope:  # SmolLM3 stores 0 / 1
+        return 0
+    return rope_width if rope_width not in (None, head_dim) else None
 
 
 @functools.lru_cache(maxsize=None)

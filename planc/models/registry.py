@@ -114,20 +114,21 @@ def pin_static_paths(config: transformers.PretrainedConfig, dtype: torch.dtype |
     """Pick code paths that export and Dynamo can capture (eager experts loop over nonzero()).
 
     grouped_mm has no fp64 kernel, so fp64 models (exactness checks) use batched_mm (dtype None: float32)."""
+    cls = _causal_lm_class(config)
     if getattr(config, "num_local_experts", None) or getattr(config, "n_routed_experts", None):
-        config._experts_implementation = "batched_mm" if dtype == torch.float64 else "grouped_mm"
-    config._attn_implementation = "sdpa" if _supports_sdpa(config) else "eager"
+        if cls is None or cls._can_set_experts_implementation():  # Llama4's experts have one implementation
+            config._experts_implementation = "batched_mm" if dtype == torch.float64 else "grouped_mm"
+    # Gemma2's soft-capping needs the eager path; an unknown class tries SDPA and transformers decides
+    config._attn_implementation = "sdpa" if cls is None or getattr(cls, "_supports_sdpa", True) else "eager"
     return config
 
 
-def _supports_sdpa(config: transformers.PretrainedConfig) -> bool:
-    """Whether the config's causal-LM class runs its attention through SDPA (Gemma2 does not: its
-    soft-capping needs the eager path); an unknown class answers yes and transformers decides."""
+def _causal_lm_class(config: transformers.PretrainedConfig) -> type | None:
     try:
         cls = transformers.AutoModelForCausalLM._model_mapping[type(config)]
     except (KeyError, ValueError, AttributeError):
-        return True
-    return bool(getattr(cls, "_supports_sdpa", True))
+        return None
+    return cls if hasattr(cls, "_can_set_experts_implementation") else None
 
 
 def bundled_config(name: str) -> transformers.PretrainedConfig:

@@ -34,6 +34,8 @@ def configs() -> dict[str, T.PretrainedConfig]:
         "glm_interleaved_partial_rope": T.GlmConfig(**COMMON, head_dim=16),
         # interleaved pairs on the whole head
         "helium_interleaved_rope": T.HeliumConfig(**COMMON, head_dim=16),
+        # no rope on every other layer (NoPE; the attention's use_rope is 0 there)
+        "smollm3_nope_layers": T.SmolLM3Config(**COMMON, no_rope_layer_interval=2),
     }
 
 
@@ -56,6 +58,7 @@ def test_windows_and_rope_layouts_are_read_from_the_model():
     assert (glm.rope_dim, glm.rope_interleave) == (8, True)
     helium = _attention("helium_interleaved_rope")[0]
     assert (helium.rope_dim, helium.rope_interleave) == (None, True)
+    assert [d.rope_dim for d in _attention("smollm3_nope_layers")] == [None, 0, None]
 
 
 def test_a_layer_with_a_window_is_a_structure_of_its_own():
@@ -97,6 +100,7 @@ def _layer_config(cls: str, **kw) -> T.PretrainedConfig:
     (_layer_config("Olmo2Config"), "no input_layernorm; also post_feedforward_layernorm"),
     (_layer_config("Gemma2Config", head_dim=16), "also post_feedforward_layernorm, pre_feedforward_layernorm"),
     (_layer_config("Phi3Config"), "model.layers.0.self_attn (Phi3Attention): not a recognized attention block"),
+    (_layer_config("GraniteMoeConfig", num_local_experts=4, num_experts_per_tok=2), "no mlp; also block_sparse_moe"),
 ])
 def test_a_layout_planc_does_not_lift_is_refused_by_name(config, says):
     with pytest.raises(ModelError, match=says.replace("(", r"\(").replace(")", r"\)")):
