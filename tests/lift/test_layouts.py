@@ -26,6 +26,8 @@ def configs() -> dict[str, T.PretrainedConfig]:
     return {
         # one window for every layer, from the config (the attention module holds none)
         "mistral_window": T.MistralConfig(**COMMON, sliding_window=WINDOW),
+        # the config's window again, with LayerNorm norms and a c_fc / c_proj MLP (both run as captured)
+        "starcoder2_window": T.Starcoder2Config(**COMMON, sliding_window=WINDOW),
         # a window on the layers from max_window_layers on (layer_types; the module holds it)
         "qwen2_some_windows": T.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
         # rope on a quarter of each head, LayerNorm norms (run as captured)
@@ -52,6 +54,7 @@ def _attention(name: str) -> list:
 def test_windows_and_rope_layouts_are_read_from_the_model():
     assert [d.window for d in _attention("mistral_window")] == [WINDOW] * 3
     assert [d.window for d in _attention("qwen2_some_windows")] == [None, WINDOW, WINDOW]
+    assert [d.window for d in _attention("starcoder2_window")] == [WINDOW] * 3
     stablelm = _attention("stablelm_partial_rope")[0]
     assert (stablelm.rope_dim, stablelm.rope_interleave, stablelm.window) == (4, False, None)
     glm = _attention("glm_interleaved_partial_rope")[0]
