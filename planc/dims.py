@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from planc.lazy import lazy
 
@@ -119,6 +120,7 @@ class LinearDims:
 class EmbeddingDims:
     vocab: int
     hidden: int
+    scale: Any = None  # a planc.lift.glue.Scale the model applies to the embeddings (Granite's multiplier)
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,18 @@ def _core_args(c: Call) -> str:
 MLA_KERNELS = ("mla_decode.py", "mla_decode_cpu.py", "mla_decode_cpu.c", "rmsnorm.py")  # decode attention, latent norm
 MOE_KERNELS = ("grouped_gemm.py", "permute.py")  # expert-sorted rows, one grouped GEMM per projection
 
-declare_op("embedding", lambda c: f"ops.embedding({c.args[0]}, {c.weight('weight')})", owns_weights=True)
+def _scaled(c: Call, x: str, scale) -> str:
+    return x if scale is None else f"({scale.emit(x)})"
+
+
+declare_op("embedding", lambda c: _scaled(c, f"ops.embedding({c.args[0]}, {c.weight('weight')})", c.info.dims.scale),
+           owns_weights=True)
+declare_op("scale", lambda c: c.info.dims.emit(c.args[0]))  # a constant factor between blocks (planc.lift.glue)
 declare_op("rmsnorm", lambda c: f"ops.rmsnorm({c.args[0]}, {c.weight('weight')}, {c.info.dims.eps!r})",
            owns_weights=True, kernels=("rmsnorm.py",))
 declare_op("linear", lambda c: f"ops.linear({c.args[0]}, {c.weight('weight')}, {c.maybe('bias')})", owns_weights=True,
            kernels=("linear.py",))
-declare_op("add", lambda c: f"{c.args[0]} + {c.args[1]}")
+declare_op("add", lambda c: f"{c.args[0]} + {_scaled(c, c.args[1], c.info.dims)}")  # dims: the branch's Scale or None
 declare_op("sigmoid_scale", lambda c: f"ops.sigmoid_scale({c.args[0]}, {c.args[1]})")
 declare_op("mlp", lambda c: f"ops.gated_act({c.args[0]}, {c.args[1]}, {c.info.dims.act!r})")
 declare_op("mla_attention", lambda c: f"ops.mla_core({_core_args(c)}, step, caches[{c.info.fqn!r}], {c.W}, {c.dims})",

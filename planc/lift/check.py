@@ -21,6 +21,7 @@ from torch import nn
 
 from planc import progress
 from planc.ops import GqaCache, MlaCache, Ops, Step
+from planc.lift.glue import Bounds, Glue, Scale
 from planc.lift.recognize import CAPTURED, Block
 from planc.weights import named_tensors, scoped
 
@@ -43,13 +44,31 @@ def _stack_fqns(node: fx.Node) -> set[str]:
     return {fqn.removeprefix("L['self'].") for fqn, _cls in stack.values()}
 
 
-def _boundary(graph: fx.Graph, fqn: str) -> tuple[fx.Node | None, fx.Node | None]:
+def _boundary(graph: fx.Graph, fqn: str, stacks: dict[fx.Node, set[str]] | None = None
+              ) -> tuple[fx.Node | None, fx.Node | None]:
     """(activation entering the block, value leaving it) in the captured graph."""
-    inside = [n for n in graph.nodes if n.op in ("call_function", "call_method") and fqn in _stack_fqns(n)]
+    stacks = stacks if stacks is not None else _stacks(graph)
+    inside = [n for n, fqns in stacks.items() if fqn in fqns]
     members = set(inside)
     entering = [a for n in inside for a in n.all_input_nodes if a not in members and a.op != "get_attr"]
     leaving = [n for n in inside if any(u not in members for u in n.users)]
     return (_pick_activation(entering), _pick_activation(leaving, last=True))
+
+
+def _stacks(graph: fx.Graph) -> dict[fx.Node, set[str]]:
+    """The module FQNs each compute node of the captured graph runs inside."""
+    return {n: _stack_fqns(n) for n in graph.nodes if n.op in ("call_function", "call_method")}
+
+
+def junctions(graph: fx.Graph, blocks: list[Block]) -> tuple[Bounds, dict[str, str]]:
+    """Each block's boundary values in the captured graph, and each layer's following block (the
+    next layer's input norm, or the final norm), with that block's boundary too."""
+    stacks = _stacks(graph)
+    bounds = {b.fqn: _boundary(graph, b.fqn, stacks) for b in blocks}
+    following = _following(stacks, blocks)
+    for fqn in following.values():
+        bounds.setdefault(fqn, _boundary(graph, fqn, stacks))
+    return bounds, following
 
 
 def _pick_activation(nodes: list[fx.Node], last: bool = False) -> fx.Node | None:
@@ -117,17 +136,19 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return (got.double() - want.double()).abs().max().item() / scale
 
 
-def check_blocks(model: nn.Module, gm: fx.GraphModule, blocks: list[Block], example_args: tuple, example_kwargs: dict) -> list[Check]:
-    bounds = {b.fqn: _boundary(gm.graph, b.fqn) for b in blocks}
-    following = _following(gm.graph, blocks)  # what the glue check compares each layer's output with
-    for fqn in following.values():
-        bounds.setdefault(fqn, _boundary(gm.graph, fqn))
+def check_blocks(model: nn.Module, gm: fx.GraphModule, blocks: list[Block], example_args: tuple, example_kwargs: dict,
+                 glue: Glue | None = None) -> list[Check]:
+    """Every block against the captured graph, then the residual wiring and the junctions between
+    blocks, with the scales `glue` read at them (planc.lift.glue)."""
+    glue = glue or Glue()
+    bounds, following = junctions(gm.graph, blocks)
     wanted = {n for pair in bounds.values() for n in pair if n is not None}
     rec = _Recorder(gm, wanted)
     with torch.no_grad():
         out = rec.run(*example_args, *example_kwargs.values())
         checked = [_check_one(model, b, bounds[b.fqn], rec.values) for b in progress.track(blocks, "lift checks", "blocks")]
-        return checked + _check_residuals(blocks, bounds, rec.values) + _check_glue(blocks, bounds, rec.values, out, following)
+        return (checked + _check_residuals(blocks, bounds, rec.values, glue)
+                + _check_glue(blocks, bounds, rec.values, out, following, glue))
 
 
 def _check_one(model: nn.Module, block: Block, bound, values) -> Check:
@@ -147,8 +168,8 @@ def _check_one(model: nn.Module, block: Block, bound, values) -> Check:
     return Check(block.fqn, err <= tol, err, "" if err <= tol else f"reference differs from the captured subgraph: rel err {err:.2e} > {tol:.0e}")
 
 
-def _check_residuals(blocks: list[Block], bounds, values) -> list[Check]:
-    """h_in + attn_out == input of post_attention_layernorm, for every layer."""
+def _check_residuals(blocks: list[Block], bounds, values, glue: Glue) -> list[Check]:
+    """h_in + attn_out (scaled as glue says) == input of post_attention_layernorm, for every layer."""
     checks = []
     by_fqn = {b.fqn: b for b in blocks}
     for b in blocks:
@@ -161,12 +182,14 @@ def _check_residuals(blocks: list[Block], bounds, values) -> list[Check]:
         if f"{lp}.post_attention_layernorm" not in by_fqn or None in (h_in, attn_out, post_in):
             checks.append(Check(f"{lp} (residual)", False, float("nan"), "layer boundary values not found"))
             continue
-        err = _rel_err(values[h_in] + values[attn_out], values[post_in])
+        branch = glue.attention_branch(b.layer)
+        out = values[attn_out] if branch is None else branch.apply(values[attn_out])
+        err = _rel_err(values[h_in] + out, values[post_in])
         checks.append(Check(f"{lp} (residual)", err <= 1e-6, err, "" if err <= 1e-6 else f"residual wiring differs: {err:.2e}"))
     return checks
 
 
-def _following(graph: fx.Graph, blocks: list[Block]) -> dict[str, str]:
+def _following(stacks: dict[fx.Node, set[str]], blocks: list[Block]) -> dict[str, str]:
     """Each checked layer -> the block its output enters in the captured graph: the input norm of
     the next layer the graph holds (one per structure under torch.export, all under Dynamo), or
     the final norm after the last."""
@@ -174,7 +197,7 @@ def _following(graph: fx.Graph, blocks: list[Block]) -> dict[str, str]:
     if not layers:
         return {}
     prefix = layers[0].fqn.rsplit(".", 2)[0]  # model.layers
-    present = sorted({int(fqn[len(prefix) + 1:].split(".", 1)[0]) for n in graph.nodes for fqn in _stack_fqns(n)
+    present = sorted({int(fqn[len(prefix) + 1:].split(".", 1)[0]) for fqns in stacks.values() for fqn in fqns
                       if fqn.startswith(f"{prefix}.") and fqn[len(prefix) + 1:].split(".", 1)[0].isdigit()})
     final = next((b.fqn for b in blocks if b.layer is None and b.kind not in ("embedding", "lm_head")), "")
     out = {}
@@ -184,7 +207,7 @@ def _following(graph: fx.Graph, blocks: list[Block]) -> dict[str, str]:
     return out
 
 
-def _check_glue(blocks: list[Block], bounds, values, out, following: dict[str, str]) -> list[Check]:
+def _check_glue(blocks: list[Block], bounds, values, out, following: dict[str, str], glue: Glue) -> list[Check]:
     """What flows between blocks, unchanged: the embedding's output is the first layer's input, each
     layer's h + mlp_out the next one's (or the final norm's), and lm_head's output the logits. A model
     that scales its embeddings or logits, or its residual branches, outside its blocks fails here."""
@@ -195,9 +218,10 @@ def _check_glue(blocks: list[Block], bounds, values, out, following: dict[str, s
     if not layers or None in (embedding, norm, head):
         return [Check("model (glue)", False, float("nan"), "embedding, layers, final norm or lm_head not found")]
 
-    def value(fqn: str, side: int):
+    def value(fqn: str, side: int, scale: Scale | None = None):
         node = bounds.get(fqn, (None, None))[side]
-        return None if node is None else values.get(node)
+        found = None if node is None else values.get(node)
+        return found if found is None or scale is None else scale.apply(found)
 
     def compare(name: str, got, want, what: str) -> Check:
         if got is None or want is None:
@@ -208,15 +232,16 @@ def _check_glue(blocks: list[Block], bounds, values, out, following: dict[str, s
         return Check(name, err <= 1e-6, err, "" if err <= 1e-6 else f"{what} differs: {err:.2e} (the model scales or "
                      "transforms it between blocks, which planc does not reproduce)")
 
-    checks = [compare(f"{embedding} (glue)", value(embedding, 1), value(f"{layers[0]}.input_layernorm", 0),
+    checks = [compare(f"{embedding} (glue)", value(embedding, 1, glue.embedding), value(f"{layers[0]}.input_layernorm", 0),
                       "the embedding's output as the first layer's input")]
     for lp in layers:
         after = following[lp]
-        mid, mlp = value(f"{lp}.post_attention_layernorm", 0), value(f"{lp}.mlp", 1)
+        index = int(lp.rsplit(".", 1)[1])
+        mid, mlp = value(f"{lp}.post_attention_layernorm", 0), value(f"{lp}.mlp", 1, glue.mlp_branch(index))
         summed = None if mid is None or mlp is None or mid.shape != mlp.shape else mid + mlp
         checks.append(compare(f"{lp} (glue)", summed, value(after, 0), f"h + mlp output as {after}'s input"))
     logits = next((t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.dim() == 3), None)
-    checks.append(compare(f"{head} (glue)", value(head, 1), logits, "lm_head's output as the logits"))
+    checks.append(compare(f"{head} (glue)", value(head, 1, glue.logits), logits, "lm_head's output as the logits"))
     return checks
 
 

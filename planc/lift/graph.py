@@ -23,6 +23,7 @@ from torch import nn
 import planc.semantic  # noqa: F401  (declares the base op kinds)
 from planc.dims import EmbeddingDims, LinearDims, MlpDims, MoeDims, NormDims
 from planc.ir import NodeInfo, add_node
+from planc.lift.glue import Glue
 from planc.lift.recognize import CAPTURED, Block, rmsnorm_eps
 
 
@@ -106,8 +107,11 @@ class _Builder:
         return self.mlp(b.fqn, x, b.fqn, b.layer, b.attrs["act"], b.cls)
 
 
-def build_graph(blocks: list[Block], model: nn.Module) -> fx.Graph:
-    """Wire the blocks as a pre-norm residual decoder (the skeleton the lift check confirmed)."""
+def build_graph(blocks: list[Block], model: nn.Module, glue: Glue | None = None,
+                representative: dict[int, int] | None = None) -> fx.Graph:
+    """Wire the blocks as a pre-norm residual decoder (the skeleton the lift check confirmed), with
+    the scales the captured graph applies between them (`glue`, read on each layer's representative)."""
+    glue, representative = glue or Glue(), representative or {}
     g = fx.Graph()
     build = _Builder(g, model)
     ids = g.placeholder("ids")
@@ -115,14 +119,19 @@ def build_graph(blocks: list[Block], model: nn.Module) -> fx.Graph:
     emb = next(it)
     weight = build.modules[emb.fqn].weight
     h = build.node("embedding", (ids,), "h", fqn=emb.fqn, cls=emb.cls,
-                   dims=EmbeddingDims(weight.shape[0], weight.shape[1]))
+                   dims=EmbeddingDims(weight.shape[0], weight.shape[1], glue.embedding))
     for b in it:
         if b.kind == "lm_head":
-            g.output(build.linear(b.fqn, h, "logits", "", None))
+            logits = build.linear(b.fqn, h, "logits", "", None)
+            if glue.logits is not None:
+                logits = build.node("scale", (logits,), "logits", dims=glue.logits)
+            g.output(logits)
         elif b.layer is None:  # the final norm
             h = build.slot_norm(b, h, "h")
-        else:  # a norm, then its block, then the residual add
+        else:  # a norm, then its block, then the residual add (its branch scaled where the model scales it)
             x = build.slot_norm(b, h, "x")
             blk = next(it)
-            h = build.node("add", (h, build.block(blk, x)), "h", layer=blk.layer)
+            rep = representative.get(blk.layer, blk.layer)
+            scale = glue.attention_branch(rep) if blk.kind in ("mla_attention", "gqa_attention") else glue.mlp_branch(rep)
+            h = build.node("add", (h, build.block(blk, x)), "h", layer=blk.layer, dims=scale)
     return g

@@ -11,6 +11,7 @@ import transformers as T
 from planc.driver import compile
 from planc.errors import CompileError, ModelError
 from planc.lift import lift
+from planc.lift.glue import Scale
 from planc.lift.recognize import recognize
 from planc.plan import parse_plan_text
 from planc.runtime.decode import generate
@@ -36,6 +37,9 @@ def configs() -> dict[str, T.PretrainedConfig]:
         "glm_interleaved_partial_rope": T.GlmConfig(**COMMON, head_dim=16),
         # interleaved pairs on the whole head
         "helium_interleaved_rope": T.HeliumConfig(**COMMON, head_dim=16),
+        # constants between the blocks: embeddings × 12, each residual branch × 0.22, logits ÷ 8
+        "granite_multipliers": T.GraniteConfig(**COMMON, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                               attention_multiplier=0.0078125, logits_scaling=8.0),
         # no rope on every other layer (NoPE; the attention's use_rope is 0 there)
         "smollm3_nope_layers": T.SmolLM3Config(**COMMON, no_rope_layer_interval=2),
     }
@@ -110,13 +114,17 @@ def test_a_layout_planc_does_not_lift_is_refused_by_name(config, says):
         recognize(build("", config=config))
 
 
-@pytest.mark.parametrize(("changes", "says"), [
-    ({"embedding_multiplier": 12.0}, "model.embed_tokens (glue): the embedding's output as the first layer's input"),
-    ({"logits_scaling": 8.0}, "lm_head (glue): lm_head's output as the logits"),
-    ({"residual_multiplier": 0.5}, "residual wiring differs"),
-])
-def test_scaling_between_blocks_is_a_lift_error_not_a_different_model(changes, says):
-    config = _layer_config("GraniteConfig", **{"embedding_multiplier": 1.0, "logits_scaling": 1.0,
-                                                "residual_multiplier": 1.0, "attention_multiplier": 0.25, **changes})
-    with pytest.raises(CompileError, match=says.replace("(", r"\(").replace(")", r"\)")):
-        lift(build("", config=config), check=True)
+def test_scales_between_blocks_are_read_from_the_captured_graph():
+    graph = lift(build("granite_multipliers"), check=True).graph
+    nodes = [n.meta["planc"] for n in graph.nodes if "planc" in n.meta]
+    assert next(m for m in nodes if m.kind == "embedding").dims.scale == Scale("mul", 12.0)
+    assert {m.dims for m in nodes if m.kind == "add"} == {Scale("mul", 0.22)}  # both branches of every layer
+    assert [m.dims for m in nodes if m.kind == "scale"] == [Scale("div", 8.0)]  # the logits
+
+
+def test_a_junction_planc_cannot_reproduce_is_a_lift_error_not_a_different_model():
+    model = build("", config=_layer_config("LlamaConfig"))
+    model.model.layers[0].register_forward_hook(lambda _m, _i, out: out * 1.5 + 1.0)  # between layers 0 and 1
+    with pytest.raises(CompileError, match=r"model.layers.0 \(glue\): h \+ mlp output as "
+                                           r"model.layers.1.input_layernorm's input differs"):
+        lift(model, check=True)

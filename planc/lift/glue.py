@@ -1,0 +1,111 @@
+"""What a decoder does between its blocks, read from the captured graph.
+
+Most decoders hand each block's output on unchanged: the embedding's output is the first layer's
+input, h + attention output enters the post-attention norm, h + MLP output the next layer, and
+lm_head's output is the logits. Some scale these by constants outside their modules (Granite:
+`embedding_multiplier`, `residual_multiplier`, `logits_scaling`): the captured graph then has one
+`mul` or `div` by a number at the junction, and the lifted graph reproduces it (the embedding
+node's scale, the residual adds' scale on their branch, a `scale` node after lm_head).
+
+Anything else at a junction is left for the lift's glue checks to refuse with the numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.fx as fx
+
+Bounds = dict[str, tuple[fx.Node | None, fx.Node | None]]  # block FQN -> (entering, leaving)
+
+MUL = (torch.ops.aten.mul.Tensor, torch.ops.aten.mul.Scalar)
+DIV = (torch.ops.aten.div.Tensor, torch.ops.aten.div.Scalar)
+ADD = (torch.ops.aten.add.Tensor,)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """x * by, or x / by: how the program scales a value (the captured graph's own operation, so
+    the result is bitwise the model's)."""
+
+    op: Literal["mul", "div"]
+    by: float
+
+    def emit(self, x: str) -> str:
+        return f"{x} {'*' if self.op == 'mul' else '/'} {self.by!r}"
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.by if self.op == "mul" else x / self.by
+
+    def __str__(self) -> str:
+        return f"{'×' if self.op == 'mul' else '÷'}{self.by:g}"
+
+
+@dataclass(frozen=True)
+class Glue:
+    """The scales at a decoder's junctions (None: passed on unchanged). residual: per layer,
+    (attention branch, MLP branch)."""
+
+    embedding: Scale | None = None
+    residual: dict[int, tuple[Scale | None, Scale | None]] | None = None
+    logits: Scale | None = None
+
+    def attention_branch(self, layer: int) -> Scale | None:
+        return (self.residual or {}).get(layer, (None, None))[0]
+
+    def mlp_branch(self, layer: int) -> Scale | None:
+        return (self.residual or {}).get(layer, (None, None))[1]
+
+
+def scaled(node: fx.Node | None, source: fx.Node | None) -> Scale | None | bool:
+    """How `node` is `source`: True when it is the same node, a Scale when it is source * c or
+    source / c for a number c, False otherwise."""
+    if node is None or source is None:
+        return False
+    if node is source:
+        return True
+    if node.op != "call_function" or len(node.args) != 2 or node.args[0] is not source:
+        return False
+    by = node.args[1]
+    if not isinstance(by, (int, float)) or isinstance(by, bool):
+        return False
+    if node.target in MUL:
+        return Scale("mul", float(by))
+    if node.target in DIV:
+        return Scale("div", float(by))
+    return False
+
+
+def branch(summed: fx.Node | None, out: fx.Node | None) -> Scale | None | bool:
+    """How `summed` adds a block's output to the residual stream: stream + out (True), stream +
+    out * c (a Scale), or something else (False). The stream's side is the residual check's to
+    confirm, numerically (the captured graph may cast it first)."""
+    if summed is None or summed.op != "call_function" or summed.target not in ADD or len(summed.args) != 2:
+        return False
+    found = [scaled(arg, out) for arg in summed.args if isinstance(arg, fx.Node)]
+    return next((f for f in found if f is not False), False)
+
+
+def read_glue(graph: fx.Graph, bounds: Bounds, layers: list[tuple[int, str]], following: dict[str, str],
+              embedding: str, head: str) -> Glue:
+    """The scales at each junction that is one mul / div by a number in `graph` (the others stay
+    None and the glue checks judge them). layers: (index, FQN) of the layers the graph holds."""
+    def only_scale(found: Scale | None | bool) -> Scale | None:
+        return found if isinstance(found, Scale) else None
+
+    first = f"{layers[0][1]}.input_layernorm" if layers else ""
+    emb = only_scale(scaled(bounds.get(first, (None, None))[0], bounds.get(embedding, (None, None))[1]))
+    residual = {}
+    for index, lp in layers:
+        mid = bounds.get(f"{lp}.post_attention_layernorm", (None, None))[0]
+        after = bounds.get(following.get(lp, ""), (None, None))[0]
+        attn_out, mlp_out = bounds.get(f"{lp}.self_attn", (None, None))[1], bounds.get(f"{lp}.mlp", (None, None))[1]
+        residual[index] = (only_scale(branch(mid, attn_out)), only_scale(branch(after, mlp_out)))
+    logits = None
+    head_out = bounds.get(head, (None, None))[1]
+    if head_out is not None:
+        users = [u for u in head_out.users if u.op != "output"]
+        if len(users) == 1:
+            logits = only_scale(scaled(users[0], head_out))
+    return Glue(emb, residual if any(s != (None, None) for s in residual.values()) else None, logits)
