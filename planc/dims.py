@@ -105,6 +105,7 @@ class RouterDims:
 @dataclass(frozen=True)
 class NormDims:
     eps: float
+    offset: float = 0.0  # 1.0: the norm scales by 1 + weight, in fp32 (Gemma)
 
 
 @dataclass(frozen=True)

@@ -138,9 +138,12 @@ class Ops:
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(x, w, b)
 
-    def rmsnorm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    def rmsnorm(self, x: torch.Tensor, w: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+        """x̂ · w (Llama: x̂ cast back first); with an offset, x̂ · (offset + w) in fp32, then cast (Gemma)."""
         h = acc(x)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        if offset:
+            return (h * (offset + acc(w))).to(x.dtype)
         return w * h.to(x.dtype)
 
     def sumsq(self, x: torch.Tensor) -> torch.Tensor:

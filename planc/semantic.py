@@ -22,7 +22,8 @@ def _scaled(c: Call, x: str, scale) -> str:
 declare_op("embedding", lambda c: _scaled(c, f"ops.embedding({c.args[0]}, {c.weight('weight')})", c.info.dims.scale),
            owns_weights=True)
 declare_op("scale", lambda c: c.info.dims.emit(c.args[0]))  # a constant factor between blocks (planc.lift.glue)
-declare_op("rmsnorm", lambda c: f"ops.rmsnorm({c.args[0]}, {c.weight('weight')}, {c.info.dims.eps!r})",
+declare_op("rmsnorm", lambda c: f"ops.rmsnorm({c.args[0]}, {c.weight('weight')}, {c.info.dims.eps!r}"
+                                 + (f", offset={c.info.dims.offset!r})" if c.info.dims.offset else ")"),
            owns_weights=True, kernels=("rmsnorm.py",))
 declare_op("linear", lambda c: f"ops.linear({c.args[0]}, {c.weight('weight')}, {c.maybe('bias')})", owns_weights=True,
            kernels=("linear.py",))

@@ -110,9 +110,10 @@ def run_reference(block: Block, x: torch.Tensor, W: dict[str, torch.Tensor], ops
     """Run `block`'s semantic op on a whole prompt from position 0 (no prior cache)."""
     ops = ops or Ops()
     if block.kind == "embedding":
-        return ops.embedding(x, W["weight"])
+        scale = block.attrs.get("scale")
+        return ops.embedding(x, W["weight"]) if scale is None else scale.apply(ops.embedding(x, W["weight"]))
     if block.kind == "rmsnorm":
-        return ops.rmsnorm(x, W["weight"], block.attrs["eps"])
+        return ops.rmsnorm(x, W["weight"], block.attrs["eps"], block.attrs.get("offset", 0.0))
     if block.kind == "lm_head":
         return ops.linear(x, W["weight"], W.get("bias"))
     if block.kind == "mlp":

@@ -40,10 +40,10 @@ class _Builder:
         dims = LinearDims(m.in_features, m.out_features, m.bias is not None)
         return self.node("linear", (x,), name, fqn=fqn, block=block, cls=type(m).__name__, layer=layer, dims=dims)
 
-    def norm(self, fqn: str, x: fx.Node, name: str, block: str, layer: int | None) -> fx.Node:
+    def norm(self, fqn: str, x: fx.Node, name: str, block: str, layer: int | None, offset: float = 0.0) -> fx.Node:
         m = self.modules[fqn]
         return self.node("rmsnorm", (x,), name, fqn=fqn, block=block, cls=type(m).__name__, layer=layer,
-                         dims=NormDims(rmsnorm_eps(m)))
+                         dims=NormDims(rmsnorm_eps(m), offset))
 
     def mla(self, b: Block, x: fx.Node) -> fx.Node:
         A, L = b.fqn, b.layer
@@ -93,7 +93,9 @@ class _Builder:
 
     def slot_norm(self, b: Block, x: fx.Node, name: str) -> fx.Node:
         """A decoder norm: an RMSNorm node, or its captured graph when it is something else."""
-        return self.captured(b, x, name) if b.kind == CAPTURED else self.norm(b.fqn, x, name, "", b.layer)
+        if b.kind == CAPTURED:
+            return self.captured(b, x, name)
+        return self.norm(b.fqn, x, name, "", b.layer, b.attrs.get("offset", 0.0))
 
     def block(self, b: Block, x: fx.Node) -> fx.Node:
         if b.kind == "mla_attention":
@@ -119,7 +121,7 @@ def build_graph(blocks: list[Block], model: nn.Module, glue: Glue | None = None,
     emb = next(it)
     weight = build.modules[emb.fqn].weight
     h = build.node("embedding", (ids,), "h", fqn=emb.fqn, cls=emb.cls,
-                   dims=EmbeddingDims(weight.shape[0], weight.shape[1], glue.embedding))
+                   dims=EmbeddingDims(weight.shape[0], weight.shape[1], emb.attrs.get("scale") or glue.embedding))
     for b in it:
         if b.kind == "lm_head":
             logits = build.linear(b.fqn, h, "logits", "", None)

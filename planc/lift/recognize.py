@@ -7,6 +7,7 @@ against the captured graph.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import sys
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from torch import nn
 
 from planc.errors import ModelError
 from planc.dims import GqaDims, MlaDims, RouterDims
+from planc.lift.glue import Scale
 from planc.ops import apply_rope
 
 MLA_CHILDREN = frozenset(("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"))
@@ -105,8 +107,8 @@ def _gqa_dims(attn: nn.Module, rope_scaling: float, layer: int, rope_width: int 
     if q_norm is not None and k_norm is not None:
         eps = rmsnorm_eps(q_norm)
         widths = (q_norm.weight.shape[0], k_norm.weight.shape[0])
-        if eps is None or rmsnorm_eps(k_norm) != eps:
-            return None
+        if eps is None or rmsnorm_eps(k_norm) != eps or rmsnorm_offset(q_norm, eps) != 0.0 or rmsnorm_offset(k_norm, eps) != 0.0:
+            return None  # ... or norms scaling by 1 + weight (not planc's q/k norm)
         if widths == (head_dim, head_dim):
             qk_norm = "head"  # Qwen3: each head's q and k normalized on its own
         elif widths == (attn.q_proj.out_features, attn.k_proj.out_features):
@@ -237,10 +239,55 @@ def _ffn_block(ffn: nn.Module, fqn: str, layer: int, config) -> Block:
 
 def _norm_block(m: nn.Module, fqn: str, layer: int | None) -> Block:
     eps = rmsnorm_eps(m)
-    if eps is None:
+    offset = None if eps is None else rmsnorm_offset(m, eps)
+    if offset is None:
         raise ModelError(f"{fqn} ({type(m).__name__}): not a recognized norm; planc lifts RMSNorm (a 1-D weight, an "
-                         "epsilon, no bias)")
-    return Block("rmsnorm", fqn, type(m).__name__, layer, None, {"eps": eps})
+                         "epsilon, no bias; scaling by the weight or by 1 + weight)")
+    return Block("rmsnorm", fqn, type(m).__name__, layer, None, {"eps": eps, "offset": offset})
+
+
+_OFFSETS: dict[type, float | None] = {}
+
+
+def rmsnorm_offset(m: nn.Module, eps: float) -> float | None:
+    """0.0 when the norm computes x̂ · w, 1.0 for x̂ · (1 + w) (Gemma's zero-centred weight), None
+    for anything else: asked of a CPU copy of the module whose weight is set to 0.5, so it answers
+    the same on meta, and once per class (a module with its own forward or hooks is asked itself)."""
+    own = "forward" in vars(m) or m._forward_hooks or m._forward_pre_hooks
+    if not own and type(m) in _OFFSETS:
+        return _OFFSETS[type(m)]
+    found = None
+    try:
+        probe = copy.deepcopy(m).to_empty(device="cpu").float()
+        with torch.no_grad():
+            probe.weight.fill_(0.5)
+            x = torch.randn(2, 3, probe.weight.shape[0], generator=torch.Generator().manual_seed(0))
+            y = probe(x)
+            x_hat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        for offset in (0.0, 1.0):
+            if isinstance(y, torch.Tensor) and y.shape == x.shape and torch.allclose(y, x_hat * (offset + 0.5), rtol=1e-5, atol=1e-6):
+                found = offset
+                break
+    except Exception:  # a norm that cannot be copied or run alone: not one planc reproduces
+        found = None
+    if not own:
+        _OFFSETS[type(m)] = found
+    return found
+
+
+def _embedding_scale(emb: nn.Module) -> Scale | None:
+    """The constant a scaled word embedding multiplies its rows by (Gemma: √hidden, in the weights'
+    dtype); None for a plain one."""
+    scale = getattr(emb, "embed_scale", None)
+    weight = getattr(emb, "weight", None)
+    if scale is None or weight is None:
+        return None
+    if isinstance(scale, torch.Tensor) and scale.is_meta:
+        scale = getattr(emb, "scalar_embed_scale", None)  # the same constant as a number, where meta holds no value
+        if scale is None:
+            raise ModelError(f"{type(emb).__name__}: its embed_scale lives on the meta device, with no value to read")
+    value = float(torch.as_tensor(scale, dtype=torch.float64).to(weight.dtype))
+    return None if value == 1.0 else Scale("mul", value)
 
 
 def _decoder(model: nn.Module) -> tuple[str, nn.Module]:
@@ -332,7 +379,8 @@ def recognize(model: nn.Module) -> list[Block]:
     is a `captured` block (run as its exported graph, replicated)."""
     prefix, base = _decoder(model)
     rope = _rope(base)
-    blocks = [Block("embedding", f"{prefix}.embed_tokens", type(base.embed_tokens).__name__)]
+    blocks = [Block("embedding", f"{prefix}.embed_tokens", type(base.embed_tokens).__name__, None, None,
+                    {"scale": _embedding_scale(base.embed_tokens)})]
     for i, layer in enumerate(base.layers):
         lp = f"{prefix}.layers.{i}"
         _layer_layout(layer, lp)

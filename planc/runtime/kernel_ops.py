@@ -42,8 +42,8 @@ class TritonOps(Ops):
         y = self._linear(x, w)
         return y if b is None else y + b
 
-    def rmsnorm(self, x, w, eps):
-        return self._rmsnorm(x, w, eps)
+    def rmsnorm(self, x, w, eps, offset=0.0):
+        return self._rmsnorm(x, w, eps) if not offset else super().rmsnorm(x, w, eps, offset)
 
     def grouped_linear(self, x_MK, w_GNK, offsets):
         return self._grouped(x_MK, w_GNK, offsets)

@@ -40,6 +40,8 @@ def configs() -> dict[str, T.PretrainedConfig]:
         # constants between the blocks: embeddings × 12, each residual branch × 0.22, logits ÷ 8
         "granite_multipliers": T.GraniteConfig(**COMMON, embedding_multiplier=12.0, residual_multiplier=0.22,
                                                attention_multiplier=0.0078125, logits_scaling=8.0),
+        # norms scaling by 1 + weight in fp32, embeddings scaled by √hidden inside their module
+        "gemma_offset_norms": T.GemmaConfig(**COMMON, head_dim=16),
         # no rope on every other layer (NoPE; the attention's use_rope is 0 there)
         "smollm3_nope_layers": T.SmolLM3Config(**COMMON, no_rope_layer_interval=2),
     }
@@ -120,6 +122,13 @@ def test_scales_between_blocks_are_read_from_the_captured_graph():
     assert next(m for m in nodes if m.kind == "embedding").dims.scale == Scale("mul", 12.0)
     assert {m.dims for m in nodes if m.kind == "add"} == {Scale("mul", 0.22)}  # both branches of every layer
     assert [m.dims for m in nodes if m.kind == "scale"] == [Scale("div", 8.0)]  # the logits
+
+
+def test_offset_norms_and_a_scaled_embedding_are_read_from_the_modules():
+    blocks = recognize(build("gemma_offset_norms"))
+    assert {b.attrs["offset"] for b in blocks if b.kind == "rmsnorm"} == {1.0}
+    assert blocks[0].attrs["scale"] == Scale("mul", 8.0)  # √64
+    assert {b.attrs["offset"] for b in recognize(build("mistral_window")) if b.kind == "rmsnorm"} == {0.0}
 
 
 def test_a_junction_planc_cannot_reproduce_is_a_lift_error_not_a_different_model():

@@ -104,11 +104,23 @@ def test_a_layer_differing_from_the_first_is_its_own_representative(change):
 
 def test_a_block_that_does_not_match_its_reference_is_declined():
     model = load_model("tiny-draft")
+    mlp = model.model.layers[2].mlp
+    original = mlp.forward
+    mlp.forward = lambda x: 2.0 * original(x)  # a gated MLP's children, but not a gated MLP
+    with pytest.raises(CompileError, match=r"model\.layers\.2\.mlp: reference differs"):
+        lift(model, check=True)
+
+
+def test_a_norm_shaped_module_that_is_no_rmsnorm_runs_as_captured():
+    model = load_model("tiny-draft")
     norm = model.model.layers[2].post_attention_layernorm
     original = norm.forward
-    norm.forward = lambda x: 2.0 * original(x)  # RMSNorm-shaped, but not an RMSNorm
-    with pytest.raises(CompileError, match=r"model\.layers\.2\.post_attention_layernorm: reference differs"):
-        lift(model, check=True)
+    norm.forward = lambda x: 2.0 * original(x)  # RMSNorm-shaped, but asked, it answers otherwise
+    lifted = lift(model, check=True)
+    kinds = {b.fqn: b.kind for b in lifted.blocks}
+    assert kinds["model.layers.2.post_attention_layernorm"] == "captured"
+    assert kinds["model.layers.1.post_attention_layernorm"] == "rmsnorm"
+    assert all(c.ok for c in lifted.checks)
 
 
 def test_non_decoder_module_is_a_clear_error():
