@@ -5,7 +5,8 @@ entering it and the value leaving it — found from `nn_module_stack`, not assum
 block's semantic reference on the recorded input (for a block run as captured, the function the
 program will run). A block whose reference disagrees is declined with the numbers. Residual
 wiring is checked the same way: a layer's input plus its attention output must equal what enters
-the post-attention norm.
+the post-attention norm; and so are the junctions between blocks (embedding -> first layer, layer
+-> next layer, lm_head -> logits), with the constants planc.lift.glue read there.
 
 Only one layer per structure is captured (planc.lift.structure): its blocks are checked as above,
 on their own weights ("numeric"); every other layer's blocks are recorded as "structural" checks
@@ -209,9 +210,9 @@ def _following(stacks: dict[fx.Node, set[str]], blocks: list[Block]) -> dict[str
 
 
 def _check_glue(blocks: list[Block], bounds, values, out, following: dict[str, str], glue: Glue) -> list[Check]:
-    """What flows between blocks, unchanged: the embedding's output is the first layer's input, each
-    layer's h + mlp_out the next one's (or the final norm's), and lm_head's output the logits. A model
-    that scales its embeddings or logits, or its residual branches, outside its blocks fails here."""
+    """What flows between blocks: the embedding's output is the first layer's input, each layer's
+    h + mlp_out the next one's (or the final norm's), and lm_head's output the logits, each as is or
+    scaled by the constant `glue` read there. Anything else a model does between its blocks fails here."""
     layers = [b.fqn.rsplit(".", 1)[0] for b in blocks if b.kind in ("mla_attention", "gqa_attention")]
     embedding = next((b.fqn for b in blocks if b.kind == "embedding"), None)
     norm = next((b.fqn for b in blocks if b.layer is None and b.kind not in ("embedding", "lm_head")), None)
@@ -230,8 +231,8 @@ def _check_glue(blocks: list[Block], bounds, values, out, following: dict[str, s
         if got.shape != want.shape:
             return Check(name, False, float("nan"), f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}")
         err = _rel_err(got, want)
-        return Check(name, err <= 1e-6, err, "" if err <= 1e-6 else f"{what} differs: {err:.2e} (the model scales or "
-                     "transforms it between blocks, which planc does not reproduce)")
+        return Check(name, err <= 1e-6, err, "" if err <= 1e-6 else f"{what} differs: {err:.2e} (the model transforms it "
+                     "between blocks in a way planc does not reproduce)")
 
     checks = [compare(f"{embedding} (glue)", value(embedding, 1, glue.embedding), value(f"{layers[0]}.input_layernorm", 0),
                       "the embedding's output as the first layer's input")]
