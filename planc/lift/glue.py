@@ -11,6 +11,7 @@ Anything else at a junction is left for the lift's glue checks to refuse with th
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,9 +20,11 @@ import torch.fx as fx
 
 Bounds = dict[str, tuple[fx.Node | None, fx.Node | None]]  # block FQN -> (entering, leaving)
 
-MUL = (torch.ops.aten.mul.Tensor, torch.ops.aten.mul.Scalar)
-DIV = (torch.ops.aten.div.Tensor, torch.ops.aten.div.Scalar)
-ADD = (torch.ops.aten.add.Tensor,)
+# export's aten ops, Dynamo's Python operators and torch functions, and Tensor methods
+MUL = (torch.ops.aten.mul.Tensor, torch.ops.aten.mul.Scalar, operator.mul, torch.mul, "mul")
+DIV = (torch.ops.aten.div.Tensor, torch.ops.aten.div.Scalar, operator.truediv, torch.div, "div")
+ADD = (torch.ops.aten.add.Tensor, operator.add, torch.add, "add")
+COMPUTE = ("call_function", "call_method")
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ def scaled(node: fx.Node | None, source: fx.Node | None) -> Scale | None | bool:
         return False
     if node is source:
         return True
-    if node.op != "call_function" or len(node.args) != 2 or node.args[0] is not source:
+    if node.op not in COMPUTE or len(node.args) != 2 or node.args[0] is not source or node.kwargs:
         return False
     by = node.args[1]
     if not isinstance(by, (int, float)) or isinstance(by, bool):
@@ -81,7 +84,7 @@ def branch(summed: fx.Node | None, out: fx.Node | None) -> Scale | None | bool:
     """How `summed` adds a block's output to the residual stream: stream + out (True), stream +
     out * c (a Scale), or something else (False). The stream's side is the residual check's to
     confirm, numerically (the captured graph may cast it first)."""
-    if summed is None or summed.op != "call_function" or summed.target not in ADD or len(summed.args) != 2:
+    if summed is None or summed.op not in COMPUTE or summed.target not in ADD or len(summed.args) != 2 or summed.kwargs:
         return False
     found = [scaled(arg, out) for arg in summed.args if isinstance(arg, fx.Node)]
     return next((f for f in found if f is not False), False)

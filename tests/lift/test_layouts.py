@@ -137,3 +137,16 @@ def test_a_junction_planc_cannot_reproduce_is_a_lift_error_not_a_different_model
     with pytest.raises(CompileError, match=r"model.layers.0 \(glue\): h \+ mlp output as "
                                            r"model.layers.1.input_layernorm's input differs"):
         lift(model, check=True)
+
+
+@pytest.mark.parametrize("name", ["granite_multipliers", "mistral_window"])
+def test_the_torch_compile_backend_lifts_the_same_layouts_from_dynamos_graph(tmp_path, name):
+    torch._dynamo.reset()
+    (tmp_path / "plan.yaml").write_text('version: 1\nmesh: {devices: 1}\nrules:\n  - match: "model.layers.*.self_attn"\n'
+                                        '    attention: {strategy: tp}\n')
+    model = build(name)
+    compiled = torch.compile(model, backend="planc", options={"plan": str(tmp_path / "plan.yaml")})
+    ids = torch.randint(0, 256, (1, 17), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+    assert (compiled(ids, use_cache=False).logits - want).abs().max().item() <= 1e-4
