@@ -21,7 +21,7 @@ from planc.errors import CompileError
 from planc.lift.captured import with_code
 from planc.lift.dynamo import DynamoCaptured
 from planc.lift.check import Check, check_blocks, junctions, structural_checks
-from planc.lift.glue import Glue, read_glue
+from planc.lift.glue import read_glue
 from planc.lift.graph import build_graph
 from planc.lift.recognize import Block, recognize
 from planc.lift.structure import representatives
@@ -49,10 +49,14 @@ def lift(model: nn.Module, *, check: bool, captured: Captured | DynamoCaptured |
     missing = [b.fqn for b in ran if b.kind != "lm_head" and b.fqn not in seen]
     if missing:
         raise CompileError(f"recognized blocks never ran in the captured graph: {', '.join(missing[:4])}")
-    glue = _glue(captured.graph, ran)
+    # the checks run export's module(), which builds a new GraphModule at each call: one, whose graph
+    # the junctions are read from too; without checks the exported graph itself is enough (and cheaper)
+    gm = captured.module if check else None
+    found = junctions(captured.graph if gm is None else gm.graph, ran)
+    glue = read_glue(found)  # the constants between blocks (planc.lift.glue)
     checks = []
     if check:
-        checks = check_blocks(model, captured.module, ran, captured.args, captured.kwargs, glue)
+        checks = check_blocks(model, gm, ran, captured.args, captured.kwargs, glue, found)
         checks += structural_checks(blocks, representative)
     failed = [c for c in checks if not c.ok]
     if failed:
@@ -60,12 +64,3 @@ def lift(model: nn.Module, *, check: bool, captured: Captured | DynamoCaptured |
         raise CompileError(f"lift declined for {len(failed)} block(s); the semantic op does not reproduce "
                            f"the captured graph:\n{lines}")
     return Lifted(build_graph(blocks, model, glue, representative), blocks, checks, captured)
-
-
-def _glue(graph: fx.Graph, ran: list[Block]) -> Glue:
-    """The scales at the junctions between the captured blocks (planc.lift.glue)."""
-    bounds, following = junctions(graph, ran)
-    layers = [(b.layer, b.fqn.rsplit(".", 1)[0]) for b in ran if b.kind in ("mla_attention", "gqa_attention")]
-    embedding = next((b.fqn for b in ran if b.kind == "embedding"), "")
-    head = next((b.fqn for b in ran if b.kind == "lm_head"), "")
-    return read_glue(graph, bounds, layers, following, embedding, head)

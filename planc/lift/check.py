@@ -22,7 +22,7 @@ from torch import nn
 
 from planc import progress
 from planc.ops import GqaCache, MlaCache, Ops, Step
-from planc.lift.glue import Bounds, Glue, Scale
+from planc.lift.glue import Glue, Junctions, Scale
 from planc.lift.recognize import CAPTURED, Block
 from planc.weights import named_tensors, scoped
 
@@ -61,15 +61,19 @@ def _stacks(graph: fx.Graph) -> dict[fx.Node, set[str]]:
     return {n: _stack_fqns(n) for n in graph.nodes if n.op in ("call_function", "call_method")}
 
 
-def junctions(graph: fx.Graph, blocks: list[Block]) -> tuple[Bounds, dict[str, str]]:
-    """Each block's boundary values in the captured graph, and each layer's following block (the
-    next layer's input norm, or the final norm), with that block's boundary too."""
+def junctions(graph: fx.Graph, blocks: list[Block]) -> Junctions:
+    """Where the captured blocks meet in `graph`: each block's boundary values, and each layer's
+    following block (the next held layer's input norm, or the final norm) with its boundary too."""
     stacks = _stacks(graph)
     bounds = {b.fqn: _boundary(graph, b.fqn, stacks) for b in blocks}
-    following = _following(stacks, blocks)
+    layers = [(b.layer, b.fqn.rsplit(".", 1)[0]) for b in blocks if b.kind in ("mla_attention", "gqa_attention")]
+    norm = next((b.fqn for b in blocks if b.layer is None and b.kind not in ("embedding", "lm_head")), "")
+    following = _following(stacks, layers, norm)
     for fqn in following.values():
         bounds.setdefault(fqn, _boundary(graph, fqn, stacks))
-    return bounds, following
+    embedding = next((b.fqn for b in blocks if b.kind == "embedding"), "")
+    head = next((b.fqn for b in blocks if b.kind == "lm_head"), "")
+    return Junctions(bounds, layers, following, embedding, norm, head)
 
 
 def _pick_activation(nodes: list[fx.Node], last: bool = False) -> fx.Node | None:
@@ -139,18 +143,19 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def check_blocks(model: nn.Module, gm: fx.GraphModule, blocks: list[Block], example_args: tuple, example_kwargs: dict,
-                 glue: Glue | None = None) -> list[Check]:
+                 glue: Glue | None = None, found: Junctions | None = None) -> list[Check]:
     """Every block against the captured graph, then the residual wiring and the junctions between
-    blocks, with the scales `glue` read at them (planc.lift.glue)."""
-    glue = glue or Glue()
-    bounds, following = junctions(gm.graph, blocks)
+    blocks, with the scales `glue` read at them (planc.lift.glue); `found`: junctions(gm.graph,
+    blocks), where the caller has them already."""
+    glue, found = glue or Glue(), found or junctions(gm.graph, blocks)
+    bounds = found.bounds
     wanted = {n for pair in bounds.values() for n in pair if n is not None}
     rec = _Recorder(gm, wanted)
     with torch.no_grad():
         out = rec.run(*example_args, *example_kwargs.values())
         checked = [_check_one(model, b, bounds[b.fqn], rec.values) for b in progress.track(blocks, "lift checks", "blocks")]
         return (checked + _check_residuals(blocks, bounds, rec.values, glue)
-                + _check_glue(blocks, bounds, rec.values, out, following, glue))
+                + _check_glue(found, rec.values, out, glue))
 
 
 def _check_one(model: nn.Module, block: Block, bound, values) -> Check:
@@ -191,37 +196,31 @@ def _check_residuals(blocks: list[Block], bounds, values, glue: Glue) -> list[Ch
     return checks
 
 
-def _following(stacks: dict[fx.Node, set[str]], blocks: list[Block]) -> dict[str, str]:
+def _following(stacks: dict[fx.Node, set[str]], layers: list[tuple[int, str]], final: str) -> dict[str, str]:
     """Each checked layer -> the block its output enters in the captured graph: the input norm of
     the next layer the graph holds (one per structure under torch.export, all under Dynamo), or
     the final norm after the last."""
-    layers = [b for b in blocks if b.kind in ("mla_attention", "gqa_attention")]
     if not layers:
         return {}
-    prefix = layers[0].fqn.rsplit(".", 2)[0]  # model.layers
+    prefix = layers[0][1].rsplit(".", 1)[0]  # model.layers
     present = sorted({int(fqn[len(prefix) + 1:].split(".", 1)[0]) for fqns in stacks.values() for fqn in fqns
                       if fqn.startswith(f"{prefix}.") and fqn[len(prefix) + 1:].split(".", 1)[0].isdigit()})
-    final = next((b.fqn for b in blocks if b.layer is None and b.kind not in ("embedding", "lm_head")), "")
     out = {}
-    for b in layers:
-        later = [j for j in present if j > b.layer]
-        out[b.fqn.rsplit(".", 1)[0]] = f"{prefix}.{later[0]}.input_layernorm" if later else final
+    for index, fqn in layers:
+        later = [j for j in present if j > index]
+        out[fqn] = f"{prefix}.{later[0]}.input_layernorm" if later else final
     return out
 
 
-def _check_glue(blocks: list[Block], bounds, values, out, following: dict[str, str], glue: Glue) -> list[Check]:
+def _check_glue(j: Junctions, values, out, glue: Glue) -> list[Check]:
     """What flows between blocks: the embedding's output is the first layer's input, each layer's
     h + mlp_out the next one's (or the final norm's), and lm_head's output the logits, each as is or
     scaled by the constant `glue` read there. Anything else a model does between its blocks fails here."""
-    layers = [b.fqn.rsplit(".", 1)[0] for b in blocks if b.kind in ("mla_attention", "gqa_attention")]
-    embedding = next((b.fqn for b in blocks if b.kind == "embedding"), None)
-    norm = next((b.fqn for b in blocks if b.layer is None and b.kind not in ("embedding", "lm_head")), None)
-    head = next((b.fqn for b in blocks if b.kind == "lm_head"), None)
-    if not layers or None in (embedding, norm, head):
+    if not j.layers or "" in (j.embedding, j.norm, j.head):
         return [Check("model (glue)", False, float("nan"), "embedding, layers, final norm or lm_head not found")]
 
     def value(fqn: str, side: int, scale: Scale | None = None):
-        node = bounds.get(fqn, (None, None))[side]
+        node = j.value_node(fqn, side)
         found = None if node is None else values.get(node)
         return found if found is None or scale is None else scale.apply(found)
 
@@ -234,16 +233,15 @@ def _check_glue(blocks: list[Block], bounds, values, out, following: dict[str, s
         return Check(name, err <= 1e-6, err, "" if err <= 1e-6 else f"{what} differs: {err:.2e} (the model transforms it "
                      "between blocks in a way planc does not reproduce)")
 
-    checks = [compare(f"{embedding} (glue)", value(embedding, 1, glue.embedding), value(f"{layers[0]}.input_layernorm", 0),
-                      "the embedding's output as the first layer's input")]
-    for lp in layers:
-        after = following[lp]
-        index = int(lp.rsplit(".", 1)[1])
+    checks = [compare(f"{j.embedding} (glue)", value(j.embedding, 1, glue.embedding),
+                      value(f"{j.layers[0][1]}.input_layernorm", 0), "the embedding's output as the first layer's input")]
+    for index, lp in j.layers:
+        after = j.following[lp]
         mid, mlp = value(f"{lp}.post_attention_layernorm", 0), value(f"{lp}.mlp", 1, glue.mlp_branch(index))
         summed = None if mid is None or mlp is None or mid.shape != mlp.shape else mid + mlp
         checks.append(compare(f"{lp} (glue)", summed, value(after, 0), f"h + mlp output as {after}'s input"))
     logits = next((t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.dim() == 3), None)
-    checks.append(compare(f"{head} (glue)", value(head, 1, glue.logits), logits, "lm_head's output as the logits"))
+    checks.append(compare(f"{j.head} (glue)", value(j.head, 1, glue.logits), logits, "lm_head's output as the logits"))
     return checks
 
 

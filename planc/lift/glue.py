@@ -28,6 +28,25 @@ COMPUTE = ("call_function", "call_method")
 
 
 @dataclass(frozen=True)
+class Junctions:
+    """Where a captured decoder's blocks meet (planc.lift.check.junctions builds it): each block's
+    boundary values, the layers the graph holds as (index, FQN), what each layer's output enters
+    (the next held layer's input norm, or the final norm), and the embedding, final norm and lm_head
+    FQNs ("" where the blocks have none)."""
+
+    bounds: Bounds
+    layers: list[tuple[int, str]]
+    following: dict[str, str]
+    embedding: str
+    norm: str
+    head: str
+
+    def value_node(self, fqn: str, side: int) -> fx.Node | None:
+        """The node entering (side 0) or leaving (side 1) block `fqn`, None where there is none."""
+        return self.bounds.get(fqn, (None, None))[side]
+
+
+@dataclass(frozen=True)
 class Scale:
     """x * by, or x / by: how the program scales a value (the captured graph's own operation, so
     the result is bitwise the model's)."""
@@ -90,23 +109,21 @@ def branch(summed: fx.Node | None, out: fx.Node | None) -> Scale | None | bool:
     return next((f for f in found if f is not False), False)
 
 
-def read_glue(graph: fx.Graph, bounds: Bounds, layers: list[tuple[int, str]], following: dict[str, str],
-              embedding: str, head: str) -> Glue:
-    """The scales at each junction that is one mul / div by a number in `graph` (the others stay
-    None and the glue checks judge them). layers: (index, FQN) of the layers the graph holds."""
+def read_glue(j: Junctions) -> Glue:
+    """The scales at each junction that is one mul / div by a number in the captured graph (the
+    others stay None and the glue checks judge them)."""
     def only_scale(found: Scale | None | bool) -> Scale | None:
         return found if isinstance(found, Scale) else None
 
-    first = f"{layers[0][1]}.input_layernorm" if layers else ""
-    emb = only_scale(scaled(bounds.get(first, (None, None))[0], bounds.get(embedding, (None, None))[1]))
+    first = f"{j.layers[0][1]}.input_layernorm" if j.layers else ""
+    emb = only_scale(scaled(j.value_node(first, 0), j.value_node(j.embedding, 1)))
     residual = {}
-    for index, lp in layers:
-        mid = bounds.get(f"{lp}.post_attention_layernorm", (None, None))[0]
-        after = bounds.get(following.get(lp, ""), (None, None))[0]
-        attn_out, mlp_out = bounds.get(f"{lp}.self_attn", (None, None))[1], bounds.get(f"{lp}.mlp", (None, None))[1]
+    for index, lp in j.layers:
+        mid, after = j.value_node(f"{lp}.post_attention_layernorm", 0), j.value_node(j.following.get(lp, ""), 0)
+        attn_out, mlp_out = j.value_node(f"{lp}.self_attn", 1), j.value_node(f"{lp}.mlp", 1)
         residual[index] = (only_scale(branch(mid, attn_out)), only_scale(branch(after, mlp_out)))
     logits = None
-    head_out = bounds.get(head, (None, None))[1]
+    head_out = j.value_node(j.head, 1)
     if head_out is not None:
         users = [u for u in head_out.users if u.op != "output"]
         if len(users) == 1:

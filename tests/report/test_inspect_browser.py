@@ -42,7 +42,7 @@ def _install_chromium() -> str | None:
 @pytest.fixture(scope="module")
 def chromium():
     why = _install_chromium() or browser.unavailable()
-    if why:
+    if why:  # no Chromium and no way to install one (no apt, not root): the page cannot be driven here
         pytest.skip(f"no headless browser: {why}")
 
 
