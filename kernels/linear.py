@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from planc.kernels.gemm_tile import block, matmul_tile
+from planc.kernels.gemm_tile import gemm_blocks, matmul_tile
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GROUP_M = 8
@@ -85,7 +85,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     buf_dtype = torch.float32 if interpret and x.dtype == torch.bfloat16 else x.dtype
     y_MN = torch.empty((m, n), dtype=buf_dtype, device=x.device)
-    block_m, block_n, block_k = block(m, 64), block(n, 64), block(k, 64)
+    block_m, block_n, block_k = gemm_blocks(m, n, k, x.element_size(), compiled=not interpret)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _linear_kernel[grid](
         x_MK, weight, y_MN,

@@ -117,6 +117,21 @@ def _check(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: torc
                          f"got {q_lat.dtype}, {q_pe.dtype}, {ckv.dtype}, {kpe.dtype}")
 
 
+def _tiles(h: int, t: int, block_c: int, elem: int, interpret: bool) -> tuple[int, int, dict]:
+    """(BLOCK_H, BLOCK_T, launch options). The fp32 accumulator [BLOCK_H, BLOCK_C] stays within
+    8192 values (registers). Under the interpreter the cache tile does too. Compiled, the cache tile
+    [BLOCK_T, BLOCK_C] is 64 rows where two stages of it fit in 128 KiB of shared memory, with 8 warps
+    for a 512-wide latent: a sweep of BLOCK_H x BLOCK_T x warps x stages on an H200 at one rank's
+    DeepSeek-V3 shapes (bf16, B = 16 and 64, T = 32768) put these first (`planc bench kernels`
+    times the result)."""
+    block_h = max(16, min(triton.next_power_of_2(h), 64, 8192 // block_c))
+    rows = triton.next_power_of_2(max(t, 1))
+    if interpret:
+        return block_h, max(16, min(rows, 64, 8192 // block_c)), {}
+    block_t = max(16, min(rows, 64, (64 << 10) // (block_c * elem)))
+    return block_h, block_t, {"num_warps": 8 if block_c >= 512 else 4, "num_stages": 2}
+
+
 def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor,
                key_mask: torch.Tensor, scale: float, num_splits: int | None = None) -> torch.Tensor:
     """MLA decode attention; returns out [B, H, C] in q_lat's dtype.
@@ -130,9 +145,8 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: 
     if b * h * c == 0:
         return q_lat.new_zeros((b, h, c))
     block_c, block_r = _pad(c), _pad(r)
-    # Keep the fp32 accumulator [BLOCK_H, BLOCK_C] and the cache tile [BLOCK_T, BLOCK_C] modest.
-    block_h = max(16, min(triton.next_power_of_2(h), 64, 8192 // block_c))
-    block_t = max(16, min(triton.next_power_of_2(max(t, 1)), 64, 8192 // block_c))
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    block_h, block_t, launch = _tiles(h, t, block_c, q_lat.element_size(), interpret)
     num_head_blocks = triton.cdiv(h, block_h)
     num_blocks = max(1, triton.cdiv(t, block_t))
     if num_splits is None:
@@ -153,7 +167,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: 
         *q_lat.stride(), *q_pe.stride(), *ckv.stride(), *kpe.stride(), *mask_BT.stride(),
         *acc_BSHC.stride(), *m_BSH.stride(),
         BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_R=block_r,
-        UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
+        UPCAST=interpret, **launch,
     )
     return merge_splits(acc_BSHC, m_BSH, l_BSH).to(q_lat.dtype)
 

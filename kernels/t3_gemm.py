@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from planc.kernels.gemm_tile import block, matmul_tile
+from planc.kernels.gemm_tile import gemm_blocks, matmul_tile
 
 from planc.ring import ring_piece_order
 
@@ -87,12 +87,13 @@ def _wait_piece_kernel(counter_ptr, piece, target):
         seen = tl.atomic_add(counter_ptr + piece, 0, sem="acquire")
 
 
-def blocks(m: int, n: int, k: int, pieces: int) -> tuple[int, int, int]:
-    return block(m, 64), block(n // pieces, 64), block(k, 64)
+def blocks(m: int, n: int, k: int, pieces: int, elem: int) -> tuple[int, int, int]:
+    """A piece's tiles: gemm_blocks over one piece's N/P columns (as this process launches them)."""
+    return gemm_blocks(m, n // pieces, k, elem, compiled=os.environ.get("TRITON_INTERPRET") != "1")
 
 
-def tiles_per_piece(m: int, n: int, k: int, pieces: int) -> int:
-    block_m, block_n, _ = blocks(m, n, k, pieces)
+def tiles_per_piece(m: int, n: int, k: int, pieces: int, elem: int) -> int:
+    block_m, block_n, _ = blocks(m, n, k, pieces, elem)
     return triton.cdiv(m, block_m) * triton.cdiv(n // pieces, block_n)
 
 
@@ -125,8 +126,8 @@ def t3_gemm(x_MK: torch.Tensor, weight: torch.Tensor, rank: int, world: int, pie
     count = pieces - start if count is None else count
     if m == 0 or count == 0:
         return y_MN, counters
-    block_m, block_n, block_k = blocks(m, n, k, pieces)
-    grid = (count * tiles_per_piece(m, n, k, pieces),)
+    block_m, block_n, block_k = blocks(m, n, k, pieces, x_MK.element_size())
+    grid = (count * tiles_per_piece(m, n, k, pieces, x_MK.element_size()),)
     with _INTERPRETER if interpret else contextlib.nullcontext():
         _t3_gemm_kernel[grid](
             x_MK, weight, y_MN, counters, trace if trace is not None else counters,
@@ -160,7 +161,7 @@ class Pieces:
         self.x_MK, self.weight, self.bias = x_MK, weight, bias
         self.rank, self.world, self.num = rank, world, pieces
         self.width = weight.shape[0] // pieces
-        self.tiles = tiles_per_piece(x_MK.shape[0], weight.shape[0], x_MK.shape[1], pieces)
+        self.tiles = tiles_per_piece(x_MK.shape[0], weight.shape[0], x_MK.shape[1], pieces, x_MK.element_size())
         self.order = ring_piece_order(rank, world, pieces)
         self.y_MN: torch.Tensor | None = None
         self.counters: torch.Tensor | None = None
@@ -211,5 +212,6 @@ def t3_gemm_reference(x_MK: torch.Tensor, weight: torch.Tensor, rank: int, world
     _check(x_MK, weight, world, pieces)
     m, k = x_MK.shape
     y = torch.nn.functional.linear(x_MK.float(), weight.float()).to(x_MK.dtype)
-    counters = torch.full((pieces,), tiles_per_piece(m, weight.shape[0], k, pieces), dtype=torch.int32)
+    counters = torch.full((pieces,), tiles_per_piece(m, weight.shape[0], k, pieces, x_MK.element_size()),
+                          dtype=torch.int32)
     return y, counters, ring_piece_order(rank, world, pieces)

@@ -7,7 +7,8 @@ import json
 
 CASES = {"compile": "planc.bench.compile", "decode": "planc.bench.decode", "zoo": "planc.bench.zoo",
          "tpla": "planc.bench.tpla", "t3": "planc.bench.t3", "soak": "planc.bench.soak",
-         "moe": "planc.bench.moe", "easyspec": "planc.bench.easyspec"}
+         "moe": "planc.bench.moe", "easyspec": "planc.bench.easyspec",
+         "kernels": "planc.bench.kernels"}
 
 
 def run_cases(names: list[str], *, as_json: bool, list_only: bool) -> int:

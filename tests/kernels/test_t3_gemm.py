@@ -23,7 +23,7 @@ SHAPES = [(70, 96, 40, 2, 4), (5, 96, 33, 4, 4), (3, 480, 16, 3, 3), (65, 192, 2
 @pytest.mark.parametrize("m, n, k, world, pieces", SHAPES)
 def test_one_launch_makes_every_piece_in_ring_order_and_counts_its_tiles(m, n, k, world, pieces):
     x, w = _inputs(m, n, k)
-    tiles = tiles_per_piece(m, n, k, pieces)
+    tiles = tiles_per_piece(m, n, k, pieces, x.element_size())
     for rank in range(world):
         trace = torch.full((pieces * tiles,), -1, dtype=torch.int32)
         y, counters = t3_gemm(x, w, rank, world, pieces, trace=trace)
@@ -41,7 +41,7 @@ def test_one_launch_makes_every_piece_in_ring_order_and_counts_its_tiles(m, n, k
 def test_piece_at_a_time_launches_complete_counters_in_order():
     m, n, k, world, pieces = 70, 96, 40, 3, 6
     x, w = _inputs(m, n, k, seed=1)
-    tiles = tiles_per_piece(m, n, k, pieces)
+    tiles = tiles_per_piece(m, n, k, pieces, x.element_size())
     y = counters = None
     order = ring_piece_order(1, world, pieces)
     for position, piece in enumerate(order):
@@ -79,14 +79,17 @@ def test_pieces_that_do_not_divide_are_refused():
         t3_gemm(x, w, 0, 7, 7)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the one-launch schedule with a side stream")
-def test_cuda_side_stream_sees_each_piece_complete():
-    x, w = (t.cuda() for t in _inputs(300, 512, 256, seed=4))
+@pytest.mark.parametrize("dtype, n", [(torch.float32, 512), (torch.bfloat16, 2048)])  # bf16: 128 x 128 tiles, 2 a piece
+def test_cuda_side_stream_sees_each_piece_complete(dtype, n):
+    x, w = (t.cuda() for t in _inputs(300, n, 256, dtype, seed=4))
     made = Pieces(x, w, None, rank=1, world=4, pieces=8)
     with made.running():
         outs = {piece: made.compute(piece).clone() for piece in made.order}
     torch.cuda.synchronize()
-    want = (x.float() @ w.float().T)
+    want, width = x.float() @ w.float().T, n // 8
+    rtol, atol = (1e-3, 1e-3) if dtype == torch.float32 else (2**-7, 1e-2)
     for piece, out in outs.items():
-        torch.testing.assert_close(out.float(), want[:, piece * 64:(piece + 1) * 64], rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(out.float(), want[:, piece * width:(piece + 1) * width], rtol=rtol, atol=atol)
     assert made.counters.tolist() == [made.tiles] * 8

@@ -245,7 +245,7 @@ def test_kernel_pieces_go_out_in_ring_order_once_complete(world, per_rank):
     made = [Pieces(xs[r].reshape(-1, 24), ws[r], bs[r], r, world, pieces) for r in range(world)]
     comms = [_Watched(r, world, exchange, made[r]) for r in range(world)]
     got = run_threads(lambda comm: t3.ring_reduce_scatter(comms[comm.rank], made[comm.rank]), world)
-    tiles = tiles_per_piece(15, 8 * pieces, 24, pieces)
+    tiles = tiles_per_piece(15, 8 * pieces, 24, pieces, xs[0].element_size())
     for rank, comm in enumerate(comms):
         order = ring_piece_order(rank, world, pieces)
         assert order[:per_rank] == [(rank + 1) % world * per_rank + j for j in range(per_rank)]
