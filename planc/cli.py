@@ -356,11 +356,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from planc.runtime.kernel_ops import default_kernels
     from planc.verify import verify
 
     report = verify(Path(args.artifact), max_new_tokens=args.max_new_tokens,
-                    kernels=args.kernels or default_kernels(), timeout_s=args.timeout,
+                    kernels=args.kernels, timeout_s=args.timeout,
                     collective_timeout_s=args.collective_timeout, nproc=args.nproc, rdzv=_rdzv(args))
     if _speaks():
         print(json.dumps(report) if args.json else _verify_lines(report))

@@ -293,7 +293,7 @@ class Ops:
         """Router + routed experts on one device (shared experts are their own linear nodes)."""
         x = x_BSD.reshape(-1, x_BSD.shape[-1])
         idx, w = self.moe_route(x, scoped(W, "gate"), d.router)
-        dense = torch.zeros(x.shape[0], d.router.num_experts, dtype=w.dtype).scatter_(1, idx, w)
+        dense = torch.zeros(x.shape[0], d.router.num_experts, dtype=w.dtype, device=w.device).scatter_(1, idx, w)
         return self.moe_experts(x, dense, scoped(W, "experts"), d.act).view_as(x_BSD)
 
     # -- whole blocks (the lift check's references), composed from the node-level ops ------------

@@ -8,7 +8,7 @@ from planc.errors import RunError
 from planc.models.tokenizer import Tokenizer, artifact_tokenizer
 from planc.runtime.artifact import open_artifact
 from planc.runtime.decode import batches, choose_strategy
-from planc.runtime.launch import COLLECTIVE_TIMEOUT_S, check_limits, launch
+from planc.runtime.launch import COLLECTIVE_TIMEOUT_S, check_limits, launch, resolve_backend
 from planc.runtime.kernel_ops import default_kernels
 from planc.verify import DEFAULT_PROMPTS, WORKER, default_prompt_ids, ranks_per_machine
 
@@ -50,7 +50,7 @@ def run(artifact: Path, *, nproc: int | None = None, prompts: list[str] | None =
         raise RunError(f"{artifact}: compiled with --meta (a weightless dry run); recompile without --meta to run it")
     world = manifest["world_size"]
     nproc = ranks_per_machine(artifact, world, nproc, rdzv)
-    kernels = kernels or default_kernels()
+    kernels = kernels or default_kernels(resolve_backend(manifest["backend"]))
     choose_strategy(**(sampling or {}))  # a bad temperature or top_k fails here, not on every rank
     tokenizer = artifact_tokenizer(manifest, opened.tokenizer_dir())
     ids = _prompt_ids(artifact, manifest, tokenizer, prompts)

@@ -138,9 +138,9 @@ def assign(score_Nn: torch.Tensor) -> torch.Tensor:
     N, world = score_Nn.shape
     order = torch.argsort(-score_Nn.max(1).values, stable=True)
     pref_Nn = torch.argsort(-score_Nn, dim=1, stable=True)[order]  # rows in priority order
-    home = torch.full((N,), -1, dtype=torch.long)
+    home = torch.full((N,), -1, dtype=torch.long, device=score_Nn.device)
     for room in (N // world, 1):  # equal shares, then one more for the N % n left
-        left = torch.full((world,), room, dtype=torch.long)
+        left = torch.full((world,), room, dtype=torch.long, device=score_Nn.device)
         for k in range(world):
             free = home[order] < 0
             rank = pref_Nn[:, k]

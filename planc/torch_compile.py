@@ -137,12 +137,14 @@ class _Session:
         from planc.runtime.kernel_ops import default_kernels
         from planc.runtime.model import Model
 
-        comm = _join_job(plan)
+        joined = _join_job(plan)
         self._dir = tempfile.TemporaryDirectory(prefix="planc-backend-")
         self.artifact = compile(graph.model, plan, Path(self._dir.name, "artifact"), strict=strict,
                                 captured=graph.captured).path
-        self.model = Model(self.artifact, comm=comm or Comm.single(), kernels=kernels or default_kernels())
-        if comm is not None:
+        comm = joined or Comm.single()
+        self.model = Model(self.artifact, comm=comm, kernels=kernels or default_kernels(
+            "nccl" if comm.device.type == "cuda" else "gloo"))
+        if joined is not None:
             _check_ranks_compiled_alike(self.model.manifest)
         self.ids_BL: torch.Tensor | None = None  # the tokens in the cache
         self.logits_BLV: torch.Tensor | None = None
@@ -191,7 +193,7 @@ def _check_ranks_compiled_alike(manifest: dict) -> None:
 def _join_job(plan: Plan):
     """This rank's Comm inside a launched job (joining its process group), None outside one."""
     from planc.runtime.comm import Comm
-    from planc.runtime.launch import COLLECTIVE_TIMEOUT_S, JOB_ENV, _init_process_group, _resolve_backend
+    from planc.runtime.launch import COLLECTIVE_TIMEOUT_S, JOB_ENV, _init_process_group, resolve_backend
 
     in_job = dist.is_initialized() or all(k in os.environ for k in JOB_ENV)
     devices = plan.mesh.devices
@@ -202,7 +204,7 @@ def _join_job(plan: Plan):
                             f"compile a plan of one device")
         return None
     if not dist.is_initialized():
-        _init_process_group(_resolve_backend(plan.mesh.backend), COLLECTIVE_TIMEOUT_S)
+        _init_process_group(resolve_backend(plan.mesh.backend), COLLECTIVE_TIMEOUT_S)
     if dist.get_world_size() != devices:
         raise PlanError(f"the plan is for mesh.devices = {devices} ranks, but this job has {dist.get_world_size()}; "
                         f"launch {devices} ranks or change mesh.devices")

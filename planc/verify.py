@@ -36,7 +36,8 @@ from planc.models.tokenizer import Tokenizer, artifact_tokenizer
 from planc.dims import DTYPES
 from planc.errors import RunError
 from planc.runtime.artifact import open_artifact
-from planc.runtime.launch import COLLECTIVE_TIMEOUT_S, check_limits, launch
+from planc.runtime.kernel_ops import default_kernels
+from planc.runtime.launch import COLLECTIVE_TIMEOUT_S, check_limits, launch, resolve_backend
 
 WORKER = "planc.runtime.worker:main"  # the entry every rank of `planc run` and `planc verify` runs
 # Each ends mid-line: a model this small, asked to start a fresh line, tends to emit indentation only.
@@ -155,7 +156,7 @@ def ranks_per_machine(artifact: Path, world: int, nproc: int | None, rdzv: dict 
     return nproc
 
 
-def verify(artifact: Path, *, max_new_tokens: int = 16, kernels: str = "torch", timeout_s: float = 600,
+def verify(artifact: Path, *, max_new_tokens: int = 16, kernels: str | None = None, timeout_s: float = 600,
            collective_timeout_s: float = COLLECTIVE_TIMEOUT_S, nproc: int | None = None,
            rdzv: dict | None = None) -> dict:
     opened = open_artifact(artifact)
@@ -164,6 +165,7 @@ def verify(artifact: Path, *, max_new_tokens: int = 16, kernels: str = "torch", 
     check_limits(nproc, timeout_s, collective_timeout_s)  # before the slow reference
     prompts = default_prompt_ids(manifest, artifact_tokenizer(manifest, opened.tokenizer_dir()))
     ref_tokens, ref_logits = reference_generate(manifest, prompts, max_new_tokens)
+    kernels = kernels or default_kernels(resolve_backend(manifest["backend"]))
     args = {"artifact": str(Path(artifact).resolve()), "prompts": prompts, "max_new_tokens": max_new_tokens,
             "stop_at_eos": False, "keep_logits": True, "kernels": kernels}
     results = launch(WORKER, args, nproc, timeout_s=timeout_s, collective_timeout_s=collective_timeout_s, rdzv=rdzv,

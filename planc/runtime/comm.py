@@ -48,11 +48,6 @@ from planc.runtime import status
 Stats = dict[str, dict[str, dict[str, float | int]]]
 
 
-
-
-
-
-
 def payload_bytes(x: torch.Tensor) -> int:
     return x.numel() * x.element_size()
 
@@ -110,6 +105,14 @@ class Comm:
         self._phase = "default"
         self._stats: Stats = {}
         self.spans: list[tuple[str, int, float, float]] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's tensors live: its CUDA device under NCCL (launch set it from LOCAL_RANK),
+        the CPU otherwise (gloo, or no process group)."""
+        if self._distributed and dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     # -- accounting -------------------------------------------------------------------------
 

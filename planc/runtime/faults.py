@@ -65,16 +65,25 @@ class Watchdog:
         self.failed_at: float | None = None
         self.killed_at: float | None = None
         self._pids: dict[int, int] = {}
+        self._lock = threading.RLock()  # poll() runs on the thread and in the SIGCHLD handler
+        self._sigchld: Any = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="planc-watchdog", daemon=True)
 
     def __enter__(self) -> Watchdog:
+        # A rank's exit is read the moment it happens: the agent reaps every rank when it stops the
+        # job, and a rank it reaps before a poll sees it leaves its signal unknown (a killed rank and
+        # a peer failing in the collective they shared end within one poll interval of each other).
+        if threading.current_thread() is threading.main_thread():
+            self._sigchld = signal.signal(signal.SIGCHLD, lambda signum, frame: self.poll())
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        if self._sigchld is not None:
+            signal.signal(signal.SIGCHLD, self._sigchld)
         self.poll()
         for pid in self.kill_alive():  # nothing outlives the launch; the agent is done with them
             _reap(pid)
@@ -84,6 +93,10 @@ class Watchdog:
             self.poll()
 
     def poll(self) -> None:
+        with self._lock:
+            self._poll()
+
+    def _poll(self) -> None:
         now = time.time()
         for rank, pid in self._known_pids().items():
             if rank in self.exits:

@@ -87,5 +87,6 @@ def make_ops(kernels: str, artifact: ArtifactDir) -> Ops:
     raise ValueError(f"--kernels {kernels!r}: choose one of {', '.join(KERNELS)}")
 
 
-def default_kernels() -> str:
-    return "triton" if torch.cuda.is_available() else "torch"
+def default_kernels(backend: str) -> str:
+    """The kernels a rank runs unless told: compiled Triton on GPU ranks (NCCL), torch ops on CPU ranks."""
+    return "triton" if backend == "nccl" else "torch"

@@ -22,10 +22,11 @@ from planc.ops import GqaCache, MlaCache, Step
 class KvCache:
     """`layers` is the per-layer dict the generated program indexes as rt.kv[fqn]."""
 
-    def __init__(self, specs: dict[str, dict], dtype: torch.dtype, rank: int = 0):
+    def __init__(self, specs: dict[str, dict], dtype: torch.dtype, rank: int = 0, device: torch.device | str = "cpu"):
         # a layer placed on one rank (an EasySpec draft's grouped attention) is cached there alone
         self.specs = {fqn: spec for fqn, spec in specs.items() if spec.get("rank", rank) == rank}
         self.dtype = dtype
+        self.device = torch.device(device)
         self.layers: dict[str, MlaCache | GqaCache] = {}
         self.key_mask_BT = torch.zeros(0, 0, dtype=torch.bool)
         self.fuzzy_T = torch.zeros(0, dtype=torch.bool)
@@ -33,9 +34,9 @@ class KvCache:
 
     def allocate(self, batch: int, capacity: int) -> None:
         """Empty buffers of [batch, capacity, ...] per attention layer."""
-        self.layers = {fqn: _buffers(spec, batch, capacity, self.dtype) for fqn, spec in self.specs.items()}
-        self.key_mask_BT = torch.zeros(batch, capacity, dtype=torch.bool)
-        self.fuzzy_T = torch.zeros(capacity, dtype=torch.bool)
+        self.layers = {fqn: _buffers(spec, batch, capacity, self.dtype, self.device) for fqn, spec in self.specs.items()}
+        self.key_mask_BT = torch.zeros(batch, capacity, dtype=torch.bool, device=self.device)
+        self.fuzzy_T = torch.zeros(capacity, dtype=torch.bool, device=self.device)
         self.length = 0
 
     @property
@@ -49,6 +50,7 @@ class KvCache:
     def step(self, real_BS: torch.Tensor) -> Step:
         """The Step that writes the next S tokens; real_BS is False for padding (left, at prefill)."""
         B, S = real_BS.shape
+        real_BS = real_BS.to(self.device)
         end = self.length + S
         if B != self.key_mask_BT.shape[0] or end > self.capacity:
             raise ValueError(f"KvCache.step: {B} rows x {S} tokens after slot {self.length} do not fit a cache "
@@ -73,6 +75,7 @@ class KvCache:
         if start < 0 or start + S != self.length:
             raise ValueError(f"KvCache.reject: slots [{start}, {start + S}) are not the last ones in use "
                              f"(length {self.length})")
+        keep_BS = keep_BS.to(self.device)
         self.key_mask_BT[:, start:start + S] &= keep_BS
         kept = keep_BS.any(0).nonzero()
         self.truncate(start + (int(kept[-1]) + 1 if len(kept) else 0))
@@ -90,9 +93,9 @@ class KvCache:
         return int(self.fuzzy_T[:self.length].sum())
 
 
-def _buffers(spec: dict, batch: int, capacity: int, dtype: torch.dtype) -> MlaCache | GqaCache:
+def _buffers(spec: dict, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> MlaCache | GqaCache:
     if spec["kind"] == "mla":
-        return MlaCache(torch.zeros(batch, capacity, spec["ckv"], dtype=dtype),
-                        torch.zeros(batch, capacity, spec["kpe"], dtype=dtype))
+        return MlaCache(torch.zeros(batch, capacity, spec["ckv"], dtype=dtype, device=device),
+                        torch.zeros(batch, capacity, spec["kpe"], dtype=dtype, device=device))
     shape = (batch, capacity, spec["kv_heads"], spec["head_dim"])
-    return GqaCache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+    return GqaCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))

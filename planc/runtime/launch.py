@@ -102,13 +102,14 @@ def launch(
     rdzv = _check_rdzv(rdzv)
     if in_launched_job():
         return _run_as_rank(entry, args, nproc * rdzv.get("nnodes", 1), rdzv, backend, timeout_s, collective_timeout_s)
+    _check_gpus(resolve_backend(backend), nproc)
     deadline = time.time() + timeout_s if timeout_s is not None else None
     with tempfile.TemporaryDirectory(prefix="planc-run-") as run_dir:
         results = Path(result_dir) if result_dir is not None else Path(run_dir, "results")
         job = _Job(
             entry=entry,
             args=args,
-            backend=_resolve_backend(backend),
+            backend=resolve_backend(backend),
             result_dir=str(results),
             failure_dir=str(Path(run_dir, "failures")),
             status_dir=str(Path(run_dir, "status")),
@@ -161,7 +162,7 @@ def _run_as_rank(entry: str, args: Any, world_size: int, rdzv: dict[str, Any], b
                        f"needed; start torchrun with --nproc-per-node x --nnodes = {world_size}")
     owned = not dist.is_initialized()
     if owned:
-        _init_process_group(_resolve_backend(backend), collective_timeout_s)
+        _init_process_group(resolve_backend(backend), collective_timeout_s)
     _arm_deadline(time.time() + timeout_s if timeout_s is not None else None)
     try:
         with tempfile.TemporaryDirectory(prefix="planc-rank-") as result_dir:
@@ -213,12 +214,23 @@ def _check_rdzv(rdzv: dict[str, Any] | None) -> dict[str, Any]:
     return rdzv
 
 
-def _resolve_backend(backend: str) -> str:
+def resolve_backend(backend: str) -> str:
+    """A plan's mesh.backend as the ranks will use it: auto is NCCL where CUDA is, gloo elsewhere."""
     if backend == "auto":
         return "nccl" if torch.cuda.is_available() else "gloo"
     if backend not in ("gloo", "nccl"):
         raise RunError(f"backend={backend!r}: use 'auto', 'gloo' or 'nccl'")
     return backend
+
+
+def _check_gpus(backend: str, nproc: int) -> None:
+    """Under NCCL each local rank takes GPU LOCAL_RANK; fewer GPUs than ranks is refused here, before
+    any rank starts, rather than as a CUDA error from one of them."""
+    found = torch.cuda.device_count() if backend == "nccl" else nproc
+    if found < nproc:
+        raise RunError(f"{nproc} ranks on this machine under NCCL need {nproc} GPUs, one each, and {found} "
+                       f"{'is' if found == 1 else 'are'} visible; run fewer ranks per machine (--nproc with --nnodes "
+                       f"machines), or on CPU ranks: recompile with mesh.backend: gloo")
 
 
 def _prepare_dirs(job: _Job, world_size: int) -> None:

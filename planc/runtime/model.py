@@ -6,6 +6,11 @@ caches of this model's KvCache); a Model is that `rt`. An artifact may hold seve
 EasySpec also has `forward_layer_parallel`, whose cache writes are fuzzy (KvCache.fuzzy_T); code
 it calls counts its work per rank in rt.work. A Model given a Tracer runs its program with `forward`
 stamping every node (`planc run --trace`, planc.runtime.trace).
+
+A Model lives on its rank's device (Comm.device: the rank's GPU under NCCL, else the CPU): weights and
+caches are loaded there and token ids and steps moved there; `forward` and `extend` return logits
+on the CPU, where the
+decode strategies pick tokens from one seeded stream on every rank.
 """
 from __future__ import annotations
 
@@ -16,12 +21,14 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import os
+
 import torch
 from safetensors.torch import load_file
 
 from planc.codegen.artifact import program_file, weights_file
 from planc.dims import DTYPES
-from planc.errors import ArtifactError
+from planc.errors import ArtifactError, RunError
 from planc.ops import GqaCache, MlaCache, Step
 from planc.runtime import status
 from planc.runtime.artifact import ArtifactDir
@@ -46,11 +53,14 @@ class Model:
         self.name = program
         self.manifest = artifact.manifest
         self.comm = comm
+        self.device = comm.device
+        _check_kernels(kernels, self.device)
         self.ops = make_ops(kernels, artifact)
         load = artifact.load_module if tracer is None else partial(tracer.load, artifact)
         self.program = load(program_file(program), f"planc_artifact_program_{program}")
-        self.weights = Weights(load_file(artifact.path(weights_file(program, comm.rank))))
-        self.cache = KvCache(spec["caches"], DTYPES[spec.get("dtype", self.manifest["dtype"])], comm.rank)
+        self.weights = Weights(load_file(artifact.path(weights_file(program, comm.rank)), device=str(self.device)))
+        self.cache = KvCache(spec["caches"], DTYPES[spec.get("dtype", self.manifest["dtype"])], comm.rank,
+                             device=self.device)
         self.steps = 0  # extend() calls since allocate(): step 0 is the prefill
         self.work: Counter[str] = Counter()  # forwards run, by kind, and what they ran on this rank
 
@@ -76,7 +86,8 @@ class Model:
         """The program's forward at an explicit Step; the cache's length is left as it was."""
         self.work["layer_parallel_forwards" if layer_parallel else "forwards"] += 1
         run = self.program.forward_layer_parallel if layer_parallel else self.program.forward
-        return run(self, ids_BS, step)
+        step = Step(step.start, step.pos_BS.to(self.device), step.key_mask_BT.to(self.device))
+        return run(self, ids_BS.to(self.device), step).cpu()
 
     def extend(self, ids_BS: torch.Tensor, real_BS: torch.Tensor | None = None, *,
                layer_parallel: bool = False, fuzzy: bool = False) -> torch.Tensor:
@@ -88,6 +99,15 @@ class Model:
         logits = self.forward(ids_BS, self.cache.step(real_BS), layer_parallel=layer_parallel)
         self.cache.advance(ids_BS.shape[1], fuzzy=fuzzy)
         return logits
+
+
+def _check_kernels(kernels: str, device: torch.device) -> None:
+    if kernels == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RunError("--kernels triton on CPU ranks (the gloo backend keeps every rank on the CPU) needs "
+                       "TRITON_INTERPRET=1 in the environment before planc starts, or use --kernels torch")
+    if kernels == "cpu" and device.type != "cpu":
+        raise RunError(f"--kernels cpu runs on CPU ranks, and this rank runs on {device}; use --kernels triton "
+                       "(or torch), or the gloo backend (mesh.backend: gloo) for CPU ranks")
 
 
 def _check_runnable(artifact: ArtifactDir, comm: Comm) -> None:

@@ -117,8 +117,9 @@ class Tracer:
         mine = self.rows()
         self.comm.spans = None
         with self.comm.phase("trace"):
-            sizes = self.comm.all_gather(torch.tensor([[mine.shape[0]]]))[:, 0].tolist()
-            every = self.comm.all_gather_varlen(mine, sizes) if any(sizes) else mine
+            device = self.comm.device
+            sizes = self.comm.all_gather(torch.tensor([[mine.shape[0]]], device=device))[:, 0].tolist()
+            every = (self.comm.all_gather_varlen(mine.to(device), sizes) if any(sizes) else mine).cpu()
         if self.comm.rank != 0:
             return None
         per_rank = every.split(sizes)

@@ -84,7 +84,7 @@ def check_ranks_agree(comm: Comm, model: Model, args: dict) -> None:
                           "trace": bool(args.get("trace"))}, sort_keys=True).encode()
     mine_D = torch.frombuffer(bytearray(model.fingerprint() + hashlib.sha256(request).digest()), dtype=torch.uint8)
     with comm.phase("load"):
-        every_RD = comm.all_gather(mine_D[None])
+        every_RD = comm.all_gather(mine_D[None].to(comm.device)).cpu()
     for what, part_RD in zip(AGREED, every_RD.split(32, dim=1)):
         ranks_by_digest: dict[str, list[int]] = {}
         for rank, digest in enumerate(part_RD.tolist()):

@@ -158,3 +158,13 @@ def test_a_layer_placed_on_one_rank_is_cached_there_alone():
     specs = {**SPECS, "c": {**SPECS["b"], "rank": 1}}
     assert set(KvCache(specs, torch.float32, rank=0).specs) == {"a", "b"}
     assert set(KvCache(specs, torch.float32, rank=1).specs) == {"a", "b", "c"}
+
+
+def test_a_cache_on_a_device_keeps_every_buffer_and_step_there():
+    # meta stands in for a GPU here: nothing on it can be read back, so a tensor left on the CPU shows.
+    cache = KvCache(SPECS, torch.float32, device="meta")
+    cache.allocate(2, 8)
+    step = cache.step(torch.ones(2, 3, dtype=torch.bool))  # the caller's CPU mask is moved
+    tensors = [cache.key_mask_BT, cache.fuzzy_T, step.pos_BS, step.key_mask_BT,
+               *(t for layer in cache.layers.values() for t in vars(layer).values())]
+    assert {t.device.type for t in tensors} == {"meta"}

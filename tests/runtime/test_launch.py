@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from planc.errors import RunError
 from planc.runtime.launch import _read_results, launch, write_result
@@ -91,3 +92,11 @@ def test_no_result_files_give_none(tmp_path: Path) -> None:
 def test_write_result_outside_a_worker_explains() -> None:
     with pytest.raises(RuntimeError, match="only inside a worker"):
         write_result({"x": 1})
+
+
+def test_more_local_ranks_than_gpus_under_nccl_are_refused_before_any_starts(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RunError, match=r"2 ranks on this machine under NCCL need 2 GPUs, one each, and 1 is visible; "
+                                       r"run fewer ranks per machine .* recompile with mesh.backend: gloo"):
+        launch("tests.runtime.workers:raise_on_rank", {"rank": 1, "message": "never"}, 2, timeout_s=60,
+               backend="nccl")

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from planc.errors import ArtifactError
 from planc.runtime.model import Model
@@ -47,3 +48,24 @@ def test_refusals_name_the_fix(compiled):
         Model(artifact)
     with pytest.raises(ArtifactError, match="no program 'draft'"):
         Model(artifact, "draft", comm=_rank(0, 2))
+
+
+def test_ranks_run_on_the_cpu_without_nccl_and_kernels_must_suit_the_device(monkeypatch):
+    from planc.errors import RunError
+    from planc.runtime.comm import Comm
+    from planc.runtime.model import _check_kernels
+
+    assert Comm.single().device == torch.device("cpu")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RunError, match="needs TRITON_INTERPRET=1 .* or use --kernels torch"):
+        _check_kernels("triton", torch.device("cpu"))
+    with pytest.raises(RunError, match="this rank runs on cuda:0; use --kernels triton"):
+        _check_kernels("cpu", torch.device("cuda", 0))
+    _check_kernels("triton", torch.device("cuda", 0))
+    _check_kernels("torch", torch.device("cpu"))
+
+
+def test_ranks_run_compiled_triton_on_gpus_and_torch_ops_on_cpus_unless_told():
+    from planc.runtime.kernel_ops import default_kernels
+
+    assert (default_kernels("nccl"), default_kernels("gloo")) == ("triton", "torch")
