@@ -13,9 +13,7 @@ import torch.fx as fx
 
 from planc import progress
 from planc.ir import OPS, Tensors, info
-from planc.weights import named_tensors
-
-ROTARY = "model.rotary_emb.inv_freq"
+from planc.weights import ROTARY_TENSORS, unfused_tensors
 
 
 def owners(graph: fx.Graph) -> dict[str, fx.Node]:
@@ -43,7 +41,8 @@ def assign(graph: fx.Graph, full: Tensors) -> dict[str, Tensors]:
 
 
 def partition(graph: fx.Graph, full: Tensors, world_size: int) -> list[Tensors]:
-    """Every rank's tensors, keyed by full FQN; rope ops also get `<fqn>.rotary.inv_freq`."""
+    """Every rank's tensors, keyed by full FQN; rope ops also get `<fqn>.rotary.inv_freq` (and a
+    long-context rope's `rotary.long_*`)."""
     nodes, owned = owners(graph), assign(graph, full)
     return [_rank_tensors(nodes, owned, full, rank) for rank in progress.track(range(world_size), "partition", "ranks")]
 
@@ -54,11 +53,11 @@ def _rank_tensors(nodes: dict[str, fx.Node], owned: dict[str, Tensors], full: Te
         meta = info(nodes[fqn])
         if meta.shard is not None:
             W = meta.shard.slice(W, meta, rank)
-        if OPS[meta.kind].rotary and ROTARY in full:
-            W = W | {"rotary.inv_freq": full[ROTARY].clone()}  # one copy per block: safetensors refuses aliases
+        if OPS[meta.kind].rotary:  # one copy per block: safetensors refuses aliases
+            W = W | {short: full[name].clone() for name, short in ROTARY_TENSORS.items() if name in full}
         out |= {f"{fqn}.{k}": v.contiguous() for k, v in W.items()}
     return out
 
 
 def model_tensors(model: torch.nn.Module) -> Tensors:
-    return named_tensors(model)
+    return unfused_tensors(model)

@@ -156,7 +156,7 @@ def _exact_prefill(ops, q_BSX, lat: TplaLatent, step: Step, cache: MlaCache, W: 
     q = q_BSX[..., :d.prefill_heads * (m.nope_dim + m.rope_dim)]
     full = MlaCache(cache.ckv_BTC.new_zeros(B, S, m.kv_lora_rank), cache.kpe_BTR[:, :S].clone())
     W_prefill = {"kv_a_layernorm.weight": W["prefill.unit_norm"], "kv_b_proj.weight": W["prefill.kv_b_proj.weight"],
-                 "rotary.inv_freq": W["rotary.inv_freq"]}
+                 **{k: v for k, v in W.items() if k.startswith("rotary.")}}
     o = ops.mla_core(q, torch.cat([lat.whole_BSC, lat.k_pe_BSR], -1), Step(0, step.pos_BS, step.key_mask_BT), full,
                      W_prefill, mp)
     rms = torch.rsqrt(acc(lat.whole_BSC).pow(2).mean(-1, keepdim=True) + m.eps)

@@ -56,6 +56,17 @@ class GqaCache:
     v_BTHD: torch.Tensor
 
 
+def rope_inv_freq(W, pos_BS: torch.Tensor) -> torch.Tensor:
+    """This step's rotary frequencies: a long-context rope (Phi-3's longrope) turns by its long set
+    for the whole step once a position reaches its original context, as transformers decides per
+    forward (the runtime re-reads the cached tokens at that step, as transformers does:
+    planc.runtime.model.Model.extend)."""
+    long = W.get("rotary.long_inv_freq")
+    if long is None:
+        return W["rotary.inv_freq"]
+    return torch.where(pos_BS.max() >= W["rotary.long_after"], long, W["rotary.inv_freq"])
+
+
 def rope_cos_sin(pos_BS: torch.Tensor, inv_freq: torch.Tensor, scaling: float, dtype: torch.dtype):
     freqs = pos_BS[..., None].float() * inv_freq.float()
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -191,7 +202,7 @@ class Ops:
         """[B, S, H(P+R)] from q_b_proj -> (q_nope [B,S,H,P], rotated q_pe [B,S,H,R], (cos, sin))."""
         B, S, _ = q_BSX.shape
         q_nope, q_pe = q_BSX.view(B, S, d.num_heads, -1).split([d.nope_dim, d.rope_dim], dim=-1)
-        cos, sin = rope_cos_sin(step.pos_BS, W["rotary.inv_freq"], d.rope_scaling, q_BSX.dtype)
+        cos, sin = rope_cos_sin(step.pos_BS, rope_inv_freq(W, step.pos_BS), d.rope_scaling, q_BSX.dtype)
         return q_nope, apply_rope(q_pe, cos, sin, d.rope_interleave), (cos, sin)
 
     def mla_core(self, q_BSX, kv_BSY, step: Step, cache: MlaCache, W: Weights, d: MlaDims) -> torch.Tensor:
@@ -231,7 +242,7 @@ class Ops:
         if d.qk_norm == "head":
             q = self.rmsnorm(q, W["q_norm.weight"], d.eps)
             k = self.rmsnorm(k, W["k_norm.weight"], d.eps)
-        cos, sin = rope_cos_sin(step.pos_BS, W["rotary.inv_freq"], d.rope_scaling, q_BSX.dtype)
+        cos, sin = rope_cos_sin(step.pos_BS, rope_inv_freq(W, step.pos_BS), d.rope_scaling, q_BSX.dtype)
         q, k = (partial_rope(t, cos, sin, d.rope_dim, d.rope_interleave) for t in (q, k))
         end = step.start + S
         cache.k_BTHD[:, step.start:end] = k

@@ -20,10 +20,11 @@ from planc.capture import Captured, capture, module_fqns
 from planc.errors import CompileError
 from planc.lift.captured import with_code
 from planc.lift.dynamo import DynamoCaptured
+from planc.lift.fused import split_fused
 from planc.lift.check import Check, check_blocks, junctions, structural_checks
 from planc.lift.glue import read_glue
 from planc.lift.graph import build_graph
-from planc.lift.recognize import Block, recognize
+from planc.lift.recognize import Block, long_rope, recognize
 from planc.lift.structure import representatives
 
 
@@ -40,6 +41,8 @@ def lift(model: nn.Module, *, check: bool, captured: Captured | DynamoCaptured |
 
     `captured`: the model's graph as another front end already has it (a torch.compile backend's
     Dynamo graph, planc.lift.dynamo) instead of capturing it here."""
+    split_fused(model)  # Phi-3's qkv_proj / gate_up_proj: their parts, attached beside them
+    long_rope(model)  # longrope's second set of frequencies, made a buffer
     blocks = recognize(model)
     representative = representatives(model.model.layers, blocks)
     blocks = with_code(model, blocks, representative)

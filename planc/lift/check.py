@@ -24,7 +24,7 @@ from planc import progress
 from planc.ops import GqaCache, MlaCache, Ops, Step
 from planc.lift.glue import Glue, Junctions, Scale
 from planc.lift.recognize import CAPTURED, Block
-from planc.weights import named_tensors, scoped
+from planc.weights import ROTARY_TENSORS, named_tensors, scoped
 
 # fp64 is loose because transformers computes RMSNorm in fp32 whatever the model dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -105,10 +105,7 @@ class _Recorder(fx.Interpreter):
 def block_weights(model: nn.Module, fqn: str) -> dict[str, torch.Tensor]:
     named = named_tensors(model)
     weights = scoped(named, fqn)
-    rotary = named.get("model.rotary_emb.inv_freq")
-    if rotary is not None:
-        weights["rotary.inv_freq"] = rotary
-    return weights
+    return weights | {short: named[name] for name, short in ROTARY_TENSORS.items() if name in named}
 
 
 def run_reference(block: Block, x: torch.Tensor, W: dict[str, torch.Tensor], ops: Ops | None = None) -> torch.Tensor:

@@ -320,6 +320,36 @@ def _rope(base: nn.Module) -> Rope:
     return Rope(float(getattr(rotary, "attention_scaling", 1.0)), _complex_rope(rotary), width)
 
 
+def long_rope(model: nn.Module) -> None:
+    """A rope whose frequencies depend on the sequence length, made static for planc: longrope
+    (Phi-3's 128K variants, Phi-3.5, Phi-4-mini) turns by its short factors up to the original
+    context and by its long ones from there, per forward (overwriting inv_freq with the set it
+    used). Both sets (the long one computed as transformers does when a sequence first passes the
+    original context) and that position become buffers of the rotary embedding, which
+    planc.ops.rope_inv_freq chooses between per step."""
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    rope_type = getattr(rotary, "rope_type", "default")
+    if rope_type == "dynamic":
+        raise ModelError(f"{type(rotary).__name__}: rope_type 'dynamic' rescales the rotary frequencies at every "
+                         "sequence length past max_position_embeddings, which planc does not compile; use the "
+                         "checkpoint with a static rope (default, linear, yarn, llama3) or longrope")
+    if rope_type != "longrope" or "long_after" in dict(rotary.named_buffers(recurse=False)):
+        return
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = rotary.config
+    params = getattr(config, "rope_parameters", None) or {}
+    original = params.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings")
+    short_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu")
+    long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu", seq_len=original + 1)
+    device, dtype = rotary.inv_freq.device, rotary.inv_freq.dtype
+    if "long_inv_freq" in vars(rotary):  # transformers' own copy, a plain attribute
+        delattr(rotary, "long_inv_freq")
+    rotary.register_buffer("short_inv_freq", short_inv_freq.to(device, dtype), persistent=False)
+    rotary.register_buffer("long_inv_freq", long_inv_freq.to(device, dtype), persistent=False)
+    rotary.register_buffer("long_after", torch.tensor(original, device=device), persistent=False)
+
+
 LAYER_CHILDREN = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
 

@@ -30,6 +30,7 @@ class KvCache:
         self.layers: dict[str, MlaCache | GqaCache] = {}
         self.key_mask_BT = torch.zeros(0, 0, dtype=torch.bool)
         self.fuzzy_T = torch.zeros(0, dtype=torch.bool)
+        self.ids_BT = torch.zeros(0, 0, dtype=torch.long)  # the token in each slot (CPU), for a re-read
         self.length = 0  # slots in use
 
     def allocate(self, batch: int, capacity: int) -> None:
@@ -37,6 +38,7 @@ class KvCache:
         self.layers = {fqn: _buffers(spec, batch, capacity, self.dtype, self.device) for fqn, spec in self.specs.items()}
         self.key_mask_BT = torch.zeros(batch, capacity, dtype=torch.bool, device=self.device)
         self.fuzzy_T = torch.zeros(capacity, dtype=torch.bool, device=self.device)
+        self.ids_BT = torch.zeros(batch, capacity, dtype=torch.long)
         self.length = 0
 
     @property

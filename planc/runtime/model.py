@@ -62,6 +62,8 @@ class Model:
         self.cache = KvCache(spec["caches"], DTYPES[spec.get("dtype", self.manifest["dtype"])], comm.rank,
                              device=self.device)
         self.steps = 0  # extend() calls since allocate(): step 0 is the prefill
+        # a longrope model's original context: the first step past it re-reads the cached tokens
+        self.long_after = next((int(t) for k, t in self.weights.items() if k.endswith(".rotary.long_after")), None)
         self.work: Counter[str] = Counter()  # forwards run, by kind, and what they ran on this rank
 
     def fingerprint(self) -> bytes:
@@ -93,12 +95,32 @@ class Model:
                layer_parallel: bool = False, fuzzy: bool = False) -> torch.Tensor:
         """Run the next S tokens (real_BS: False for padding) and keep them in the cache; [B, S, V] logits.
         layer_parallel: through forward_layer_parallel; fuzzy: mark the slots it writes as fuzzy."""
-        real_BS = torch.ones(ids_BS.shape, dtype=torch.bool) if real_BS is None else real_BS
+        real_BS = torch.ones(ids_BS.shape, dtype=torch.bool) if real_BS is None else real_BS.cpu()
         status.current().at_step(self.name, self.steps, self.comm.current_phase)
         self.steps += 1
-        logits = self.forward(ids_BS, self.cache.step(real_BS), layer_parallel=layer_parallel)
-        self.cache.advance(ids_BS.shape[1], fuzzy=fuzzy)
+        start, S = self.cache.length, ids_BS.shape[1]
+        if self._passes_long_context(real_BS):
+            # transformers drops its cache here and reads the whole sequence again with the long
+            # frequencies (Phi3ForCausalLM.prepare_inputs_for_generation): every layer's cached
+            # keys and values change, not only the rotation of the keys
+            ids = torch.cat([self.cache.ids_BT[:, :start], ids_BS.cpu()], dim=1)
+            real = torch.cat([self.cache.key_mask_BT[:, :start].cpu(), real_BS], dim=1)
+            self.cache.truncate(0)
+            logits = self.forward(ids, self.cache.step(real), layer_parallel=layer_parallel)[:, start:]
+            self.cache.advance(start + S)
+        else:
+            logits = self.forward(ids_BS, self.cache.step(real_BS), layer_parallel=layer_parallel)
+            self.cache.advance(S)
+        self.cache.ids_BT[:, start:start + S] = ids_BS.cpu()
+        self.cache.fuzzy_T[start:start + S] = fuzzy
         return logits
+
+    def _passes_long_context(self, real_BS: torch.Tensor) -> bool:
+        """Whether this step writes the first position at or past a longrope model's original context."""
+        if self.long_after is None or self.cache.length == 0:
+            return False
+        seen_B = self.cache.next_pos_B().cpu()  # real tokens cached per row: their positions are 0 .. seen - 1
+        return int(seen_B.max()) - 1 < self.long_after <= int((seen_B + real_BS.sum(-1)).max()) - 1
 
 
 def _check_kernels(kernels: str, device: torch.device) -> None:

@@ -33,8 +33,13 @@ def configs() -> dict[str, T.PretrainedConfig]:
         "qwen2_some_windows": T.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
         # rope on a quarter of each head, LayerNorm norms (run as captured)
         "stablelm_partial_rope": T.StableLmConfig(**COMMON, partial_rotary_factor=0.25),
-        # interleaved pairs on half of each head; its fused gate_up MLP runs as captured
+        # interleaved pairs on half of each head; its fused gate_up MLP split into gate and up
         "glm_interleaved_partial_rope": T.GlmConfig(**COMMON, head_dim=16),
+        # fused qkv_proj and gate_up_proj (Phi-3), rope on three quarters of each head (Phi-4-mini)
+        "phi3_fused_partial_rope": T.Phi3Config(**COMMON, partial_rotary_factor=0.75),
+        # longrope: short factors up to an original context of WINDOW positions, long ones past it
+        "phi3_longrope": T.Phi3Config(**COMMON, original_max_position_embeddings=WINDOW, rope_scaling={
+            "rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0]}),
         # interleaved pairs on the whole head
         "helium_interleaved_rope": T.HeliumConfig(**COMMON, head_dim=16),
         # constants between the blocks: embeddings × 12, each residual branch × 0.22, logits ÷ 8
@@ -108,12 +113,72 @@ def _layer_config(cls: str, **kw) -> T.PretrainedConfig:
     (_layer_config("CohereConfig"), "model.layers.0 (CohereDecoderLayer): not a pre-norm decoder layer"),
     (_layer_config("Olmo2Config"), "no input_layernorm; also post_feedforward_layernorm"),
     (_layer_config("Gemma2Config", head_dim=16), "also post_feedforward_layernorm, pre_feedforward_layernorm"),
-    (_layer_config("Phi3Config"), "model.layers.0.self_attn (Phi3Attention): not a recognized attention block"),
     (_layer_config("GraniteMoeConfig", num_local_experts=4, num_experts_per_tok=2), "no mlp; also block_sparse_moe"),
 ])
 def test_a_layout_planc_does_not_lift_is_refused_by_name(config, says):
     with pytest.raises(ModelError, match=says.replace("(", r"\(").replace(")", r"\)")):
         recognize(build("", config=config))
+
+
+def test_fused_projections_lift_as_their_parts_and_ranks_get_only_the_parts(tmp_path):
+    model = build("phi3_fused_partial_rope")
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    plan = PLAN + '  - match: "model.layers.*.mlp"\n    mlp: {strategy: tp}\n'
+    artifact = compile(model, parse_plan_text(plan, "plan.yaml"), tmp_path / "out").path
+    q, k, v = attn.qkv_proj.weight.split([64, 32, 32])
+    assert all(torch.equal(part, getattr(attn, f"{p}_proj").weight) for p, part in zip("qkv", (q, k, v)))
+    assert torch.equal(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.gate_up_proj.weight)
+    blocks = {b.kind for b in recognize(model)}
+    assert {"gqa_attention", "mlp"} <= blocks and "captured" not in blocks
+    from safetensors.torch import load_file
+    for rank in range(2):
+        names = load_file(artifact / "programs" / "target" / "weights" / f"rank{rank}.safetensors")
+        assert not any("qkv_proj" in n or "gate_up_proj" in n for n in names)
+        assert names["model.layers.0.self_attn.q_proj.weight"].shape == (32, 64)  # 2 of 4 heads of 16
+        assert names["model.layers.0.mlp.gate_proj.weight"].shape == (64, 64)  # half of I = 128
+    prompt = list(range(40, 57))
+    got = run_threads(lambda comm: generate(Model(str(artifact), comm=comm), [prompt], 4, keep_logits=True), 2)[0]
+    with torch.no_grad():
+        want = model(torch.tensor([prompt + got.tokens[0]]), use_cache=False).logits[0, len(prompt) - 1:-1]
+    assert max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want)) <= 1e-4
+
+
+def test_a_fused_projection_packed_otherwise_is_declined_not_compiled_into_another_model():
+    model = build("phi3_fused_partial_rope")
+    mlp = model.model.layers[1].mlp
+
+    def up_first(x):  # gate_up_proj's rows read as [up; gate]: not the split planc makes
+        up, gate = mlp.gate_up_proj(x).chunk(2, dim=-1)
+        return mlp.down_proj(up * mlp.activation_fn(gate))
+
+    mlp.forward = up_first
+    with pytest.raises(CompileError, match=r"lift declined for 1 block\(s\).*\n  model.layers.1.mlp: "):
+        lift(model, check=True)
+
+
+def test_longrope_turns_by_its_long_factors_from_the_step_that_passes_the_original_context(tmp_path):
+    model = build("phi3_longrope")
+    artifact = compile(model, parse_plan_text(PLAN, "plan.yaml"), tmp_path / "out").path
+    rotary = model.model.rotary_emb
+    assert int(rotary.long_after) == WINDOW and not torch.equal(rotary.long_inv_freq, rotary.short_inv_freq)
+    prompt, steps = [40, 41, 42, 43], 8  # positions 0-3 short; the decode step writing position 6 turns long
+    got = run_threads(lambda comm: generate(Model(str(artifact), comm=comm), [prompt], steps, keep_logits=True), 2)[0]
+    with torch.no_grad():  # transformers' generate re-reads the whole sequence with the long set at that step
+        want = model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True, pad_token_id=258)
+    assert got.tokens[0] == want.sequences[0, len(prompt):].tolist()
+    assert max((g[0] - w[0]).abs().max().item() for g, w in zip(got.step_logits, want.logits)) <= 1e-4
+    short_only = build("phi3_longrope")  # the same model turned by its short factors throughout differs
+    short_only.model.rotary_emb.rope_type = "default"
+    with torch.no_grad():
+        other = short_only(want.sequences, use_cache=False).logits[0, -2]
+    assert (other - want.logits[-1][0]).abs().max().item() > 1e-3
+
+
+def test_a_rope_rescaled_at_every_length_is_refused_by_name():
+    model = build("", config=_layer_config("LlamaConfig", rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    with pytest.raises(ModelError, match="rope_type 'dynamic' rescales the rotary frequencies"):
+        lift(model, check=False)
 
 
 def test_scales_between_blocks_are_read_from_the_captured_graph():
