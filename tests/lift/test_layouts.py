@@ -168,6 +168,15 @@ def test_longrope_turns_by_its_long_factors_from_the_step_that_passes_the_origin
                               return_dict_in_generate=True, pad_token_id=258)
     assert got.tokens[0] == want.sequences[0, len(prompt):].tolist()
     assert max((g[0] - w[0]).abs().max().item() for g, w in zip(got.step_logits, want.logits)) <= 1e-4
+    # transformers decides that step by slots, planc by positions: with left padding the longest row has none
+    rows = run_threads(lambda comm: generate(Model(str(artifact), comm=comm), [prompt, [50, 51]], steps,
+                                             keep_logits=True, pad_id=258), 2)[0]
+    ids = torch.tensor([prompt, [258, 258, 50, 51]])
+    with torch.no_grad():
+        both = model.generate(ids, attention_mask=(ids != 258).long(), max_new_tokens=steps, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True, pad_token_id=258)
+    assert rows.tokens == both.sequences[:, len(prompt):].tolist()
+    assert max((g - w).abs().max().item() for g, w in zip(rows.step_logits, both.logits)) <= 1e-4
     short_only = build("phi3_longrope")  # the same model turned by its short factors throughout differs
     short_only.model.rotary_emb.rope_type = "default"
     with torch.no_grad():
