@@ -19,10 +19,14 @@ from planc.errors import ModelError
 from planc.dims import GqaDims, MlaDims, RouterDims
 from planc.lift.glue import Scale
 from planc.ops import apply_rope
+from planc.weights import SPLIT
 
 MLA_CHILDREN = frozenset(("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"))
 GQA_CHILDREN = frozenset(("q_proj", "k_proj", "v_proj", "o_proj"))
 MLP_CHILDREN = frozenset(("gate_proj", "up_proj", "down_proj"))
+# every child with weights the attention ops read: the projections, q LoRA, per-head or whole q/k norms
+MLA_READS = MLA_CHILDREN | {"q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj"}
+GQA_READS = GQA_CHILDREN | {"q_norm", "k_norm"}
 CAPTURED = "captured"  # a block no recognizer knows, run as its exported graph (planc.lift.captured)
 FFN_KINDS = ("mlp", "moe")  # what planc lifts in a decoder layer's feed-forward slot
 
@@ -202,7 +206,18 @@ def _shared_expert(moe: nn.Module) -> tuple[str | None, str | None]:
 
 
 def _is_mlp(m: nn.Module | None) -> bool:
-    return m is not None and MLP_CHILDREN <= _children(m) and all(_is_linear(getattr(m, c)) for c in sorted(MLP_CHILDREN))
+    """gate/up/down linears and no other weights (BitNet's ffn_sub_norm makes another block: captured)."""
+    return (m is not None and MLP_CHILDREN <= _children(m) and all(_is_linear(getattr(m, c)) for c in sorted(MLP_CHILDREN))
+            and not unread_weights(m, MLP_CHILDREN))
+
+
+def unread_weights(m: nn.Module, read: frozenset[str]) -> list[str]:
+    """m's own parameters and the children holding parameters that a semantic op reading `read`
+    would leave out (a fused linear the lift split is read through its parts)."""
+    own = [name for name, _ in m.named_parameters(recurse=False)]
+    return own + sorted(name for name, child in m.named_children()
+                        if child is not None and name not in read and not getattr(child, SPLIT, None)
+                        and next(child.parameters(), None) is not None)
 
 
 def _attention_block(attn: nn.Module, fqn: str, layer: int, rope: Rope) -> Block:
@@ -214,8 +229,14 @@ def _attention_block(attn: nn.Module, fqn: str, layer: int, rope: Rope) -> Block
         gqa = None if mla is not None else _gqa_dims(attn, rope.scaling, layer, rope.width)
     except ModelError as exc:
         raise ModelError(f"{fqn} ({type(attn).__name__}): {exc}") from None
-    for kind, dims in (("mla_attention", mla), ("gqa_attention", gqa)):
+    for kind, dims, read in (("mla_attention", mla, MLA_READS), ("gqa_attention", gqa, GQA_READS)):
         if dims is not None:
+            unread = unread_weights(attn, read)
+            if unread:  # a sub-norm before o_proj (BitNet), attention sinks (gpt-oss): another op
+                raise ModelError(f"{fqn} ({type(attn).__name__}): {', '.join(unread)} "
+                                 f"{'holds' if len(unread) == 1 else 'hold'} weights that planc's "
+                                 f"{kind} does not read (it reads {', '.join(sorted(read & _children(attn)))}); "
+                                 "planc lifts attention made of those alone")
             return Block(kind, fqn, type(attn).__name__, layer, dims)
     raise ModelError(f"{fqn} ({type(attn).__name__}): not a recognized attention block; planc lifts MLA "
                      f"(children {', '.join(sorted(MLA_CHILDREN))}) and GQA (children {', '.join(sorted(GQA_CHILDREN))})")

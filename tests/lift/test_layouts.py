@@ -114,6 +114,9 @@ def _layer_config(cls: str, **kw) -> T.PretrainedConfig:
     (_layer_config("Olmo2Config"), "no input_layernorm; also post_feedforward_layernorm"),
     (_layer_config("Gemma2Config", head_dim=16), "also post_feedforward_layernorm, pre_feedforward_layernorm"),
     (_layer_config("GraniteMoeConfig", num_local_experts=4, num_experts_per_tok=2), "no mlp; also block_sparse_moe"),
+    # a norm between the attention and o_proj: recognized by its q/k/v/o children, but another op
+    (_layer_config("BitNetConfig"), "model.layers.0.self_attn (BitNetAttention): attn_sub_norm holds weights that "
+                                    "planc's gqa_attention does not read"),
 ])
 def test_a_layout_planc_does_not_lift_is_refused_by_name(config, says):
     with pytest.raises(ModelError, match=says.replace("(", r"\(").replace(")", r"\)")):
@@ -188,6 +191,14 @@ def test_a_rope_rescaled_at_every_length_is_refused_by_name():
     model = build("", config=_layer_config("LlamaConfig", rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
     with pytest.raises(ModelError, match="rope_type 'dynamic' rescales the rotary frequencies"):
         lift(model, check=False)
+
+
+def test_an_mlp_with_weights_beyond_gate_up_down_is_not_lifted_as_one():
+    from planc.lift.recognize import _is_mlp
+
+    bitnet = build("", config=_layer_config("BitNetConfig"))
+    assert not _is_mlp(bitnet.model.layers[0].mlp)  # its ffn_sub_norm: the block runs as captured instead
+    assert _is_mlp(build("mistral_window").model.layers[0].mlp)
 
 
 def test_scales_between_blocks_are_read_from_the_captured_graph():
