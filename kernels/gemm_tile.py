@@ -32,10 +32,10 @@ def matmul_tile(x_ptrs, w_ptrs, mask_m, mask_n, K, stride_xk, stride_wk,
 
 def gemm_blocks(m: int, n: int, k: int, elem: int, compiled: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) for an [m, k] @ [k, n] GEMM of `elem`-byte inputs. Compiled
-    2-byte GEMMs take 128 x 128 tiles: a sweep of tiles, warps and stages on an H200 at one rank's
-    DeepSeek-V3 o_proj (bf16, 512 and 4096 rows) put 128 x 128 x 64 with Triton's default 4 warps
-    and 3 stages first (`planc bench kernels` times the result). Under the interpreter, and for fp32
-    (no tensor cores with ieee dots, twice the shared memory a stage), 64-wide tiles."""
+    2-byte GEMMs take 128 x 128 x 64 tiles with Triton's default 4 warps and 3 stages: chosen on an
+    H200 at one rank's DeepSeek-V3 o_proj (bf16, 512 and 4096 rows) after timing other tiles, warps
+    and stages; `planc bench kernels` times the result. Under the interpreter, and for fp32 (no
+    tensor cores with ieee dots, twice the shared memory a stage), 64-wide tiles."""
     cap = 128 if compiled and elem <= 2 else 64
     return block(m, cap), block(n, cap), block(k, 64)
 

@@ -121,9 +121,8 @@ def _tiles(h: int, t: int, block_c: int, elem: int, interpret: bool) -> tuple[in
     """(BLOCK_H, BLOCK_T, launch options). The fp32 accumulator [BLOCK_H, BLOCK_C] stays within
     8192 values (registers). Under the interpreter the cache tile does too. Compiled, the cache tile
     [BLOCK_T, BLOCK_C] is 64 rows where two stages of it fit in 128 KiB of shared memory, with 8 warps
-    for a 512-wide latent: a sweep of BLOCK_H x BLOCK_T x warps x stages on an H200 at one rank's
-    DeepSeek-V3 shapes (bf16, B = 16 and 64, T = 32768) put these first (`planc bench kernels`
-    times the result)."""
+    for a 512-wide latent: chosen on an H200 at one rank's DeepSeek-V3 shapes after timing other
+    block sizes, warps and stages; `planc bench kernels` times the result."""
     block_h = max(16, min(triton.next_power_of_2(h), 64, 8192 // block_c))
     rows = triton.next_power_of_2(max(t, 1))
     if interpret:

@@ -142,8 +142,7 @@ class _Session:
         self.artifact = compile(graph.model, plan, Path(self._dir.name, "artifact"), strict=strict,
                                 captured=graph.captured).path
         comm = joined or Comm.single()
-        self.model = Model(self.artifact, comm=comm, kernels=kernels or default_kernels(
-            "nccl" if comm.device.type == "cuda" else "gloo"))
+        self.model = Model(self.artifact, comm=comm, kernels=kernels or default_kernels(comm.backend))
         if joined is not None:
             _check_ranks_compiled_alike(self.model.manifest)
         self.ids_BL: torch.Tensor | None = None  # the tokens in the cache

@@ -107,10 +107,15 @@ class Comm:
         self.spans: list[tuple[str, int, float, float]] | None = None
 
     @property
+    def backend(self) -> str | None:
+        """The process group's backend (nccl, gloo); None without one."""
+        return dist.get_backend() if self._distributed else None
+
+    @property
     def device(self) -> torch.device:
         """Where this rank's tensors live: its CUDA device under NCCL (launch set it from LOCAL_RANK),
         the CPU otherwise (gloo, or no process group)."""
-        if self._distributed and dist.get_backend() == "nccl":
+        if self.backend == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 

@@ -87,6 +87,6 @@ def make_ops(kernels: str, artifact: ArtifactDir) -> Ops:
     raise ValueError(f"--kernels {kernels!r}: choose one of {', '.join(KERNELS)}")
 
 
-def default_kernels(backend: str) -> str:
+def default_kernels(backend: str | None) -> str:
     """The kernels a rank runs unless told: compiled Triton on GPU ranks (NCCL), torch ops on CPU ranks."""
     return "triton" if backend == "nccl" else "torch"

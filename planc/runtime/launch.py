@@ -226,7 +226,9 @@ def resolve_backend(backend: str) -> str:
 def _check_gpus(backend: str, nproc: int) -> None:
     """Under NCCL each local rank takes GPU LOCAL_RANK; fewer GPUs than ranks is refused here, before
     any rank starts, rather than as a CUDA error from one of them."""
-    found = torch.cuda.device_count() if backend == "nccl" else nproc
+    if backend != "nccl":
+        return
+    found = torch.cuda.device_count()
     if found < nproc:
         raise RunError(f"{nproc} ranks on this machine under NCCL need {nproc} GPUs, one each, and {found} "
                        f"{'is' if found == 1 else 'are'} visible; run fewer ranks per machine (--nproc with --nnodes "

@@ -9,19 +9,17 @@ stamping every node (`planc run --trace`, planc.runtime.trace).
 
 A Model lives on its rank's device (Comm.device: the rank's GPU under NCCL, else the CPU): weights and
 caches are loaded there and token ids and steps moved there; `forward` and `extend` return logits
-on the CPU, where the
-decode strategies pick tokens from one seeded stream on every rank.
+on the CPU, where the decode strategies pick tokens from one seeded stream on every rank.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import os
 
 import torch
 from safetensors.torch import load_file
