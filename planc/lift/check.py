@@ -5,8 +5,9 @@ entering it and the value leaving it — found from `nn_module_stack`, not assum
 block's semantic reference on the recorded input (for a block run as captured, the function the
 program will run). A block whose reference disagrees is declined with the numbers. Residual
 wiring is checked the same way: a layer's input plus its attention output must equal what enters
-the post-attention norm; and so are the junctions between blocks (embedding -> first layer, layer
--> next layer, lm_head -> logits), with the constants planc.lift.glue read there.
+the post-attention norm; and so are the junctions between blocks (embedding -> first layer, each
+norm -> its block, layer -> next layer, final norm -> lm_head -> logits), with the constants
+planc.lift.glue read there.
 
 Only one layer per structure is captured (planc.lift.structure): its blocks are checked as above,
 on their own weights ("numeric"); every other layer's blocks are recorded as "structural" checks
@@ -210,8 +211,9 @@ def _following(stacks: dict[fx.Node, set[str]], layers: list[tuple[int, str]], f
 
 
 def _check_glue(j: Junctions, values, out, glue: Glue) -> list[Check]:
-    """What flows between blocks: the embedding's output is the first layer's input, each layer's
-    h + mlp_out the next one's (or the final norm's), and lm_head's output the logits, each as is or
+    """What flows between blocks: the embedding's output is the first layer's input, each norm's
+    output its block's input, each layer's h + mlp_out the next one's (or the final norm's), the
+    final norm's output lm_head's input, and lm_head's output the logits, each as is or
     scaled by the constant `glue` read there. Anything else a model does between its blocks fails here."""
     if not j.layers or "" in (j.embedding, j.norm, j.head):
         return [Check("model (glue)", False, float("nan"), "embedding, layers, final norm or lm_head not found")]
@@ -233,10 +235,15 @@ def _check_glue(j: Junctions, values, out, glue: Glue) -> list[Check]:
     checks = [compare(f"{j.embedding} (glue)", value(j.embedding, 1, glue.embedding),
                       value(f"{j.layers[0][1]}.input_layernorm", 0), "the embedding's output as the first layer's input")]
     for index, lp in j.layers:
+        for norm, block in (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp")):
+            checks.append(compare(f"{lp}.{block} (glue)", value(f"{lp}.{norm}", 1), value(f"{lp}.{block}", 0),
+                                  f"{lp}.{norm}'s output as {lp}.{block}'s input"))
         after = j.following[lp]
         mid, mlp = value(f"{lp}.post_attention_layernorm", 0), value(f"{lp}.mlp", 1, glue.mlp_branch(index))
         summed = None if mid is None or mlp is None or mid.shape != mlp.shape else mid + mlp
         checks.append(compare(f"{lp} (glue)", summed, value(after, 0), f"h + mlp output as {after}'s input"))
+    checks.append(compare(f"{j.norm} (glue)", value(j.norm, 1, glue.head_input), value(j.head, 0),
+                          "the final norm's output as lm_head's input"))
     logits = next((t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.dim() == 3), None)
     checks.append(compare(f"{j.head} (glue)", value(j.head, 1, glue.logits), logits, "lm_head's output as the logits"))
     return checks

@@ -3,9 +3,10 @@
 Most decoders hand each block's output on unchanged: the embedding's output is the first layer's
 input, h + attention output enters the post-attention norm, h + MLP output the next layer, and
 lm_head's output is the logits. Some scale these by constants outside their modules (Granite:
-`embedding_multiplier`, `residual_multiplier`, `logits_scaling`): the captured graph then has one
-`mul` or `div` by a number at the junction, and the lifted graph reproduces it (the embedding
-node's scale, the residual adds' scale on their branch, a `scale` node after lm_head).
+`embedding_multiplier`, `residual_multiplier`, `logits_scaling` after lm_head; MiniCPM3 divides
+the final norm's output by `logits_scaling` before it): the captured graph then has one `mul` or
+`div` by a number at the junction, and the lifted graph reproduces it (the embedding node's scale,
+the residual adds' scale on their branch, a `scale` node before or after lm_head).
 
 Anything else at a junction is left for the lift's glue checks to refuse with the numbers.
 """
@@ -67,11 +68,13 @@ class Scale:
 @dataclass(frozen=True)
 class Glue:
     """The scales at a decoder's junctions (None: passed on unchanged). residual: per layer,
-    (attention branch, MLP branch)."""
+    (attention branch, MLP branch); head_input: between the final norm and lm_head; logits: after
+    lm_head."""
 
     embedding: Scale | None = None
     residual: dict[int, tuple[Scale | None, Scale | None]] | None = None
     logits: Scale | None = None
+    head_input: Scale | None = None
 
     def attention_branch(self, layer: int) -> Scale | None:
         return (self.residual or {}).get(layer, (None, None))[0]
@@ -80,11 +83,23 @@ class Glue:
         return (self.residual or {}).get(layer, (None, None))[1]
 
 
+def _whole(node: fx.Node) -> fx.Node:
+    """`node` without the no-op views above it: export's alias, and indexing by whole slices
+    (what `hidden[:, slice(0, None), :]` before lm_head becomes)."""
+    while node.op in COMPUTE and node.args and isinstance(node.args[0], fx.Node) and (
+            node.target is torch.ops.aten.alias.default
+            or (node.target is operator.getitem and isinstance(node.args[1], tuple)
+                and all(i == slice(None) or i == slice(0, None) for i in node.args[1]))):
+        node = node.args[0]
+    return node
+
+
 def scaled(node: fx.Node | None, source: fx.Node | None) -> Scale | None | bool:
-    """How `node` is `source`: True when it is the same node, a Scale when it is source * c or
-    source / c for a number c, False otherwise."""
+    """How `node` is `source`: True when it is the same node (through no-op views), a Scale when it
+    is source * c or source / c for a number c, False otherwise."""
     if node is None or source is None:
         return False
+    node = _whole(node)
     if node is source:
         return True
     if node.op not in COMPUTE or len(node.args) != 2 or node.args[0] is not source or node.kwargs:
@@ -122,10 +137,11 @@ def read_glue(j: Junctions) -> Glue:
         mid, after = j.value_node(f"{lp}.post_attention_layernorm", 0), j.value_node(j.following.get(lp, ""), 0)
         attn_out, mlp_out = j.value_node(f"{lp}.self_attn", 1), j.value_node(f"{lp}.mlp", 1)
         residual[index] = (only_scale(branch(mid, attn_out)), only_scale(branch(after, mlp_out)))
+    head_input = only_scale(scaled(j.value_node(j.head, 0), j.value_node(j.norm, 1)))
     logits = None
     head_out = j.value_node(j.head, 1)
     if head_out is not None:
         users = [u for u in head_out.users if u.op != "output"]
         if len(users) == 1:
             logits = only_scale(scaled(users[0], head_out))
-    return Glue(emb, residual if any(s != (None, None) for s in residual.values()) else None, logits)
+    return Glue(emb, residual if any(s != (None, None) for s in residual.values()) else None, logits, head_input)

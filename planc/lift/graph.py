@@ -124,6 +124,8 @@ def build_graph(blocks: list[Block], model: nn.Module, glue: Glue | None = None,
                    dims=EmbeddingDims(weight.shape[0], weight.shape[1], emb.attrs.get("scale") or glue.embedding))
     for b in it:
         if b.kind == "lm_head":
+            if glue.head_input is not None:
+                h = build.node("scale", (h,), "h", dims=glue.head_input)
             logits = build.linear(b.fqn, h, "logits", "", None)
             if glue.logits is not None:
                 logits = build.node("scale", (logits,), "logits", dims=glue.logits)

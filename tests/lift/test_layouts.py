@@ -4,6 +4,9 @@ longer than the window, and a clear refusal (never a traceback, never a silently
 for what planc does not lift."""
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 import torch
 import transformers as T
@@ -11,7 +14,7 @@ import transformers as T
 from planc.driver import compile
 from planc.errors import CompileError, ModelError
 from planc.lift import lift
-from planc.lift.glue import Scale
+from planc.lift.glue import Scale, read_glue
 from planc.lift.recognize import recognize
 from planc.plan import parse_plan_text
 from planc.runtime.decode import generate
@@ -216,6 +219,64 @@ def test_offset_norms_and_a_scaled_embedding_are_read_from_the_modules():
     assert {b.attrs["offset"] for b in recognize(build("mistral_window")) if b.kind == "rmsnorm"} == {0.0}
 
 
+def minicpm3() -> torch.nn.Module:
+    """MLA with constants between its blocks: embeddings × scale_emb inside their module, each
+    residual branch × scale_depth / √layers, the final norm's output ÷ logits_scaling before lm_head."""
+    config = T.MiniCPM3Config(**{**COMMON, "num_key_value_heads": 4}, kv_lora_rank=16, q_lora_rank=32,
+                              qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, scale_emb=12.0,
+                              scale_depth=1.4, dim_model_base=16, tie_word_embeddings=False)
+    return build("", config=config)
+
+
+MLA_PLAN = PLAN.replace("strategy: tp", "strategy: mla_tp")
+
+
+def test_a_scale_between_the_final_norm_and_lm_head_is_read_and_exact_at_two_ranks(tmp_path):
+    model = minicpm3()
+    graph = lift(model, check=True).graph
+    nodes = [n.meta["planc"] for n in graph.nodes if "planc" in n.meta]
+    assert [m.dims for m in nodes if m.kind == "scale"] == [Scale("div", 4.0)]  # hidden 64 / dim_model_base 16
+    assert nodes[-1].fqn == "lm_head" and nodes[-2].kind == "scale"  # before lm_head, not after
+    assert {m.dims for m in nodes if m.kind == "add"} == {Scale("mul", 1.4 / 3 ** 0.5)}
+    artifact = compile(model, parse_plan_text(MLA_PLAN, "plan.yaml"), tmp_path / "out").path
+    prompt = list(range(40, 57))
+    got = run_threads(lambda comm: generate(Model(str(artifact), comm=comm), [prompt], 4, keep_logits=True), 2)[0]
+    with torch.no_grad():
+        want = model(torch.tensor([prompt + got.tokens[0]]), use_cache=False).logits[0, len(prompt) - 1:-1]
+    assert max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want)) <= 1e-4
+
+
+def test_what_enters_lm_head_is_checked_against_the_final_norms_output(monkeypatch):
+    import planc.lift
+
+    def unscaled(found):  # as if the glue reader had missed MiniCPM3's ÷ before lm_head
+        return dataclasses.replace(read_glue(found), head_input=None)
+
+    monkeypatch.setattr(planc.lift, "read_glue", unscaled)
+    with pytest.raises(CompileError, match=r"model.norm \(glue\): the final norm's output as lm_head's input differs"):
+        lift(minicpm3(), check=True)
+
+
+@pytest.mark.parametrize(("attention", "mlp", "says"), [
+    (2.0, 1.0, "model.layers.0.self_attn (glue): model.layers.0.input_layernorm's output as model.layers.0.self_attn's input"),
+    (1.0, 3.0, "model.layers.0.mlp (glue): model.layers.0.post_attention_layernorm's output as model.layers.0.mlp's input"),
+])
+def test_a_layer_that_scales_a_norms_output_before_its_block_is_refused(attention, mlp, says):
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    class Scaled(LlamaDecoderLayer):  # every block checks alone; only the junction differs
+        def forward(self, hidden_states, position_embeddings=None, **kwargs):
+            h = self.input_layernorm(hidden_states) * attention
+            h = hidden_states + self.self_attn(hidden_states=h, position_embeddings=position_embeddings, **kwargs)[0]
+            return h + self.mlp(self.post_attention_layernorm(h) * mlp)
+
+    model = build("", config=_layer_config("LlamaConfig"))
+    for layer in model.model.layers:
+        layer.__class__ = Scaled
+    with pytest.raises(CompileError, match=re.escape(says) + " differs"):
+        lift(model, check=True)
+
+
 def test_a_junction_planc_cannot_reproduce_is_a_lift_error_not_a_different_model():
     model = build("", config=_layer_config("LlamaConfig"))
     model.model.layers[0].register_forward_hook(lambda _m, _i, out: out * 1.5 + 1.0)  # between layers 0 and 1
@@ -224,12 +285,13 @@ def test_a_junction_planc_cannot_reproduce_is_a_lift_error_not_a_different_model
         lift(model, check=True)
 
 
-@pytest.mark.parametrize("name", ["granite_multipliers", "mistral_window"])
+@pytest.mark.parametrize("name", ["granite_multipliers", "mistral_window", "minicpm3"])
 def test_the_torch_compile_backend_lifts_the_same_layouts_from_dynamos_graph(tmp_path, name):
     torch._dynamo.reset()
+    strategy = "mla_tp" if name == "minicpm3" else "tp"
     (tmp_path / "plan.yaml").write_text('version: 1\nmesh: {devices: 1}\nrules:\n  - match: "model.layers.*.self_attn"\n'
-                                        '    attention: {strategy: tp}\n')
-    model = build(name)
+                                        f'    attention: {{strategy: {strategy}}}\n')
+    model = minicpm3() if name == "minicpm3" else build(name)
     compiled = torch.compile(model, backend="planc", options={"plan": str(tmp_path / "plan.yaml")})
     ids = torch.randint(0, 256, (1, 17), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
