@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import ast
 import builtins
+import contextlib
 import functools
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -94,11 +95,29 @@ def with_code(model: nn.Module, blocks: list[Block], representative: dict[int, i
     return out
 
 
+@contextlib.contextmanager
+def _aten_experts(module: nn.Module) -> Iterator[None]:
+    """Experts inside `module` computed with aten ops while it is exported: transformers' grouped_mm
+    path (pinned for capture, planc.models.registry) calls a torch.ops.transformers kernel that a
+    rank process could not import, its batched_mm path gathers each token's experts and runs bmm.
+    The config is the model's own, so it is set back after."""
+    configs = {id(c): c for m in module.modules() if (c := getattr(m, "config", None)) is not None
+               and getattr(c, "_experts_implementation", None) == "grouped_mm"}
+    for config in configs.values():
+        config._experts_implementation = "batched_mm"
+    try:
+        yield
+    finally:
+        for config in configs.values():
+            config._experts_implementation = "grouped_mm"
+
+
 def export_block(module: nn.Module, fqn: str, x_BSD: torch.Tensor) -> Definition:
     """`module` as a function `(x, W) -> y` of readable source, for any batch and sequence length."""
     cls = type(module).__name__
     name = function_name(fqn)
-    program = _export(module, fqn, x_BSD)
+    with _aten_experts(module):
+        program = _export(module, fqn, x_BSD)
     graph = _rebuild(program, f"{fqn} ({cls})")
     fn = _definition(graph, name, [f"# {fqn!r} ({cls!r}) as torch.export captured it: planc did not lift it,",
                                    "# so every rank runs it whole on every token."])

@@ -110,9 +110,11 @@ def _gqa_dims(attn: nn.Module, rope_scaling: float, layer: int, rope_width: int 
     qk_norm, eps = "none", 0.0
     if q_norm is not None and k_norm is not None:
         eps = rmsnorm_eps(q_norm)
-        widths = (q_norm.weight.shape[0], k_norm.weight.shape[0])
         if eps is None or rmsnorm_eps(k_norm) != eps or rmsnorm_offset(q_norm, eps) != 0.0 or rmsnorm_offset(k_norm, eps) != 0.0:
-            return None  # ... or norms scaling by 1 + weight (not planc's q/k norm)
+            # a norm without a weight (NanoChat's), or scaling by 1 + weight: not planc's q/k norm
+            raise ModelError(f"q_norm ({type(q_norm).__name__}) and k_norm are not RMSNorms scaling by a weight "
+                             "with one epsilon, which is the q/k norm planc's gqa_attention applies")
+        widths = (q_norm.weight.shape[0], k_norm.weight.shape[0])
         if widths == (head_dim, head_dim):
             qk_norm = "head"  # Qwen3: each head's q and k normalized on its own
         elif widths == (attn.q_proj.out_features, attn.k_proj.out_features):
@@ -371,6 +373,56 @@ def long_rope(model: nn.Module) -> None:
     rotary.register_buffer("long_after", torch.tensor(original, device=device), persistent=False)
 
 
+class LayerRope(nn.Module):
+    """One layer's rotary frequencies, attached to its attention as `rotary` (what planc's ops read
+    as `rotary.inv_freq`) where the model's rotary embedding holds one set per layer type."""
+
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float):
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.attention_scaling = attention_scaling
+
+
+def rope_per_layer_type(model: nn.Module) -> None:
+    """A rotary embedding with one set of frequencies per layer type (Mellum, OLMo3: `<type>_inv_freq`,
+    a full-attention theta and a sliding-window one) made one rope per layer: each layer's attention
+    gets a LayerRope child holding its type's frequencies and scaling (the model's own tensors)."""
+    base = getattr(model, "model", None)
+    rotary = getattr(base, "rotary_emb", None)
+    types = getattr(getattr(model, "config", None), "layer_types", None)
+    if rotary is None or isinstance(getattr(rotary, "inv_freq", None), torch.Tensor) or not isinstance(types, list):
+        return
+    buffers = dict(rotary.named_buffers(recurse=False))
+    if not any(name.endswith("_inv_freq") for name in buffers):
+        return
+    kinds = getattr(rotary, "rope_type", None)
+    for i, layer in enumerate(base.layers):
+        kind = kinds.get(types[i], "default") if isinstance(kinds, dict) else "default"
+        inv_freq = buffers.get(f"{types[i]}_inv_freq")
+        where = f"{type(rotary).__name__} (model.rotary_emb)"
+        if inv_freq is None:
+            raise ModelError(f"{where}: layer {i} is a {types[i]!r} layer and the rotary embedding holds no "
+                             f"{types[i]}_inv_freq (it holds {', '.join(sorted(buffers))}); planc needs every "
+                             "layer's rotary frequencies")
+        if kind in ("dynamic", "longrope"):
+            raise ModelError(f"{where}: the {types[i]!r} layers' rope_type {kind!r} changes the frequencies with the "
+                             "sequence length, which planc does not compile per layer type; use a static rope "
+                             "(default, linear, yarn, llama3)")
+        held = getattr(layer.self_attn, "rotary", None)
+        if held is not None and not isinstance(held, LayerRope):
+            raise ModelError(f"model.layers.{i}.self_attn ({type(layer.self_attn).__name__}): has a child named "
+                             "rotary already, where planc would attach the layer's rope frequencies")
+        layer.self_attn.rotary = LayerRope(inv_freq, float(getattr(rotary, f"{types[i]}_attention_scaling", 1.0)))
+
+
+def _layer_rope(attn: nn.Module, rope: Rope) -> Rope:
+    """The rope of one layer: its LayerRope where rope_per_layer_type attached one, else the model's."""
+    held = getattr(attn, "rotary", None)
+    if not isinstance(held, LayerRope):
+        return rope
+    return Rope(held.attention_scaling, False, 2 * held.inv_freq.numel())
+
+
 LAYER_CHILDREN = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
 
@@ -437,7 +489,7 @@ def recognize(model: nn.Module) -> list[Block]:
         _layer_layout(layer, lp)
         blocks += [
             _norm_or_captured(layer.input_layernorm, f"{lp}.input_layernorm", i),
-            _stateful_block(layer.self_attn, f"{lp}.self_attn", i, rope),
+            _stateful_block(layer.self_attn, f"{lp}.self_attn", i, _layer_rope(layer.self_attn, rope)),
             _norm_or_captured(layer.post_attention_layernorm, f"{lp}.post_attention_layernorm", i),
             _ffn_or_captured(layer.mlp, f"{lp}.mlp", i, model.config),
         ]

@@ -11,11 +11,12 @@ import pytest
 import torch
 import transformers as T
 
+from planc.codegen.artifact import program_file
 from planc.driver import compile
 from planc.errors import CompileError, ModelError
 from planc.lift import lift
 from planc.lift.glue import Scale, read_glue
-from planc.lift.recognize import recognize
+from planc.lift.recognize import recognize, rope_per_layer_type
 from planc.plan import parse_plan_text
 from planc.runtime.decode import generate
 from planc.runtime.model import Model
@@ -50,6 +51,9 @@ def configs() -> dict[str, T.PretrainedConfig]:
                                                attention_multiplier=0.0078125, logits_scaling=8.0),
         # norms scaling by 1 + weight in fp32, embeddings scaled by √hidden inside their module
         "gemma_offset_norms": T.GemmaConfig(**COMMON, head_dim=16),
+        # one rope per layer type (a theta for full attention, another for the windowed layers)
+        "mellum_rope_per_layer_type": T.MellumConfig(**COMMON, head_dim=16, sliding_window=WINDOW, mlp_layer_types=["dense"] * 3,
+                                                     layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
         # no rope on every other layer (NoPE; the attention's use_rope is 0 there)
         "smollm3_nope_layers": T.SmolLM3Config(**COMMON, no_rope_layer_interval=2),
     }
@@ -61,8 +65,12 @@ def build(name: str, **changes) -> torch.nn.Module:
     return T.AutoModelForCausalLM.from_config(config).eval()
 
 
+def _attention_of(model: torch.nn.Module) -> list:
+    return [b.dims for b in recognize(model) if b.kind == "gqa_attention"]
+
+
 def _attention(name: str) -> list:
-    return [b.dims for b in recognize(build(name)) if b.kind == "gqa_attention"]
+    return _attention_of(build(name))
 
 
 def test_windows_and_rope_layouts_are_read_from_the_model():
@@ -76,6 +84,11 @@ def test_windows_and_rope_layouts_are_read_from_the_model():
     helium = _attention("helium_interleaved_rope")[0]
     assert (helium.rope_dim, helium.rope_interleave) == (None, True)
     assert [d.rope_dim for d in _attention("smollm3_nope_layers")] == [None, 0, None]
+    mellum = build("mellum_rope_per_layer_type")
+    rope_per_layer_type(mellum)
+    assert [d.window for d in _attention_of(mellum)] == [None, WINDOW, WINDOW]
+    thetas = [1 / layer.self_attn.rotary.inv_freq[1].item() ** (16 / 2) for layer in mellum.model.layers]
+    assert [round(t) for t in thetas] == [500000, 10000, 10000]  # each layer its type's frequencies
 
 
 def test_a_layer_with_a_window_is_a_structure_of_its_own():
@@ -118,6 +131,9 @@ def _layer_config(cls: str, **kw) -> T.PretrainedConfig:
     (_layer_config("Gemma2Config", head_dim=16), "also post_feedforward_layernorm, pre_feedforward_layernorm"),
     (_layer_config("GraniteMoeConfig", num_local_experts=4, num_experts_per_tok=2), "no mlp; also block_sparse_moe"),
     # a norm between the attention and o_proj: recognized by its q/k/v/o children, but another op
+    # q/k norms without a weight: not the q/k norm gqa_attention applies
+    (_layer_config("NanoChatConfig"), "model.layers.0.self_attn (NanoChatAttention): q_norm (NanoChatRMSNorm) and "
+                                      "k_norm are not RMSNorms scaling by a weight"),
     (_layer_config("BitNetConfig"), "model.layers.0.self_attn (BitNetAttention): attn_sub_norm holds weights that "
                                     "planc's gqa_attention does not read"),
 ])
@@ -240,6 +256,24 @@ def test_a_scale_between_the_final_norm_and_lm_head_is_read_and_exact_at_two_ran
     assert {m.dims for m in nodes if m.kind == "add"} == {Scale("mul", 1.4 / 3 ** 0.5)}
     artifact = compile(model, parse_plan_text(MLA_PLAN, "plan.yaml"), tmp_path / "out").path
     prompt = list(range(40, 57))
+    got = run_threads(lambda comm: generate(Model(str(artifact), comm=comm), [prompt], 4, keep_logits=True), 2)[0]
+    with torch.no_grad():
+        want = model(torch.tensor([prompt + got.tokens[0]]), use_cache=False).logits[0, len(prompt) - 1:-1]
+    assert max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want)) <= 1e-4
+
+
+def test_an_moe_block_planc_does_not_lift_runs_as_captured_with_aten_experts(tmp_path):
+    """PhiMoE's sparsemixer router is not one planc lifts: the block runs as captured, its experts
+    exported through transformers' batched_mm (aten) rather than the grouped_mm kernel pinned for
+    capture, which rank processes could not import; the model keeps its own setting."""
+    config = T.PhimoeConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)
+    config._experts_implementation = "grouped_mm"
+    model = build("", config=config)
+    artifact = compile(model, parse_plan_text(PLAN, "plan.yaml"), tmp_path / "out").path
+    assert model.config._experts_implementation == "grouped_mm"
+    program = (artifact / program_file("target")).read_text()
+    assert "torch.ops.transformers" not in program and "def captured_L0_mlp" in program
+    prompt = list(range(30, 47))
     got = run_threads(lambda comm: generate(Model(str(artifact), comm=comm), [prompt], 4, keep_logits=True), 2)[0]
     with torch.no_grad():
         want = model(torch.tensor([prompt + got.tokens[0]]), use_cache=False).logits[0, len(prompt) - 1:-1]
