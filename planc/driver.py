@@ -134,6 +134,11 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
     model, source = resolve_model(model, plan, meta)
     log(f"model    {source} ({type(model).__name__}{', meta' if meta else ''})")
+    quant = getattr(getattr(model, "config", None), "quantization_config", None)
+    if quant:  # only a config.json gets here quantized (a quantized checkpoint is refused when loaded)
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else type(quant).__name__
+        log(f"note     quantization_config (quant_method {method!r}) not applied: planc compiles the unquantized "
+            f"model, in {dtype_name(model)}; weight bytes are for that")
     lifted = lift(model, check=not meta, captured=captured)
     log(f"lift     {len(lifted.blocks)} blocks" + (f", {sum(c.method == 'numeric' for c in lifted.checks)} checked numerically against the captured graph, "
                                              f"{sum(c.method != 'numeric' for c in lifted.checks)} structurally" if lifted.checks else ""))

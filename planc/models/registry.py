@@ -12,9 +12,11 @@ Nothing here runs code a checkpoint ships: transformers is called with trust_rem
 local files only, and weights are read from safetensors alone (never pickled *.bin files).
 
 dtype "auto" (the plan's default) is the checkpoint's own dtype: config.json's `dtype` (or the
-older `torch_dtype`), else the dtype of its safetensors tensors, else float32. Bundled models,
-config.json random inits and factories have no stored dtype: float32 (a factory's module keeps
-the dtype it was built in).
+older `torch_dtype`), else the dtype of its safetensors tensors, else float32; for a config.json
+alone (a random init, or a --meta plan of a published config), the dtype it names, else float32.
+Bundled models and factories have no stored dtype: float32 (a factory's module keeps the dtype it
+was built in). A checkpoint stored quantized (config.json's quantization_config) is refused; a
+config.json naming one builds the unquantized model, and compile says so.
 """
 from __future__ import annotations
 
@@ -158,7 +160,7 @@ def _load_checkpoint(path: Path, dtype: torch.dtype) -> nn.Module:
         raise ModelError(f"{path}: checkpoint has config.json but no weight files (*.safetensors)"
                          + (f"; planc does not read pickled weights ({', '.join(pickled)}): re-save them with "
                             "save_pretrained(DIR, safe_serialization=True)" if pickled else ""))
-    read_config(path / "config.json")  # a located error for a broken file, before transformers reads it
+    quantized(read_config(path / "config.json"), path / "config.json")  # a located error before transformers reads it
     hf_logging.disable_progress_bar()  # a per-tensor progress bar is noise in `planc run` output
     local = {"local_files_only": True, "trust_remote_code": False}
     try:
@@ -175,6 +177,19 @@ def _load_checkpoint(path: Path, dtype: torch.dtype) -> nn.Module:
                          f"tensors ({listed}); a model with random weights in their place is not this checkpoint. "
                          "Check that every *.safetensors file is present (re-save with save_pretrained)")
     return model.eval()
+
+
+def quantized(config: dict, path: Path) -> None:
+    """A checkpoint stored quantized (DeepSeek-V3's fp8 blocks with their scales, GPTQ, AWQ, ...) is
+    refused before transformers reads it: planc slices and runs unquantized weights."""
+    quant = config.get("quantization_config")
+    if not quant:
+        return
+    method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+    raise ModelError(f"{path}: quantization_config (quant_method {method!r}): the weights are stored quantized, "
+                     "and planc compiles unquantized float32 / bfloat16 / float16 weights; dequantize the checkpoint "
+                     "first (for DeepSeek-V3's fp8 weights, multiply each weight by its weight_scale_inv blocks and "
+                     "save in bfloat16), or plan on its config.json with --meta")
 
 
 def _load_config_file(path: Path, dtype: torch.dtype, meta: bool) -> nn.Module:
@@ -246,7 +261,10 @@ def resolve_dtype(source: str, dtype: torch.dtype | str) -> torch.dtype:
     if dtype != "auto":
         return DTYPES[dtype]
     path = Path(source)
-    if source_kind(source) != "checkpoint" or not (path / "config.json").is_file():
+    kind = source_kind(source)
+    if kind == "config":
+        return _config_dtype(path) or torch.float32
+    if kind != "checkpoint" or not (path / "config.json").is_file():
         return torch.float32
     return _config_dtype(path / "config.json") or _safetensors_dtype(path) or torch.float32
 
