@@ -44,9 +44,11 @@ class Interrupted(PlancError):
         super().__init__(f"interrupted by {signal.Signals(signum).name}; {outcome}")
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception's message on one line (transformers, safetensors and YAML write several)."""
-    return " ".join(str(exc).split())
+def one_line(exc: BaseException, limit: int = 500) -> str:
+    """An exception's message on one line (transformers, safetensors and YAML write several), cut
+    at `limit` characters (transformers lists every model type it knows in one message)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def read_json(path: Path, max_bytes: int) -> object:

@@ -24,7 +24,7 @@ from planc.lift.fused import split_fused
 from planc.lift.check import Check, check_blocks, junctions, structural_checks
 from planc.lift.glue import read_glue
 from planc.lift.graph import build_graph
-from planc.lift.recognize import Block, long_rope, recognize, rope_per_layer_type
+from planc.lift.recognize import Block, long_rope, recognize, rope_per_layer_type, router_bias_on_gate
 from planc.lift.structure import representatives
 
 
@@ -44,6 +44,7 @@ def lift(model: nn.Module, *, check: bool, captured: Captured | DynamoCaptured |
     split_fused(model)  # Phi-3's qkv_proj / gate_up_proj: their parts, attached beside them
     long_rope(model)  # longrope's second set of frequencies, made a buffer
     rope_per_layer_type(model)  # Mellum's one rope per layer type: each layer's attention gets its own
+    router_bias_on_gate(model)  # MiniMax-M2's router correction bias, held by the MoE block: on its gate too
     blocks = recognize(model)
     representative = representatives(model.model.layers, blocks)
     blocks = with_code(model, blocks, representative)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import sys
 from dataclasses import dataclass, field
 
@@ -183,10 +184,11 @@ def _router_dims(moe: nn.Module) -> RouterDims | None:
     if any(getattr(experts, name, None) is not None for name in ("gate_up_proj_bias", "down_proj_bias")):
         return None
     common = {"num_experts": num_experts, "top_k": gate.top_k}
-    if hasattr(gate, "e_score_correction_bias"):
-        return RouterDims(**common, scoring="sigmoid", num_groups=gate.num_group, topk_groups=gate.topk_group,
-                          group_score="top2_sum", correction_bias=True, normalize=bool(gate.norm_topk_prob),
-                          scaling=float(gate.routed_scaling_factor), fp32_logits=True)
+    if hasattr(gate, "e_score_correction_bias"):  # MiniMax-M2 and HY-V3 name no groups, always renormalize
+        scaling = getattr(gate, "routed_scaling_factor", getattr(gate, "router_scaling_factor", 1.0))
+        return RouterDims(**common, scoring="sigmoid", num_groups=getattr(gate, "num_group", 1),
+                          topk_groups=getattr(gate, "topk_group", 1), group_score="top2_sum", correction_bias=True,
+                          normalize=bool(getattr(gate, "norm_topk_prob", True)), scaling=float(scaling), fp32_logits=True)
     if hasattr(gate, "topk_method"):
         if gate.topk_method not in ("greedy", "group_limited_greedy"):
             return None
@@ -371,6 +373,19 @@ def long_rope(model: nn.Module) -> None:
     rotary.register_buffer("short_inv_freq", short_inv_freq.to(device, dtype), persistent=False)
     rotary.register_buffer("long_inv_freq", long_inv_freq.to(device, dtype), persistent=False)
     rotary.register_buffer("long_after", torch.tensor(original, device=device), persistent=False)
+
+
+def router_bias_on_gate(model: nn.Module) -> None:
+    """A correction bias the MoE block holds and hands to its gate's forward (MiniMax-M2, HY-V3: the
+    gate computes `sigmoid(x Wᵀ) + e_score_correction_bias` from its argument) also becomes a buffer
+    of the gate, where planc's router reads it (DeepSeek-V3's gate holds its own): the same tensor."""
+    for layer in getattr(getattr(model, "model", None), "layers", None) or ():
+        moe = getattr(layer, "mlp", None)
+        gate, bias = getattr(moe, "gate", None), getattr(moe, "e_score_correction_bias", None)
+        if gate is None or not isinstance(bias, torch.Tensor) or hasattr(gate, "e_score_correction_bias"):
+            continue
+        if "e_score_correction_bias" in inspect.signature(gate.forward).parameters:
+            gate.register_buffer("e_score_correction_bias", bias, persistent=False)
 
 
 class LayerRope(nn.Module):

@@ -160,7 +160,9 @@ def _load_checkpoint(path: Path, dtype: torch.dtype) -> nn.Module:
         raise ModelError(f"{path}: checkpoint has config.json but no weight files (*.safetensors)"
                          + (f"; planc does not read pickled weights ({', '.join(pickled)}): re-save them with "
                             "save_pretrained(DIR, safe_serialization=True)" if pickled else ""))
-    quantized(read_config(path / "config.json"), path / "config.json")  # a located error before transformers reads it
+    data = read_config(path / "config.json")  # located errors for what planc refuses, before transformers reads it
+    quantized(data, path / "config.json")
+    known_model_type(data, path / "config.json")
     hf_logging.disable_progress_bar()  # a per-tensor progress bar is noise in `planc run` output
     local = {"local_files_only": True, "trust_remote_code": False}
     try:
@@ -192,8 +194,33 @@ def quantized(config: dict, path: Path) -> None:
                      "save in bfloat16), or plan on its config.json with --meta")
 
 
+def known_model_type(config: dict, path: Path) -> None:
+    """A model_type transformers does not ship (a checkpoint's own code, named by auto_map) is
+    refused: planc runs no code a checkpoint brings. When config.json's architectures name a class
+    transformers has (Kimi-K2's DeepseekV3ForCausalLM), the error says which model_type builds it."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type in CONFIG_MAPPING_NAMES:
+        return
+    named = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    # several model types may share a class (exaone, internlm3 and llama build LlamaForCausalLM): the
+    # one the class is named after first
+    native = min(((a, t) for a in named for t, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if cls == a),
+                 key=lambda found: not found[0].lower().startswith(found[1].replace("_", "").replace("-", "")),
+                 default=None)
+    custom = " (its modeling code ships with the checkpoint, auto_map; planc runs none)" if config.get("auto_map") else ""
+    hint = (f"; its architectures name {native[0]}, which transformers has: set \"model_type\": \"{native[1]}\" in "
+            f"a copy of config.json to build it as that model (the lift checks it against the weights)" if native else
+            "; planc lifts causal LMs of the model types transformers ships")
+    raise ModelError(f"{path}: model_type {model_type!r} is not one transformers {transformers.__version__} knows"
+                     f"{custom}{hint}")
+
+
 def _load_config_file(path: Path, dtype: torch.dtype, meta: bool) -> nn.Module:
     data = read_config(path)
+    known_model_type(data, path)
     try:
         config = transformers.AutoConfig.for_model(**data)
     except Exception as exc:

@@ -280,6 +280,32 @@ def test_an_moe_block_planc_does_not_lift_runs_as_captured_with_aten_experts(tmp
     assert max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want)) <= 1e-4
 
 
+MOE_PLAN = PLAN + """  - match: "model.layers.*.mlp"
+    moe: {strategy: ep}
+"""
+
+
+@pytest.mark.parametrize("config", [
+    # sigmoid scores, a correction bias the MoE block holds and hands to its gate, renormalized
+    T.MiniMaxM2Config(**COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2),
+    # the same with a shared expert and a scaling factor (router_scaling_factor)
+    T.HYV3Config(**{**COMMON, "num_hidden_layers": 2}, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                 moe_intermediate_size=32, router_scaling_factor=2.5, mlp_layer_types=["sparse", "sparse"]),
+], ids=["minimax_m2", "hy_v3"])
+def test_a_correction_bias_held_by_the_moe_block_routes_as_transformers_does_at_two_ranks(tmp_path, config):
+    config._experts_implementation = "grouped_mm"
+    model = build("", config=config)
+    with torch.no_grad():  # a bias that changes the choice: zeros (the initial value) would not show a missing one
+        for layer in model.model.layers:
+            layer.mlp.e_score_correction_bias.copy_(torch.randn(4, generator=torch.Generator().manual_seed(3)))
+    artifact = compile(model, parse_plan_text(MOE_PLAN, "plan.yaml"), tmp_path / "out").path
+    prompt = list(range(50, 67))
+    got = run_threads(lambda comm: generate(Model(str(artifact), comm=comm), [prompt], 4, keep_logits=True), 2)[0]
+    with torch.no_grad():
+        want = model(torch.tensor([prompt + got.tokens[0]]), use_cache=False).logits[0, len(prompt) - 1:-1]
+    assert max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want)) <= 1e-4
+
+
 def test_what_enters_lm_head_is_checked_against_the_final_norms_output(monkeypatch):
     import planc.lift
 

@@ -98,7 +98,8 @@ def test_a_checkpoints_custom_code_is_not_run(tmp_path, answer_yes, capsys):
     started = time.monotonic()
     assert main(["validate", _draft_plan_for(tmp_path), "--model", str(ckpt)]) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and str(ckpt) in err and "cannot load checkpoint" in err
+    assert len(err.splitlines()) == 1 and f"{ckpt}/config.json: model_type 'planc_custom' is not one transformers" in err
+    assert 'planc runs none); its architectures name LlamaForCausalLM, which transformers has: set "model_type": "llama"' in err
     assert not marker.exists() and time.monotonic() - started < 30
 
 
