@@ -240,8 +240,8 @@ class Ops:
         k = k_BSX.view(B, S, d.num_kv_heads, d.head_dim)
         v = v_BSX.view(B, S, d.num_kv_heads, d.head_dim)
         if d.qk_norm == "head":
-            q = self.rmsnorm(q, W["q_norm.weight"], d.eps)
-            k = self.rmsnorm(k, W["k_norm.weight"], d.eps)
+            q = self.rmsnorm(q, W["q_norm.weight"], d.eps, d.qk_offset)
+            k = self.rmsnorm(k, W["k_norm.weight"], d.eps, d.qk_offset)
         cos, sin = rope_cos_sin(step.pos_BS, rope_inv_freq(W, step.pos_BS), d.rope_scaling, q_BSX.dtype)
         q, k = (partial_rope(t, cos, sin, d.rope_dim, d.rope_interleave) for t in (q, k))
         end = step.start + S

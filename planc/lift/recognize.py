@@ -108,17 +108,20 @@ def _gqa_dims(attn: nn.Module, rope_scaling: float, layer: int, rope_width: int 
     if rope_width is not None and rope_width > head_dim:
         raise ModelError(f"the rotary embedding turns {rope_width} dims of a {head_dim}-wide head")
     q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-    qk_norm, eps = "none", 0.0
+    qk_norm, eps, qk_offset = "none", 0.0, 0.0
     if q_norm is not None and k_norm is not None:
         eps = rmsnorm_eps(q_norm)
-        if eps is None or rmsnorm_eps(k_norm) != eps or rmsnorm_offset(q_norm, eps) != 0.0 or rmsnorm_offset(k_norm, eps) != 0.0:
-            # a norm without a weight (NanoChat's), or scaling by 1 + weight: not planc's q/k norm
+        if eps is None or rmsnorm_eps(k_norm) != eps:  # a norm without a weight (NanoChat's), or another norm
             raise ModelError(f"q_norm ({type(q_norm).__name__}) and k_norm are not RMSNorms scaling by a weight "
                              "with one epsilon, which is the q/k norm planc's gqa_attention applies")
+        qk_offset = rmsnorm_offset(q_norm, eps)
+        if qk_offset is None or rmsnorm_offset(k_norm, eps) != qk_offset:
+            raise ModelError(f"q_norm ({type(q_norm).__name__}) and k_norm scale neither by their weight nor by 1 + "
+                             "weight alike, as the q/k norm planc's gqa_attention does")
         widths = (q_norm.weight.shape[0], k_norm.weight.shape[0])
         if widths == (head_dim, head_dim):
-            qk_norm = "head"  # Qwen3: each head's q and k normalized on its own
-        elif widths == (attn.q_proj.out_features, attn.k_proj.out_features):
+            qk_norm = "head"  # Qwen3: each head's q and k normalized on its own (MiniMax-M3: by 1 + weight)
+        elif widths == (attn.q_proj.out_features, attn.k_proj.out_features) and qk_offset == 0.0:
             qk_norm = "full"  # OLMoE: the whole q and k projections normalized before the head split
         else:
             return None
@@ -128,7 +131,7 @@ def _gqa_dims(attn: nn.Module, rope_scaling: float, layer: int, rope_width: int 
         num_heads=attn.q_proj.out_features // head_dim, num_kv_heads=attn.k_proj.out_features // head_dim,
         head_dim=head_dim, eps=eps, scale=float(attn.scaling), rope_scaling=rope_scaling, qk_norm=qk_norm,
         window=sliding_window(attn, layer), rope_dim=_rope_dim(attn, rope_width, head_dim),
-        rope_interleave=rope_interleaved(type(attn), rope_width or head_dim),
+        rope_interleave=rope_interleaved(type(attn), rope_width or head_dim), qk_offset=qk_offset,
     )
 
 
@@ -251,6 +254,11 @@ def _ffn_block(ffn: nn.Module, fqn: str, layer: int, config) -> Block:
     router = _router_dims(ffn)
     if router is not None:
         shared, shared_gate = _shared_expert(ffn)
+        unread = unread_weights(ffn, frozenset({"gate", "experts", shared, shared_gate} - {None}))
+        if unread:  # a norm on the block's output (A.X-K1's post_mlp_layernorm): another op, run as captured
+            raise ModelError(f"{fqn} ({type(ffn).__name__}): {', '.join(unread)} {'holds' if len(unread) == 1 else 'hold'} "
+                             "weights that planc's moe does not read (it reads the gate, the experts and a shared "
+                             "expert MLP)")
         return Block("moe", fqn, type(ffn).__name__, layer, router,
                      {"act": act, "shared": shared, "shared_gate": shared_gate,
                       "intermediate": ffn.experts.gate_up_proj.shape[1] // 2})

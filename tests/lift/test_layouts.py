@@ -306,6 +306,45 @@ def test_a_correction_bias_held_by_the_moe_block_routes_as_transformers_does_at_
     assert max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want)) <= 1e-4
 
 
+def test_per_head_qk_norms_scaling_by_one_plus_weight_are_exact_at_two_ranks(tmp_path):
+    """MiniMax-M3's q/k norms are Gemma's (x̂ · (1 + w) in fp32): here in a Qwen3, whose own are x̂ · w."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    model = build("", config=T.Qwen3Config(**COMMON, head_dim=16))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for name in ("q_norm", "k_norm"):
+                norm = GemmaRMSNorm(16, eps=1e-6)
+                norm.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+                setattr(layer.self_attn, name, norm)
+    assert {b.dims.qk_offset for b in recognize(model) if b.kind == "gqa_attention"} == {1.0}
+    artifact = compile(model, parse_plan_text(PLAN, "plan.yaml"), tmp_path / "out").path
+    prompt = list(range(60, 77))
+    got = run_threads(lambda comm: generate(Model(str(artifact), comm=comm), [prompt], 4, keep_logits=True), 2)[0]
+    with torch.no_grad():
+        want = model(torch.tensor([prompt + got.tokens[0]]), use_cache=False).logits[0, len(prompt) - 1:-1]
+    assert max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want)) <= 1e-4
+
+
+def test_an_moe_block_with_weights_the_moe_op_does_not_read_runs_as_captured(tmp_path):
+    """A.X-K1: DeepSeek-V3's MoE with a norm on the block's output (post_mlp_layernorm)."""
+    config = T.AXK1Config(**{**COMMON, "num_key_value_heads": 4}, head_dim=8, kv_lora_rank=16, q_lora_rank=32,
+                          qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=4,
+                          num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1, n_shared_experts=1,
+                          n_group=2, topk_group=1)
+    config._experts_implementation = "grouped_mm"
+    model = build("", config=config)
+    moe = [b for b in recognize(model) if b.fqn.endswith(".mlp")][1:]
+    assert {b.kind for b in moe} == {"captured"}
+    assert "post_mlp_layernorm holds weights that planc's moe does not read" in moe[0].attrs["why"]
+    artifact = compile(model, parse_plan_text(MLA_PLAN, "plan.yaml"), tmp_path / "out").path
+    prompt = list(range(70, 87))
+    got = run_threads(lambda comm: generate(Model(str(artifact), comm=comm), [prompt], 4, keep_logits=True), 2)[0]
+    with torch.no_grad():
+        want = model(torch.tensor([prompt + got.tokens[0]]), use_cache=False).logits[0, len(prompt) - 1:-1]
+    assert max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want)) <= 1e-4
+
+
 def test_what_enters_lm_head_is_checked_against_the_final_norms_output(monkeypatch):
     import planc.lift
 
