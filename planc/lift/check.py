@@ -69,12 +69,20 @@ def junctions(graph: fx.Graph, blocks: list[Block]) -> Junctions:
     bounds = {b.fqn: _boundary(graph, b.fqn, stacks) for b in blocks}
     layers = [(b.layer, b.fqn.rsplit(".", 1)[0]) for b in blocks if b.kind in ("mla_attention", "gqa_attention")]
     norm = next((b.fqn for b in blocks if b.layer is None and b.kind not in ("embedding", "lm_head")), "")
-    following = _following(stacks, layers, norm)
+    norms = layer_norms(blocks)
+    following = _following(stacks, layers, norm, norms)
     for fqn in following.values():
         bounds.setdefault(fqn, _boundary(graph, fqn, stacks))
     embedding = next((b.fqn for b in blocks if b.kind == "embedding"), "")
     head = next((b.fqn for b in blocks if b.kind == "lm_head"), "")
-    return Junctions(bounds, layers, following, embedding, norm, head)
+    return Junctions(bounds, layers, following, embedding, norm, head, norms)
+
+
+def layer_norms(blocks: list[Block]) -> dict[str, tuple[str, str]]:
+    """Each layer's FQN -> its two norms' FQNs, read from the block order (norm, attention, norm, MLP):
+    input_layernorm and post_attention_layernorm, or the other names they go by (recognize.NORM_NAMES)."""
+    return {b.fqn.rsplit(".", 1)[0]: (blocks[i - 1].fqn, blocks[i + 1].fqn) for i, b in enumerate(blocks)
+            if b.kind in ("mla_attention", "gqa_attention")}
 
 
 def _pick_activation(nodes: list[fx.Node], last: bool = False) -> fx.Node | None:
@@ -176,15 +184,16 @@ def _check_one(model: nn.Module, block: Block, bound, values) -> Check:
 def _check_residuals(blocks: list[Block], bounds, values, glue: Glue) -> list[Check]:
     """h_in + attn_out (scaled as glue says) == input of post_attention_layernorm, for every layer."""
     checks = []
-    by_fqn = {b.fqn: b for b in blocks}
+    norms = layer_norms(blocks)
     for b in blocks:
         if b.kind not in ("mla_attention", "gqa_attention"):
             continue
         lp = b.fqn.rsplit(".", 1)[0]
-        h_in = bounds[f"{lp}.input_layernorm"][0]
+        before_attention, before_mlp = norms[lp]
+        h_in = bounds[before_attention][0]
         attn_out = bounds[b.fqn][1]
-        post_in = bounds[f"{lp}.post_attention_layernorm"][0]
-        if f"{lp}.post_attention_layernorm" not in by_fqn or None in (h_in, attn_out, post_in):
+        post_in = bounds[before_mlp][0]
+        if None in (h_in, attn_out, post_in):
             checks.append(Check(f"{lp} (residual)", False, float("nan"), "layer boundary values not found"))
             continue
         branch = glue.attention_branch(b.layer)
@@ -194,7 +203,8 @@ def _check_residuals(blocks: list[Block], bounds, values, glue: Glue) -> list[Ch
     return checks
 
 
-def _following(stacks: dict[fx.Node, set[str]], layers: list[tuple[int, str]], final: str) -> dict[str, str]:
+def _following(stacks: dict[fx.Node, set[str]], layers: list[tuple[int, str]], final: str,
+               norms: dict[str, tuple[str, str]]) -> dict[str, str]:
     """Each checked layer -> the block its output enters in the captured graph: the input norm of
     the next layer the graph holds (one per structure under torch.export, all under Dynamo), or
     the final norm after the last."""
@@ -206,7 +216,8 @@ def _following(stacks: dict[fx.Node, set[str]], layers: list[tuple[int, str]], f
     out = {}
     for index, fqn in layers:
         later = [j for j in present if j > index]
-        out[fqn] = f"{prefix}.{later[0]}.input_layernorm" if later else final
+        nxt = f"{prefix}.{later[0]}" if later else None
+        out[fqn] = (norms[nxt][0] if nxt in norms else f"{nxt}.input_layernorm") if nxt else final
     return out
 
 
@@ -233,13 +244,13 @@ def _check_glue(j: Junctions, values, out, glue: Glue) -> list[Check]:
                      "between blocks in a way planc does not reproduce)")
 
     checks = [compare(f"{j.embedding} (glue)", value(j.embedding, 1, glue.embedding),
-                      value(f"{j.layers[0][1]}.input_layernorm", 0), "the embedding's output as the first layer's input")]
+                      value(j.norms[j.layers[0][1]][0], 0), "the embedding's output as the first layer's input")]
     for index, lp in j.layers:
-        for norm, block in (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp")):
-            checks.append(compare(f"{lp}.{block} (glue)", value(f"{lp}.{norm}", 1), value(f"{lp}.{block}", 0),
-                                  f"{lp}.{norm}'s output as {lp}.{block}'s input"))
+        for norm, block in zip(j.norms[lp], ("self_attn", "mlp")):
+            checks.append(compare(f"{lp}.{block} (glue)", value(norm, 1), value(f"{lp}.{block}", 0),
+                                  f"{norm}'s output as {lp}.{block}'s input"))
         after = j.following[lp]
-        mid, mlp = value(f"{lp}.post_attention_layernorm", 0), value(f"{lp}.mlp", 1, glue.mlp_branch(index))
+        mid, mlp = value(j.norms[lp][1], 0), value(f"{lp}.mlp", 1, glue.mlp_branch(index))
         summed = None if mid is None or mlp is None or mid.shape != mlp.shape else mid + mlp
         checks.append(compare(f"{lp} (glue)", summed, value(after, 0), f"h + mlp output as {after}'s input"))
     checks.append(compare(f"{j.norm} (glue)", value(j.norm, 1, glue.head_input), value(j.head, 0),

@@ -32,8 +32,8 @@ COMPUTE = ("call_function", "call_method")
 class Junctions:
     """Where a captured decoder's blocks meet (planc.lift.check.junctions builds it): each block's
     boundary values, the layers the graph holds as (index, FQN), what each layer's output enters
-    (the next held layer's input norm, or the final norm), and the embedding, final norm and lm_head
-    FQNs ("" where the blocks have none)."""
+    (the next held layer's input norm, or the final norm), the embedding, final norm and lm_head
+    FQNs ("" where the blocks have none), and each held layer's two norms."""
 
     bounds: Bounds
     layers: list[tuple[int, str]]
@@ -41,6 +41,7 @@ class Junctions:
     embedding: str
     norm: str
     head: str
+    norms: dict[str, tuple[str, str]]  # layer FQN -> its norms' FQNs (before the attention, before the MLP)
 
     def value_node(self, fqn: str, side: int) -> fx.Node | None:
         """The node entering (side 0) or leaving (side 1) block `fqn`, None where there is none."""
@@ -130,11 +131,11 @@ def read_glue(j: Junctions) -> Glue:
     def only_scale(found: Scale | None | bool) -> Scale | None:
         return found if isinstance(found, Scale) else None
 
-    first = f"{j.layers[0][1]}.input_layernorm" if j.layers else ""
+    first = j.norms[j.layers[0][1]][0] if j.layers else ""
     emb = only_scale(scaled(j.value_node(first, 0), j.value_node(j.embedding, 1)))
     residual = {}
     for index, lp in j.layers:
-        mid, after = j.value_node(f"{lp}.post_attention_layernorm", 0), j.value_node(j.following.get(lp, ""), 0)
+        mid, after = j.value_node(j.norms[lp][1], 0), j.value_node(j.following.get(lp, ""), 0)
         attn_out, mlp_out = j.value_node(f"{lp}.self_attn", 1), j.value_node(f"{lp}.mlp", 1)
         residual[index] = (only_scale(branch(mid, attn_out)), only_scale(branch(after, mlp_out)))
     head_input = only_scale(scaled(j.value_node(j.head, 0), j.value_node(j.norm, 1)))

@@ -447,19 +447,26 @@ def _layer_rope(attn: nn.Module, rope: Rope) -> Rope:
 
 
 LAYER_CHILDREN = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+# the names a pre-norm goes by: before the attention, before the MLP (Apertus: attention_layernorm,
+# feedforward_layernorm)
+NORM_NAMES = (("input_layernorm", "attention_layernorm"), ("post_attention_layernorm", "feedforward_layernorm"))
 
 
-def _layer_layout(layer: nn.Module, fqn: str) -> None:
-    """A pre-norm decoder layer: h + self_attn(input_layernorm(h)), then + mlp(post_attention_layernorm(.)).
-    Other children (a norm after the attention or the MLP, a parallel branch) mean other wiring."""
+def _layer_layout(layer: nn.Module, fqn: str) -> tuple[str, str]:
+    """A pre-norm decoder layer: h + self_attn(input_layernorm(h)), then + mlp(post_attention_layernorm(.)),
+    its norms under either name of NORM_NAMES (returned). Other children (a norm after the attention
+    or the MLP, a parallel branch) mean other wiring; the lift's junction checks confirm this one."""
     children = {c for c in _children(layer) if not isinstance(getattr(layer, c), (nn.Dropout, nn.Identity))}
-    missing = [c for c in LAYER_CHILDREN if c not in children]
-    extra = sorted(children - set(LAYER_CHILDREN))
+    norms = tuple(next((n for n in names if n in children), names[0]) for names in NORM_NAMES)
+    wanted = (norms[0], "self_attn", norms[1], "mlp")
+    missing = [c for c in wanted if c not in children]
+    extra = sorted(children - set(wanted))
     if missing or extra:
         found = "; ".join([f"no {', '.join(missing)}"] * bool(missing) + [f"also {', '.join(extra)}"] * bool(extra))
         raise ModelError(f"{fqn} ({type(layer).__name__}): not a pre-norm decoder layer with children "
                          f"{', '.join(LAYER_CHILDREN)} ({found}); planc lifts layers computing "
                          "h + self_attn(input_layernorm(h)), then + mlp(post_attention_layernorm(.))")
+    return norms
 
 
 def _complex_rope(rotary: nn.Module | None) -> bool:
@@ -509,11 +516,11 @@ def recognize(model: nn.Module) -> list[Block]:
                     {"scale": _embedding_scale(base.embed_tokens)})]
     for i, layer in enumerate(base.layers):
         lp = f"{prefix}.layers.{i}"
-        _layer_layout(layer, lp)
+        before_attention, before_mlp = _layer_layout(layer, lp)
         blocks += [
-            _norm_or_captured(layer.input_layernorm, f"{lp}.input_layernorm", i),
+            _norm_or_captured(getattr(layer, before_attention), f"{lp}.{before_attention}", i),
             _stateful_block(layer.self_attn, f"{lp}.self_attn", i, _layer_rope(layer.self_attn, rope)),
-            _norm_or_captured(layer.post_attention_layernorm, f"{lp}.post_attention_layernorm", i),
+            _norm_or_captured(getattr(layer, before_mlp), f"{lp}.{before_mlp}", i),
             _ffn_or_captured(layer.mlp, f"{lp}.mlp", i, model.config),
         ]
     blocks.append(_norm_or_captured(base.norm, f"{prefix}.norm", None))

@@ -51,6 +51,8 @@ def configs() -> dict[str, T.PretrainedConfig]:
                                                attention_multiplier=0.0078125, logits_scaling=8.0),
         # norms scaling by 1 + weight in fp32, embeddings scaled by √hidden inside their module
         "gemma_offset_norms": T.GemmaConfig(**COMMON, head_dim=16),
+        # pre-norms named attention_layernorm / feedforward_layernorm; an up/down xIELU MLP (run as captured)
+        "apertus_named_norms": T.ApertusConfig(**COMMON, head_dim=16),
         # one rope per layer type (a theta for full attention, another for the windowed layers)
         "mellum_rope_per_layer_type": T.MellumConfig(**COMMON, head_dim=16, sliding_window=WINDOW, mlp_layer_types=["dense"] * 3,
                                                      layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
