@@ -237,6 +237,16 @@ def test_offset_norms_and_a_scaled_embedding_are_read_from_the_modules():
     assert {b.attrs["offset"] for b in recognize(build("mistral_window")) if b.kind == "rmsnorm"} == {0.0}
 
 
+def _two_ranks_against_transformers(model: torch.nn.Module, artifact, prompt: list[int], steps: int = 4) -> float:
+    """The largest logit difference over `steps` greedy steps of the artifact on 2 thread ranks
+    against the model's own forward over the same tokens."""
+    got = run_threads(lambda comm: generate(Model(str(artifact), comm=comm), [prompt], steps, keep_logits=True), 2)[0]
+    with torch.no_grad():
+        want = model(torch.tensor([prompt + got.tokens[0]]), use_cache=False).logits[0, len(prompt) - 1:-1]
+    assert len(got.step_logits) == steps
+    return max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want))
+
+
 def minicpm3() -> torch.nn.Module:
     """MLA with constants between its blocks: embeddings × scale_emb inside their module, each
     residual branch × scale_depth / √layers, the final norm's output ÷ logits_scaling before lm_head."""
@@ -257,11 +267,7 @@ def test_a_scale_between_the_final_norm_and_lm_head_is_read_and_exact_at_two_ran
     assert nodes[-1].fqn == "lm_head" and nodes[-2].kind == "scale"  # before lm_head, not after
     assert {m.dims for m in nodes if m.kind == "add"} == {Scale("mul", 1.4 / 3 ** 0.5)}
     artifact = compile(model, parse_plan_text(MLA_PLAN, "plan.yaml"), tmp_path / "out").path
-    prompt = list(range(40, 57))
-    got = run_threads(lambda comm: generate(Model(str(artifact), comm=comm), [prompt], 4, keep_logits=True), 2)[0]
-    with torch.no_grad():
-        want = model(torch.tensor([prompt + got.tokens[0]]), use_cache=False).logits[0, len(prompt) - 1:-1]
-    assert max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want)) <= 1e-4
+    assert _two_ranks_against_transformers(model, artifact, list(range(40, 57))) <= 1e-4
 
 
 def test_an_moe_block_planc_does_not_lift_runs_as_captured_with_aten_experts(tmp_path):
@@ -275,11 +281,7 @@ def test_an_moe_block_planc_does_not_lift_runs_as_captured_with_aten_experts(tmp
     assert model.config._experts_implementation == "grouped_mm"
     program = (artifact / program_file("target")).read_text()
     assert "torch.ops.transformers" not in program and "def captured_L0_mlp" in program
-    prompt = list(range(30, 47))
-    got = run_threads(lambda comm: generate(Model(str(artifact), comm=comm), [prompt], 4, keep_logits=True), 2)[0]
-    with torch.no_grad():
-        want = model(torch.tensor([prompt + got.tokens[0]]), use_cache=False).logits[0, len(prompt) - 1:-1]
-    assert max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want)) <= 1e-4
+    assert _two_ranks_against_transformers(model, artifact, list(range(30, 47))) <= 1e-4
 
 
 MOE_PLAN = PLAN + """  - match: "model.layers.*.mlp"
@@ -301,11 +303,7 @@ def test_a_correction_bias_held_by_the_moe_block_routes_as_transformers_does_at_
         for layer in model.model.layers:
             layer.mlp.e_score_correction_bias.copy_(torch.randn(4, generator=torch.Generator().manual_seed(3)))
     artifact = compile(model, parse_plan_text(MOE_PLAN, "plan.yaml"), tmp_path / "out").path
-    prompt = list(range(50, 67))
-    got = run_threads(lambda comm: generate(Model(str(artifact), comm=comm), [prompt], 4, keep_logits=True), 2)[0]
-    with torch.no_grad():
-        want = model(torch.tensor([prompt + got.tokens[0]]), use_cache=False).logits[0, len(prompt) - 1:-1]
-    assert max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want)) <= 1e-4
+    assert _two_ranks_against_transformers(model, artifact, list(range(50, 67))) <= 1e-4
 
 
 def test_per_head_qk_norms_scaling_by_one_plus_weight_are_exact_at_two_ranks(tmp_path):
@@ -321,11 +319,7 @@ def test_per_head_qk_norms_scaling_by_one_plus_weight_are_exact_at_two_ranks(tmp
                 setattr(layer.self_attn, name, norm)
     assert {b.dims.qk_offset for b in recognize(model) if b.kind == "gqa_attention"} == {1.0}
     artifact = compile(model, parse_plan_text(PLAN, "plan.yaml"), tmp_path / "out").path
-    prompt = list(range(60, 77))
-    got = run_threads(lambda comm: generate(Model(str(artifact), comm=comm), [prompt], 4, keep_logits=True), 2)[0]
-    with torch.no_grad():
-        want = model(torch.tensor([prompt + got.tokens[0]]), use_cache=False).logits[0, len(prompt) - 1:-1]
-    assert max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want)) <= 1e-4
+    assert _two_ranks_against_transformers(model, artifact, list(range(60, 77))) <= 1e-4
 
 
 def test_an_moe_block_with_weights_the_moe_op_does_not_read_runs_as_captured(tmp_path):
@@ -340,11 +334,7 @@ def test_an_moe_block_with_weights_the_moe_op_does_not_read_runs_as_captured(tmp
     assert {b.kind for b in moe} == {"captured"}
     assert "post_mlp_layernorm holds weights that planc's moe does not read" in moe[0].attrs["why"]
     artifact = compile(model, parse_plan_text(MLA_PLAN, "plan.yaml"), tmp_path / "out").path
-    prompt = list(range(70, 87))
-    got = run_threads(lambda comm: generate(Model(str(artifact), comm=comm), [prompt], 4, keep_logits=True), 2)[0]
-    with torch.no_grad():
-        want = model(torch.tensor([prompt + got.tokens[0]]), use_cache=False).logits[0, len(prompt) - 1:-1]
-    assert max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want)) <= 1e-4
+    assert _two_ranks_against_transformers(model, artifact, list(range(70, 87))) <= 1e-4
 
 
 def test_what_enters_lm_head_is_checked_against_the_final_norms_output(monkeypatch):
