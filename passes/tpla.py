@@ -425,8 +425,18 @@ def _advise_on_sliced_norm(ctx, section: TplaSection, fqns: list[str]) -> None:
         f"(or scales: calibrated corrects the mean)")
 
 
+def approximates(info: NodeInfo) -> str | None:
+    """TPLA is exact with one latent group; with g > 1 each rank's decode attention scores its latent
+    slice alone (the paper's approximation), and so may prefill and the latent RMSNorm."""
+    shard = info.shard
+    if not isinstance(shard, LatentCore) or shard.latent_groups == 1:
+        return None
+    norm = ", the latent RMSNorm over each slice" if shard.rmsnorm == "sliced" else ""
+    return f"attention over {shard.latent_groups} latent slices, each rank's softmax over its slice{norm}"
+
+
 STRATEGY = Strategy("tpla", "attention", "tpla", ("mla_attention",), TplaSection, tpla,
-                    "MLA latent split into slices, heads split inside each group")
+                    "MLA latent split into slices, heads split inside each group", approximates=approximates)
 
 
 def cost_split(m, tp: int, groups: int):

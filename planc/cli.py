@@ -374,7 +374,17 @@ def _verify_lines(report: dict) -> str:
             f"{report['logit_steps_agreeing']} row steps before any divergence, max_logit_diff "
             f"{report['max_logit_diff_all_steps']:.3e} over all {report['logit_steps_all']} row steps "
             f"({report['world_size']} ranks, {report['dtype']})\n"
-            f"{verdict}: {report['dtype']} tolerance {report['tolerance']}{ranks}")
+            f"{verdict}: {report['dtype']} tolerance {report['tolerance']}{ranks}"
+            + _approximate_line(report.get("approximate") or {}))
+
+
+def _approximate_line(approximate: dict) -> str:
+    """Why the bar is tokens alone: the strategies that approximate the model, and where."""
+    if not approximate:
+        return ""
+    whats = dict.fromkeys(f"{a['strategy']} ({a['what']})" for a in approximate.values())
+    return (f"\ntokens judged, logits reported: {'; '.join(whats)} approximates the model by design, on "
+            f"{len(approximate)} block{'s' if len(approximate) != 1 else ''}")
 
 
 def cmd_inspect(args) -> int:

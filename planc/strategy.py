@@ -58,7 +58,10 @@ class Strategy:
     `(graph, section, ctx) -> graph`, called once per rule that selects it, on the nodes that rule
     bound (`ctx.bound(graph)`); candidates: when set, every place in the final graph the strategy
     could rewrite, matched by a rule or not, with what became of it, `(graph, ctx) -> [dict]`
-    (report.json's `candidates`, printed by `planc compile`, shown by `planc inspect`)."""
+    (report.json's `candidates`, printed by `planc compile`, shown by `planc inspect`); approximates:
+    for a strategy that is not exact everywhere, what a node it rewrote computes otherwise than the
+    model (None where that node is exact), `(NodeInfo) -> str | None` (report.json's `approximate`,
+    which `planc verify` judges by tokens alone)."""
 
     name: str
     section: str
@@ -68,6 +71,7 @@ class Strategy:
     rewrite: Pass
     summary: str = ""
     candidates: Callable[[fx.Graph, "PassContext"], list[dict[str, Any]]] | None = None
+    approximates: Callable[[Any], str | None] | None = None
 
 
 @dataclass(frozen=True)

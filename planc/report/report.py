@@ -142,6 +142,18 @@ def candidates(graph: fx.Graph, ctx: PassContext) -> dict[str, list[dict]]:
     return {s.name: s.candidates(graph, ctx) for s in STRATEGIES if s.candidates}
 
 
+def approximations(graph: fx.Graph) -> dict[str, dict[str, str]]:
+    """FQN -> {strategy, what}: the nodes a strategy rewrote into something other than the model
+    computes (Strategy.approximates), the first node of each FQN."""
+    judges = {s.name: s.approximates for s in STRATEGIES if s.approximates is not None}
+    found: dict[str, dict[str, str]] = {}
+    for node in graph.nodes:
+        m = info(node) if "planc" in node.meta else None
+        if m is not None and m.strategy in judges and m.fqn not in found and (what := judges[m.strategy](m)):
+            found[m.fqn] = {"strategy": m.strategy, "what": what}
+    return found
+
+
 def candidate_lines(found: dict[str, list[dict]]) -> list[str]:
     """One line per candidate (each has `target`, `status` and `detail`), as `planc compile` prints
     them: `t3       model.layers.0.self_attn.o_proj: fused: ...`."""
@@ -164,6 +176,7 @@ def build_report(graph: fx.Graph, ctx: PassContext, rank_tensors: list[dict[str,
         "passes": [r.__dict__ for r in ctx.records],
         "declines": [r.__dict__ for r in ctx.records if r.action == "declined"],
         "candidates": candidates(graph, ctx),
+        "approximate": approximations(graph),
         "notes": ctx.notes,
         "profiles": ctx.profiles.stored(),
         "advice": ctx.advice,

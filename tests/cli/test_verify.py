@@ -32,6 +32,17 @@ def test_float32_bar(report, passed):
     assert judge(report, "float32")["passed"] is passed
 
 
+@pytest.mark.parametrize("report, passed", [
+    (_report(max_diff=0.5), True), (_report(agreement=0.95, max_diff=0.5), True), (_report(agreement=0.94), False),
+])
+def test_a_plan_that_approximates_the_model_is_judged_by_its_tokens(report, passed):
+    approximate = {"model.layers.0.self_attn": {"strategy": "tpla", "what": "attention over 2 latent slices"}}
+    judged = judge(report, "float32", approximate)
+    assert judged["passed"] is passed and judged["tolerance"] == "token_agreement >= 0.95"
+    assert judged["approximate"] == approximate
+    assert judge(report, "float32", {})["passed"] is False  # nothing approximated: the exact bar
+
+
 def test_compare_scores_until_a_row_diverges():
     ref_logits = [torch.tensor([[1.0, 2.0], [4.0, 3.0]])] * 3  # 3 steps, 2 rows, 2-token vocabulary
     got_logits = [[[1.0, 2.5], [4.0, 3.0]]] * 3
