@@ -34,7 +34,7 @@ from planc.models.tokenizer import NONE, model_tokenizer, tokenizer_files
 from planc.passes import STRATEGIES
 from planc.passmanager import PassContext, run_passes
 from planc.plan import Plan, load_plan, locate
-from planc.report.report import build_report, cache_specs, candidate_lines, candidates, collectives_per_step
+from planc.report.report import approximation_lines, build_report, cache_specs, candidate_lines, candidates, collectives_per_step
 from planc.strategy import Drafted
 
 
@@ -157,6 +157,8 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
     manifest = _manifest(model, source, plan, meta)
     report = build_report(graph, ctx, ranks, elem=DTYPES[manifest["dtype"]].itemsize, checks=lifted.checks, meta=meta)
     for line in candidate_lines(report["candidates"]):
+        log(line)
+    for line in approximation_lines(report["approximate"]):
         log(line)
     program = emit_program(graph, model=source, world_size=plan.mesh.devices, plan_hash=plan.hash())
     programs = {"target": Program(program, cache_specs(graph), None if meta else ranks)}

@@ -154,6 +154,15 @@ def approximations(graph: fx.Graph) -> dict[str, dict[str, str]]:
     return found
 
 
+def approximation_lines(approximate: dict[str, dict[str, str]]) -> list[str]:
+    """`planc compile`'s note on what the plan approximates: one line per strategy and what."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for fqn, a in approximate.items():
+        groups.setdefault((a["strategy"], a["what"]), []).append(fqn)
+    return [f"note     {name} approximates {fqns[0]}{f' and {len(fqns) - 1} more' if len(fqns) > 1 else ''}: {what} "
+            "(planc verify judges tokens, not logits)" for (name, what), fqns in groups.items()]
+
+
 def candidate_lines(found: dict[str, list[dict]]) -> list[str]:
     """One line per candidate (each has `target`, `status` and `detail`), as `planc compile` prints
     them: `t3       model.layers.0.self_attn.o_proj: fused: ...`."""

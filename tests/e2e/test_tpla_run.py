@@ -38,6 +38,16 @@ def artifacts(tmp_path_factory):
     }
 
 
+def test_compile_says_what_more_latent_groups_approximate(tmp_path):
+    plan = tmp_path / "g2.yaml"
+    plan.write_text(plan_text(2, 2, dtype="float32", transform="hadamard", prefill="mla"))
+    lines = []
+    compile("tiny-deepseek", plan, tmp_path / "out", meta=True, log=lines.append)
+    assert ("note     tpla approximates model.layers.0.self_attn and 3 more: attention over 2 latent slices, each "
+            "rank's softmax over its slice, the latent RMSNorm over each slice (planc verify judges tokens, not "
+            "logits)") in lines
+
+
 def test_one_latent_group_is_mla_tp_and_matches_transformers(artifacts):
     report = verify(artifacts["g1"], max_new_tokens=17, timeout_s=300)
     assert report["token_agreement"] == 1.0 and report["max_logit_diff"] <= 1e-4, report
