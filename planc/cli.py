@@ -379,12 +379,10 @@ def _verify_lines(report: dict) -> str:
 
 
 def _approximate_line(approximate: dict) -> str:
-    """Why the bar is tokens alone: the strategies that approximate the model, and where."""
-    if not approximate:
-        return ""
-    whats = dict.fromkeys(f"{a['strategy']} ({a['what']})" for a in approximate.values())
-    return (f"\ntokens judged, logits reported: {'; '.join(whats)} approximates the model by design, on "
-            f"{len(approximate)} block{'s' if len(approximate) != 1 else ''}")
+    """Why the bar is tokens alone: the lines `planc compile` printed on what the plan approximates."""
+    from planc.report.report import approximation_lines
+
+    return "".join(f"\n{line}" for line in approximation_lines(approximate))
 
 
 def cmd_inspect(args) -> int:

@@ -29,7 +29,7 @@ from planc.ir import RuleRef
 from planc.lift import lift
 from planc.lift.captured import captured_lines
 from planc.lift.dynamo import DynamoCaptured
-from planc.models.registry import dtype_name, load_model, source_kind
+from planc.models.registry import dtype_name, load_model, quant_method, source_kind
 from planc.models.tokenizer import NONE, model_tokenizer, tokenizer_files
 from planc.passes import STRATEGIES
 from planc.passmanager import PassContext, run_passes
@@ -134,9 +134,8 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
     model, source = resolve_model(model, plan, meta)
     log(f"model    {source} ({type(model).__name__}{', meta' if meta else ''})")
-    quant = getattr(getattr(model, "config", None), "quantization_config", None)
-    if quant:  # only a config.json gets here quantized (a quantized checkpoint is refused when loaded)
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else type(quant).__name__
+    method = quant_method(getattr(getattr(model, "config", None), "quantization_config", None))
+    if method is not None:  # only a config.json gets here quantized (a quantized checkpoint is refused when loaded)
         log(f"note     quantization_config (quant_method {method!r}) not applied: planc compiles the unquantized "
             f"model, in {dtype_name(model)}; weight bytes are for that")
     lifted = lift(model, check=not meta, captured=captured)

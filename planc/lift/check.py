@@ -216,8 +216,8 @@ def _following(stacks: dict[fx.Node, set[str]], layers: list[tuple[int, str]], f
     out = {}
     for index, fqn in layers:
         later = [j for j in present if j > index]
-        nxt = f"{prefix}.{later[0]}" if later else None
-        out[fqn] = (norms[nxt][0] if nxt in norms else f"{nxt}.input_layernorm") if nxt else final
+        name = norms[fqn][0].rsplit(".", 1)[1]  # the pre-attention norm's name, the same in every layer
+        out[fqn] = f"{prefix}.{later[0]}.{name}" if later else final
     return out
 
 

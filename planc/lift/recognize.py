@@ -227,6 +227,15 @@ def unread_weights(m: nn.Module, read: frozenset[str]) -> list[str]:
                         and next(child.parameters(), None) is not None)
 
 
+def _refuse_unread(m: nn.Module, fqn: str, kind: str, read: frozenset[str], then: str) -> None:
+    """ModelError naming the weights of `m` that planc's `kind` op, reading `read`, would leave out
+    (`then`: what the message goes on to say); nothing when there are none."""
+    unread = unread_weights(m, read)
+    if unread:
+        raise ModelError(f"{fqn} ({type(m).__name__}): {', '.join(unread)} {'holds' if len(unread) == 1 else 'hold'} "
+                         f"weights that planc's {kind} does not read{then}")
+
+
 def _attention_block(attn: nn.Module, fqn: str, layer: int, rope: Rope) -> Block:
     mla = _mla_dims(attn, rope.scaling, rope.complex)
     if mla is not None and sliding_window(attn, layer) is not None:
@@ -238,12 +247,9 @@ def _attention_block(attn: nn.Module, fqn: str, layer: int, rope: Rope) -> Block
         raise ModelError(f"{fqn} ({type(attn).__name__}): {exc}") from None
     for kind, dims, read in (("mla_attention", mla, MLA_READS), ("gqa_attention", gqa, GQA_READS)):
         if dims is not None:
-            unread = unread_weights(attn, read)
-            if unread:  # a sub-norm before o_proj (BitNet), attention sinks (gpt-oss): another op
-                raise ModelError(f"{fqn} ({type(attn).__name__}): {', '.join(unread)} "
-                                 f"{'holds' if len(unread) == 1 else 'hold'} weights that planc's "
-                                 f"{kind} does not read (it reads {', '.join(sorted(read & _children(attn)))}); "
-                                 "planc lifts attention made of those alone")
+            # a sub-norm before o_proj (BitNet), attention sinks (gpt-oss): another op
+            _refuse_unread(attn, fqn, kind, read, f" (it reads {', '.join(sorted(read & _children(attn)))}); "
+                                                  "planc lifts attention made of those alone")
             return Block(kind, fqn, type(attn).__name__, layer, dims)
     raise ModelError(f"{fqn} ({type(attn).__name__}): not a recognized attention block; planc lifts MLA "
                      f"(children {', '.join(sorted(MLA_CHILDREN))}) and GQA (children {', '.join(sorted(GQA_CHILDREN))})")
@@ -254,11 +260,9 @@ def _ffn_block(ffn: nn.Module, fqn: str, layer: int, config) -> Block:
     router = _router_dims(ffn)
     if router is not None:
         shared, shared_gate = _shared_expert(ffn)
-        unread = unread_weights(ffn, frozenset({"gate", "experts", shared, shared_gate} - {None}))
-        if unread:  # a norm on the block's output (A.X-K1's post_mlp_layernorm): another op, run as captured
-            raise ModelError(f"{fqn} ({type(ffn).__name__}): {', '.join(unread)} {'holds' if len(unread) == 1 else 'hold'} "
-                             "weights that planc's moe does not read (it reads the gate, the experts and a shared "
-                             "expert MLP)")
+        # a norm on the block's output (A.X-K1's post_mlp_layernorm): another op, run as captured
+        _refuse_unread(ffn, fqn, "moe", frozenset({"gate", "experts", shared, shared_gate} - {None}),
+                       " (it reads the gate, the experts and a shared expert MLP)")
         return Block("moe", fqn, type(ffn).__name__, layer, router,
                      {"act": act, "shared": shared, "shared_gate": shared_gate,
                       "intermediate": ffn.experts.gate_up_proj.shape[1] // 2})

@@ -181,13 +181,21 @@ def _load_checkpoint(path: Path, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
+def quant_method(quant) -> str | None:
+    """A config's quantization_config (a dict in config.json, an object on a built config) by its
+    quant_method; None when there is none."""
+    if not quant:
+        return None
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    return str(method) if method is not None else "?"
+
+
 def quantized(config: dict, path: Path) -> None:
     """A checkpoint stored quantized (DeepSeek-V3's fp8 blocks with their scales, GPTQ, AWQ, ...) is
     refused before transformers reads it: planc slices and runs unquantized weights."""
-    quant = config.get("quantization_config")
-    if not quant:
+    method = quant_method(config.get("quantization_config"))
+    if method is None:
         return
-    method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
     raise ModelError(f"{path}: quantization_config (quant_method {method!r}): the weights are stored quantized, "
                      "and planc compiles unquantized float32 / bfloat16 / float16 weights; dequantize the checkpoint "
                      "first (for DeepSeek-V3's fp8 weights, multiply each weight by its weight_scale_inv blocks and "
