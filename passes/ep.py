@@ -49,8 +49,10 @@ torch = lazy("torch")
 fx = lazy("torch.fx")
 placement = lazy("planc.placement")  # networkx and torch: loaded when a pass runs, not to read a plan
 shuffle = lazy("planc.shuffle")
+calibrate = lazy("planc.calibrate")
 
 ROUTE_KINDS = ("moe_route", "moe_route_groups")
+STEP_WINDOWS = 4  # semantic + token_shuffle judges placements on steps of this many calibration windows
 
 
 class Profile(Frozen):
@@ -76,11 +78,10 @@ class EpSection(Section):
 @dataclass(frozen=True)
 class Experts(Shard):
     """The experts one rank holds (those whose owner is the rank) and, under token_shuffle, the
-    predictor's tables every rank holds (`shuffle.token_score`, `shuffle.bigram`)."""
+    predictor's tables every rank holds (`shuffle.prior`, `shuffle.ngram1.keys`, ...)."""
 
     experts_per_rank: int
     owner: tuple[int, ...] = field(repr=False)
-    threshold: float | None = None  # token_shuffle: confidence below which the 2-gram predicts
     tables: tuple[tuple[str, torch.Tensor], ...] = field(default=(), repr=False, compare=False)
 
     def slice(self, W: Tensors, info: NodeInfo, rank: int) -> Tensors:
@@ -106,8 +107,7 @@ def _route(c: Call) -> str:
 
 
 def _shuffle(c: Call) -> str:
-    threshold = c.const("THRESHOLD", c.info.shard.threshold)
-    return f"ep.shuffle_plan({c.args[0]}, W.scope({c.info.fqn + '.shuffle'!r}), {threshold}, {c.args[1]}, comm)"
+    return f"ep.shuffle_plan({c.args[0]}, W.scope({c.info.fqn + '.shuffle'!r}), {c.args[1]}, comm)"
 
 
 def _route_groups(c: Call) -> str:
@@ -151,18 +151,20 @@ def ep(graph: fx.Graph, section: EpSection, ctx) -> fx.Graph:
     profile = _profile(graph, cores, section, ctx)
     for core in cores:
         fqn, router = info(core).fqn, info(core).dims.router
-        owner, how = _placement(section.placement, profile.get(fqn), router.num_experts, n)
-        shard, predictor = Experts(router.num_experts // n, owner), None
         feed = _shuffle_feed(core, section, fqn in profile, ctx)
+        prev = None if feed is None else _previous_route(graph, core)
+        prev_best = _previous_best(profile, prev)
+        owner, how = _placement(section.placement, profile.get(fqn), router.num_experts, n,
+                                shuffled=feed is not None, prev_best=prev_best)
+        shard, predictor = Experts(router.num_experts // n, owner), None
         if feed is None:
             _expand(graph, core, shard, n)
         else:
-            prev = _previous_route(graph, core)
-            predictor, precision = _predictor(profile, fqn, owner, prev, ctx)
-            shard = Experts(shard.experts_per_rank, owner, predictor.threshold, _tables(predictor))
+            predictor, precision = shuffle.predictor(*profile[fqn], owner, prev_best, calibrate.WINDOW)
+            shard = Experts(shard.experts_per_rank, owner, tuple(predictor.tables().items()))
             _expand_shuffled(graph, core, shard, feed, prev)
-            how += f"; tokens shuffled (predictor precision {precision:.2f} on calibration text)"
-            ctx.note(core, predictor_precision=precision, threshold=predictor.threshold)
+            how += f"; tokens shuffled (predictor precision {precision:.2f} on held-back calibration text)"
+            ctx.note(core, predictor_precision=precision)
         if fqn in profile:
             _note_placement(ctx, core, profile[fqn], owner, predictor)
         ctx.applied(core, f"{shard.experts_per_rank} of {router.num_experts} experts per rank ({how})")
@@ -205,7 +207,12 @@ def _profile(graph: fx.Graph, cores: list[fx.Node], section: EpSection, ctx) -> 
     return ctx.profiles.routing(list(blocks), section.profile.tokens, blocks, section.profile.artifact)
 
 
-def _placement(how: str, profile, num_experts: int, world: int) -> tuple[tuple[int, ...], str]:
+def _placement(how: str, profile, num_experts: int, world: int, shuffled: bool = False,
+               prev_best: torch.Tensor | None = None) -> tuple[tuple[int, ...], str]:
+    """The owner map, and how it was found. semantic under token_shuffle: of its refined starts and
+    contiguous, the one whose shuffled tokens need the fewest all-to-all rows on held-back
+    calibration text (tables from the profile's first half, rows on its second, in steps of
+    STEP_WINDOWS calibration windows), plus the expert-load term of placement's objective."""
     if how == "contiguous" or profile is None:
         fallback = "" if how == "contiguous" else f", {how} needs a routing profile"
         return placement.contiguous(num_experts, world), f"contiguous{fallback}"
@@ -214,32 +221,28 @@ def _placement(how: str, profile, num_experts: int, world: int) -> tuple[tuple[i
         owner = placement.eplb(counts.sum(0), world)
         return owner, "eplb"
     owner, found = placement.semantic(counts, world)
-    return owner, f"semantic, from the {found['start'].replace('_', '-')} start"
+    if not shuffled:
+        return owner, f"semantic, from the {found['start'].replace('_', '-')} start"
+    candidates = {**found["placements"], "contiguous (unrefined)": placement.contiguous(num_experts, world)}
+    cost = {name: shuffle.held_back_rows(*profile, o, prev_best, calibrate.WINDOW, STEP_WINDOWS)
+            + placement.BALANCE * (placement.score(counts, o).expert_imbalance - 1) for name, o in candidates.items()}
+    winner = min(cost, key=lambda name: (cost[name], name))
+    return candidates[winner], (f"semantic, the {winner.replace('_', '-')} placement: {cost[winner]:.3f} all-to-all "
+                                f"rows per token on held-back calibration text")
 
 
-def _predictor(profile: dict, fqn: str, owner, prev: fx.Node | None, ctx) -> tuple[shuffle.Predictor, float]:
-    ids, experts = profile[fqn]
-    vocab = int(ids.max()) + 1
-    prev_best = None
-    if prev is not None and info(prev).fqn in profile:
-        prev_best = shuffle.best_rank(profile[info(prev).fqn][1], info(prev).shard.owner)
-    return shuffle.predictor(ids, experts, owner, max(vocab, _vocab(ctx)), prev_best)
-
-
-def _vocab(ctx) -> int:
-    model = ctx.profiles.model
-    return model.get_input_embeddings().num_embeddings if model is not None else 0
-
-
-def _tables(p: shuffle.Predictor) -> tuple[tuple[str, torch.Tensor], ...]:
-    return (("token_score", p.token_score),) + ((("bigram", p.bigram),) if p.bigram is not None else ())
+def _previous_best(profile: dict, prev: fx.Node | None) -> torch.Tensor | None:
+    """[T] each calibration token's best rank in the MoE layer before (the 2-gram's context)."""
+    if prev is None or info(prev).fqn not in profile:
+        return None
+    return shuffle.best_rank(profile[info(prev).fqn][1], info(prev).shard.owner)
 
 
 def _note_placement(ctx, core: fx.Node, profile, owner, predictor: shuffle.Predictor | None) -> None:
     """What the placement promises on the calibration text, and its expert x rank heatmap."""
     ids, experts = profile
     counts = placement.counts(ids, experts, int(ids.max()) + 1, len(owner))
-    home = None if predictor is None else predictor.token_score[: counts.shape[0]]
+    home = None if predictor is None else predictor.token_scores(counts.shape[0])
     load_En = placement.expected_load(counts, max(owner) + 1, home)
     local = float(sum(load_En[e, r] for e, r in enumerate(owner)))
     per_rank = [float(load_En[[e for e, o in enumerate(owner) if o == r]].sum()) for r in range(max(owner) + 1)]
@@ -498,8 +501,8 @@ def give_back(comm, y_RD: torch.Tensor, r: EpRoute) -> torch.Tensor:
     return comm.all_to_all(y_RD[r.local_rows.numel():], r.recv_splits, r.send_splits)
 
 
-def shuffle_plan(ids_BS: torch.Tensor, W: dict, threshold: float, prev: EpRoute | None, comm) -> shuffle.ShufflePlan:
-    return shuffle.plan_tokens(ids_BS, W, threshold, None if prev is None else prev.best_rank(),
+def shuffle_plan(ids_BS: torch.Tensor, W: dict, prev: EpRoute | None, comm) -> shuffle.ShufflePlan:
+    return shuffle.plan_tokens(ids_BS, W, None if prev is None else prev.best_rank(),
                                comm.world_size, comm.rank)
 
 

@@ -32,6 +32,7 @@ from planc.placement import counts
 from planc.weights import named_tensors, scoped
 
 Hook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (module input, token ids) -> row values
+WINDOW = 256  # calibration tokens come in windows of this many (a profile: whole windows, in order)
 
 
 class Profiles:
@@ -99,8 +100,9 @@ class Profiles:
                 raise PlanError(f"{artifact}/report.json holds no routing profile of {num_tokens} tokens for {fqn} "
                                 f"({have}); compile that artifact with profile.tokens >= {num_tokens}, or leave out "
                                 f"profile.artifact to profile now")
-            ids = torch.tensor(entry["ids"][:num_tokens])
-            experts = torch.tensor(entry["experts"][:num_tokens]).reshape(len(ids), -1)
+            kept = num_tokens // WINDOW * WINDOW  # whole windows, as a profile run now would read them
+            ids = torch.tensor(entry["ids"][:kept])
+            experts = torch.tensor(entry["experts"][:kept]).reshape(len(ids), -1)
             if experts.shape[1] != dims[fqn].top_k or int(experts.max()) >= dims[fqn].num_experts:
                 raise PlanError(f"{artifact}/report.json: the routing profile of {fqn} has top-{experts.shape[1]} "
                                 f"choices among {int(experts.max()) + 1}+ experts; this model routes top-"
@@ -127,7 +129,7 @@ class Profiles:
     def _run(self, name: str, fqns: list[str], num_tokens: int, hook_for) -> None:
         from planc.zoo.corpus import windows
 
-        seq = min(256, num_tokens)
+        seq = min(WINDOW, num_tokens)
         ids = self._ids.setdefault(num_tokens, windows("calibration", max(1, num_tokens // seq), seq))
         seen: dict[str, list[torch.Tensor]] = {f: [] for f in fqns}
         hooks = []

@@ -209,7 +209,7 @@ def _swap(owner: list[int], e: int, f: int) -> list[int]:
 
 
 def semantic(counts_VE: torch.Tensor, world: int) -> tuple[Owner, dict]:
-    """The best refined start (module docstring), and what each start scored."""
+    """The best refined start (module docstring), and what each start scored and became."""
     seen = counts_VE[counts_VE.sum(1) > 0]
     graph, load = affinity(seen), seen.sum(0).double()
     starts = {"greedy": greedy(graph, load, world), "kernighan_lin": kernighan_lin(graph, world),
@@ -217,4 +217,4 @@ def semantic(counts_VE: torch.Tensor, world: int) -> tuple[Owner, dict]:
     refined = {name: refine(seen, o) for name, o in starts.items() if o is not None}
     objectives = {name: score(seen, o).objective for name, o in refined.items()}
     winner = min(objectives, key=lambda name: (objectives[name], name))
-    return refined[winner], {"start": winner, "objectives": objectives}
+    return refined[winner], {"start": winner, "objectives": objectives, "placements": refined}

@@ -188,7 +188,7 @@ def _reference_routing() -> dict[str, torch.Tensor]:
 
 
 def _adversarial(kind: str, owner_of: dict, reference: dict) -> dict[str, torch.Tensor]:
-    """token_score tables for every MoE layer: every prompt token predicted onto a rank that holds none
+    """Score tables [vocab, n] for every MoE layer: every prompt token predicted onto a rank that holds none
     of its experts ("wrong"), every token onto rank 0 ("one"), or random shares ("random")."""
     gen = torch.Generator().manual_seed(0)
     tables = {}
@@ -206,9 +206,19 @@ def _adversarial(kind: str, owner_of: dict, reference: dict) -> dict[str, torch.
     return tables
 
 
+def _as_weights(tables: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each layer's predictor as token ids alone, with these scores (the longer contexts and the
+    previous layer's rank made useless: no n-gram beyond the token, a zero prior)."""
+    out = {}
+    for fqn, table in tables.items():
+        out |= {f"{fqn}.shuffle.prior": torch.zeros(1, 4), f"{fqn}.shuffle.ngram1.keys": torch.arange(260),
+                f"{fqn}.shuffle.ngram1.cover": table, f"{fqn}.shuffle.ngram1.count": torch.ones(260)}
+    return out
+
+
 @pytest.mark.parametrize("kind", ["wrong", "one", "random"])
 def test_any_prediction_table_gives_the_baseline_output(kind, monkeypatch):
-    """Adversarial tables in every rank's weights (the 2-gram made useless too); also: the
+    """Adversarial tables in every rank's weights (longer contexts and the 2-gram made useless too); also: the
     permutation is the same on every rank, the groups equal, and the placed model routes every
     token to the experts the single-device model picks."""
     graph, _, ranks = placed(4, "semantic", True)
@@ -216,8 +226,7 @@ def test_any_prediction_table_gives_the_baseline_output(kind, monkeypatch):
                           and info(n).kind == "moe_experts") for fqn in MOE_LAYERS}
     reference = _reference_routing()
     tables = _adversarial(kind, owner_of, reference)
-    ranks = [{**W, **{f"{fqn}.shuffle.token_score": t for fqn, t in tables.items()},
-              **{f"{fqn}.shuffle.bigram": torch.zeros(4, 4) for fqn in MOE_LAYERS[1:]}} for W in ranks]
+    ranks = [{k: v for k, v in W.items() if ".shuffle." not in k} | _as_weights(tables) for W in ranks]
     plans, routes = [], []
     real_plan, real_route = ep.shuffle_plan, ep.route_groups
     monkeypatch.setattr(ep, "shuffle_plan", lambda *a: plans.append((a[-1].rank, real_plan(*a))) or plans[-1][1])
@@ -235,3 +244,19 @@ def test_any_prediction_table_gives_the_baseline_output(kind, monkeypatch):
         if kind == "wrong":  # the adversarial table really was wrong for every token
             ranks_held = torch.tensor(owner_of[fqn])[experts]
             assert not bool((ranks_held == p.predicted[:, None]).any())
+
+
+def test_semantic_under_token_shuffle_keeps_the_placement_with_fewest_held_back_rows():
+    from planc import placement, shuffle
+
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 12, (2048,), generator=gen)
+    experts = torch.stack([ids % 8, (ids * 3 + 1) % 8], 1)  # each id's pair of experts, fixed
+    experts[experts[:, 0] == experts[:, 1], 1] = (experts[experts[:, 0] == experts[:, 1], 1] + 1) % 8
+    owner, how = ep._placement("semantic", (ids, experts), 8, 4, shuffled=True)
+    counts = placement.counts(ids, experts, 12, 8)
+    _, found = placement.semantic(counts, 4)
+    rows = {name: shuffle.held_back_rows(ids, experts, o, None, 256, ep.STEP_WINDOWS)
+            for name, o in {**found["placements"], "contiguous": contiguous(8, 4)}.items()}
+    assert shuffle.held_back_rows(ids, experts, owner, None, 256, ep.STEP_WINDOWS) == min(rows.values())
+    assert "rows per token on held-back calibration text" in how
