@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -139,8 +140,8 @@ class _Session:
 
         joined = _join_job(plan)
         self._dir = tempfile.TemporaryDirectory(prefix="planc-backend-")
-        self.artifact = compile(graph.model, plan, Path(self._dir.name, "artifact"), strict=strict,
-                                captured=graph.captured).path
+        self.artifact = _on_own_thread(lambda: compile(graph.model, plan, Path(self._dir.name, "artifact"),
+                                                       strict=strict, captured=graph.captured)).path
         comm = joined or Comm.single()
         self.model = Model(self.artifact, comm=comm, kernels=kernels or default_kernels(comm.backend))
         if joined is not None:
@@ -174,6 +175,29 @@ class _Session:
             return False
         fits = ids_BS.shape[1] <= self.model.cache.capacity
         return fits and cached.shape[1] > 0 and torch.equal(ids_BS[:, :cached.shape[1]], cached)
+
+
+def _on_own_thread(fn):
+    """fn() on a helper thread under this thread's grad mode; its exception is raised here. The
+    backend runs while Dynamo compiles the user's frame, and Dynamo keeps that compile's tracing
+    state per thread: the torch.export planc runs for a block it runs as captured would share it,
+    and Dynamo would then find the guards it just built failing ("Guard failed on the same frame
+    it was created")."""
+    grad, out = torch.is_grad_enabled(), {}
+
+    def run() -> None:
+        try:
+            with torch.set_grad_enabled(grad):
+                out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, name="planc-backend-compile")
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def _check_ranks_compiled_alike(manifest: dict) -> None:

@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import transformers as T
 
+from planc.codegen.artifact import program_file
 from planc.models.registry import load_model
 from planc.runtime.launch import launch
 from planc.torch_compile import compile_records
 from tests.conftest import ROOT, plan_for
+from tests.lift.test_layouts import configs
 from tests.models import TP_PLAN
 
 ONE_DEVICE = """version: 1
@@ -57,6 +61,23 @@ def test_one_device_in_process_decodes_16_steps_with_at_most_two_compiles(tmp_pa
     assert 1 <= len(records) <= 2, records
     assert all(r.reused for r in records[1:]) and len({r.artifact for r in records}) == 1
     assert worst <= TOLERANCE
+
+
+def test_blocks_run_as_captured_compile_through_the_backend(tmp_path):
+    """Starcoder2's LayerNorm norms and c_fc / c_proj MLP run as captured: planc exports them while
+    Dynamo is compiling the user's frame, which must leave Dynamo's own guards intact."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(configs()["starcoder2_window"]).eval()
+    (tmp_path / "plan.yaml").write_text('version: 1\nmesh: {devices: 1}\nrules:\n  - match: "model.layers.*.self_attn"\n'
+                                        '    attention: {strategy: tp}\n')
+    compiled = torch.compile(model, backend="planc", options={"plan": str(tmp_path / "plan.yaml")})
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits
+    assert (got - want).abs().max().item() <= TOLERANCE
+    program = (Path(compile_records()[-1].artifact) / program_file("target")).read_text()
+    assert "as torch.export captured it" in program  # the blocks did run as captured
 
 
 @pytest.mark.slow
