@@ -223,12 +223,15 @@ def _placement(how: str, profile, num_experts: int, world: int, shuffled: bool =
     owner, found = placement.semantic(counts, world)
     if not shuffled:
         return owner, f"semantic, from the {found['start'].replace('_', '-')} start"
-    candidates = {**found["placements"], "contiguous (unrefined)": placement.contiguous(num_experts, world)}
-    cost = {name: shuffle.held_back_rows(*profile, o, prev_best, calibrate.WINDOW, STEP_WINDOWS)
-            + placement.BALANCE * (placement.score(counts, o).expert_imbalance - 1) for name, o in candidates.items()}
+    candidates = {f"from the {start.replace('_', '-')} start": o for start, o in found["placements"].items()}
+    candidates["contiguous, unrefined"] = placement.contiguous(num_experts, world)
+    rows = {name: shuffle.held_back_rows(*profile, o, prev_best, calibrate.WINDOW, STEP_WINDOWS)
+            for name, o in candidates.items()}
+    cost = {name: rows[name] + placement.BALANCE * (placement.score(counts, o).expert_imbalance - 1)
+            for name, o in candidates.items()}
     winner = min(cost, key=lambda name: (cost[name], name))
-    return candidates[winner], (f"semantic, the {winner.replace('_', '-')} placement: {cost[winner]:.3f} all-to-all "
-                                f"rows per token on held-back calibration text")
+    return candidates[winner], (f"semantic, {winner}: {rows[winner]:.3f} all-to-all rows per token on held-back "
+                                f"calibration text")
 
 
 def _previous_best(profile: dict, prev: fx.Node | None) -> torch.Tensor | None:

@@ -152,22 +152,34 @@ def predictor_from(ids_T: torch.Tensor, experts_TK: torch.Tensor, owner: Owner, 
     return Predictor(prior, tuple(ngrams))
 
 
-def _halves(ids_T: torch.Tensor, window: int) -> int:
-    """Where the profile's second half starts (a window boundary)."""
-    return ids_T.numel() // window // 2 * window
+def _halves(ids_T: torch.Tensor, window: int) -> tuple[int, int, int]:
+    """(where the profile's second half starts, where it ends, the window to read both halves in):
+    whole windows in each half; a profile of a single window is read as two windows of half."""
+    windows = ids_T.numel() // window
+    if windows >= 2:
+        return windows // 2 * window, windows * window, window
+    half = ids_T.numel() // 2
+    return half, 2 * half, half
+
+
+def _early(ids_T: torch.Tensor, experts_TK: torch.Tensor, owner: Owner, prev_best_T: torch.Tensor | None,
+           window: int) -> tuple[Predictor, slice, int]:
+    """The tables of the profile's first half, the slice of its second half, the window length."""
+    half, end, window = _halves(ids_T, window)
+    early = predictor_from(ids_T[:half], experts_TK[:half], owner, None if prev_best_T is None else prev_best_T[:half],
+                           window)
+    return early, slice(half, end), window
 
 
 def predictor(ids_T: torch.Tensor, experts_TK: torch.Tensor, owner: Owner, prev_best_T: torch.Tensor | None,
               window: int) -> tuple[Predictor, float]:
     """The tables from the whole profile; and the precision on the profile's second half of tables
     from its first half."""
-    half = _halves(ids_T, window)
-    early = predictor_from(ids_T[:half], experts_TK[:half], owner, None if prev_best_T is None else prev_best_T[:half],
-                           window)
-    prev = None if prev_best_T is None else prev_best_T[half:]
-    guess = early.scores(ids_T[half:].reshape(-1, window), prev).argmax(1)
+    early, second, held_window = _early(ids_T, experts_TK, owner, prev_best_T, window)
+    prev = None if prev_best_T is None else prev_best_T[second]
+    guess = early.scores(ids_T[second].reshape(-1, held_window), prev).argmax(1)
     owner_E = torch.tensor(owner)
-    found = precision(guess, owner_E[experts_TK[half:]], max(owner) + 1)
+    found = precision(guess, owner_E[experts_TK[second]], max(owner) + 1)
     return predictor_from(ids_T, experts_TK, owner, prev_best_T, window), found
 
 
@@ -176,12 +188,10 @@ def held_back_rows(ids_T: torch.Tensor, experts_TK: torch.Tensor, owner: Owner, 
     """All-to-all rows per token on the profile's second half, shuffled in steps of `step_windows`
     windows by tables from its first half: what a placement costs with the predictor it is deployed
     with, on text the tables have not seen."""
-    half = _halves(ids_T, window)
-    early = predictor_from(ids_T[:half], experts_TK[:half], owner, None if prev_best_T is None else prev_best_T[:half],
-                           window)
-    cover_Tn = coverage(experts_TK[half:], owner)
-    ids_BS = ids_T[half:].reshape(-1, window)
-    prev = None if prev_best_T is None else prev_best_T[half:]
+    early, second, window = _early(ids_T, experts_TK, owner, prev_best_T, window)
+    cover_Tn = coverage(experts_TK[second], owner)
+    ids_BS = ids_T[second].reshape(-1, window)
+    prev = None if prev_best_T is None else prev_best_T[second]
     rows, step = 0.0, step_windows * window
     for lo in range(0, ids_BS.shape[0], step_windows):
         p = None if prev is None else prev[lo * window: lo * window + step]

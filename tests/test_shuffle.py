@@ -145,3 +145,11 @@ def test_held_back_rows_count_what_a_placement_costs_with_its_predictor():
     together, apart = (0, 0, 1, 1, 2, 2, 3, 3), (0, 1, 1, 2, 2, 3, 3, 0)
     assert shuffle.held_back_rows(ids, experts, together, None, window=4, step_windows=2) == 0.0
     assert 1.0 <= shuffle.held_back_rows(ids, experts, apart, None, window=4, step_windows=2) < 2.0
+
+
+def test_a_profile_of_one_window_is_read_as_two_halves():
+    """profile.tokens may be a single calibration window: its halves are read as windows of half."""
+    ids, experts = _profile({(None, 1): [0, 1], (1, 2): [2, 3], (2, 0): [0, 1], (0, 2): [2, 3]}, repeats=2)
+    p, precision = shuffle.predictor(ids, experts, (0, 0, 1, 1), None, window=8)
+    assert len(p.ngrams) == shuffle.ORDER and 0.0 <= precision <= 1.0
+    assert 0.0 <= shuffle.held_back_rows(ids, experts, (0, 0, 1, 1), None, window=8, step_windows=1) <= 1.0
