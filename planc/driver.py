@@ -146,9 +146,9 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
     graph, ctx = parallelize(lifted.graph, plan, model, strict=strict, meta=meta)
     log(f"passes   {passes_that_ran(ctx)}: {sum(r.action == 'applied' for r in ctx.records)} rewrites, "
         f"{sum(r.action == 'declined' for r in ctx.records)} declined")
-    for record in ctx.records:
-        if record.action == "declined":
-            log(f"declined {record.pass_name} on {record.target} (rules[{record.rule}]): {record.detail}")
+    for line in decline_lines([(r.pass_name, r.target, f" (rules[{r.rule}])", r.detail)
+                               for r in ctx.records if r.action == "declined"]):
+        log(line)
     for line in ctx.advice:
         log(f"note     {line}")
     full = model_tensors(model)
@@ -187,9 +187,9 @@ def compile_draft(plan: Plan, target: nn.Module, *, meta: bool = False, strict: 
     graph = drafted[-1][1].forward if drafted else graph
     ranks = partition(graph, model_tensors(model), plan.mesh.devices)
     report = build_report(graph, ctx, ranks, elem=elem, checks=[], meta=meta)
-    for record in ctx.records:
-        if record.action == "declined":
-            log(f"declined {record.pass_name} on draft {record.target}: {record.detail}")
+    for line in decline_lines([(r.pass_name, f"draft {r.target}", "", r.detail)
+                               for r in ctx.records if r.action == "declined"]):
+        log(line)
     more, speculate, listed = {}, _speculate(plan, source, graph), {}
     for name, done in drafted:
         more.update(done.more)
@@ -279,6 +279,23 @@ def validation(plan_path: str | Path, model: str | None = None, *, meta: bool = 
             "declines": declines, "candidates": listed}
 
 
+def decline_lines(declines: list[tuple[str, str, str, str]]) -> list[str]:
+    """`declined PASS on TARGET LABEL: DETAIL`, one line per pass, label and detail: the blocks a
+    pass declined for the same reason under the same rule follow the first (three named, and how
+    many more), so a 61-layer model declined alike reads as one line, not 61."""
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for pass_name, target, label, detail in declines:
+        groups.setdefault((pass_name, label, detail), []).append(target)
+    lines = []
+    for (pass_name, label, detail), (first, *more) in groups.items():
+        same = ""
+        if more:
+            named = ", ".join(more[:3]) + (f" and {len(more) - 3} more" if len(more) > 3 else "")
+            same = f" (the same for {len(more)} more block{'s' * (len(more) > 1)}: {named})"
+        lines.append(f"declined {pass_name} on {first}{label}: {detail}{same}")
+    return lines
+
+
 def _rule_label(rule: int | None) -> str:
     return "" if rule is None else f" (rules[{rule}])"  # a draft's declines name the draft instead
 
@@ -288,7 +305,7 @@ def validate(plan_path: str | Path, model: str | None = None, *, meta: bool = Fa
     v = validation(plan_path, model, meta=meta, strict=strict)
     if v["model"] is None:
         return f"{plan_path}: valid plan ({v['rules']} rules, {v['devices']} devices); no model to check against"
-    declines = [f"\n  declined {d['pass']} on {d['target']}{_rule_label(d['rule'])}: {d['detail']}" for d in v["declines"]]
+    declines = decline_lines([(d["pass"], d["target"], _rule_label(d["rule"]), d["detail"]) for d in v["declines"]])
     found = "".join(f"\n  {line}" for line in candidate_lines(v["candidates"]))
     return (f"{plan_path}: valid for {v['model']} ({v['rules']} rules, {v['applied']} blocks rewritten, "
-            f"{len(declines)} declined, {v['devices']} devices)" + "".join(declines) + found)
+            f"{len(v['declines'])} declined, {v['devices']} devices)" + "".join(f"\n  {line}" for line in declines) + found)

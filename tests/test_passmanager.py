@@ -30,7 +30,10 @@ def test_the_same_rule_without_required_compiles_and_reports_the_decline(tmp_pat
     report = json.loads((art.path / "report.json").read_text())
     assert [d["target"] for d in report["declines"]] == [f"model.layers.{i}.self_attn" for i in range(4)]
     assert report["declines"][0]["rule"] == 0 and "valid degrees: 1, 2, 4" in report["declines"][0]["detail"]
-    assert any(l.startswith("declined mla_tp on model.layers.0.self_attn (rules[0]): 4 heads") for l in lines)
+    declined = [l for l in lines if l.startswith("declined ")]  # four blocks, one reason: one line
+    assert len(declined) == 1 and declined[0].startswith("declined mla_tp on model.layers.0.self_attn (rules[0]): 4 heads")
+    assert declined[0].endswith("(the same for 3 more blocks: model.layers.1.self_attn, model.layers.2.self_attn, "
+                                "model.layers.3.self_attn)")
     assert "collectives_per_decode_step" in report and report["collectives_per_decode_step"] == {}  # all replicated
     page = inspect.render(art.path)
     assert "4 declined rewrite(s)" in page and "4 heads do not split over 3 devices" in page
@@ -47,3 +50,15 @@ def test_report_keeps_every_intermediate_graph_as_json_nodes(tmp_path):
     o_proj = next(n for n in final.values() if n.get("fqn") == "model.layers.3.self_attn.o_proj" and n["kind"] == "linear")
     assert o_proj["strategy"] == "mla_tp" and o_proj["rule"] == 0 and o_proj["shard"]["layout"] == "row"
     assert set(o_proj) == {"name", "kind", "fqn", "block", "layer", "strategy", "rule", "why", "shard", "args"}
+
+
+def test_declines_group_by_pass_rule_and_reason():
+    from planc.driver import decline_lines
+
+    lines = decline_lines([("ep", f"model.layers.{i}.mlp", " (rules[1])", "no profile") for i in range(1, 7)]
+                          + [("ep", "model.layers.7.mlp", " (rules[2])", "no profile"),
+                             ("t3", "model.layers.1.mlp", " (rules[1])", "no profile")])
+    assert lines == ["declined ep on model.layers.1.mlp (rules[1]): no profile (the same for 5 more blocks: "
+                     "model.layers.2.mlp, model.layers.3.mlp, model.layers.4.mlp and 2 more)",
+                     "declined ep on model.layers.7.mlp (rules[2]): no profile",
+                     "declined t3 on model.layers.1.mlp (rules[1]): no profile"]
