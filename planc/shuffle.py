@@ -8,7 +8,7 @@ at least one of the token's experts (the rows the token saves by sitting there).
 Compile time (from a routing profile and the placement), per MoE layer: n-gram tables of coverage
 over token contexts, the token id alone (order 1), with the token before it (order 2), with the two
 before it (order 3), each context's coverage summed over the calibration text with its number of
-occurrences; and a `prior` under them: the 2-gram over the previous MoE layer's devices (coverage of
+occurrences (a longer context seen once is left out: it would speak for one token); and a `prior` under them: the 2-gram over the previous MoE layer's devices (coverage of
 the tokens whose best rank there was p), or, for the first MoE layer, the coverage of all tokens.
 A context is only what precedes a token in its calibration window (or, at run time, in its row of
 the step): a token's first positions have the shorter contexts only, and a decode step (one token
@@ -36,6 +36,7 @@ from planc.placement import Owner
 
 ORDER = 3  # the longest context: the token and the two before it
 BASE = 2 ** 20  # a context's key is its ids in base BASE (ids beyond it: the token id alone is used)
+MIN_COUNT = 2  # a longer context (order 2 or more) is kept when seen this often: the tables stay under T / 2
 SMOOTHING = 1.0  # the pseudo-count of the shorter context's scores in a longer one's
 PRICE_SWEEPS = 10  # assign: rounds of pricing every rank
 
@@ -148,7 +149,8 @@ def predictor_from(ids_T: torch.Tensor, experts_TK: torch.Tensor, owner: Owner, 
         keys, inverse = torch.unique(key[valid], return_inverse=True)
         cover = torch.zeros(keys.numel(), world, dtype=torch.double).index_add_(0, inverse, cover_Tn[valid])
         count = torch.bincount(inverse, minlength=keys.numel()).double()
-        ngrams.append(NGram(keys, cover, count))
+        kept = count >= (MIN_COUNT if order > 1 else 1)
+        ngrams.append(NGram(keys[kept], cover[kept], count[kept]))
     return Predictor(prior, tuple(ngrams))
 
 

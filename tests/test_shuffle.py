@@ -153,3 +153,12 @@ def test_a_profile_of_one_window_is_read_as_two_halves():
     p, precision = shuffle.predictor(ids, experts, (0, 0, 1, 1), None, window=8)
     assert len(p.ngrams) == shuffle.ORDER and 0.0 <= precision <= 1.0
     assert 0.0 <= shuffle.held_back_rows(ids, experts, (0, 0, 1, 1), None, window=8, step_windows=1) <= 1.0
+
+
+def test_a_longer_context_seen_once_is_left_out():
+    ids = torch.tensor([1, 2, 0, 2, 1, 2, 5, 3])  # windows of 4: (1, 2) twice; (2, 5) and (5, 3) once
+    experts = torch.tensor([[0, 1]] * 8)
+    p = shuffle.predictor_from(ids, experts, (0, 0, 1, 1), None, window=4)
+    order1, order2 = p.ngrams[0], p.ngrams[1]
+    assert order1.keys.tolist() == [0, 1, 2, 3, 5] and order1.count.tolist() == [1, 2, 3, 1, 1]
+    assert order2.keys.tolist() == [2 * shuffle.BASE + 1] and order2.count.tolist() == [2]  # id 2 after id 1
