@@ -34,7 +34,8 @@ from planc.models.tokenizer import NONE, model_tokenizer, tokenizer_files
 from planc.passes import STRATEGIES
 from planc.passmanager import PassContext, run_passes
 from planc.plan import Plan, load_plan, locate
-from planc.report.report import approximation_lines, build_report, cache_specs, candidate_lines, candidates, collectives_per_step
+from planc.report.report import (approximation_lines, build_report, cache_specs, candidate_lines, candidates,
+                                 collectives_per_step, same_for)
 from planc.strategy import Drafted
 
 
@@ -286,14 +287,8 @@ def decline_lines(declines: list[tuple[str, str, str, str]]) -> list[str]:
     groups: dict[tuple[str, str, str], list[str]] = {}
     for pass_name, target, label, detail in declines:
         groups.setdefault((pass_name, label, detail), []).append(target)
-    lines = []
-    for (pass_name, label, detail), (first, *more) in groups.items():
-        same = ""
-        if more:
-            named = ", ".join(more[:3]) + (f" and {len(more) - 3} more" if len(more) > 3 else "")
-            same = f" (the same for {len(more)} more block{'s' * (len(more) > 1)}: {named})"
-        lines.append(f"declined {pass_name} on {first}{label}: {detail}{same}")
-    return lines
+    return [f"declined {pass_name} on {first}{label}: {detail}{same_for(more)}"
+            for (pass_name, label, detail), (first, *more) in groups.items()]
 
 
 def _rule_label(rule: int | None) -> str:

@@ -32,7 +32,7 @@ def test_the_same_rule_without_required_compiles_and_reports_the_decline(tmp_pat
     assert report["declines"][0]["rule"] == 0 and "valid degrees: 1, 2, 4" in report["declines"][0]["detail"]
     declined = [l for l in lines if l.startswith("declined ")]  # four blocks, one reason: one line
     assert len(declined) == 1 and declined[0].startswith("declined mla_tp on model.layers.0.self_attn (rules[0]): 4 heads")
-    assert declined[0].endswith("(the same for 3 more blocks: model.layers.1.self_attn, model.layers.2.self_attn, "
+    assert declined[0].endswith("(the same for 3 more: model.layers.1.self_attn, model.layers.2.self_attn, "
                                 "model.layers.3.self_attn)")
     assert "collectives_per_decode_step" in report and report["collectives_per_decode_step"] == {}  # all replicated
     page = inspect.render(art.path)
@@ -58,7 +58,20 @@ def test_declines_group_by_pass_rule_and_reason():
     lines = decline_lines([("ep", f"model.layers.{i}.mlp", " (rules[1])", "no profile") for i in range(1, 7)]
                           + [("ep", "model.layers.7.mlp", " (rules[2])", "no profile"),
                              ("t3", "model.layers.1.mlp", " (rules[1])", "no profile")])
-    assert lines == ["declined ep on model.layers.1.mlp (rules[1]): no profile (the same for 5 more blocks: "
+    assert lines == ["declined ep on model.layers.1.mlp (rules[1]): no profile (the same for 5 more: "
                      "model.layers.2.mlp, model.layers.3.mlp, model.layers.4.mlp and 2 more)",
                      "declined ep on model.layers.7.mlp (rules[2]): no profile",
                      "declined t3 on model.layers.1.mlp (rules[1]): no profile"]
+
+
+def test_candidates_in_a_row_with_the_same_decision_print_as_one_line():
+    from planc.report.report import candidate_lines
+
+    def rule(i: int) -> dict:
+        return {"target": f"l{i}.o_proj", "status": "no rule", "detail": f"no overlap rule matches l{i}.o_proj"}
+
+    found = {"t3": [rule(0), rule(1), rule(2), {"target": "l3.o_proj", "status": "fused", "detail": "2 pieces"}, rule(4)]}
+    assert candidate_lines(found) == [
+        "t3       l0.o_proj: no rule: no overlap rule matches l0.o_proj (the same for 2 more: l1.o_proj, l2.o_proj)",
+        "t3       l3.o_proj: fused: 2 pieces",
+        "t3       l4.o_proj: no rule: no overlap rule matches l4.o_proj"]

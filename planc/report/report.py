@@ -164,10 +164,34 @@ def approximation_lines(approximate: dict[str, dict[str, str]]) -> list[str]:
 
 
 def candidate_lines(found: dict[str, list[dict]]) -> list[str]:
-    """One line per candidate (each has `target`, `status` and `detail`), as `planc compile` prints
-    them: `t3       model.layers.0.self_attn.o_proj: fused: ...`."""
-    return [f"{name:<8} {c['target']}: {c['status']}" + (f": {c['detail']}" if c.get("detail") else "")
-            for name, entries in found.items() for c in entries]
+    """The candidates (each has `target`, `status` and `detail`) as `planc compile` prints them:
+    `t3       model.layers.0.self_attn.o_proj: fused: ...`, a run of candidates in a row with the
+    same status and the same detail but for their own names in one line (`same_for`)."""
+    lines = []
+    for name, entries in found.items():
+        runs: list[list[dict]] = []
+        for c in entries:
+            if runs and _alike(runs[-1][0], c):
+                runs[-1].append(c)
+            else:
+                runs.append([c])
+        for first, *more in runs:
+            detail = f": {first['detail']}" if first.get("detail") else ""
+            lines.append(f"{name:<8} {first['target']}: {first['status']}{detail}{same_for([c['target'] for c in more])}")
+    return lines
+
+
+def _alike(a: dict, b: dict) -> bool:
+    return a["status"] == b["status"] and (a.get("detail") or "").replace(a["target"], "{}") == \
+        (b.get("detail") or "").replace(b["target"], "{}")
+
+
+def same_for(more: list[str]) -> str:
+    """` (the same for N more: a, b, c and K more)` after a line, or '' when `more` is empty."""
+    if not more:
+        return ""
+    named = ", ".join(more[:3]) + (f" and {len(more) - 3} more" if len(more) > 3 else "")
+    return f" (the same for {len(more)} more: {named})"
 
 
 def build_report(graph: fx.Graph, ctx: PassContext, rank_tensors: list[dict[str, torch.Tensor]], *,

@@ -53,5 +53,7 @@ def test_validate_runs_the_draft_through_its_pipeline(tmp_path):
         '      attention: {strategy: tp}'))
     text = validate(path)
     assert "declined easyspec on draft model.layers.1.self_attn: stays on every rank" in text
-    assert "easyspec model.layers.2.self_attn: every rank" in text  # its group stays sequential with layer 1
+    # layer 2's group stays sequential with layer 1: every rank, like layers 0 and 1 (one line for the three)
+    assert ("easyspec model.layers.0.self_attn: every rank: kept sequential: runs on every rank (the same for 2 more: "
+            "model.layers.1.self_attn, model.layers.2.self_attn)") in text
     assert "easyspec model.layers.3.self_attn: rank 2" in text and "easyspec model.layers.5.self_attn: every rank" in text
