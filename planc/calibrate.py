@@ -35,6 +35,13 @@ Hook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (module input, to
 WINDOW = 256  # calibration tokens come in windows of this many (a profile: whole windows, in order)
 
 
+def windows_of(num_tokens: int) -> tuple[int, int]:
+    """(windows, tokens per window) of a profile of `num_tokens`: whole windows of WINDOW tokens, or
+    one of them all when they are fewer."""
+    seq = min(WINDOW, num_tokens)
+    return max(1, num_tokens // seq), seq
+
+
 class Profiles:
     def __init__(self, model: nn.Module | None, meta: bool = False):
         self.model = model
@@ -100,7 +107,8 @@ class Profiles:
                 raise PlanError(f"{artifact}/report.json holds no routing profile of {num_tokens} tokens for {fqn} "
                                 f"({have}); compile that artifact with profile.tokens >= {num_tokens}, or leave out "
                                 f"profile.artifact to profile now")
-            kept = num_tokens // WINDOW * WINDOW  # whole windows, as a profile run now would read them
+            count, seq = windows_of(num_tokens)  # whole windows, as a profile run now would read them
+            kept = count * seq
             ids = torch.tensor(entry["ids"][:kept])
             experts = torch.tensor(entry["experts"][:kept]).reshape(len(ids), -1)
             if experts.shape[1] != dims[fqn].top_k or int(experts.max()) >= dims[fqn].num_experts:
@@ -129,8 +137,7 @@ class Profiles:
     def _run(self, name: str, fqns: list[str], num_tokens: int, hook_for) -> None:
         from planc.zoo.corpus import windows
 
-        seq = min(WINDOW, num_tokens)
-        ids = self._ids.setdefault(num_tokens, windows("calibration", max(1, num_tokens // seq), seq))
+        ids = self._ids.setdefault(num_tokens, windows("calibration", *windows_of(num_tokens)))
         seen: dict[str, list[torch.Tensor]] = {f: [] for f in fqns}
         hooks = []
         for fqn in fqns:

@@ -35,7 +35,7 @@ from planc.passes import STRATEGIES
 from planc.passmanager import PassContext, run_passes
 from planc.plan import Plan, load_plan, locate
 from planc.report.report import (approximation_lines, build_report, cache_specs, candidate_lines, candidates,
-                                 collectives_per_step, same_for)
+                                 collectives_per_step, decline_lines)
 from planc.strategy import Drafted
 
 
@@ -278,17 +278,6 @@ def validation(plan_path: str | Path, model: str | None = None, *, meta: bool = 
         listed.update(draft.drafting_candidates)
     return {**found, "model": source, "applied": sum(r.action == "applied" for r in ctx.records),
             "declines": declines, "candidates": listed}
-
-
-def decline_lines(declines: list[tuple[str, str, str, str]]) -> list[str]:
-    """`declined PASS on TARGET LABEL: DETAIL`, one line per pass, label and detail: the blocks a
-    pass declined for the same reason under the same rule follow the first (three named, and how
-    many more), so a 61-layer model declined alike reads as one line, not 61."""
-    groups: dict[tuple[str, str, str], list[str]] = {}
-    for pass_name, target, label, detail in declines:
-        groups.setdefault((pass_name, label, detail), []).append(target)
-    return [f"declined {pass_name} on {first}{label}: {detail}{same_for(more)}"
-            for (pass_name, label, detail), (first, *more) in groups.items()]
 
 
 def _rule_label(rule: int | None) -> str:

@@ -80,7 +80,7 @@ class NGram:
     """Coverage of the contexts of one order seen on the calibration text."""
 
     keys: torch.Tensor  # [C] int64, ascending
-    cover: torch.Tensor  # [C, n] summed coverage
+    cover: torch.Tensor  # [C, n] summed coverage (float32 in the weights: whole counts, exact)
     count: torch.Tensor  # [C] occurrences
 
     def refine(self, key_N: torch.Tensor, valid_N: torch.Tensor, scores_Nn: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,8 @@ class NGram:
             return scores_Nn
         i = torch.searchsorted(self.keys, key_N).clamp(max=self.keys.numel() - 1)
         found = valid_N & (self.keys[i] == key_N)
-        refined = (self.cover[i] + SMOOTHING * scores_Nn) / (self.count[i, None] + SMOOTHING)
+        cover, count = self.cover[i].to(scores_Nn.dtype), self.count[i, None].to(scores_Nn.dtype)
+        refined = (cover + SMOOTHING * scores_Nn) / (count + SMOOTHING)
         return torch.where(found[:, None], refined, scores_Nn)
 
 
@@ -124,8 +125,7 @@ class Predictor:
     def from_tables(cls, W: dict) -> "Predictor":
         ngrams, order = [], 1
         while f"ngram{order}.keys" in W:
-            ngrams.append(NGram(W[f"ngram{order}.keys"], W[f"ngram{order}.cover"].double(),
-                                W[f"ngram{order}.count"].double()))
+            ngrams.append(NGram(W[f"ngram{order}.keys"], W[f"ngram{order}.cover"], W[f"ngram{order}.count"]))
             order += 1
         return cls(W["prior"].double(), tuple(ngrams))
 

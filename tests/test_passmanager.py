@@ -53,7 +53,7 @@ def test_report_keeps_every_intermediate_graph_as_json_nodes(tmp_path):
 
 
 def test_declines_group_by_pass_rule_and_reason():
-    from planc.driver import decline_lines
+    from planc.report.report import decline_lines
 
     lines = decline_lines([("ep", f"model.layers.{i}.mlp", " (rules[1])", "no profile") for i in range(1, 7)]
                           + [("ep", "model.layers.7.mlp", " (rules[2])", "no profile"),

@@ -156,11 +156,26 @@ def approximations(graph: fx.Graph) -> dict[str, dict[str, str]]:
 
 def approximation_lines(approximate: dict[str, dict[str, str]]) -> list[str]:
     """`planc compile`'s note on what the plan approximates: one line per strategy and what."""
-    groups: dict[tuple[str, str], list[str]] = {}
-    for fqn, a in approximate.items():
-        groups.setdefault((a["strategy"], a["what"]), []).append(fqn)
+    groups = _by_key(((a["strategy"], a["what"]), fqn) for fqn, a in approximate.items())
     return [f"note     {name} approximates {fqns[0]}{f' and {len(fqns) - 1} more' if len(fqns) > 1 else ''}: {what} "
             "(planc verify judges tokens, not logits)" for (name, what), fqns in groups.items()]
+
+
+def decline_lines(declines: list[tuple[str, str, str, str]]) -> list[str]:
+    """`declined PASS on TARGET LABEL: DETAIL`, one line per pass, label and detail: the blocks a
+    pass declined for the same reason under the same rule follow the first (`same_for`), so a
+    61-layer model declined alike reads as one line, not 61."""
+    groups = _by_key(((pass_name, label, detail), target) for pass_name, target, label, detail in declines)
+    return [f"declined {pass_name} on {first}{label}: {detail}{same_for(more)}"
+            for (pass_name, label, detail), (first, *more) in groups.items()]
+
+
+def _by_key(items) -> dict[tuple, list[str]]:
+    """(key, name) pairs as key -> names, keys in the order first seen."""
+    groups: dict[tuple, list[str]] = {}
+    for key, name in items:
+        groups.setdefault(key, []).append(name)
+    return groups
 
 
 def candidate_lines(found: dict[str, list[dict]]) -> list[str]:
