@@ -104,6 +104,14 @@ def _check_replaceable(old: Path) -> None:
         raise ArtifactError(f"{old} exists and is not a planc artifact; refusing to replace it (choose another -o)")
 
 
+def report_text(report: dict) -> str:
+    """report.json's text: one line per top-level key, each value as compact JSON. A 61-layer
+    model's report holds every intermediate graph (megabytes); json's C encoder writes it only
+    without indentation, about three times as fast as the indented form, and a quarter smaller."""
+    lines = [f"{json.dumps(key)}: {json.dumps(value, separators=(',', ':'))}" for key, value in report.items()]
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
 def manifest_digest(manifest: dict) -> str:
     """sha256 of the manifest's canonical JSON, its own digest left out."""
     body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
@@ -120,7 +128,7 @@ def _fill(tmp: Path, manifest: dict, programs: dict[str, Program], report: dict,
     (tmp / "kernels").mkdir()
     for name, source in kernel_sources().items():
         (tmp / kernel_file(name)).write_text(source)
-    (tmp / REPORT).write_text(json.dumps(report, indent=1))
+    (tmp / REPORT).write_text(report_text(report))
     manifest = {**manifest, "format_version": FORMAT_VERSION,
                 "programs": {name: {"caches": p.caches, **({"dtype": p.dtype} if p.dtype else {})}
                              for name, p in programs.items()},

@@ -8,6 +8,8 @@ slice like real ones, which is how a weightless dry run learns every rank's byte
 """
 from __future__ import annotations
 
+from collections.abc import Container, Iterable
+
 import torch
 import torch.fx as fx
 
@@ -30,12 +32,21 @@ def assign(graph: fx.Graph, full: Tensors) -> dict[str, Tensors]:
     done once per compile, then sliced for every rank."""
     fqns = owners(graph)
     out: dict[str, Tensors] = {fqn: {} for fqn in fqns}
-    for name, tensor in full.items():
+    for name, (owner, rest) in owned_names(full, fqns).items():
+        out[owner][rest] = full[name]
+    return out
+
+
+def owned_names(names: Iterable[str], fqns: Container[str]) -> dict[str, tuple[str, str]]:
+    """Tensor name -> (the deepest of `fqns` above it, the rest of the name); names under none
+    are left out."""
+    out = {}
+    for name in names:
         parts = name.split(".")
         for cut in range(len(parts) - 1, 0, -1):
             prefix = ".".join(parts[:cut])
             if prefix in fqns:
-                out[prefix][".".join(parts[cut:])] = tensor
+                out[name] = (prefix, ".".join(parts[cut:]))
                 break
     return out
 

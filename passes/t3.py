@@ -22,6 +22,7 @@ P pieces, k = P / n pieces per chunk, e bytes per element.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -308,12 +309,22 @@ def pays_text(pays: dict[str, int | None]) -> str:
 
 
 def _pays_from(m: NodeInfo, world: int, pieces: int) -> dict[str, int | None]:
-    return {h: pays_from(cost.PROFILES[h], m.local_dims().in_features, m.dims.out_features, world, pieces)
-            for h in PROFILES}
+    return _pays_from_shape(m.local_dims().in_features, m.dims.out_features, world, pieces)
+
+
+@functools.cache
+def _pays_from_shape(k_in: int, n_out: int, world: int, pieces: int) -> dict[str, int | None]:
+    return {h: pays_from(cost.PROFILES[h], k_in, n_out, world, pieces) for h in PROFILES}
 
 
 def _predicted(m: NodeInfo, world: int, pieces: int) -> dict[str, dict]:
-    k_in, n_out = m.local_dims().in_features, m.dims.out_features
+    return _predicted_shape(m.local_dims().in_features, m.dims.out_features, world, pieces)
+
+
+@functools.cache
+def _predicted_shape(k_in: int, n_out: int, world: int, pieces: int) -> dict[str, dict]:
+    """The prediction of one GEMM shape, computed once per compile however many layers share it
+    (the entries of a 61-layer model share one dict; nothing edits it)."""
     out = {}
     for h in PROFILES:
         hw = cost.PROFILES[h]

@@ -84,6 +84,7 @@ def run(layers: Sequence[int] = (4, 16, 61), repeats: int | Sequence[int] = 3) -
                 if round_ < counts[i]:
                     samples[i].append(time_compile(num_layers, plan, Path(tmp, f"L{num_layers}_{round_}")))
     seconds = [statistics.median(s["total"] for s in depth) for depth in samples]
+    compiling = [statistics.median(s["total"] - s["build"] for s in depth) for depth in samples]
     return {
         "case": "compile",
         "model": "deepseek-v3 (meta)",
@@ -94,11 +95,14 @@ def run(layers: Sequence[int] = (4, 16, 61), repeats: int | Sequence[int] = 3) -
         "repeats": counts,
         "seconds_per_layer": _marginal(list(layers), seconds),
         "growth": _growth(seconds),
+        "compile_seconds": compiling,
+        "compile_growth": _growth(compiling),
         "stages": [{name: statistics.median(s[name] for s in depth) for name in STAGES} for depth in samples],
         "samples": [[s["total"] for s in depth] for depth in samples],
         "note": "median of `repeats` compiles per depth (a single sample where repeats is 1), rounds "
                 "interleaved across depths after one untimed warm-up; seconds = model build on meta + "
-                "planc.driver.compile (garbage collection paused, as compile pauses it) on this CPU machine",
+                "planc.driver.compile (garbage collection paused, as compile pauses it) on this CPU machine; "
+                "compile_seconds: the same samples less the model build (transformers' own work), median",
     }
 
 
@@ -114,17 +118,23 @@ def _growth(seconds: list[float]) -> list[float | None]:
 
 def table(result: dict) -> str:
     head = (f"compile: {result['model']}, {result['plan']}, {result['devices']} devices "
-            f"(median seconds; s/layer and growth: from the "
-            f"previous depth; stages: median of each stage)")
-    cols = (f"{'layers':>6} {'repeats':>7} {'seconds':>8} {'s/layer':>8} {'growth':>7}  "
+            f"(median seconds; s/layer and growth: from the previous depth; compile: less the "
+            f"model build; stages: median of each stage)")
+    cols = (f"{'layers':>6} {'repeats':>7} {'seconds':>8} {'s/layer':>8} {'growth':>7} {'compile':>8} {'growth':>7}  "
             + " ".join(f"{s:>{_w(s)}}" for s in STAGES))
     rows = [head, cols]
     for i, num_layers in enumerate(result["layers"]):
-        per_layer, growth = result["seconds_per_layer"][i], result["growth"][i]
+        per_layer = result["seconds_per_layer"][i]
+        growth, compile_growth = (_percent(result[key][i]) for key in ("growth", "compile_growth"))
         rows.append(f"{num_layers:>6} {result['repeats'][i]:>7} {result['seconds'][i]:>8.3f} "
-                    f"{'-' if per_layer is None else f'{per_layer:.4f}':>8} {'-' if growth is None else f'{growth:+.1%}':>7}  "
+                    f"{'-' if per_layer is None else f'{per_layer:.4f}':>8} {growth:>7} "
+                    f"{result['compile_seconds'][i]:>8.3f} {compile_growth:>7}  "
                     + " ".join(f"{result['stages'][i][s]:>{_w(s)}.3f}" for s in STAGES))
     return "\n".join(rows + [f"note: {result['note']}"])
+
+
+def _percent(growth: float | None) -> str:
+    return "-" if growth is None else f"{growth:+.1%}"
 
 
 def _w(stage: str) -> int:

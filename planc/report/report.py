@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from planc.codegen.partition import assign, owners
+from planc.codegen.partition import owned_names, owners
 from planc.ir import OPS, info
 from planc.lift.captured import captured_nodes
 from planc.passes import STRATEGIES
@@ -103,9 +103,13 @@ def weight_bytes_by_node(graph: fx.Graph, rank_tensors: list[dict[str, torch.Ten
     deepest owning FQN above a tensor's name holds it)."""
     nodes = owners(graph)
     out = {node.name: [0] * len(rank_tensors) for node in nodes.values()}
+    names, named = None, {}
     for rank, tensors in enumerate(rank_tensors):
-        for fqn, owned in assign(graph, tensors).items():
-            out[nodes[fqn].name][rank] += tensor_bytes(owned)
+        if tensors.keys() != names:  # every rank holds the same names (slices keep them): read them once
+            names, named = tensors.keys(), owned_names(tensors, nodes)
+        for name, (fqn, _) in named.items():
+            t = tensors[name]
+            out[nodes[fqn].name][rank] += t.numel() * t.element_size()
     return out
 
 
