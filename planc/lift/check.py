@@ -4,9 +4,10 @@ The captured (exported) graph is interpreted once; for every block we record the
 entering it and the value leaving it — found from `nn_module_stack`, not assumed — and run the
 block's semantic reference on the recorded input (for a block run as captured, the function the
 program will run). A block whose reference disagrees is declined with the numbers. Residual
-wiring is checked the same way: a layer's input plus its attention output must equal what enters
-the post-attention norm; and so are the junctions between blocks (embedding -> first layer, each
-norm -> its block, layer -> next layer, final norm -> lm_head -> logits), with the constants
+wiring is checked the same way: a layer's input plus its attention branch's output (after a
+post-norm where the layer has one) must equal what enters the feed-forward branch; and so are the
+junctions between blocks (embedding -> first layer, each norm -> its block, each block -> its
+post-norm, layer -> next layer, final norm -> lm_head -> logits), with the constants
 planc.lift.glue read there.
 
 Only one layer per structure is captured (planc.lift.structure): its blocks are checked as above,
@@ -24,7 +25,7 @@ from torch import nn
 from planc import progress
 from planc.ops import GqaCache, MlaCache, Ops, Step
 from planc.lift.glue import Glue, Junctions, Scale
-from planc.lift.recognize import CAPTURED, Block
+from planc.lift.recognize import CAPTURED, Block, Branch, layer_branches
 from planc.weights import ROTARY_TENSORS, named_tensors, scoped
 
 # fp64 is loose because transformers computes RMSNorm in fp32 whatever the model dtype.
@@ -69,20 +70,13 @@ def junctions(graph: fx.Graph, blocks: list[Block]) -> Junctions:
     bounds = {b.fqn: _boundary(graph, b.fqn, stacks) for b in blocks}
     layers = [(b.layer, b.fqn.rsplit(".", 1)[0]) for b in blocks if b.kind in ("mla_attention", "gqa_attention")]
     norm = next((b.fqn for b in blocks if b.layer is None and b.kind not in ("embedding", "lm_head")), "")
-    norms = layer_norms(blocks)
-    following = _following(stacks, layers, norm, norms)
+    branches = layer_branches(blocks)
+    following = _following(stacks, layers, norm, branches)
     for fqn in following.values():
         bounds.setdefault(fqn, _boundary(graph, fqn, stacks))
     embedding = next((b.fqn for b in blocks if b.kind == "embedding"), "")
     head = next((b.fqn for b in blocks if b.kind == "lm_head"), "")
-    return Junctions(bounds, layers, following, embedding, norm, head, norms)
-
-
-def layer_norms(blocks: list[Block]) -> dict[str, tuple[str, str]]:
-    """Each layer's FQN -> its two norms' FQNs, read from the block order (norm, attention, norm, MLP):
-    input_layernorm and post_attention_layernorm, or the other names they go by (recognize.NORM_NAMES)."""
-    return {b.fqn.rsplit(".", 1)[0]: (blocks[i - 1].fqn, blocks[i + 1].fqn) for i, b in enumerate(blocks)
-            if b.kind in ("mla_attention", "gqa_attention")}
+    return Junctions(bounds, layers, following, embedding, norm, head, branches)
 
 
 def _pick_activation(nodes: list[fx.Node], last: bool = False) -> fx.Node | None:
@@ -182,17 +176,18 @@ def _check_one(model: nn.Module, block: Block, bound, values) -> Check:
 
 
 def _check_residuals(blocks: list[Block], bounds, values, glue: Glue) -> list[Check]:
-    """h_in + attn_out (scaled as glue says) == input of post_attention_layernorm, for every layer."""
+    """h_in + the attention branch's output (scaled as glue says) == what enters the feed-forward
+    branch, for every layer."""
     checks = []
-    norms = layer_norms(blocks)
+    branches = layer_branches(blocks)
     for b in blocks:
         if b.kind not in ("mla_attention", "gqa_attention"):
             continue
         lp = b.fqn.rsplit(".", 1)[0]
-        before_attention, before_mlp = norms[lp]
-        h_in = bounds[before_attention][0]
-        attn_out = bounds[b.fqn][1]
-        post_in = bounds[before_mlp][0]
+        attention, mlp = branches[lp]
+        h_in = bounds[attention.first][0]
+        attn_out = bounds[attention.last][1]
+        post_in = bounds[mlp.first][0]
         if None in (h_in, attn_out, post_in):
             checks.append(Check(f"{lp} (residual)", False, float("nan"), "layer boundary values not found"))
             continue
@@ -204,10 +199,10 @@ def _check_residuals(blocks: list[Block], bounds, values, glue: Glue) -> list[Ch
 
 
 def _following(stacks: dict[fx.Node, set[str]], layers: list[tuple[int, str]], final: str,
-               norms: dict[str, tuple[str, str]]) -> dict[str, str]:
-    """Each checked layer -> the block its output enters in the captured graph: the input norm of
-    the next layer the graph holds (one per structure under torch.export, all under Dynamo), or
-    the final norm after the last."""
+               branches: dict[str, tuple[Branch, ...]]) -> dict[str, str]:
+    """Each checked layer -> the block its output enters in the captured graph: the first block of
+    the next layer the graph holds (its input norm, or its attention where it has none; one layer
+    per structure under torch.export, all under Dynamo), or the final norm after the last."""
     if not layers:
         return {}
     prefix = layers[0][1].rsplit(".", 1)[0]  # model.layers
@@ -216,7 +211,7 @@ def _following(stacks: dict[fx.Node, set[str]], layers: list[tuple[int, str]], f
     out = {}
     for index, fqn in layers:
         later = [j for j in present if j > index]
-        name = norms[fqn][0].rsplit(".", 1)[1]  # the pre-attention norm's name, the same in every layer
+        name = branches[fqn][0].first.rsplit(".", 1)[1]  # the same in every layer
         out[fqn] = f"{prefix}.{later[0]}.{name}" if later else final
     return out
 
@@ -244,15 +239,20 @@ def _check_glue(j: Junctions, values, out, glue: Glue) -> list[Check]:
                      "between blocks in a way planc does not reproduce)")
 
     checks = [compare(f"{j.embedding} (glue)", value(j.embedding, 1, glue.embedding),
-                      value(j.norms[j.layers[0][1]][0], 0), "the embedding's output as the first layer's input")]
+                      value(j.branches[j.layers[0][1]][0].first, 0), "the embedding's output as the first layer's input")]
     for index, lp in j.layers:
-        for norm, block in zip(j.norms[lp], ("self_attn", "mlp")):
-            checks.append(compare(f"{lp}.{block} (glue)", value(norm, 1), value(f"{lp}.{block}", 0),
-                                  f"{norm}'s output as {lp}.{block}'s input"))
+        attention, mlp = j.branches[lp]
+        for b in (attention, mlp):
+            if b.pre:
+                checks.append(compare(f"{b.block} (glue)", value(b.pre, 1), value(b.block, 0),
+                                      f"{b.pre}'s output as {b.block}'s input"))
+            if b.post:
+                checks.append(compare(f"{b.post} (glue)", value(b.block, 1), value(b.post, 0),
+                                      f"{b.block}'s output as {b.post}'s input"))
         after = j.following[lp]
-        mid, mlp = value(j.norms[lp][1], 0), value(f"{lp}.mlp", 1, glue.mlp_branch(index))
-        summed = None if mid is None or mlp is None or mid.shape != mlp.shape else mid + mlp
-        checks.append(compare(f"{lp} (glue)", summed, value(after, 0), f"h + mlp output as {after}'s input"))
+        mid, branch_out = value(mlp.first, 0), value(mlp.last, 1, glue.mlp_branch(index))
+        summed = None if mid is None or branch_out is None or mid.shape != branch_out.shape else mid + branch_out
+        checks.append(compare(f"{lp} (glue)", summed, value(after, 0), f"h + the feed-forward branch's output as {after}'s input"))
     checks.append(compare(f"{j.norm} (glue)", value(j.norm, 1, glue.head_input), value(j.head, 0),
                           "the final norm's output as lm_head's input"))
     logits = next((t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.dim() == 3), None)

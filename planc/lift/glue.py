@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.fx as fx
+
+if TYPE_CHECKING:  # recognize imports this module
+    from planc.lift.recognize import Branch
 
 Bounds = dict[str, tuple[fx.Node | None, fx.Node | None]]  # block FQN -> (entering, leaving)
 
@@ -32,8 +35,8 @@ COMPUTE = ("call_function", "call_method")
 class Junctions:
     """Where a captured decoder's blocks meet (planc.lift.check.junctions builds it): each block's
     boundary values, the layers the graph holds as (index, FQN), what each layer's output enters
-    (the next held layer's input norm, or the final norm), the embedding, final norm and lm_head
-    FQNs ("" where the blocks have none), and each held layer's two norms."""
+    (the next held layer's first block, or the final norm), the embedding, final norm and lm_head
+    FQNs ("" where the blocks have none), and each layer's two residual branches."""
 
     bounds: Bounds
     layers: list[tuple[int, str]]
@@ -41,7 +44,7 @@ class Junctions:
     embedding: str
     norm: str
     head: str
-    norms: dict[str, tuple[str, str]]  # layer FQN -> its norms' FQNs (before the attention, before the MLP)
+    branches: dict[str, tuple[Branch, ...]]  # layer FQN -> its branches' FQNs (the attention's, the feed-forward's)
 
     def value_node(self, fqn: str, side: int) -> fx.Node | None:
         """The node entering (side 0) or leaving (side 1) block `fqn`, None where there is none."""
@@ -131,12 +134,13 @@ def read_glue(j: Junctions) -> Glue:
     def only_scale(found: Scale | None | bool) -> Scale | None:
         return found if isinstance(found, Scale) else None
 
-    first = j.norms[j.layers[0][1]][0] if j.layers else ""
+    first = j.branches[j.layers[0][1]][0].first if j.layers else ""
     emb = only_scale(scaled(j.value_node(first, 0), j.value_node(j.embedding, 1)))
     residual = {}
     for index, lp in j.layers:
-        mid, after = j.value_node(j.norms[lp][1], 0), j.value_node(j.following.get(lp, ""), 0)
-        attn_out, mlp_out = j.value_node(f"{lp}.self_attn", 1), j.value_node(f"{lp}.mlp", 1)
+        attention, mlp = j.branches[lp]
+        mid, after = j.value_node(mlp.first, 0), j.value_node(j.following.get(lp, ""), 0)
+        attn_out, mlp_out = j.value_node(attention.last, 1), j.value_node(mlp.last, 1)
         residual[index] = (only_scale(branch(mid, attn_out)), only_scale(branch(after, mlp_out)))
     head_input = only_scale(scaled(j.value_node(j.head, 0), j.value_node(j.norm, 1)))
     logits = None

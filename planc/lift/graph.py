@@ -1,6 +1,7 @@
 """The semantic graph of a recognized decoder, at GEMM level.
 
-Blocks are wired as a pre-norm residual stack, and each block is expanded into the projections a
+Blocks are wired as a residual stack, each branch h + post(block(pre(h))) with the norms the layer
+has (planc.lift.recognize.LAYOUTS), and each block is expanded into the projections a
 strategy splits — each a `linear` node with its own module FQN — around a semantic core:
 
     MLA   q = linear[q_a_proj] -> rmsnorm[q_a_layernorm] -> linear[q_b_proj]   (or linear[q_proj])
@@ -24,7 +25,7 @@ import planc.semantic  # noqa: F401  (declares the base op kinds)
 from planc.dims import EmbeddingDims, LinearDims, MlpDims, MoeDims, NormDims
 from planc.ir import NodeInfo, add_node
 from planc.lift.glue import Glue
-from planc.lift.recognize import CAPTURED, Block, rmsnorm_eps
+from planc.lift.recognize import CAPTURED, Block, is_norm, rmsnorm_eps
 
 
 class _Builder:
@@ -111,18 +112,19 @@ class _Builder:
 
 def build_graph(blocks: list[Block], model: nn.Module, glue: Glue | None = None,
                 representative: dict[int, int] | None = None) -> fx.Graph:
-    """Wire the blocks as a pre-norm residual decoder (the skeleton the lift check confirmed), with
+    """Wire the blocks as a residual decoder (the skeleton the lift check confirmed), with
     the scales the captured graph applies between them (`glue`, read on each layer's representative)."""
     glue, representative = glue or Glue(), representative or {}
     g = fx.Graph()
     build = _Builder(g, model)
     ids = g.placeholder("ids")
-    it = iter(blocks)
-    emb = next(it)
+    emb, rest = blocks[0], blocks[1:]
     weight = build.modules[emb.fqn].weight
     h = build.node("embedding", (ids,), "h", fqn=emb.fqn, cls=emb.cls,
                    dims=EmbeddingDims(weight.shape[0], weight.shape[1], emb.attrs.get("scale") or glue.embedding))
-    for b in it:
+    i = 0
+    while i < len(rest):
+        b = rest[i]
         if b.kind == "lm_head":
             if glue.head_input is not None:
                 h = build.node("scale", (h,), "h", dims=glue.head_input)
@@ -132,10 +134,16 @@ def build_graph(blocks: list[Block], model: nn.Module, glue: Glue | None = None,
             g.output(logits)
         elif b.layer is None:  # the final norm
             h = build.slot_norm(b, h, "h")
-        else:  # a norm, then its block, then the residual add (its branch scaled where the model scales it)
-            x = build.slot_norm(b, h, "x")
-            blk = next(it)
-            rep = representative.get(blk.layer, blk.layer)
-            scale = glue.attention_branch(rep) if blk.kind in ("mla_attention", "gqa_attention") else glue.mlp_branch(rep)
-            h = build.node("add", (h, build.block(blk, x)), "h", layer=blk.layer, dims=scale)
+        else:  # a residual branch: its norm, its block, its post-norm, then the add (the branch scaled where the model scales it)
+            x = h
+            if is_norm(b):
+                x, i = build.slot_norm(b, h, "x"), i + 1
+                b = rest[i]
+            out = build.block(b, x)
+            if i + 1 < len(rest) and is_norm(rest[i + 1]) and rest[i + 1].post:
+                out, i = build.slot_norm(rest[i + 1], out, "p"), i + 1
+            rep = representative.get(b.layer, b.layer)
+            scale = glue.attention_branch(rep) if b.kind in ("mla_attention", "gqa_attention") else glue.mlp_branch(rep)
+            h = build.node("add", (h, out), "h", layer=b.layer, dims=scale)
+        i += 1
     return g

@@ -11,7 +11,7 @@ import copy
 import functools
 import inspect
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from torch import nn
 from planc.errors import ModelError
 from planc.dims import GqaDims, MlaDims, RouterDims
 from planc.lift.glue import Scale
-from planc.ops import apply_rope
+from planc.ops import act, apply_rope
 from planc.weights import SPLIT
 
 MLA_CHILDREN = frozenset(("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"))
@@ -40,6 +40,51 @@ class Block:
     layer: int | None = None
     dims: object = None
     attrs: dict = field(default_factory=dict)
+    post: bool = False  # a norm of its branch's output (Gemma's and OLMo2's post-norms), not of its input
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One residual branch of a decoder layer, h + post(block(pre(h))): the names (in a layout) or
+    FQNs (in layer_branches) of its norms, None where it has none, around its block's."""
+
+    pre: str | None
+    block: str
+    post: str | None
+
+    @property
+    def first(self) -> str:
+        """What the residual stream enters."""
+        return self.pre or self.block
+
+    @property
+    def last(self) -> str:
+        """What is added back to the stream."""
+        return self.post or self.block
+
+
+def is_norm(b: Block) -> bool:
+    """A norm slot of a decoder: an RMSNorm, or a norm that runs as captured."""
+    return b.kind == "rmsnorm" or (b.kind == CAPTURED and b.attrs.get("lifts") == ("rmsnorm",))
+
+
+def layer_branches(blocks: list[Block]) -> dict[str, tuple[Branch, ...]]:
+    """Each decoder layer's FQN -> its branches (the attention's, the feed-forward's) as FQNs, read
+    from the block order: a norm before its block, and a post-norm after it."""
+    out: dict[str, list[Branch]] = {}
+    pre = None
+    for b in blocks:
+        if b.layer is None:
+            continue
+        branches = out.setdefault(b.fqn.rsplit(".", 1)[0], [])
+        if is_norm(b) and b.post:
+            branches[-1] = replace(branches[-1], post=b.fqn)
+        elif is_norm(b):
+            pre = b.fqn
+        else:
+            branches.append(Branch(pre, b.fqn, None))
+            pre = None
+    return {layer: tuple(branches) for layer, branches in out.items()}
 
 
 def _children(m: nn.Module) -> set[str]:
@@ -59,8 +104,27 @@ def rmsnorm_eps(m: nn.Module) -> float | None:
     return float(eps) if isinstance(eps, (int, float)) else None
 
 
-def _act_name(m: nn.Module, config) -> str:
-    return getattr(config, "hidden_act", "silu")
+ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")  # what planc.ops.act applies
+
+
+def _act_name(ffn: nn.Module, config) -> str:
+    """The block's activation, asked of its own `act_fn` (the MLP's, or the fused experts') on a
+    probe: config key names differ across families (hidden_act; Gemma's hidden_activation).
+    Without an act_fn, the config's name."""
+    fn = getattr(ffn, "act_fn", getattr(getattr(ffn, "experts", None), "act_fn", None))
+    if not callable(fn):
+        return getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None) or "silu"
+    x = torch.linspace(-6.0, 6.0, 97, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            y = fn(x)
+    except Exception:
+        y = None
+    for name in ACTIVATIONS:
+        if isinstance(y, torch.Tensor) and y.shape == x.shape and torch.allclose(y, act(name, x), rtol=1e-6, atol=1e-9):
+            return name
+    raise ModelError(f"{type(fn).__name__}: an activation planc does not apply; its mlp applies "
+                     f"{', '.join(ACTIVATIONS)}")
 
 
 def _mla_dims(attn: nn.Module, rope_scaling: float, complex_rope: bool) -> MlaDims | None:
@@ -125,6 +189,9 @@ def _gqa_dims(attn: nn.Module, rope_scaling: float, layer: int, rope_width: int 
             qk_norm = "full"  # OLMoE: the whole q and k projections normalized before the head split
         else:
             return None
+    softcap = getattr(attn, "attn_logit_softcapping", getattr(getattr(attn, "config", None), "attn_logit_softcapping", None))
+    if softcap is not None:  # Gemma 2: scores -> cap * tanh(scores / cap) before the softmax
+        raise ModelError(f"attn_logit_softcapping {softcap}: planc's gqa_attention does not cap attention scores")
     if getattr(getattr(attn, "config", None), "clip_qkv", None) is not None:
         return None  # OLMoE's optional clamp of q, k, v: not part of the semantic op
     return GqaDims(
@@ -450,27 +517,34 @@ def _layer_rope(attn: nn.Module, rope: Rope) -> Rope:
     return Rope(held.attention_scaling, False, 2 * held.inv_freq.numel())
 
 
-LAYER_CHILDREN = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
-# the names a pre-norm goes by: before the attention, before the MLP (Apertus: attention_layernorm,
-# feedforward_layernorm)
-NORM_NAMES = (("input_layernorm", "attention_layernorm"), ("post_attention_layernorm", "feedforward_layernorm"))
+# The layer layouts planc lifts, as (attention branch, feed-forward branch). Pre-norm (Llama and
+# most): a norm before each block, under either of the names it goes by (Apertus:
+# attention_layernorm, feedforward_layernorm). Sandwich (Gemma 2 and 3): norms before and after
+# both. Post-norm (OLMo 2 and 3): a norm after each block, none before.
+LAYOUTS = (
+    *((Branch(pre_attention, "self_attn", None), Branch(pre_mlp, "mlp", None))
+      for pre_attention in ("input_layernorm", "attention_layernorm")
+      for pre_mlp in ("post_attention_layernorm", "feedforward_layernorm")),
+    (Branch("input_layernorm", "self_attn", "post_attention_layernorm"),
+     Branch("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm")),
+    (Branch(None, "self_attn", "post_attention_layernorm"), Branch(None, "mlp", "post_feedforward_layernorm")),
+)
+LAYOUT_TEXT = ("h + self_attn(input_layernorm(h)), then + mlp(post_attention_layernorm(.)) (pre-norm); "
+               "h + post_attention_layernorm(self_attn(input_layernorm(h))), then + post_feedforward_layernorm("
+               "mlp(pre_feedforward_layernorm(.))) (sandwich); or h + post_attention_layernorm(self_attn(h)), then "
+               "+ post_feedforward_layernorm(mlp(.)) (post-norm)")
 
 
-def _layer_layout(layer: nn.Module, fqn: str) -> tuple[str, str]:
-    """A pre-norm decoder layer: h + self_attn(input_layernorm(h)), then + mlp(post_attention_layernorm(.)),
-    its norms under either name of NORM_NAMES (returned). Other children (a norm after the attention
-    or the MLP, a parallel branch) mean other wiring; the lift's junction checks confirm this one."""
+def _layer_layout(layer: nn.Module, fqn: str) -> tuple[Branch, Branch]:
+    """The layout (LAYOUTS) whose names are exactly the layer's children (dropouts and identities
+    aside). Names say which norm is where; the lift's residual and junction checks confirm that
+    the layer computes what they say."""
     children = {c for c in _children(layer) if not isinstance(getattr(layer, c), (nn.Dropout, nn.Identity))}
-    norms = tuple(next((n for n in names if n in children), names[0]) for names in NORM_NAMES)
-    wanted = (norms[0], "self_attn", norms[1], "mlp")
-    missing = [c for c in wanted if c not in children]
-    extra = sorted(children - set(wanted))
-    if missing or extra:
-        found = "; ".join([f"no {', '.join(missing)}"] * bool(missing) + [f"also {', '.join(extra)}"] * bool(extra))
-        raise ModelError(f"{fqn} ({type(layer).__name__}): not a pre-norm decoder layer with children "
-                         f"{', '.join(LAYER_CHILDREN)} ({found}); planc lifts layers computing "
-                         "h + self_attn(input_layernorm(h)), then + mlp(post_attention_layernorm(.))")
-    return norms
+    for layout in LAYOUTS:
+        if {name for b in layout for name in (b.pre, b.block, b.post) if name} == children:
+            return layout
+    raise ModelError(f"{fqn} ({type(layer).__name__}): children {', '.join(sorted(children))} are not a decoder "
+                     f"layer layout planc lifts; it lifts layers computing {LAYOUT_TEXT}")
 
 
 def _complex_rope(rotary: nn.Module | None) -> bool:
@@ -520,13 +594,15 @@ def recognize(model: nn.Module) -> list[Block]:
                     {"scale": _embedding_scale(base.embed_tokens)})]
     for i, layer in enumerate(base.layers):
         lp = f"{prefix}.layers.{i}"
-        before_attention, before_mlp = _layer_layout(layer, lp)
-        blocks += [
-            _norm_or_captured(getattr(layer, before_attention), f"{lp}.{before_attention}", i),
-            _stateful_block(layer.self_attn, f"{lp}.self_attn", i, _layer_rope(layer.self_attn, rope)),
-            _norm_or_captured(getattr(layer, before_mlp), f"{lp}.{before_mlp}", i),
-            _ffn_or_captured(layer.mlp, f"{lp}.mlp", i, model.config),
-        ]
+        attention, mlp = _layer_layout(layer, lp)
+        cores = (_stateful_block(layer.self_attn, f"{lp}.self_attn", i, _layer_rope(layer.self_attn, rope)),
+                 _ffn_or_captured(layer.mlp, f"{lp}.mlp", i, model.config))
+        for branch, core in zip((attention, mlp), cores):
+            if branch.pre:
+                blocks.append(_norm_or_captured(getattr(layer, branch.pre), f"{lp}.{branch.pre}", i))
+            blocks.append(core)
+            if branch.post:
+                blocks.append(replace(_norm_or_captured(getattr(layer, branch.post), f"{lp}.{branch.post}", i), post=True))
     blocks.append(_norm_or_captured(base.norm, f"{prefix}.norm", None))
     blocks.append(Block("lm_head", "lm_head", "Linear", None, None, {"vocab": model.lm_head.out_features}))
     return blocks

@@ -58,6 +58,16 @@ def configs() -> dict[str, T.PretrainedConfig]:
                                                      layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
         # no rope on every other layer (NoPE; the attention's use_rope is 0 there)
         "smollm3_nope_layers": T.SmolLM3Config(**COMMON, no_rope_layer_interval=2),
+        # post-norms (a norm after the attention and after the MLP, none before), q/k norms over
+        # the whole projection
+        "olmo2_post_norms": T.Olmo2Config(**COMMON),
+        # the same with windows on some layers and one rope per layer type
+        "olmo3_post_norms_windows": T.Olmo3Config(**COMMON, sliding_window=WINDOW,
+                                                  layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+        # sandwich norms (before and after both blocks) scaling by 1 + weight, per-head q/k norms,
+        # a tanh-approximated GELU, query_pre_attn_scalar, windows and a rope per layer type
+        "gemma3_sandwich_norms": T.Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=24,
+                                                    layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
     }
 
 
@@ -123,15 +133,54 @@ def test_two_ranks_give_transformers_logits_past_the_window(tmp_path, name):
     assert diff <= 1e-4, diff  # fp32: the split GEMMs and all-reduce reorder additions
 
 
+@pytest.mark.parametrize("name", ["olmo2_post_norms", "gemma3_sandwich_norms"])
+def test_a_post_norm_reads_the_summed_output_of_its_split_block(tmp_path, name):
+    model = build(name)
+    plan = PLAN + '  - match: "model.layers.*.mlp"\n    mlp: {strategy: tp}\n'
+    art = compile(model, parse_plan_text(plan, "plan.yaml"), tmp_path / "out")
+    nodes = {n["name"]: n for n in art.report["graph_nodes"]["dense_tp"]}
+    posts = [n for n in nodes.values() if n["kind"] == "rmsnorm" and n["fqn"].endswith(("post_attention_layernorm",
+                                                                                          "post_feedforward_layernorm"))]
+    assert len(posts) == 2 * 3
+    for post in posts:  # o_proj / down_proj -> all_reduce -> post-norm -> residual add
+        summed = nodes[post["args"][0]]
+        assert summed["kind"] == "all_reduce" and nodes[summed["args"][0]]["kind"] == "linear"
+    prompt = torch.randint(0, 256, (17,), generator=torch.Generator().manual_seed(1)).tolist()
+    got = run_threads(lambda comm: generate(Model(str(art.path), comm=comm), [prompt], 6, keep_logits=True), 2)[0]
+    with torch.no_grad():
+        want = model(torch.tensor([prompt + got.tokens[0]]), use_cache=False).logits[0, len(prompt) - 1:-1]
+    assert max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want)) <= 1e-4
+
+
+def test_norms_named_as_post_norms_but_run_before_their_blocks_are_refused():
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2DecoderLayer
+
+    class PreNormed(Olmo2DecoderLayer):  # Olmo2's children, wired as a pre-norm layer
+        def forward(self, hidden_states, position_embeddings=None, **kwargs):
+            normed = self.post_attention_layernorm(hidden_states)
+            h = hidden_states + self.self_attn(hidden_states=normed, position_embeddings=position_embeddings, **kwargs)[0]
+            return h + self.mlp(self.post_feedforward_layernorm(h))
+
+    model = build("olmo2_post_norms")
+    for layer in model.model.layers:
+        layer.__class__ = PreNormed
+    with pytest.raises(CompileError, match=r"lift declined .*\n  model.layers.0 \(residual\): residual wiring differs"):
+        lift(model, check=True)
+
+
 def _layer_config(cls: str, **kw) -> T.PretrainedConfig:
     return getattr(T, cls)(**COMMON, **kw)
 
 
 @pytest.mark.parametrize(("config", "says"), [
-    (_layer_config("CohereConfig"), "model.layers.0 (CohereDecoderLayer): not a pre-norm decoder layer"),
-    (_layer_config("Olmo2Config"), "no input_layernorm; also post_feedforward_layernorm"),
-    (_layer_config("Gemma2Config", head_dim=16), "also post_feedforward_layernorm, pre_feedforward_layernorm"),
-    (_layer_config("GraniteMoeConfig", num_local_experts=4, num_experts_per_tok=2), "no mlp; also block_sparse_moe"),
+    # attention and MLP in parallel from one norm
+    (_layer_config("CohereConfig"), "model.layers.0 (CohereDecoderLayer): children input_layernorm, mlp, self_attn "
+                                     "are not a decoder layer layout planc lifts"),
+    (_layer_config("GraniteMoeConfig", num_local_experts=4, num_experts_per_tok=2),
+     "children block_sparse_moe, input_layernorm, post_attention_layernorm, self_attn are not a decoder layer layout"),
+    # Gemma 2's sandwich norms lift, its capped attention scores do not
+    (_layer_config("Gemma2Config", head_dim=16), "model.layers.0.self_attn (Gemma2Attention): attn_logit_softcapping "
+                                                 "50.0: planc's gqa_attention does not cap attention scores"),
     # a norm between the attention and o_proj: recognized by its q/k/v/o children, but another op
     # q/k norms without a weight: not the q/k norm gqa_attention applies
     (_layer_config("NanoChatConfig"), "model.layers.0.self_attn (NanoChatAttention): q_norm (NanoChatRMSNorm) and "
@@ -371,7 +420,7 @@ def test_a_layer_that_scales_a_norms_output_before_its_block_is_refused(attentio
 def test_a_junction_planc_cannot_reproduce_is_a_lift_error_not_a_different_model():
     model = build("", config=_layer_config("LlamaConfig"))
     model.model.layers[0].register_forward_hook(lambda _m, _i, out: out * 1.5 + 1.0)  # between layers 0 and 1
-    with pytest.raises(CompileError, match=r"model.layers.0 \(glue\): h \+ mlp output as "
+    with pytest.raises(CompileError, match=r"model.layers.0 \(glue\): h \+ the feed-forward branch's output as "
                                            r"model.layers.1.input_layernorm's input differs"):
         lift(model, check=True)
 
