@@ -5,8 +5,8 @@ mla_decode_cpu is C for CPU ranks and shares mla_decode's reference).
 - `rmsnorm`: `rmsnorm(x, weight, eps)`, Hugging Face RMSNorm semantics, one program per row.
 - `mla_decode`: `mla_decode(q_lat, q_pe, ckv, kpe, key_mask, scale)`, absorbed-form MLA decode
   attention over a latent cache, split sequence + log-sum-exp merge.
-- `gqa_decode`: `gqa_decode(q, k, v, key_mask, scale)`, grouped-query decode attention over a
-  [B, T, Hkv, D] cache, split sequence + log-sum-exp merge.
+- `gqa_decode`: `gqa_decode(q, k, v, key_mask, scale, softcap=None)`, grouped-query decode attention
+  over a [B, T, Hkv, D] cache (scores optionally capped, Gemma 2), split sequence + log-sum-exp merge.
 - `mla_decode_cpu`: `mla_decode_cpu(q_lat, q_pe, ckv, kpe, key_mask, scale)`, the same op fused for
   one CPU core in C (mla_decode_cpu.c, float32), built with the machine's C compiler.
 

@@ -4,12 +4,14 @@ Shape legend: B batch, Q query heads (Hq), K kv heads (Hkv), G = Q // K query he
 T cache capacity (slots), S sequence splits, D head dim.
 
     logits[b, h, t] = scale * q[b, h] . k[b, t, h // G]   where key_mask[b, t]
+                      (then softcap * tanh(logits / softcap) where softcap is given: Gemma 2)
     out[b, h]       = sum_t softmax_t(logits[b, h]) * v[b, t, h // G]
 
 The G query heads of one kv head read the same cache rows, so one program takes a block of them
 and one split of the sequence, runs an online softmax over that split and writes a partial
 (max, sum, unnormalized accumulator) in fp32; the launcher merges the splits with an exact
-log-sum-exp in torch. Logits are kept in base 2 (exp2) with scale * log2(e) folded in.
+log-sum-exp in torch. Logits are kept in base 2 (exp2) with scale * log2(e) folded in (with a
+softcap, log2(e) is applied after the cap; tanh is written with exp2, which the interpreter has).
 
 Masked slots are never loaded (their bytes may be anything, NaN included) and contribute
 nothing; a row whose keys are all masked returns zeros. D may be any size: tiles are padded to
@@ -29,13 +31,14 @@ import triton.language as tl
 from planc.kernels.split_merge import default_num_splits, merge_splits
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
 
 
 @triton.jit
 def _gqa_decode_split_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr,
     acc_ptr, m_ptr, l_ptr,
-    G, T, D, tokens_per_split, qk_scale, num_g_blocks,
+    G, T, D, tokens_per_split, qk_scale, softcap, num_g_blocks,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -43,7 +46,7 @@ def _gqa_decode_split_kernel(
     stride_ab, stride_as, stride_ah, stride_ad,
     stride_lb, stride_ls, stride_lh,
     BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1) // num_g_blocks
@@ -77,8 +80,13 @@ def _gqa_decode_split_kernel(
         if UPCAST:
             k_TD = k_TD.to(tl.float32)
             v_TD = v_TD.to(tl.float32)
-        qk_GT = tl.dot(q_GD, tl.trans(k_TD), input_precision="ieee")
-        qk_GT = tl.where(valid_T[None, :], qk_GT * qk_scale, float("-inf"))
+        qk_GT = tl.dot(q_GD, tl.trans(k_TD), input_precision="ieee") * qk_scale
+        if SOFTCAP:  # qk_scale is the plain scale here: cap, then to base 2
+            x_GT = qk_GT / softcap
+            e_GT = tl.math.exp2(tl.abs(x_GT) * (-2.0 * LOG2E))  # tanh|x| = (1 - e) / (1 + e), e = exp(-2|x|) <= 1
+            tanh_GT = tl.where(x_GT < 0, -1.0, 1.0) * (1.0 - e_GT) / (1.0 + e_GT)
+            qk_GT = tanh_GT * (softcap * LOG2E)
+        qk_GT = tl.where(valid_T[None, :], qk_GT, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(qk_GT, axis=1))
         # While every key seen is masked the max is -inf; subtracting 0 instead keeps exp2 at 0.
@@ -115,12 +123,15 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
 
 
 def gqa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, scale: float,
-               num_splits: int | None = None) -> torch.Tensor:
+               num_splits: int | None = None, *, softcap: float | None = None) -> torch.Tensor:
     """GQA decode attention; returns out [B, Hq, D] in q's dtype.
 
     q [B, Hq, D], k and v [B, T, Hkv, D], key_mask [B, T] bool; query head h uses kv head
-    h // (Hq // Hkv). `num_splits` (default: sized to the device) sets the sequence splits.
+    h // (Hq // Hkv). `num_splits` (default: sized to the device) sets the sequence splits;
+    `softcap` caps the scaled logits (softcap · tanh(logits / softcap)).
     """
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"gqa_decode: softcap must be > 0 (or None), got {softcap}")
     _check(q, k, v, key_mask)
     b, hq, d = q.shape
     t, hkv = k.shape[1], k.shape[2]
@@ -146,23 +157,26 @@ def gqa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torc
     _gqa_decode_split_kernel[(b, hkv * num_g_blocks, num_splits)](
         q, k, v, mask_BT,
         acc_BSHD, m_BSH, l_BSH,
-        group, t, d, tokens_per_split, float(scale) * math.log2(math.e), num_g_blocks,
+        group, t, d, tokens_per_split, float(scale) * (1.0 if softcap else math.log2(math.e)), float(softcap or 1.0),
+        num_g_blocks,
         *q.stride(), *k.stride(), *v.stride(), *mask_BT.stride(),
         *acc_BSHD.stride(), *m_BSH.stride(),
         BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_D=block_d,
-        UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
+        UPCAST=os.environ.get("TRITON_INTERPRET") == "1", SOFTCAP=softcap is not None,
     )
     return merge_splits(acc_BSHD, m_BSH, l_BSH).to(q.dtype)
 
 
 def gqa_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
-                         scale: float) -> torch.Tensor:
+                         scale: float, *, softcap: float | None = None) -> torch.Tensor:
     """Pure-PyTorch `gqa_decode` in fp32 (masked slots zeroed, all-masked rows give zeros)."""
     group = q.shape[1] // k.shape[2]
     valid_BT = key_mask.bool()
     k_f = k.float().masked_fill(~valid_BT[..., None, None], 0.0).repeat_interleave(group, dim=2)
     v_f = v.float().masked_fill(~valid_BT[..., None, None], 0.0).repeat_interleave(group, dim=2)
     logits = scale * torch.einsum("bhd,bthd->bht", q.float(), k_f)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     logits = logits.masked_fill(~valid_BT[:, None, :], float("-inf"))
     p = torch.softmax(logits, dim=-1).masked_fill(~valid_BT.any(-1)[:, None, None], 0.0)
     return torch.einsum("bht,bthd->bhd", p, v_f).to(q.dtype)

@@ -68,6 +68,7 @@ class GqaDims:
     rope_dim: int | None = None  # partial rotary: rope turns the first rope_dim of each head (None: all; 0: NoPE)
     rope_interleave: bool = False  # rope turns pairs (x[2i], x[2i+1]) rather than (x[i], x[i + R/2])
     qk_offset: float = 0.0  # per-head q/k norms scaling by offset + weight (MiniMax-M3: 1, Gemma-style)
+    softcap: float | None = None  # Gemma 2: scores -> softcap · tanh(scores / softcap) before the softmax
 
     def local(self, num_heads: int, num_kv_heads: int) -> "GqaDims":
         return replace(self, num_heads=num_heads, num_kv_heads=num_kv_heads)

@@ -127,6 +127,15 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(probs, nan=0.0)  # fully masked rows (padding queries) give zeros
 
 
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap · tanh(x / cap), in transformers' order (Gemma 2's attention scores and final logits)."""
+    return torch.tanh(x / cap) * cap
+
+
+def capped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return logits if cap is None else softcap(logits, cap)
+
+
 def acc(x: torch.Tensor) -> torch.Tensor:
     """Norm statistics in at least fp32 (fp64 stays fp64, so fp64 checks can be exact)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -171,11 +180,11 @@ class Ops:
         probs = masked_softmax(logits * scale, key_mask_BT[:, None, :]).to(ckv_BTC.dtype)
         return torch.einsum("bht,btc->bhc", probs, ckv_BTC)
 
-    def gqa_decode(self, q_BHD, k_BTGD, v_BTGD, key_mask_BT, scale: float):
+    def gqa_decode(self, q_BHD, k_BTGD, v_BTGD, key_mask_BT, scale: float, softcap: float | None = None):
         rep = q_BHD.shape[1] // k_BTGD.shape[2]
         k = k_BTGD.repeat_interleave(rep, dim=2)
         v = v_BTGD.repeat_interleave(rep, dim=2)
-        logits = torch.einsum("bhd,bthd->bht", q_BHD, k) * scale
+        logits = capped(torch.einsum("bhd,bthd->bht", q_BHD, k) * scale, softcap)
         probs = masked_softmax(logits, key_mask_BT[:, None, :]).to(v.dtype)
         return torch.einsum("bht,bthd->bhd", probs, v)
 
@@ -190,6 +199,10 @@ class Ops:
     # -- node-level ops --------------------------------------------------------------------------
     def embedding(self, ids_BS: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids_BS, w)
+
+    def softcap(self, x: torch.Tensor, cap: float) -> torch.Tensor:
+        """cap · tanh(x / cap): Gemma 2's final logits (planc.lift.glue.Softcap)."""
+        return softcap(x, cap)
 
     def sigmoid_scale(self, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """sigmoid(gate) * y: a gate of width 1 scales each token's output (Qwen2-MoE's shared expert)."""
@@ -247,17 +260,17 @@ class Ops:
         end = step.start + S
         cache.k_BTHD[:, step.start:end] = k
         cache.v_BTHD[:, step.start:end] = v
-        return self._gqa_attend(q, cache, step, S, d.scale, d.window).reshape(B, S, d.num_heads * d.head_dim)
+        return self._gqa_attend(q, cache, step, S, d).reshape(B, S, d.num_heads * d.head_dim)
 
-    def _gqa_attend(self, q_BSHD, cache: GqaCache, step: Step, S: int, scale: float, window: int | None = None):
+    def _gqa_attend(self, q_BSHD, cache: GqaCache, step: Step, S: int, d: GqaDims):
         end = step.start + S
         k, v = cache.k_BTHD[:, :end], cache.v_BTHD[:, :end]
         if S == 1:
-            return self.gqa_decode(q_BSHD[:, 0], k, v, decode_key_mask(step, window), scale)[:, None]
+            return self.gqa_decode(q_BSHD[:, 0], k, v, decode_key_mask(step, d.window), d.scale, d.softcap)[:, None]
         rep = q_BSHD.shape[2] // k.shape[2]
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
-        logits = torch.einsum("bshd,bthd->bhst", q_BSHD, k) * scale
-        probs = masked_softmax(logits, attention_mask(step, S, window)).to(v.dtype)
+        logits = capped(torch.einsum("bshd,bthd->bhst", q_BSHD, k) * d.scale, d.softcap)
+        probs = masked_softmax(logits, attention_mask(step, S, d.window)).to(v.dtype)
         return torch.einsum("bhst,bthd->bshd", probs, v)
 
     def moe_route(self, x_ND: torch.Tensor, W: Weights, d: RouterDims) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,8 @@ lm_head's output is the logits. Some scale these by constants outside their modu
 `embedding_multiplier`, `residual_multiplier`, `logits_scaling` after lm_head; MiniCPM3 divides
 the final norm's output by `logits_scaling` before it): the captured graph then has one `mul` or
 `div` by a number at the junction, and the lifted graph reproduces it (the embedding node's scale,
-the residual adds' scale on their branch, a `scale` node before or after lm_head).
+the residual adds' scale on their branch, a `scale` node before or after lm_head). Gemma 2 caps
+its logits (`final_logit_softcapping` c: div by c, tanh, mul by c), read the same way.
 
 Anything else at a junction is left for the lift's glue checks to refuse with the numbers.
 """
@@ -19,6 +20,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.fx as fx
 
+from planc.ops import softcap
+
 if TYPE_CHECKING:  # recognize imports this module
     from planc.lift.recognize import Branch
 
@@ -28,6 +31,7 @@ Bounds = dict[str, tuple[fx.Node | None, fx.Node | None]]  # block FQN -> (enter
 MUL = (torch.ops.aten.mul.Tensor, torch.ops.aten.mul.Scalar, operator.mul, torch.mul, "mul")
 DIV = (torch.ops.aten.div.Tensor, torch.ops.aten.div.Scalar, operator.truediv, torch.div, "div")
 ADD = (torch.ops.aten.add.Tensor, operator.add, torch.add, "add")
+TANH = (torch.ops.aten.tanh.default, torch.tanh, "tanh")
 COMPUTE = ("call_function", "call_method")
 
 
@@ -70,6 +74,22 @@ class Scale:
 
 
 @dataclass(frozen=True)
+class Softcap:
+    """cap · tanh(x / cap) (Gemma 2's final logits), as the captured graph computes it."""
+
+    cap: float
+
+    def emit(self, x: str) -> str:
+        return f"ops.softcap({x}, {self.cap!r})"
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return softcap(x, self.cap)
+
+    def __str__(self) -> str:
+        return f"softcap {self.cap:g}"
+
+
+@dataclass(frozen=True)
 class Glue:
     """The scales at a decoder's junctions (None: passed on unchanged). residual: per layer,
     (attention branch, MLP branch); head_input: between the final norm and lm_head; logits: after
@@ -77,7 +97,7 @@ class Glue:
 
     embedding: Scale | None = None
     residual: dict[int, tuple[Scale | None, Scale | None]] | None = None
-    logits: Scale | None = None
+    logits: Scale | Softcap | None = None
     head_input: Scale | None = None
 
     def attention_branch(self, layer: int) -> Scale | None:
@@ -118,6 +138,19 @@ def scaled(node: fx.Node | None, source: fx.Node | None) -> Scale | None | bool:
     return False
 
 
+def capped(node: fx.Node, source: fx.Node) -> Softcap | None:
+    """Softcap(c) when `node` starts source / c -> tanh -> * c (each the only user of the one
+    before), else None."""
+    divided = scaled(node, source)
+    if not isinstance(divided, Scale) or divided.op != "div" or len(node.users) != 1:
+        return None
+    tanh = next(iter(node.users))
+    if tanh.op not in COMPUTE or tanh.target not in TANH or tanh.args[:1] != (node,) or len(tanh.users) != 1:
+        return None
+    times = scaled(next(iter(tanh.users)), tanh)
+    return Softcap(divided.by) if isinstance(times, Scale) and times.op == "mul" and times.by == divided.by else None
+
+
 def branch(summed: fx.Node | None, out: fx.Node | None) -> Scale | None | bool:
     """How `summed` adds a block's output to the residual stream: stream + out (True), stream +
     out * c (a Scale), or something else (False). The stream's side is the residual check's to
@@ -148,5 +181,5 @@ def read_glue(j: Junctions) -> Glue:
     if head_out is not None:
         users = [u for u in head_out.users if u.op != "output"]
         if len(users) == 1:
-            logits = only_scale(scaled(users[0], head_out))
+            logits = capped(users[0], head_out) or only_scale(scaled(users[0], head_out))
     return Glue(emb, residual if any(s != (None, None) for s in residual.values()) else None, logits, head_input)

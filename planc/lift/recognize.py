@@ -190,8 +190,8 @@ def _gqa_dims(attn: nn.Module, rope_scaling: float, layer: int, rope_width: int 
         else:
             return None
     softcap = getattr(attn, "attn_logit_softcapping", getattr(getattr(attn, "config", None), "attn_logit_softcapping", None))
-    if softcap is not None:  # Gemma 2: scores -> cap * tanh(scores / cap) before the softmax
-        raise ModelError(f"attn_logit_softcapping {softcap}: planc's gqa_attention does not cap attention scores")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0):
+        raise ModelError(f"attn_logit_softcapping {softcap!r}: planc caps attention scores by a positive number")
     if getattr(getattr(attn, "config", None), "clip_qkv", None) is not None:
         return None  # OLMoE's optional clamp of q, k, v: not part of the semantic op
     return GqaDims(
@@ -199,6 +199,7 @@ def _gqa_dims(attn: nn.Module, rope_scaling: float, layer: int, rope_width: int 
         head_dim=head_dim, eps=eps, scale=float(attn.scaling), rope_scaling=rope_scaling, qk_norm=qk_norm,
         window=sliding_window(attn, layer), rope_dim=_rope_dim(attn, rope_width, head_dim),
         rope_interleave=rope_interleaved(type(attn), rope_width or head_dim), qk_offset=qk_offset,
+        softcap=None if softcap is None else float(softcap),
     )
 
 

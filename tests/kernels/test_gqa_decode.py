@@ -88,8 +88,9 @@ def test_gqa_decode_low_precision(dtype):
     torch.testing.assert_close(out.float(), ref.float(), rtol=rtol, atol=1e-5)
 
 
-def _naive_fp64(q, k, v, mask, scale):
-    """Explicit per-(b, h) softmax over the valid slots, kv head h // G, in fp64."""
+def _naive_fp64(q, k, v, mask, scale, softcap=None):
+    """Explicit per-(b, h) softmax over the valid slots, kv head h // G, in fp64 (logits capped
+    as softcap · tanh(logits / softcap) where softcap is given)."""
     b, hq, d = q.shape
     group = hq // k.shape[2]
     out = torch.zeros(b, hq, d, dtype=torch.float64)
@@ -97,6 +98,8 @@ def _naive_fp64(q, k, v, mask, scale):
         idx = mask[bi].nonzero().flatten().tolist()
         for hi in range(hq if idx else 0):
             logits = [scale * float(q[bi, hi].double() @ k[bi, t, hi // group].double()) for t in idx]
+            if softcap is not None:
+                logits = [softcap * math.tanh(x / softcap) for x in logits]
             top = max(logits)
             weights = [math.exp(x - top) for x in logits]
             total = sum(weights)
@@ -110,6 +113,21 @@ def test_gqa_decode_reference_matches_naive_fp64(kind):
     q, k, v, mask = _inputs(2, 4, 2, 12, 8, kind, seed=6)
     ref = gqa_decode_reference(q, k, v, mask, 0.35)
     torch.testing.assert_close(ref.double(), _naive_fp64(q, k, v, mask, 0.35), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind, softcap", [("holes", 2.0), ("empty_row", 50.0), ("left_pad", 0.5)])
+def test_gqa_decode_caps_the_scaled_logits(kind, softcap):
+    """Gemma 2's attention: softcap · tanh(scale q·k / softcap), then the softmax; a small cap
+    changes the result (the test would fail with the cap left out)."""
+    q, k, v, mask = _inputs(2, 8, 2, 37, 32, kind, seed=7)
+    q = q * 3.0  # logits of several units, where the cap bends them
+    out = gqa_decode(q, k, v, mask, 0.3, num_splits=2, softcap=softcap)
+    ref = gqa_decode_reference(q, k, v, mask, 0.3, softcap=softcap)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    naive = _naive_fp64(q, k, v, mask, 0.3, softcap=softcap)
+    torch.testing.assert_close(ref.double(), naive, rtol=1e-5, atol=1e-6)
+    if softcap < 10:
+        assert (ref - gqa_decode_reference(q, k, v, mask, 0.3)).abs().max() > 1e-2
 
 
 def test_gqa_decode_rejects_bad_inputs():

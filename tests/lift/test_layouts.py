@@ -152,6 +152,32 @@ def test_a_post_norm_reads_the_summed_output_of_its_split_block(tmp_path, name):
     assert max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want)) <= 1e-4
 
 
+def test_capped_attention_scores_and_logits_match_transformers_where_the_caps_bite(tmp_path):
+    """Gemma 2: scores -> 2 · tanh(scores / 2) before the softmax, logits -> 1.5 · tanh(logits / 1.5);
+    q and k made large enough that both caps change the logits (by more than 100x the tolerance)."""
+    config = _layer_config("Gemma2Config", head_dim=16, sliding_window=WINDOW, attn_logit_softcapping=2.0,
+                           final_logit_softcapping=1.5)
+    model = build("", config=config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(40.0)
+            layer.self_attn.k_proj.weight.mul_(40.0)
+        model.lm_head.weight.mul_(40.0)
+    art = compile(model, parse_plan_text(PLAN, "plan.yaml"), tmp_path / "out")
+    assert {d.softcap for d in _attention_of(model)} == {2.0}
+    assert "ops.softcap(logits, 1.5)" in (art.path / program_file("target")).read_text()
+    prompt = torch.randint(0, 256, (17,), generator=torch.Generator().manual_seed(1)).tolist()
+    got = run_threads(lambda comm: generate(Model(str(art.path), comm=comm), [prompt], 6, keep_logits=True), 2)[0]
+    ids = torch.tensor([prompt + got.tokens[0]])
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits[0, len(prompt) - 1:-1]
+        for layer in model.model.layers:  # the same model without its attention cap
+            layer.self_attn.attn_logit_softcapping = None
+        uncapped = model(ids, use_cache=False).logits[0, len(prompt) - 1:-1]
+    assert max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want)) <= 1e-4
+    assert (uncapped - want).abs().max() > 1e-2
+
+
 def test_norms_named_as_post_norms_but_run_before_their_blocks_are_refused():
     from transformers.models.olmo2.modeling_olmo2 import Olmo2DecoderLayer
 
@@ -178,9 +204,6 @@ def _layer_config(cls: str, **kw) -> T.PretrainedConfig:
                                      "are not a decoder layer layout planc lifts"),
     (_layer_config("GraniteMoeConfig", num_local_experts=4, num_experts_per_tok=2),
      "children block_sparse_moe, input_layernorm, post_attention_layernorm, self_attn are not a decoder layer layout"),
-    # Gemma 2's sandwich norms lift, its capped attention scores do not
-    (_layer_config("Gemma2Config", head_dim=16), "model.layers.0.self_attn (Gemma2Attention): attn_logit_softcapping "
-                                                 "50.0: planc's gqa_attention does not cap attention scores"),
     # a norm between the attention and o_proj: recognized by its q/k/v/o children, but another op
     # q/k norms without a weight: not the q/k norm gqa_attention applies
     (_layer_config("NanoChatConfig"), "model.layers.0.self_attn (NanoChatAttention): q_norm (NanoChatRMSNorm) and "
