@@ -154,7 +154,7 @@ def check_blocks(model: nn.Module, gm: fx.GraphModule, blocks: list[Block], exam
     with torch.no_grad():
         out = rec.run(*example_args, *example_kwargs.values())
         checked = [_check_one(model, b, bounds[b.fqn], rec.values) for b in progress.track(blocks, "lift checks", "blocks")]
-        return (checked + _check_residuals(blocks, bounds, rec.values, glue)
+        return (checked + _check_residuals(blocks, found, rec.values, glue)
                 + _check_glue(found, rec.values, out, glue))
 
 
@@ -175,24 +175,28 @@ def _check_one(model: nn.Module, block: Block, bound, values) -> Check:
     return Check(block.fqn, err <= tol, err, "" if err <= tol else f"reference differs from the captured subgraph: rel err {err:.2e} > {tol:.0e}")
 
 
-def _check_residuals(blocks: list[Block], bounds, values, glue: Glue) -> list[Check]:
+def _check_residuals(blocks: list[Block], j: Junctions, values, glue: Glue) -> list[Check]:
     """h_in + the attention branch's output (scaled as glue says) == what enters the feed-forward
-    branch, for every layer."""
-    checks = []
-    branches = layer_branches(blocks)
+    branch, for every layer; for parallel branches, h_in + both outputs == what enters the next
+    layer (the block after it)."""
+    checks, bounds = [], j.bounds
     for b in blocks:
         if b.kind not in ("mla_attention", "gqa_attention"):
             continue
         lp = b.fqn.rsplit(".", 1)[0]
-        attention, mlp = branches[lp]
+        attention, mlp = j.branches[lp]
         h_in = bounds[attention.first][0]
         attn_out = bounds[attention.last][1]
-        post_in = bounds[mlp.first][0]
-        if None in (h_in, attn_out, post_in):
+        mlp_out = bounds[mlp.last][1] if mlp.parallel else None
+        post_in = bounds.get(j.following.get(lp, ""), (None, None))[0] if mlp.parallel else bounds[mlp.first][0]
+        if None in (h_in, attn_out, post_in) or (mlp.parallel and mlp_out is None):
             checks.append(Check(f"{lp} (residual)", False, float("nan"), "layer boundary values not found"))
             continue
         branch = glue.attention_branch(b.layer)
         out = values[attn_out] if branch is None else branch.apply(values[attn_out])
+        if mlp.parallel:
+            mlp_branch = glue.mlp_branch(b.layer)
+            out = out + (values[mlp_out] if mlp_branch is None else mlp_branch.apply(values[mlp_out]))
         err = _rel_err(values[h_in] + out, values[post_in])
         checks.append(Check(f"{lp} (residual)", err <= 1e-6, err, "" if err <= 1e-6 else f"residual wiring differs: {err:.2e}"))
     return checks
@@ -251,6 +255,9 @@ def _check_glue(j: Junctions, values, out, glue: Glue) -> list[Check]:
                                       f"{b.block}'s output as {b.post}'s input"))
         after = j.following[lp]
         mid, branch_out = value(mlp.first, 0), value(mlp.last, 1, glue.mlp_branch(index))
+        if mlp.parallel:  # both branches read h: h + attention output + feed-forward output
+            attn_out = value(attention.last, 1, glue.attention_branch(index))
+            mid = None if mid is None or attn_out is None or mid.shape != attn_out.shape else mid + attn_out
         summed = None if mid is None or branch_out is None or mid.shape != branch_out.shape else mid + branch_out
         checks.append(compare(f"{lp} (glue)", summed, value(after, 0), f"h + the feed-forward branch's output as {after}'s input"))
     checks.append(compare(f"{j.norm} (glue)", value(j.norm, 1, glue.head_input), value(j.head, 0),

@@ -174,6 +174,9 @@ def read_glue(j: Junctions) -> Glue:
         attention, mlp = j.branches[lp]
         mid, after = j.value_node(mlp.first, 0), j.value_node(j.following.get(lp, ""), 0)
         attn_out, mlp_out = j.value_node(attention.last, 1), j.value_node(mlp.last, 1)
+        if mlp.parallel:  # (h + attention output) + feed-forward output: the first sum is the second's other term
+            mid = next((a for a in (after.args if after is not None and after.op in COMPUTE else ())
+                        if isinstance(a, fx.Node) and a is not mlp_out), None)
         residual[index] = (only_scale(branch(mid, attn_out)), only_scale(branch(after, mlp_out)))
     head_input = only_scale(scaled(j.value_node(j.head, 0), j.value_node(j.norm, 1)))
     logits = None

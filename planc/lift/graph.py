@@ -122,7 +122,7 @@ def build_graph(blocks: list[Block], model: nn.Module, glue: Glue | None = None,
     weight = build.modules[emb.fqn].weight
     h = build.node("embedding", (ids,), "h", fqn=emb.fqn, cls=emb.cls,
                    dims=EmbeddingDims(weight.shape[0], weight.shape[1], emb.attrs.get("scale") or glue.embedding))
-    i = 0
+    i, x = 0, None
     while i < len(rest):
         b = rest[i]
         if b.kind == "lm_head":
@@ -135,10 +135,11 @@ def build_graph(blocks: list[Block], model: nn.Module, glue: Glue | None = None,
         elif b.layer is None:  # the final norm
             h = build.slot_norm(b, h, "h")
         else:  # a residual branch: its norm, its block, its post-norm, then the add (the branch scaled where the model scales it)
-            x = h
             if is_norm(b):
                 x, i = build.slot_norm(b, h, "x"), i + 1
                 b = rest[i]
+            elif not b.parallel:  # a parallel block reads the input of the branch before it
+                x = h
             out = build.block(b, x)
             if i + 1 < len(rest) and is_norm(rest[i + 1]) and rest[i + 1].post:
                 out, i = build.slot_norm(rest[i + 1], out, "p"), i + 1

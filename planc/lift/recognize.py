@@ -41,16 +41,20 @@ class Block:
     dims: object = None
     attrs: dict = field(default_factory=dict)
     post: bool = False  # a norm of its branch's output (Gemma's and OLMo2's post-norms), not of its input
+    parallel: bool = False  # a block reading the branch before it's normed input, its output added beside (Cohere)
 
 
 @dataclass(frozen=True)
 class Branch:
     """One residual branch of a decoder layer, h + post(block(pre(h))): the names (in a layout) or
-    FQNs (in layer_branches) of its norms, None where it has none, around its block's."""
+    FQNs (in layer_branches) of its norms, None where it has none, around its block's. A parallel
+    branch reads the same h and pre-norm as the branch before it and adds its output beside that
+    branch's: h + attn(x) + mlp(x), x = pre(h) (Cohere)."""
 
     pre: str | None
     block: str
     post: str | None
+    parallel: bool = False
 
     @property
     def first(self) -> str:
@@ -81,6 +85,8 @@ def layer_branches(blocks: list[Block]) -> dict[str, tuple[Branch, ...]]:
             branches[-1] = replace(branches[-1], post=b.fqn)
         elif is_norm(b):
             pre = b.fqn
+        elif b.parallel:
+            branches.append(Branch(branches[-1].pre, b.fqn, None, parallel=True))
         else:
             branches.append(Branch(pre, b.fqn, None))
             pre = None
@@ -214,9 +220,10 @@ def _rope_dim(attn: nn.Module, rope_width: int | None, head_dim: int) -> int | N
 
 @functools.lru_cache(maxsize=None)
 def rope_interleaved(attention_class: type, width: int) -> bool:
-    """Whether the attention's rope turns interleaved pairs (GLM, Helium): asked of its modeling
-    file's `apply_rotary_pos_emb` (transformers' name for it) on one random row. False without one,
-    or when it answers in neither layout (the lift's numeric check then says what differs)."""
+    """Whether the attention's rope turns interleaved pairs (GLM, Helium, Cohere): asked of its
+    modeling file's `apply_rotary_pos_emb` (transformers' name for it) on one random row, its angles
+    laid out either way a rotary embedding hands them out. False without one, or when it answers in
+    neither layout (the lift's numeric check then says what differs)."""
     apply = getattr(sys.modules.get(attention_class.__module__), "apply_rotary_pos_emb", None)
     if not callable(apply) or width % 2:
         return False
@@ -224,14 +231,18 @@ def rope_interleaved(attention_class: type, width: int) -> bool:
     q = torch.randn(1, 1, 1, width, generator=gen, dtype=torch.float64)
     angles = torch.rand(1, 1, width // 2, generator=gen, dtype=torch.float64) * 6.0
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
-    try:
-        with torch.no_grad():
-            got = apply(q, q.clone(), cos, sin)[0]
-    except Exception:
-        return False
     turned = apply_rope(q[0].transpose(0, 1), cos, sin, True).transpose(0, 1)[None]  # [B, S, H, R] layout
-    return isinstance(got, torch.Tensor) and got.shape == q.shape and torch.allclose(
-        torch.cat([got[..., 0::2], got[..., 1::2]], -1), turned)
+    # the angles as most rotary embeddings hand them out (each half), or each one twice in a row (Cohere's)
+    for layout in (angles.repeat(1, 1, 2), angles.repeat_interleave(2, -1)):
+        try:
+            with torch.no_grad():
+                got = apply(q, q.clone(), layout.cos(), layout.sin())[0]
+        except Exception:
+            continue
+        if isinstance(got, torch.Tensor) and got.shape == q.shape and torch.allclose(
+                torch.cat([got[..., 0::2], got[..., 1::2]], -1), turned):
+            return True
+    return False
 
 
 def _router_dims(moe: nn.Module) -> RouterDims | None:
@@ -521,7 +532,8 @@ def _layer_rope(attn: nn.Module, rope: Rope) -> Rope:
 # The layer layouts planc lifts, as (attention branch, feed-forward branch). Pre-norm (Llama and
 # most): a norm before each block, under either of the names it goes by (Apertus:
 # attention_layernorm, feedforward_layernorm). Sandwich (Gemma 2 and 3): norms before and after
-# both. Post-norm (OLMo 2 and 3): a norm after each block, none before.
+# both. Post-norm (OLMo 2 and 3): a norm after each block, none before. Parallel (Cohere): one norm
+# read by both blocks, both outputs added to h.
 LAYOUTS = (
     *((Branch(pre_attention, "self_attn", None), Branch(pre_mlp, "mlp", None))
       for pre_attention in ("input_layernorm", "attention_layernorm")
@@ -529,11 +541,13 @@ LAYOUTS = (
     (Branch("input_layernorm", "self_attn", "post_attention_layernorm"),
      Branch("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm")),
     (Branch(None, "self_attn", "post_attention_layernorm"), Branch(None, "mlp", "post_feedforward_layernorm")),
+    (Branch("input_layernorm", "self_attn", None), Branch("input_layernorm", "mlp", None, parallel=True)),
 )
 LAYOUT_TEXT = ("h + self_attn(input_layernorm(h)), then + mlp(post_attention_layernorm(.)) (pre-norm); "
                "h + post_attention_layernorm(self_attn(input_layernorm(h))), then + post_feedforward_layernorm("
-               "mlp(pre_feedforward_layernorm(.))) (sandwich); or h + post_attention_layernorm(self_attn(h)), then "
-               "+ post_feedforward_layernorm(mlp(.)) (post-norm)")
+               "mlp(pre_feedforward_layernorm(.))) (sandwich); h + post_attention_layernorm(self_attn(h)), then "
+               "+ post_feedforward_layernorm(mlp(.)) (post-norm); or h + self_attn(x) + mlp(x), x = "
+               "input_layernorm(h) (parallel)")
 
 
 def _layer_layout(layer: nn.Module, fqn: str) -> tuple[Branch, Branch]:
@@ -599,7 +613,9 @@ def recognize(model: nn.Module) -> list[Block]:
         cores = (_stateful_block(layer.self_attn, f"{lp}.self_attn", i, _layer_rope(layer.self_attn, rope)),
                  _ffn_or_captured(layer.mlp, f"{lp}.mlp", i, model.config))
         for branch, core in zip((attention, mlp), cores):
-            if branch.pre:
+            if branch.parallel:  # its norm is the branch before's
+                core = replace(core, parallel=True)
+            elif branch.pre:
                 blocks.append(_norm_or_captured(getattr(layer, branch.pre), f"{lp}.{branch.pre}", i))
             blocks.append(core)
             if branch.post:

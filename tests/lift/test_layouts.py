@@ -58,6 +58,9 @@ def configs() -> dict[str, T.PretrainedConfig]:
                                                      layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
         # no rope on every other layer (NoPE; the attention's use_rope is 0 there)
         "smollm3_nope_layers": T.SmolLM3Config(**COMMON, no_rope_layer_interval=2),
+        # attention and MLP in parallel from one LayerNorm (run as captured), interleaved rope pairs
+        # handed out each angle twice in a row, logits × logit_scale
+        "cohere_parallel": T.CohereConfig(**COMMON),
         # post-norms (a norm after the attention and after the MLP, none before), q/k norms over
         # the whole projection
         "olmo2_post_norms": T.Olmo2Config(**COMMON),
@@ -178,19 +181,35 @@ def test_capped_attention_scores_and_logits_match_transformers_where_the_caps_bi
     assert (uncapped - want).abs().max() > 1e-2
 
 
-def test_norms_named_as_post_norms_but_run_before_their_blocks_are_refused():
-    from transformers.models.olmo2.modeling_olmo2 import Olmo2DecoderLayer
+def test_a_parallel_layer_reads_one_norm_and_adds_both_outputs_to_its_input():
+    model = build("cohere_parallel")
+    nodes = {n.name: n for n in lift(model, check=True).graph.nodes}
+    layer0 = [n for n in nodes.values() if "planc" in n.meta and n.meta["planc"].layer == 0]
+    norm = next(n for n in layer0 if n.meta["planc"].fqn == "model.layers.0.input_layernorm")
+    readers = {n.meta["planc"].fqn for n in norm.users}
+    assert readers == {f"model.layers.0.{p}" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                         "mlp.gate_proj", "mlp.up_proj")}
+    adds = [n for n in layer0 if n.meta["planc"].kind == "add"]
+    assert len(adds) == 2 and adds[1].args[0] is adds[0] and adds[0].args[0] is norm.args[0]  # (h + a) + m
 
-    class PreNormed(Olmo2DecoderLayer):  # Olmo2's children, wired as a pre-norm layer
-        def forward(self, hidden_states, position_embeddings=None, **kwargs):
-            normed = self.post_attention_layernorm(hidden_states)
-            h = hidden_states + self.self_attn(hidden_states=normed, position_embeddings=position_embeddings, **kwargs)[0]
-            return h + self.mlp(self.post_feedforward_layernorm(h))
 
-    model = build("olmo2_post_norms")
+@pytest.mark.parametrize(("name", "norms", "says"), [
+    # Cohere's children (one norm, parallel) wired in sequence: the MLP reads h + attention output
+    ("cohere_parallel", ("input_layernorm", "input_layernorm"), r"lift declined for \d+ block\(s\)"),
+    # Olmo2's children (post-norms) wired as a pre-norm layer
+    ("olmo2_post_norms", ("post_attention_layernorm", "post_feedforward_layernorm"),
+     r"lift declined .*\n  model.layers.0 \(residual\): residual wiring differs"),
+])
+def test_children_named_for_one_layout_but_wired_as_another_are_refused(name, norms, says):
+    def pre_norm(self, hidden_states, position_embeddings=None, **kwargs):
+        normed = getattr(self, norms[0])(hidden_states)
+        h = hidden_states + self.self_attn(hidden_states=normed, position_embeddings=position_embeddings, **kwargs)[0]
+        return h + self.mlp(getattr(self, norms[1])(h))
+
+    model = build(name)
     for layer in model.model.layers:
-        layer.__class__ = PreNormed
-    with pytest.raises(CompileError, match=r"lift declined .*\n  model.layers.0 \(residual\): residual wiring differs"):
+        layer.__class__ = type("PreNormWired", (type(layer),), {"forward": pre_norm})
+    with pytest.raises(CompileError, match=says):
         lift(model, check=True)
 
 
@@ -199,9 +218,6 @@ def _layer_config(cls: str, **kw) -> T.PretrainedConfig:
 
 
 @pytest.mark.parametrize(("config", "says"), [
-    # attention and MLP in parallel from one norm
-    (_layer_config("CohereConfig"), "model.layers.0 (CohereDecoderLayer): children input_layernorm, mlp, self_attn "
-                                     "are not a decoder layer layout planc lifts"),
     (_layer_config("GraniteMoeConfig", num_local_experts=4, num_experts_per_tok=2),
      "children block_sparse_moe, input_layernorm, post_attention_layernorm, self_attn are not a decoder layer layout"),
     # a norm between the attention and o_proj: recognized by its q/k/v/o children, but another op
