@@ -6,6 +6,8 @@ T cache capacity (slots), S sequence splits, D head dim.
     logits[b, h, t] = scale * q[b, h] . k[b, t, h // G]   where key_mask[b, t]
                       (then softcap * tanh(logits / softcap) where softcap is given: Gemma 2)
     out[b, h]       = sum_t softmax_t(logits[b, h]) * v[b, t, h // G]
+                      (with sinks: sinks[h] joins each row's normalizer, its probability dropped: gpt-oss)
+    out[b, h]       = sum_t softmax_t(logits[b, h]) * v[b, t, h // G]
 
 The G query heads of one kv head read the same cache rows, so one program takes a block of them
 and one split of the sequence, runs an online softmax over that split and writes a partial
@@ -123,13 +125,17 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
 
 
 def gqa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, scale: float,
-               num_splits: int | None = None, *, softcap: float | None = None) -> torch.Tensor:
+               num_splits: int | None = None, *, softcap: float | None = None,
+               sinks: torch.Tensor | None = None) -> torch.Tensor:
     """GQA decode attention; returns out [B, Hq, D] in q's dtype.
 
     q [B, Hq, D], k and v [B, T, Hkv, D], key_mask [B, T] bool; query head h uses kv head
     h // (Hq // Hkv). `num_splits` (default: sized to the device) sets the sequence splits;
-    `softcap` caps the scaled logits (softcap · tanh(logits / softcap)).
+    `softcap` caps the scaled logits (softcap · tanh(logits / softcap)); `sinks` [Hq] adds one
+    logit per head to every row's normalizer (merged with the splits, in torch).
     """
+    if sinks is not None and tuple(sinks.shape) != (q.shape[1],):
+        raise ValueError(f"gqa_decode: sinks must be [Hq] = ({q.shape[1]},), got {tuple(sinks.shape)}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"gqa_decode: softcap must be > 0 (or None), got {softcap}")
     _check(q, k, v, key_mask)
@@ -164,11 +170,13 @@ def gqa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torc
         BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_D=block_d,
         UPCAST=os.environ.get("TRITON_INTERPRET") == "1", SOFTCAP=softcap is not None,
     )
-    return merge_splits(acc_BSHD, m_BSH, l_BSH).to(q.dtype)
+    sink_BH = None if sinks is None else (sinks.float() * math.log2(math.e)).expand(b, hq)
+    return merge_splits(acc_BSHD, m_BSH, l_BSH, sink_BH).to(q.dtype)
 
 
 def gqa_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
-                         scale: float, *, softcap: float | None = None) -> torch.Tensor:
+                         scale: float, *, softcap: float | None = None,
+                         sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Pure-PyTorch `gqa_decode` in fp32 (masked slots zeroed, all-masked rows give zeros)."""
     group = q.shape[1] // k.shape[2]
     valid_BT = key_mask.bool()
@@ -178,5 +186,9 @@ def gqa_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     logits = logits.masked_fill(~valid_BT[:, None, :], float("-inf"))
+    if sinks is not None:
+        sink = sinks.float()[None, :, None].expand(logits.shape[0], -1, 1)
+        p = torch.softmax(torch.cat([logits, sink], -1), dim=-1)[..., :-1]
+        return torch.einsum("bht,bthd->bhd", p, v_f).to(q.dtype)
     p = torch.softmax(logits, dim=-1).masked_fill(~valid_BT.any(-1)[:, None, None], 0.0)
     return torch.einsum("bht,bthd->bhd", p, v_f).to(q.dtype)

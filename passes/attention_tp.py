@@ -45,6 +45,12 @@ class GqaHeads(Shard):
     def local(self, dims: GqaDims) -> GqaDims:
         return dims.local(self.heads_per_rank, self.kv_heads_per_rank)
 
+    def slice(self, W: Tensors, info: NodeInfo, rank: int) -> Tensors:
+        """The core's per-head tensors (gpt-oss's sinks [H]): this rank's query heads."""
+        if "sinks" not in W:
+            return W
+        return {**W, "sinks": W["sinks"].narrow(0, rank * self.heads_per_rank, self.heads_per_rank)}
+
 
 @dataclass(frozen=True)
 class NormColumns(Shard):

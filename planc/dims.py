@@ -69,6 +69,7 @@ class GqaDims:
     rope_interleave: bool = False  # rope turns pairs (x[2i], x[2i+1]) rather than (x[i], x[i + R/2])
     qk_offset: float = 0.0  # per-head q/k norms scaling by offset + weight (MiniMax-M3: 1, Gemma-style)
     softcap: float | None = None  # Gemma 2: scores -> softcap · tanh(scores / softcap) before the softmax
+    sinks: bool = False  # gpt-oss: a learned logit per head (`sinks` [H]) joins each softmax's normalizer
 
     def local(self, num_heads: int, num_kv_heads: int) -> "GqaDims":
         return replace(self, num_heads=num_heads, num_kv_heads=num_kv_heads)

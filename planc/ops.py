@@ -121,8 +121,13 @@ def decode_key_mask(step: Step, window: int | None = None) -> torch.Tensor:
     return torch.cat([mask.new_zeros(mask.shape[0], end - window), mask[:, end - window:]], dim=1)
 
 
-def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, sink: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax over the last dim where `mask`; `sink` (broadcast to logits[..., :1]) is one more
+    logit in each row's normalizer whose probability is dropped (gpt-oss's attention sinks)."""
     logits = acc(logits).masked_fill(~mask, float("-inf"))
+    if sink is not None:
+        combined = torch.cat([logits, acc(sink).expand(*logits.shape[:-1], 1)], dim=-1)
+        return torch.softmax(combined, dim=-1)[..., :-1]
     probs = torch.softmax(logits, dim=-1)
     return torch.nan_to_num(probs, nan=0.0)  # fully masked rows (padding queries) give zeros
 
@@ -180,12 +185,14 @@ class Ops:
         probs = masked_softmax(logits * scale, key_mask_BT[:, None, :]).to(ckv_BTC.dtype)
         return torch.einsum("bht,btc->bhc", probs, ckv_BTC)
 
-    def gqa_decode(self, q_BHD, k_BTGD, v_BTGD, key_mask_BT, scale: float, softcap: float | None = None):
+    def gqa_decode(self, q_BHD, k_BTGD, v_BTGD, key_mask_BT, scale: float, softcap: float | None = None,
+                   sinks_H: torch.Tensor | None = None):
         rep = q_BHD.shape[1] // k_BTGD.shape[2]
         k = k_BTGD.repeat_interleave(rep, dim=2)
         v = v_BTGD.repeat_interleave(rep, dim=2)
         logits = capped(torch.einsum("bhd,bthd->bht", q_BHD, k) * scale, softcap)
-        probs = masked_softmax(logits, key_mask_BT[:, None, :]).to(v.dtype)
+        sink = None if sinks_H is None else sinks_H[None, :, None]
+        probs = masked_softmax(logits, key_mask_BT[:, None, :], sink).to(v.dtype)
         return torch.einsum("bht,bthd->bhd", probs, v)
 
     def gather_rows(self, x_ND: torch.Tensor, idx_M: torch.Tensor) -> torch.Tensor:
@@ -260,17 +267,20 @@ class Ops:
         end = step.start + S
         cache.k_BTHD[:, step.start:end] = k
         cache.v_BTHD[:, step.start:end] = v
-        return self._gqa_attend(q, cache, step, S, d).reshape(B, S, d.num_heads * d.head_dim)
+        sinks_H = W["sinks"] if d.sinks else None
+        return self._gqa_attend(q, cache, step, S, d, sinks_H).reshape(B, S, d.num_heads * d.head_dim)
 
-    def _gqa_attend(self, q_BSHD, cache: GqaCache, step: Step, S: int, d: GqaDims):
+    def _gqa_attend(self, q_BSHD, cache: GqaCache, step: Step, S: int, d: GqaDims, sinks_H: torch.Tensor | None = None):
         end = step.start + S
         k, v = cache.k_BTHD[:, :end], cache.v_BTHD[:, :end]
         if S == 1:
-            return self.gqa_decode(q_BSHD[:, 0], k, v, decode_key_mask(step, d.window), d.scale, d.softcap)[:, None]
+            return self.gqa_decode(q_BSHD[:, 0], k, v, decode_key_mask(step, d.window), d.scale, d.softcap,
+                                   sinks_H)[:, None]
         rep = q_BSHD.shape[2] // k.shape[2]
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
         logits = capped(torch.einsum("bshd,bthd->bhst", q_BSHD, k) * d.scale, d.softcap)
-        probs = masked_softmax(logits, attention_mask(step, S, d.window)).to(v.dtype)
+        sink = None if sinks_H is None else sinks_H[None, :, None, None]
+        probs = masked_softmax(logits, attention_mask(step, S, d.window), sink).to(v.dtype)
         return torch.einsum("bhst,bthd->bshd", probs, v)
 
     def moe_route(self, x_ND: torch.Tensor, W: Weights, d: RouterDims) -> tuple[torch.Tensor, torch.Tensor]:

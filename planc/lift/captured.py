@@ -176,7 +176,7 @@ def _rebuild(program: torch.export.ExportedProgram, where: str) -> fx.Graph:
             args, kwargs = fx.node.map_aggregate((node.args, node.kwargs), arg)
             env[node] = g.create_node("call_function", node.target, args, kwargs, name=node.name)
         elif node.op == "output":
-            g.output(_single_output(node, sig, where, env))
+            g.output(_hidden_output(node, program, where, env))
         else:
             raise ModelError(f"{where}: cannot run as captured: its graph has a {node.op} node ({node.target}); "
                              "planc emits graphs of aten calls only")
@@ -193,12 +193,25 @@ def _input(g: fx.Graph, node: fx.Node, tensors: dict[str, str], user_inputs, x: 
                      "neither a parameter nor a buffer; register it as a buffer so it travels with the weights")
 
 
-def _single_output(node: fx.Node, sig, where: str, env: dict[fx.Node, fx.Node]) -> fx.Node:
-    outs = node.args[0]
-    if len(outs) != 1 or len(sig.user_outputs) != 1 or not isinstance(outs[0], fx.Node):
-        raise ModelError(f"{where}: cannot run as captured: its forward returns {len(sig.user_outputs)} values; "
-                         "a block in a decoder layer's slot must return the hidden states alone")
-    return env[outs[0]]
+def _hidden_output(node: fx.Node, program: torch.export.ExportedProgram, where: str,
+                   env: dict[fx.Node, fx.Node]) -> fx.Node:
+    """The block's output: its only one, or the first of several when that one has the input's
+    shape (gpt-oss's MLP also returns its router's logits, which the layer drops; the lift's
+    residual and junction checks confirm the first is what the layer adds)."""
+    outs, sig = node.args[0], program.graph_signature
+    first = outs[0] if outs and isinstance(outs[0], fx.Node) else None
+    if first is None or len(sig.user_outputs) < 1 or (len(outs) > 1 and not _shaped_like_input(first, program)):
+        raise ModelError(f"{where}: cannot run as captured: its forward returns {len(sig.user_outputs)} values and "
+                         "the first is not the hidden states; a block in a decoder layer's slot must return them "
+                         "(alone, or first)")
+    return env[first]
+
+
+def _shaped_like_input(node: fx.Node, program: torch.export.ExportedProgram) -> bool:
+    x = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == program.graph_signature.user_inputs[0])
+    want, got = x.meta.get("val"), node.meta.get("val")
+    return isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and \
+        [str(d) for d in got.shape] == [str(d) for d in want.shape]
 
 
 def _check_target(node: fx.Node, where: str) -> None:

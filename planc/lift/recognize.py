@@ -205,8 +205,19 @@ def _gqa_dims(attn: nn.Module, rope_scaling: float, layer: int, rope_width: int 
         head_dim=head_dim, eps=eps, scale=float(attn.scaling), rope_scaling=rope_scaling, qk_norm=qk_norm,
         window=sliding_window(attn, layer), rope_dim=_rope_dim(attn, rope_width, head_dim),
         rope_interleave=rope_interleaved(type(attn), rope_width or head_dim), qk_offset=qk_offset,
-        softcap=None if softcap is None else float(softcap),
+        softcap=None if softcap is None else float(softcap), sinks=_sinks(attn, attn.q_proj.out_features // head_dim),
     )
+
+
+def _sinks(attn: nn.Module, num_heads: int) -> bool:
+    """Whether the attention holds one learned sink logit per query head (gpt-oss's `sinks`)."""
+    sinks = getattr(attn, "sinks", None)
+    if sinks is None:
+        return False
+    if not isinstance(sinks, torch.Tensor) or tuple(sinks.shape) != (num_heads,):
+        raise ModelError(f"sinks of shape {tuple(getattr(sinks, 'shape', ()))}: planc's gqa_attention reads one sink "
+                         f"logit per query head ({num_heads},)")
+    return True
 
 
 def _rope_dim(attn: nn.Module, rope_width: int | None, head_dim: int) -> int | None:
@@ -300,7 +311,7 @@ def _is_mlp(m: nn.Module | None) -> bool:
 def unread_weights(m: nn.Module, read: frozenset[str]) -> list[str]:
     """m's own parameters and the children holding parameters that a semantic op reading `read`
     would leave out (a fused linear the lift split is read through its parts)."""
-    own = [name for name, _ in m.named_parameters(recurse=False)]
+    own = [name for name, _ in m.named_parameters(recurse=False) if name not in read]
     return own + sorted(name for name, child in m.named_children()
                         if child is not None and name not in read and not getattr(child, SPLIT, None)
                         and next(child.parameters(), None) is not None)
@@ -324,9 +335,10 @@ def _attention_block(attn: nn.Module, fqn: str, layer: int, rope: Rope) -> Block
         gqa = None if mla is not None else _gqa_dims(attn, rope.scaling, layer, rope.width)
     except ModelError as exc:
         raise ModelError(f"{fqn} ({type(attn).__name__}): {exc}") from None
-    for kind, dims, read in (("mla_attention", mla, MLA_READS), ("gqa_attention", gqa, GQA_READS)):
+    gqa_reads = GQA_READS | ({"sinks"} if gqa is not None and gqa.sinks else set())
+    for kind, dims, read in (("mla_attention", mla, MLA_READS), ("gqa_attention", gqa, gqa_reads)):
         if dims is not None:
-            # a sub-norm before o_proj (BitNet), attention sinks (gpt-oss): another op
+            # a sub-norm before o_proj (BitNet): another op
             _refuse_unread(attn, fqn, kind, read, f" (it reads {', '.join(sorted(read & _children(attn)))}); "
                                                   "planc lifts attention made of those alone")
             return Block(kind, fqn, type(attn).__name__, layer, dims)

@@ -60,8 +60,8 @@ class TritonOps(Ops):
     def mla_decode(self, q_lat_BHC, q_pe_BHR, ckv_BTC, kpe_BTR, key_mask_BT, scale):
         return self._mla(q_lat_BHC.contiguous(), q_pe_BHR.contiguous(), ckv_BTC, kpe_BTR, key_mask_BT, scale)
 
-    def gqa_decode(self, q_BHD, k_BTGD, v_BTGD, key_mask_BT, scale, softcap=None):
-        return self._gqa(q_BHD.contiguous(), k_BTGD, v_BTGD, key_mask_BT, scale, softcap=softcap)
+    def gqa_decode(self, q_BHD, k_BTGD, v_BTGD, key_mask_BT, scale, softcap=None, sinks_H=None):
+        return self._gqa(q_BHD.contiguous(), k_BTGD, v_BTGD, key_mask_BT, scale, softcap=softcap, sinks=sinks_H)
 
 
 class CpuOps(Ops):

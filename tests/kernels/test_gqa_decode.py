@@ -88,7 +88,7 @@ def test_gqa_decode_low_precision(dtype):
     torch.testing.assert_close(out.float(), ref.float(), rtol=rtol, atol=1e-5)
 
 
-def _naive_fp64(q, k, v, mask, scale, softcap=None):
+def _naive_fp64(q, k, v, mask, scale, softcap=None, sinks=None):
     """Explicit per-(b, h) softmax over the valid slots, kv head h // G, in fp64 (logits capped
     as softcap · tanh(logits / softcap) where softcap is given)."""
     b, hq, d = q.shape
@@ -100,9 +100,10 @@ def _naive_fp64(q, k, v, mask, scale, softcap=None):
             logits = [scale * float(q[bi, hi].double() @ k[bi, t, hi // group].double()) for t in idx]
             if softcap is not None:
                 logits = [softcap * math.tanh(x / softcap) for x in logits]
-            top = max(logits)
+            sink = [] if sinks is None else [float(sinks[hi])]
+            top = max(logits + sink)
             weights = [math.exp(x - top) for x in logits]
-            total = sum(weights)
+            total = sum(weights) + sum(math.exp(s - top) for s in sink)
             for w, t in zip(weights, idx):
                 out[bi, hi] += (w / total) * v[bi, t, hi // group].double()
     return out
@@ -128,6 +129,19 @@ def test_gqa_decode_caps_the_scaled_logits(kind, softcap):
     torch.testing.assert_close(ref.double(), naive, rtol=1e-5, atol=1e-6)
     if softcap < 10:
         assert (ref - gqa_decode_reference(q, k, v, mask, 0.3)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["holes", "empty_row", "left_pad"])
+def test_gqa_decode_sinks_join_each_rows_normalizer(kind):
+    """gpt-oss: sinks[h] is one more logit in head h's softmax, its probability dropped; merged
+    once across the sequence splits (not once per split)."""
+    q, k, v, mask = _inputs(2, 8, 2, 37, 32, kind, seed=8)
+    sinks = torch.linspace(-2.0, 3.0, 8)
+    out = gqa_decode(q, k, v, mask, 0.3, num_splits=3, sinks=sinks)
+    ref = gqa_decode_reference(q, k, v, mask, 0.3, sinks=sinks)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref.double(), _naive_fp64(q, k, v, mask, 0.3, sinks=sinks), rtol=1e-5, atol=1e-6)
+    assert (ref - gqa_decode_reference(q, k, v, mask, 0.3)).abs().max() > 1e-2
 
 
 def test_gqa_decode_rejects_bad_inputs():

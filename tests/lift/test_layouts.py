@@ -61,6 +61,12 @@ def configs() -> dict[str, T.PretrainedConfig]:
         # attention and MLP in parallel from one LayerNorm (run as captured), interleaved rope pairs
         # handed out each angle twice in a row, logits × logit_scale
         "cohere_parallel": T.CohereConfig(**COMMON),
+        # a learned sink logit per head in every softmax (split with the heads), windows on every other
+        # layer, yarn rope; its MoE block (expert biases, a clamped activation, router logits
+        # returned beside the output) runs as captured
+        "gpt_oss_sinks": T.GptOssConfig(**COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                        sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention",
+                                                                            "sliding_attention"]),
         # post-norms (a norm after the attention and after the MLP, none before), q/k norms over
         # the whole projection
         "olmo2_post_norms": T.Olmo2Config(**COMMON),
@@ -179,6 +185,27 @@ def test_capped_attention_scores_and_logits_match_transformers_where_the_caps_bi
         uncapped = model(ids, use_cache=False).logits[0, len(prompt) - 1:-1]
     assert max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want)) <= 1e-4
     assert (uncapped - want).abs().max() > 1e-2
+
+
+def test_attention_sinks_match_transformers_where_they_take_most_of_the_softmax(tmp_path):
+    """gpt-oss: sinks[h] joins every softmax's normalizer; at +4 it takes most of the mass, so a
+    program leaving it out (or giving a rank another head's sink) would be far off."""
+    model = build("gpt_oss_sinks")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.copy_(torch.tensor([4.0, -1.0, 2.0, 0.5]))
+    art = compile(model, parse_plan_text(PLAN, "plan.yaml"), tmp_path / "out")
+    assert all(d.sinks for d in _attention_of(model))
+    prompt = torch.randint(0, 256, (17,), generator=torch.Generator().manual_seed(1)).tolist()
+    got = run_threads(lambda comm: generate(Model(str(art.path), comm=comm), [prompt], 6, keep_logits=True), 2)[0]
+    ids = torch.tensor([prompt + got.tokens[0]])
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits[0, len(prompt) - 1:-1]
+        for layer in model.model.layers:
+            layer.self_attn.sinks.fill_(-1e4)  # no sink
+        sinkless = model(ids, use_cache=False).logits[0, len(prompt) - 1:-1]
+    assert max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want)) <= 1e-4
+    assert (sinkless - want).abs().max() > 1e-2
 
 
 def test_a_parallel_layer_reads_one_norm_and_adds_both_outputs_to_its_input():
