@@ -117,7 +117,16 @@ def _signal_at(monkeypatch, target: str, signum: int, *, before: bool = False) -
     monkeypatch.setattr(target, with_signal)
 
 
-def test_sigint_while_writing_keeps_the_old_artifact_and_no_litter(tmp_path, monkeypatch, old):
+@pytest.fixture
+def sigint_handled():
+    """SIGINT as a terminal's foreground job has it (KeyboardInterrupt): a test run started in the
+    background inherits it ignored, which planc rightly leaves ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_sigint_while_writing_keeps_the_old_artifact_and_no_litter(tmp_path, monkeypatch, old, sigint_handled):
     out, before = old
     _signal_at(monkeypatch, "planc.codegen.artifact._write_program", signal.SIGINT)
     with pytest.raises(Interrupted) as stop:
