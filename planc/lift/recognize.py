@@ -545,11 +545,13 @@ def _layer_rope(attn: nn.Module, rope: Rope) -> Rope:
 # most): a norm before each block, under either of the names it goes by (Apertus:
 # attention_layernorm, feedforward_layernorm). Sandwich (Gemma 2 and 3): norms before and after
 # both. Post-norm (OLMo 2 and 3): a norm after each block, none before. Parallel (Cohere): one norm
-# read by both blocks, both outputs added to h.
+# read by both blocks, both outputs added to h. The feed-forward block of a pre-norm layer is `mlp`,
+# or `block_sparse_moe` (GraniteMoE, older MoE checkpoints).
 LAYOUTS = (
-    *((Branch(pre_attention, "self_attn", None), Branch(pre_mlp, "mlp", None))
+    *((Branch(pre_attention, "self_attn", None), Branch(pre_mlp, ffn, None))
       for pre_attention in ("input_layernorm", "attention_layernorm")
-      for pre_mlp in ("post_attention_layernorm", "feedforward_layernorm")),
+      for pre_mlp in ("post_attention_layernorm", "feedforward_layernorm")
+      for ffn in ("mlp", "block_sparse_moe")),
     (Branch("input_layernorm", "self_attn", "post_attention_layernorm"),
      Branch("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm")),
     (Branch(None, "self_attn", "post_attention_layernorm"), Branch(None, "mlp", "post_feedforward_layernorm")),
@@ -623,7 +625,7 @@ def recognize(model: nn.Module) -> list[Block]:
         lp = f"{prefix}.layers.{i}"
         attention, mlp = _layer_layout(layer, lp)
         cores = (_stateful_block(layer.self_attn, f"{lp}.self_attn", i, _layer_rope(layer.self_attn, rope)),
-                 _ffn_or_captured(layer.mlp, f"{lp}.mlp", i, model.config))
+                 _ffn_or_captured(getattr(layer, mlp.block), f"{lp}.{mlp.block}", i, model.config))
         for branch, core in zip((attention, mlp), cores):
             if branch.parallel:  # its norm is the branch before's
                 core = replace(core, parallel=True)

@@ -58,6 +58,11 @@ def configs() -> dict[str, T.PretrainedConfig]:
                                                      layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
         # no rope on every other layer (NoPE; the attention's use_rope is 0 there)
         "smollm3_nope_layers": T.SmolLM3Config(**COMMON, no_rope_layer_interval=2),
+        # the feed-forward block named block_sparse_moe (its experts' layout runs as captured), and
+        # Granite's constants between the blocks
+        "granitemoe_block_sparse_moe": T.GraniteMoeConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2,
+                                                          embedding_multiplier=12.0, residual_multiplier=0.22,
+                                                          logits_scaling=8.0),
         # attention and MLP in parallel from one LayerNorm (run as captured), interleaved rope pairs
         # handed out each angle twice in a row, logits × logit_scale
         "cohere_parallel": T.CohereConfig(**COMMON),
@@ -245,8 +250,10 @@ def _layer_config(cls: str, **kw) -> T.PretrainedConfig:
 
 
 @pytest.mark.parametrize(("config", "says"), [
-    (_layer_config("GraniteMoeConfig", num_local_experts=4, num_experts_per_tok=2),
-     "children block_sparse_moe, input_layernorm, post_attention_layernorm, self_attn are not a decoder layer layout"),
+    # a shared MLP beside the MoE block, outside it
+    (_layer_config("GraniteMoeSharedConfig", num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=64),
+     "children block_sparse_moe, input_layernorm, post_attention_layernorm, self_attn, shared_mlp are not a decoder "
+     "layer layout"),
     # a norm between the attention and o_proj: recognized by its q/k/v/o children, but another op
     # q/k norms without a weight: not the q/k norm gqa_attention applies
     (_layer_config("NanoChatConfig"), "model.layers.0.self_attn (NanoChatAttention): q_norm (NanoChatRMSNorm) and "
