@@ -33,7 +33,7 @@ import triton.language as tl
 from planc.kernels.split_merge import default_num_splits, merge_splits
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
+LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))  # logits are kept in base 2
 
 
 @triton.jit
@@ -163,14 +163,14 @@ def gqa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torc
     _gqa_decode_split_kernel[(b, hkv * num_g_blocks, num_splits)](
         q, k, v, mask_BT,
         acc_BSHD, m_BSH, l_BSH,
-        group, t, d, tokens_per_split, float(scale) * (1.0 if softcap else math.log2(math.e)), float(softcap or 1.0),
+        group, t, d, tokens_per_split, float(scale) * (1.0 if softcap is not None else LOG2E.value), float(softcap or 1.0),
         num_g_blocks,
         *q.stride(), *k.stride(), *v.stride(), *mask_BT.stride(),
         *acc_BSHD.stride(), *m_BSH.stride(),
         BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_D=block_d,
         UPCAST=os.environ.get("TRITON_INTERPRET") == "1", SOFTCAP=softcap is not None,
     )
-    sink_BH = None if sinks is None else (sinks.float() * math.log2(math.e)).expand(b, hq)
+    sink_BH = None if sinks is None else (sinks.float() * LOG2E.value).expand(b, hq)
     return merge_splits(acc_BSHD, m_BSH, l_BSH, sink_BH).to(q.dtype)
 
 

@@ -8,7 +8,8 @@ at least one of the token's experts (the rows the token saves by sitting there).
 Compile time (from a routing profile and the placement), per MoE layer: n-gram tables of coverage
 over token contexts, the token id alone (order 1), with the token before it (order 2), with the two
 before it (order 3), each context's coverage summed over the calibration text with its number of
-occurrences (a longer context seen once is left out: it would speak for one token); and a `prior` under them: the 2-gram over the previous MoE layer's devices (coverage of
+occurrences (a longer context seen once is left out: it would speak for one token); and a `prior`
+under them: the 2-gram over the previous MoE layer's devices (coverage of
 the tokens whose best rank there was p), or, for the first MoE layer, the coverage of all tokens.
 A context is only what precedes a token in its calibration window (or, at run time, in its row of
 the step): a token's first positions have the shorter contexts only, and a decode step (one token

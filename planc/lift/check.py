@@ -253,13 +253,13 @@ def _check_glue(j: Junctions, values, out, glue: Glue) -> list[Check]:
             if b.post:
                 checks.append(compare(f"{b.post} (glue)", value(b.block, 1), value(b.post, 0),
                                       f"{b.block}'s output as {b.post}'s input"))
+        if mlp.parallel:  # h + both branches' outputs as the next block's input: the layer's residual check
+            continue
         after = j.following[lp]
         mid, branch_out = value(mlp.first, 0), value(mlp.last, 1, glue.mlp_branch(index))
-        if mlp.parallel:  # both branches read h: h + attention output + feed-forward output
-            attn_out = value(attention.last, 1, glue.attention_branch(index))
-            mid = None if mid is None or attn_out is None or mid.shape != attn_out.shape else mid + attn_out
         summed = None if mid is None or branch_out is None or mid.shape != branch_out.shape else mid + branch_out
-        checks.append(compare(f"{lp} (glue)", summed, value(after, 0), f"h + the feed-forward branch's output as {after}'s input"))
+        checks.append(compare(f"{lp} (glue)", summed, value(after, 0),
+                              f"h + the feed-forward branch's output as {after}'s input"))
     checks.append(compare(f"{j.norm} (glue)", value(j.norm, 1, glue.head_input), value(j.head, 0),
                           "the final norm's output as lm_head's input"))
     logits = next((t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.dim() == 3), None)

@@ -138,7 +138,7 @@ def scaled(node: fx.Node | None, source: fx.Node | None) -> Scale | None | bool:
     return False
 
 
-def capped(node: fx.Node, source: fx.Node) -> Softcap | None:
+def softcapped(node: fx.Node, source: fx.Node) -> Softcap | None:
     """Softcap(c) when `node` starts source / c -> tanh -> * c (each the only user of the one
     before), else None."""
     divided = scaled(node, source)
@@ -184,5 +184,5 @@ def read_glue(j: Junctions) -> Glue:
     if head_out is not None:
         users = [u for u in head_out.users if u.op != "output"]
         if len(users) == 1:
-            logits = capped(users[0], head_out) or only_scale(scaled(users[0], head_out))
+            logits = softcapped(users[0], head_out) or only_scale(scaled(users[0], head_out))
     return Glue(emb, residual if any(s != (None, None) for s in residual.values()) else None, logits, head_input)
