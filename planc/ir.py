@@ -312,8 +312,56 @@ def mark(node: fx.Node, **changes: Any) -> None:
 
 
 def sum_partials_after(graph: fx.Graph, node: fx.Node, why: str) -> fx.Node:
-    """A row-parallel GEMM's output is a per-rank partial sum: all-reduce it before its users."""
+    """A row-parallel GEMM's output is a per-rank partial sum: all-reduce it before its users.
+
+    In a parallel layer (h + a + m, both branches reading the input of the layer) whose other
+    branch is already a summed partial, h + all_reduce(a) + m becomes h + all_reduce(a + m): one
+    all-reduce per layer instead of two (`parallel_partials`)."""
     m = info(node)
+    both = parallel_partials(node)
+    if both is not None:
+        return _sum_both(graph, node, *both)
     return insert_after(graph, node, "all_reduce", NodeInfo(
         kind="all_reduce", fqn=m.fqn, block=m.block, layer=m.layer, rule=m.rule, strategy=m.strategy,
         dims=CommDims(m.dims.out_features), why=why))
+
+
+def parallel_partials(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """(second add, first add, all_reduce) when `node` is the second branch of a residual pair
+    `add(add(h, all_reduce(a)), node)` whose first add and all-reduce feed nothing else: then
+    `node` cannot depend on the first add (its only user comes after `node`), so the branches are
+    parallel and their partials can be summed before one all-reduce."""
+    if len(node.users) != 1:
+        return None
+    second = next(iter(node.users))
+    if not _is(second, "add") or second.args[1] is not node or not _is(first := second.args[0], "add"):
+        return None
+    reduce = first.args[1]
+    if len(first.users) != 1 or not _is(reduce, "all_reduce") or len(reduce.users) != 1:
+        return None
+    if info(reduce).dims != CommDims(info(node).dims.out_features):
+        return None
+    return second, first, reduce
+
+
+def _is(node: Any, kind: str) -> bool:
+    return isinstance(node, fx.Node) and "planc" in node.meta and info(node).kind == kind
+
+
+def _sum_both(graph: fx.Graph, node: fx.Node, second: fx.Node, first: fx.Node, reduce: fx.Node) -> fx.Node:
+    """h + s1(all_reduce(a)) + s2(m) -> h + all_reduce(s1(a) + s2(m)): the branch scales are
+    constant factors, so they commute with the sum over ranks."""
+    m, a = info(node), reduce.args[0]
+    with graph.inserting_before(second):
+        if info(first).dims is not None:
+            a = add_node(graph, "scale", (a,), NodeInfo(kind="scale", layer=m.layer, dims=info(first).dims), "a")
+        both = add_node(graph, "add", (a, node), NodeInfo(kind="add", layer=m.layer, dims=info(second).dims), "partials")
+        summed = add_node(graph, "all_reduce", (both,), info(reduce).with_(
+            fqn=m.fqn, block=m.block, rule=m.rule, strategy=m.strategy,
+            why=f"{info(reduce).fqn.rsplit('.', 1)[-1]} and {m.fqn.rsplit('.', 1)[-1]} are row-parallel in a parallel "
+                "layer: one all-reduce sums both branches' partial outputs"))
+    second.args = (first.args[0], summed)
+    mark(second, dims=None)
+    graph.erase_node(first)
+    graph.erase_node(reduce)
+    return summed

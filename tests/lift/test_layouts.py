@@ -225,6 +225,30 @@ def test_a_parallel_layer_reads_one_norm_and_adds_both_outputs_to_its_input():
     assert len(adds) == 2 and adds[1].args[0] is adds[0] and adds[0].args[0] is norm.args[0]  # (h + a) + m
 
 
+def test_a_parallel_layer_under_tp_sums_both_partials_with_one_all_reduce(tmp_path):
+    """o_proj and down_proj both row-parallel: h + all_reduce(a) + m becomes h + all_reduce(a + m)."""
+    model = build("cohere_parallel")
+    plan = PLAN + '  - match: "model.layers.*.mlp"\n    mlp: {strategy: tp}\n'
+    art = compile(model, parse_plan_text(plan, "plan.yaml"), tmp_path / "out")
+    nodes = {n["name"]: n for n in art.report["graph_nodes"]["dense_tp"]}
+    reduces = [n for n in nodes.values() if n["kind"] == "all_reduce"]
+    assert len(reduces) == 3  # one per layer, not one per branch
+    for reduce in reduces:
+        both = nodes[reduce["args"][0]]
+        assert both["kind"] == "add"
+        assert {nodes[a]["fqn"].rsplit(".", 1)[-1] for a in both["args"]} == {"o_proj", "down_proj"}
+    assert art.report["collectives_per_decode_step"]["all_reduce"]["calls"] == 3
+    prompt = torch.randint(0, 256, (17,), generator=torch.Generator().manual_seed(1)).tolist()
+    got = run_threads(lambda comm: generate(Model(str(art.path), comm=comm), [prompt], 6, keep_logits=True), 2)[0]
+    with torch.no_grad():
+        want = model(torch.tensor([prompt + got.tokens[0]]), use_cache=False).logits[0, len(prompt) - 1:-1]
+    assert max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want)) <= 1e-4
+    # T3 has no single GEMM to fuse with the shared all-reduce, and says so
+    overlap = plan + '  - match: "model.layers.*.self_attn.o_proj"\n    overlap: {kind: t3, required: true}\n'
+    with pytest.raises(CompileError, match="summed with the other branch of its parallel layer"):
+        compile(model, parse_plan_text(overlap, "plan.yaml"), tmp_path / "t3")
+
+
 @pytest.mark.parametrize(("name", "norms", "says"), [
     # Cohere's children (one norm, parallel) wired in sequence: the MLP reads h + attention output
     ("cohere_parallel", ("input_layernorm", "input_layernorm"), r"lift declined for \d+ block\(s\)"),
