@@ -39,7 +39,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from planc.dims import CommDims, MoeDims, RouterDims
+from planc.dims import CommDims, ExpertsLayout, MoeDims, RouterDims
 from planc.ir import Call, NodeInfo, Shard, Tensors, add_node, copy_graph, declare_op, divisors, info
 from planc.lazy import lazy
 from planc.semantic import MOE_KERNELS
@@ -86,8 +86,9 @@ class Experts(Shard):
 
     def slice(self, W: Tensors, info: NodeInfo, rank: int) -> Tensors:
         out = dict(W)
-        for name in ("experts.gate_up_proj", "experts.down_proj"):
-            out[name] = self._local(W[name], rank)
+        for name in W:
+            if name.startswith("experts."):  # every experts tensor is [E, ...] (weights, and biases where they have them)
+                out[name] = self._local(W[name], rank)
         return out | {f"shuffle.{name}": t.clone() for name, t in self.tables}
 
     def _local(self, experts: torch.Tensor, rank: int) -> torch.Tensor:
@@ -103,7 +104,19 @@ IMPORT = ("from planc.passes import ep",)
 def _route(c: Call) -> str:
     router = c.const("ROUTER", c.info.dims.router)
     owner = c.const("OWNER", c.info.shard.owner)
-    return f"ep.route_tokens(ops, {c.args[0]}, W.scope({c.info.fqn + '.gate'!r}), {router}, {owner}, comm)"
+    return f"ep.route_tokens(ops, {c.args[0]}, {_gate(c)}, {router}, {owner}, comm)"
+
+
+def _gate(c: Call) -> str:
+    """The router's weights (RouterDims.module: `gate`, or GraniteMoE's and gpt-oss's `router`)."""
+    return f"W.scope({c.info.fqn + '.' + c.info.dims.router.module!r})"
+
+
+def _experts(c: Call) -> str:
+    layout = c.info.dims.layout
+    extra = "" if layout == ExpertsLayout() else f", {c.const('LAYOUT', layout)}"
+    return (f"ops.moe_experts({c.args[0]}, {c.args[1]}.weight_RE, W.scope({c.info.fqn + '.experts'!r}), "
+            f"{c.info.dims.act!r}{extra})")
 
 
 def _shuffle(c: Call) -> str:
@@ -118,8 +131,7 @@ def _route_groups(c: Call) -> str:
 
 declare_op("moe_route", _route, imports=IMPORT)
 declare_op("moe_dispatch", lambda c: f"ep.dispatch(comm, {c.args[0]}, {c.args[1]})", collective="all_to_all")
-declare_op("moe_experts", lambda c: f"ops.moe_experts({c.args[0]}, {c.args[1]}.weight_RE, "
-                                    f"W.scope({c.info.fqn + '.experts'!r}), {c.info.dims.act!r})", owns_weights=True,
+declare_op("moe_experts", _experts, owns_weights=True,
            kernels=MOE_KERNELS)
 declare_op("moe_return", lambda c: f"ep.give_back(comm, {c.args[0]}, {c.args[1]})", collective="all_to_all")
 declare_op("moe_combine", lambda c: f"{c.args[2]}.combine({c.args[0]}, {c.args[1]})")
@@ -131,7 +143,7 @@ declare_op("shuffle_reduce_scatter", lambda c: f"comm.reduce_scatter_varlen({c.a
                                                f"{c.args[1]}.sizes)", collective="reduce_scatter",
            kernels=("permute.py",))
 declare_op("shuffle_take", lambda c: f"{c.args[1]}.take({c.args[0]})")
-declare_op("moe_route_rows", lambda c: f"ep.route_rows(ops, {c.args[0]}, W.scope({c.info.fqn + '.gate'!r}), "
+declare_op("moe_route_rows", lambda c: f"ep.route_rows(ops, {c.args[0]}, {_gate(c)}, "
                                        f"{c.const('ROUTER', c.info.dims.router)})", imports=IMPORT)
 declare_op("route_all_gather", lambda c: f"comm.all_gather_varlen({c.args[0]}, {c.args[1]}.sizes)",
            collective="all_gather_varlen")

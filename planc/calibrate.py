@@ -71,7 +71,7 @@ class Profiles:
             return self._stored_routing(Path(artifact), fqns, num_tokens, dims)
 
         def hook_for(fqn: str) -> tuple[str, Hook]:
-            gate = scoped(named_tensors(self._module(fqn)), "gate")
+            gate = scoped(named_tensors(self._module(fqn)), dims[fqn].module)
 
             def record(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
                 return Ops().moe_route(x.reshape(-1, x.shape[-1]), gate, dims[fqn])[0]

@@ -89,7 +89,9 @@ class RouterDims:
     only (not to the weights). normalize: the k weights are renormalized to sum to one; scaling
     multiplies them. fp32_logits: the router GEMM runs on fp32 copies of the activation and
     weight (DeepSeek) rather than in the model dtype; weights_in_model_dtype: the k weights are
-    rounded back to the model dtype before they scale the experts' outputs (Qwen-MoE, OLMoE).
+    rounded back to the model dtype before they scale the experts' outputs (Qwen-MoE, OLMoE,
+    GraniteMoE, gpt-oss). module: the router's child of the MoE block (`gate`; GraniteMoE and
+    gpt-oss name it `router`); bias: its logits GEMM has a bias (gpt-oss).
     """
 
     num_experts: int
@@ -103,6 +105,8 @@ class RouterDims:
     scaling: float = 1.0
     fp32_logits: bool = False
     weights_in_model_dtype: bool = False
+    module: str = "gate"
+    bias: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,11 +140,32 @@ class MlpDims:
 
 
 @dataclass(frozen=True)
+class ExpertsLayout:
+    """How a MoE block's fused experts hold their weights, when not as most families do
+    (gate_up_proj [E, 2I, D], gate rows then up rows; down_proj [E, D, I]; no biases; act(gate) · up).
+
+    gpt-oss: transposed ([E, D, 2I] and [E, I, D], applied as x @ W), gate and up interleaved (the
+    even columns of gate_up are the gate), biases (gate_up_proj_bias [E, 2I], down_proj_bias [E, D]),
+    and a clamped GLU between them: gate ≤ limit, -limit ≤ up ≤ limit, (up + 1) · gate · σ(alpha · gate).
+    """
+
+    transposed: bool = False
+    interleaved: bool = False
+    bias: bool = False
+    limit: float | None = None  # the clamped GLU (its `act` is CLAMPED_GLU)
+    alpha: float = 1.0
+
+
+CLAMPED_GLU = "clamped_glu"  # MoeDims.act of experts whose layout clamps (ExpertsLayout.limit)
+
+
+@dataclass(frozen=True)
 class MoeDims:
     router: RouterDims
     hidden: int
     intermediate: int  # per expert
     act: str
+    layout: ExpertsLayout = ExpertsLayout()
 
 
 @dataclass(frozen=True)

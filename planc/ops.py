@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-from planc.dims import GqaDims, MlaDims, MoeDims, RouterDims
+from planc.dims import CLAMPED_GLU, ExpertsLayout, GqaDims, MlaDims, MoeDims, RouterDims
 from planc.lazy import lazy
 from planc.weights import scoped
 
@@ -154,6 +154,23 @@ def act(name: str, x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unsupported activation {name!r}")
 
 
+def expert_glu(gate_up: torch.Tensor, act_name: str, layout: ExpertsLayout) -> torch.Tensor:
+    """The experts' gated activation of their gate_up output [M, 2I] -> [M, I]."""
+    if layout.interleaved:
+        gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
+    else:
+        gate, up = gate_up.chunk(2, dim=-1)
+    if act_name != CLAMPED_GLU:
+        return act(act_name, gate) * up
+    gate, up = gate.clamp(max=layout.limit), up.clamp(min=-layout.limit, max=layout.limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * layout.alpha))
+
+
+def _gnk(w: torch.Tensor, layout: ExpertsLayout) -> torch.Tensor:
+    """Experts' weights as [E, out, in] (a view of a transposed layout's [E, in, out])."""
+    return w.transpose(1, 2) if layout.transposed else w
+
+
 class Ops:
     """Reference backend: every primitive is plain PyTorch."""
 
@@ -285,10 +302,11 @@ class Ops:
 
     def moe_route(self, x_ND: torch.Tensor, W: Weights, d: RouterDims) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k routing (RouterDims says which variant): expert ids [N, K] and their weights [N, K]."""
+        bias = W["bias"] if d.bias else None
         if d.fp32_logits:
-            logits = F.linear(x_ND.float(), W["weight"].float())
+            logits = F.linear(x_ND.float(), W["weight"].float(), None if bias is None else bias.float())
         else:
-            logits = F.linear(x_ND, W["weight"]).float()
+            logits = F.linear(x_ND, W["weight"], bias).float()
         scores = logits.sigmoid() if d.scoring == "sigmoid" else logits.softmax(dim=-1)
         choice = scores + W["e_score_correction_bias"].float() if d.correction_bias else scores
         if d.num_groups > 1:
@@ -309,14 +327,19 @@ class Ops:
         w_NK = w_NK * d.scaling
         return idx_NK, w_NK.to(x_ND.dtype) if d.weights_in_model_dtype else w_NK
 
-    def moe_experts(self, x_ND: torch.Tensor, weight_NE: torch.Tensor, W: Weights, act_name: str) -> torch.Tensor:
+    def moe_experts(self, x_ND: torch.Tensor, weight_NE: torch.Tensor, W: Weights, act_name: str,
+                    layout: ExpertsLayout = ExpertsLayout()) -> torch.Tensor:
         """Σ_e weight[n, e] · expert_e(x[n]) over the experts held here (columns of weight_NE): the
         (row, expert) pairs sorted by expert, one grouped GEMM per projection, each row's partial
-        sums added in expert order."""
+        sums added in expert order. `layout`: how the experts hold their weights (ExpertsLayout)."""
         e_idx, r_idx = weight_NE.T.nonzero(as_tuple=True)  # sorted by expert, then row
         offsets = [0] + torch.bincount(e_idx, minlength=weight_NE.shape[1]).cumsum(0).tolist()
-        gate, up = self.grouped_linear(self.gather_rows(x_ND, r_idx), W["gate_up_proj"], offsets).chunk(2, dim=-1)
-        y = self.grouped_linear(act(act_name, gate) * up, W["down_proj"], offsets)
+        gate_up = self.grouped_linear(self.gather_rows(x_ND, r_idx), _gnk(W["gate_up_proj"], layout), offsets)
+        if layout.bias:
+            gate_up = gate_up + W["gate_up_proj_bias"][e_idx]
+        y = self.grouped_linear(expert_glu(gate_up, act_name, layout), _gnk(W["down_proj"], layout), offsets)
+        if layout.bias:
+            y = y + W["down_proj_bias"][e_idx]
         return torch.zeros_like(x_ND).index_add_(0, r_idx, (y * weight_NE[r_idx, e_idx, None]).to(x_ND.dtype))
 
     def grouped_linear(self, x_MK: torch.Tensor, w_GNK: torch.Tensor, offsets: list[int]) -> torch.Tensor:
@@ -326,9 +349,9 @@ class Ops:
     def moe_routed(self, x_BSD: torch.Tensor, W: Weights, d: MoeDims) -> torch.Tensor:
         """Router + routed experts on one device (shared experts are their own linear nodes)."""
         x = x_BSD.reshape(-1, x_BSD.shape[-1])
-        idx, w = self.moe_route(x, scoped(W, "gate"), d.router)
+        idx, w = self.moe_route(x, scoped(W, d.router.module), d.router)
         dense = torch.zeros(x.shape[0], d.router.num_experts, dtype=w.dtype, device=w.device).scatter_(1, idx, w)
-        return self.moe_experts(x, dense, scoped(W, "experts"), d.act).view_as(x_BSD)
+        return self.moe_experts(x, dense, scoped(W, "experts"), d.act, d.layout).view_as(x_BSD)
 
     # -- whole blocks (the lift check's references), composed from the node-level ops ------------
     def mlp(self, x: torch.Tensor, W: Weights, act_name: str) -> torch.Tensor:
@@ -355,11 +378,11 @@ class Ops:
         return self.linear(o, W["o_proj.weight"], W.get("o_proj.bias"))
 
     def moe(self, x_BSD: torch.Tensor, W: Weights, d: RouterDims, act_name: str, shared: str | None = None,
-            shared_gate: str | None = None) -> torch.Tensor:
+            shared_gate: str | None = None, layout: ExpertsLayout = ExpertsLayout()) -> torch.Tensor:
         """The whole MoE block on one device: routed experts, plus the shared expert MLP (scaled by
         sigmoid(shared_gate(x)) when the block has such a gate, as Qwen2-MoE does)."""
-        hidden, intermediate = W["experts.down_proj"].shape[-2:]
-        y = self.moe_routed(x_BSD, W, MoeDims(d, hidden, intermediate, act_name))
+        intermediate = _gnk(W["experts.down_proj"], layout).shape[-1]
+        y = self.moe_routed(x_BSD, W, MoeDims(d, x_BSD.shape[-1], intermediate, act_name, layout))
         if shared is None:
             return y
         s = self.mlp(x_BSD, scoped(W, shared), act_name)

@@ -124,7 +124,8 @@ def run_reference(block: Block, x: torch.Tensor, W: dict[str, torch.Tensor], ops
     if block.kind == "mlp":
         return ops.mlp(x, W, block.attrs["act"])
     if block.kind == "moe":
-        return ops.moe(x, W, block.dims, block.attrs["act"], block.attrs["shared"], block.attrs["shared_gate"])
+        return ops.moe(x, W, block.dims, block.attrs["act"], block.attrs["shared"], block.attrs["shared_gate"],
+                       block.attrs["layout"])
     if block.kind == CAPTURED:  # the function program.py will run (planc.lift.captured)
         return block.dims.run(x, W)
     B, S, _ = x.shape

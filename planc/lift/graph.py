@@ -75,8 +75,7 @@ class _Builder:
 
     def moe(self, b: Block, x: fx.Node) -> fx.Node:
         M, L = b.fqn, b.layer
-        hidden = self.modules[f"{M}.experts"].gate_up_proj.shape[-1]
-        dims = MoeDims(b.dims, hidden, b.attrs["intermediate"], b.attrs["act"])
+        dims = MoeDims(b.dims, b.attrs["hidden"], b.attrs["intermediate"], b.attrs["act"], b.attrs["layout"])
         routed = self.node("moe", (x,), "r", fqn=M, block=M, cls=b.cls, layer=L, dims=dims)
         shared_name = b.attrs["shared"]
         if shared_name is None:

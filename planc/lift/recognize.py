@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from planc.errors import ModelError
-from planc.dims import GqaDims, MlaDims, RouterDims
+from planc.dims import CLAMPED_GLU, ExpertsLayout, GqaDims, MlaDims, RouterDims
 from planc.lift.glue import Scale
-from planc.ops import act, apply_rope
+from planc.ops import Ops, act, apply_rope
 from planc.weights import SPLIT
 
 MLA_CHILDREN = frozenset(("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"))
@@ -256,27 +256,30 @@ def rope_interleaved(attention_class: type, width: int) -> bool:
     return False
 
 
+ROUTER_NAMES = ("gate", "router")  # a MoE block's router child (GraniteMoE and gpt-oss: router)
+
+
 def _router_dims(moe: nn.Module) -> RouterDims | None:
     """The router of a MoE block with fused experts, read from the gate's attributes.
 
     DeepSeek-V3 / Kimi-K2: sigmoid scores with a correction bias (e_score_correction_bias).
     DeepSeek-V2: softmax scores, greedy or group-limited greedy selection (topk_method).
     Mixtral, Qwen2-MoE / Qwen3-MoE, OLMoE: softmax top-k, renormalized when norm_topk_prob
-    says so (Mixtral has no such switch: always).
+    says so (Mixtral has no such switch: always). GraniteMoE and gpt-oss (a router named
+    `router`; gpt-oss's with a bias): the softmax of the top-k logits, which is the renormalized
+    softmax top-k; whether the weights come back in the model dtype is asked of the router.
     """
-    gate, experts = getattr(moe, "gate", None), getattr(moe, "experts", None)
+    name = next((n for n in ROUTER_NAMES if getattr(moe, n, None) is not None), None)
+    gate, experts = getattr(moe, name or "gate", None), getattr(moe, "experts", None)
     weight = getattr(gate, "weight", None)
     if gate is None or experts is None or weight is None or weight.dim() != 2 or not isinstance(getattr(gate, "top_k", None), int):
         return None
-    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
     num_experts, hidden = weight.shape
-    if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == down.dim() == 3
-            and gate_up.shape[0] == down.shape[0] == num_experts and gate_up.shape[2] == down.shape[1] == hidden
-            and gate_up.shape[1] == 2 * down.shape[2]):
-        return None  # not [E, 2I, D] / [E, D, I] fused experts
-    if any(getattr(experts, name, None) is not None for name in ("gate_up_proj_bias", "down_proj_bias")):
+    if experts_layout(experts, num_experts, hidden) is None:
         return None
-    common = {"num_experts": num_experts, "top_k": gate.top_k}
+    bias = getattr(gate, "bias", None)
+    common = {"num_experts": num_experts, "top_k": gate.top_k, "module": name,
+              "bias": isinstance(bias, torch.Tensor) and tuple(bias.shape) == (num_experts,)}
     if hasattr(gate, "e_score_correction_bias"):  # MiniMax-M2 and HY-V3 name no groups, always renormalize
         scaling = getattr(gate, "routed_scaling_factor", getattr(gate, "router_scaling_factor", 1.0))
         return RouterDims(**common, scoring="sigmoid", num_groups=getattr(gate, "num_group", 1),
@@ -291,7 +294,80 @@ def _router_dims(moe: nn.Module) -> RouterDims | None:
                           scaling=float(gate.routed_scaling_factor), fp32_logits=True)
     if hasattr(gate, "norm_topk_prob"):
         return RouterDims(**common, normalize=bool(gate.norm_topk_prob), weights_in_model_dtype=True)
-    return RouterDims(**common, normalize=True)
+    return _softmax_top_k(gate, RouterDims(**common, normalize=True))
+
+
+def _softmax_top_k(gate: nn.Module, dims: RouterDims) -> RouterDims | None:
+    """A router with no attribute naming its variant (Mixtral, GraniteMoE, gpt-oss), asked on a
+    probe: a copy of it holding random fp32 weights of its shapes (so a model on meta answers too)
+    must return (logits, weights [N, k], experts [N, k]) choosing the experts and weights `dims`
+    does; else None (PhiMoE's sparsemixer: the block runs as captured). Whether it hands the k
+    weights back narrower than fp32 (in a bf16 model GraniteMoE and gpt-oss do, Mixtral does not)
+    is asked of it in its own dtype."""
+    num_experts, hidden = gate.weight.shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, hidden, generator=g)
+    W = {"weight": torch.randn(num_experts, hidden, generator=g) / hidden ** 0.5}
+    if dims.bias:
+        W["bias"] = torch.randn(num_experts, generator=g)
+    ours = _routing(*Ops().moe_route(x, W, dims), num_experts)
+    theirs = _probe(gate, W, x)
+    if theirs is None or theirs[1].shape != (16, dims.top_k):
+        return None
+    if not torch.allclose(_routing(theirs[2], theirs[1].float(), num_experts), ours, rtol=1e-4, atol=1e-6):
+        return None
+    native = _probe(gate, {k: v.to(gate.weight.dtype) for k, v in W.items()}, x.to(gate.weight.dtype))
+    narrowed = native is not None and native[1].is_floating_point() and native[1].dtype != torch.float32
+    return replace(dims, weights_in_model_dtype=narrowed)
+
+
+def _probe(gate: nn.Module, W: dict[str, torch.Tensor], x: torch.Tensor) -> tuple | None:
+    """gate's forward on x with its tensors replaced by W (a shallow copy; the model is untouched)."""
+    probe = copy.copy(gate)
+    probe._parameters = {**gate._parameters, **{k: nn.Parameter(v, requires_grad=False) for k, v in W.items()}}
+    probe._buffers = dict(gate._buffers)
+    try:
+        with torch.no_grad():
+            out = probe(x)
+    except Exception:
+        return None
+    ok = isinstance(out, tuple) and len(out) == 3 and all(isinstance(t, torch.Tensor) for t in out)
+    return out if ok and out[2].dtype in (torch.int64, torch.int32) else None
+
+
+def _routing(idx_NK: torch.Tensor, w_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[N, E]: each token's weight per expert (0 for the experts it does not go to)."""
+    return torch.zeros(idx_NK.shape[0], num_experts).scatter_(1, idx_NK.long(), w_NK.float())
+
+
+def experts_layout(experts: nn.Module, num_experts: int, hidden: int) -> ExpertsLayout | None:
+    """How fused experts hold their weights (ExpertsLayout), read from their shapes and attributes;
+    None when they are not fused experts planc reads.
+
+    gate_up_proj [E, 2I, D] with down_proj [E, D, I] is the common layout; [E, D, 2I] with
+    [E, I, D] is transposed, gpt-oss's, whose gate and up columns alternate. The lift's numeric
+    check confirms the packing on real weights (a model that packs otherwise is declined there,
+    not compiled into another model). Biases: gate_up_proj_bias [E, 2I] and down_proj_bias [E, D],
+    both or neither. A clamp (`limit`, with `alpha`) is gpt-oss's clamped GLU."""
+    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == down.dim() == 3
+            and gate_up.shape[0] == down.shape[0] == num_experts):
+        return None
+    if gate_up.shape[2] == down.shape[1] == hidden and gate_up.shape[1] == 2 * down.shape[2]:
+        transposed, intermediate = False, down.shape[2]
+    elif gate_up.shape[1] == down.shape[2] == hidden and gate_up.shape[2] == 2 * down.shape[1]:
+        transposed, intermediate = True, down.shape[1]
+    else:
+        return None
+    biases = [getattr(experts, name, None) for name in ("gate_up_proj_bias", "down_proj_bias")]
+    if any(b is not None for b in biases):
+        if [tuple(getattr(b, "shape", ())) for b in biases] != [(num_experts, 2 * intermediate), (num_experts, hidden)]:
+            return None
+    limit, alpha = getattr(experts, "limit", None), getattr(experts, "alpha", 1.0)
+    if limit is not None and not (isinstance(limit, (int, float)) and isinstance(alpha, (int, float))):
+        return None
+    return ExpertsLayout(transposed=transposed, interleaved=transposed, bias=biases[0] is not None,
+                         limit=None if limit is None else float(limit), alpha=float(alpha))
 
 
 def _shared_expert(moe: nn.Module) -> tuple[str | None, str | None]:
@@ -347,22 +423,25 @@ def _attention_block(attn: nn.Module, fqn: str, layer: int, rope: Rope) -> Block
 
 
 def _ffn_block(ffn: nn.Module, fqn: str, layer: int, config) -> Block:
-    act = _act_name(ffn, config)
     router = _router_dims(ffn)
     if router is not None:
         shared, shared_gate = _shared_expert(ffn)
         # a norm on the block's output (A.X-K1's post_mlp_layernorm): another op, run as captured
-        _refuse_unread(ffn, fqn, "moe", frozenset({"gate", "experts", shared, shared_gate} - {None}),
-                       " (it reads the gate, the experts and a shared expert MLP)")
+        _refuse_unread(ffn, fqn, "moe", frozenset({router.module, "experts", shared, shared_gate} - {None}),
+                       f" (it reads the {router.module}, the experts and a shared expert MLP)")
+        hidden = getattr(ffn, router.module).weight.shape[1]
+        layout = experts_layout(ffn.experts, router.num_experts, hidden)
+        act = CLAMPED_GLU if layout.limit is not None else _act_name(ffn, config)
         return Block("moe", fqn, type(ffn).__name__, layer, router,
-                     {"act": act, "shared": shared, "shared_gate": shared_gate,
-                      "intermediate": ffn.experts.gate_up_proj.shape[1] // 2})
+                     {"act": act, "shared": shared, "shared_gate": shared_gate, "layout": layout, "hidden": hidden,
+                      "intermediate": ffn.experts.down_proj.shape[1 if layout.transposed else 2]})
+    act = _act_name(ffn, config)
     if _is_mlp(ffn):
         return Block("mlp", fqn, type(ffn).__name__, layer, None, {"act": act, "intermediate": ffn.gate_proj.out_features})
     raise ModelError(f"{fqn} ({type(ffn).__name__}): not a recognized feed-forward block; planc lifts gated MLPs "
-                     f"({', '.join(sorted(MLP_CHILDREN))}) and MoE blocks with a top-k router (`gate`: weight [E, D], "
-                     "top_k) over fused experts (`experts`: gate_up_proj [E, 2I, D], down_proj [E, D, I]), "
-                     "optionally with a shared expert MLP")
+                     f"({', '.join(sorted(MLP_CHILDREN))}) and MoE blocks with a top-k router (`gate` or `router`: "
+                     "weight [E, D], top_k) over fused experts (`experts`: gate_up_proj [E, 2I, D] and down_proj "
+                     "[E, D, I], or both transposed), optionally with a shared expert MLP")
 
 
 def _norm_block(m: nn.Module, fqn: str, layer: int | None) -> Block:

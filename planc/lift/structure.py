@@ -46,10 +46,10 @@ def _attributes(m: nn.Module) -> tuple:
 
 
 def _value(v: object) -> object:
-    """Plain values and containers of them compare by value; anything else (a config, a patched
-    forward) by identity."""
+    """Plain values, frozen dataclasses (planc's dims) and containers of them compare by value;
+    anything else (a config, a patched forward) by identity."""
     kind = type(v)  # not isinstance: a config answers it through a slow __getattribute__
-    if kind in PLAIN:
+    if kind in PLAIN or getattr(getattr(kind, "__dataclass_params__", None), "frozen", False):
         return v
     if kind in (list, tuple):
         return tuple(_value(x) for x in v)

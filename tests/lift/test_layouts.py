@@ -17,6 +17,9 @@ from planc.errors import CompileError, ModelError
 from planc.lift import lift
 from planc.lift.glue import Scale, read_glue
 from planc.lift.recognize import recognize, rope_per_layer_type
+from planc.lift.structure import representatives
+from planc.models.registry import init_model
+from planc.ops import Ops
 from planc.plan import parse_plan_text
 from planc.runtime.decode import generate
 from planc.runtime.model import Model
@@ -58,8 +61,8 @@ def configs() -> dict[str, T.PretrainedConfig]:
                                                      layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
         # no rope on every other layer (NoPE; the attention's use_rope is 0 there)
         "smollm3_nope_layers": T.SmolLM3Config(**COMMON, no_rope_layer_interval=2),
-        # the feed-forward block named block_sparse_moe (its experts' layout runs as captured), and
-        # Granite's constants between the blocks
+        # the feed-forward block named block_sparse_moe, its router named router, and Granite's
+        # constants between the blocks
         "granitemoe_block_sparse_moe": T.GraniteMoeConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2,
                                                           embedding_multiplier=12.0, residual_multiplier=0.22,
                                                           logits_scaling=8.0),
@@ -67,8 +70,8 @@ def configs() -> dict[str, T.PretrainedConfig]:
         # handed out each angle twice in a row, logits × logit_scale
         "cohere_parallel": T.CohereConfig(**COMMON),
         # a learned sink logit per head in every softmax (split with the heads), windows on every other
-        # layer, yarn rope; its MoE block (expert biases, a clamped activation, router logits
-        # returned beside the output) runs as captured
+        # layer, yarn rope; its MoE block: a router with a bias, transposed experts with biases and
+        # interleaved gate/up columns, a clamped activation, router scores returned beside the output
         "gpt_oss_sinks": T.GptOssConfig(**COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
                                         sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention",
                                                                             "sliding_attention"]),
@@ -450,6 +453,79 @@ def test_a_correction_bias_held_by_the_moe_block_routes_as_transformers_does_at_
             layer.mlp.e_score_correction_bias.copy_(torch.randn(4, generator=torch.Generator().manual_seed(3)))
     artifact = compile(model, parse_plan_text(MOE_PLAN, "plan.yaml"), tmp_path / "out").path
     assert _two_ranks_against_transformers(model, artifact, list(range(50, 67))) <= 1e-4
+
+
+def _gpt_oss_with_biases_that_bite() -> torch.nn.Module:
+    """gpt-oss whose router and expert biases are not zero (their initial value would not show a
+    missing one) and whose clamp (swiglu_limit) cuts the activations on these weights."""
+    config = configs()["gpt_oss_sinks"]  # a fresh config
+    config.swiglu_limit = 0.05
+    model = build("", config=config)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            mlp = layer.mlp
+            mlp.router.bias.copy_(torch.randn(4, generator=g))
+            mlp.experts.gate_up_proj_bias.copy_(0.1 * torch.randn(mlp.experts.gate_up_proj_bias.shape, generator=g))
+            mlp.experts.down_proj_bias.copy_(0.1 * torch.randn(mlp.experts.down_proj_bias.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("name", ["granitemoe_block_sparse_moe", "gpt_oss"])
+def test_moe_blocks_with_a_router_named_router_split_their_experts_at_two_ranks(tmp_path, name):
+    """GraniteMoE: router `router`, common experts. gpt-oss: router with a bias; experts transposed
+    ([E, D, 2I], x @ W), gate and up columns interleaved, biases, the clamped GLU."""
+    model = _gpt_oss_with_biases_that_bite() if name == "gpt_oss" else build(name)
+    ffn = "mlp" if name == "gpt_oss" else "block_sparse_moe"
+    moe = [b for b in recognize(model) if b.kind == "moe"]
+    assert len(moe) == 3 and moe[0].dims.module == "router" and moe[0].dims.bias == (name == "gpt_oss")
+    layout = moe[0].attrs["layout"]
+    windows = [0, 1, 0] if name == "gpt_oss" else [0, 0, 0]  # gpt-oss: a window on every other layer
+    assert list(representatives(model.model.layers, recognize(model)).values()) == windows  # one capture per structure
+    assert (layout.transposed, layout.interleaved, layout.bias, layout.limit) == (
+        (True, True, True, 0.05) if name == "gpt_oss" else (False, False, False, None))
+    if name == "gpt_oss":  # the clamp bites on these weights: without it the block's output differs
+        x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(2))
+        W = {k: v.detach() for k, v in model.model.layers[0].mlp.state_dict().items()}
+        ops, args = Ops(), (moe[0].dims, moe[0].attrs["act"], None, None)
+        unclamped = dataclasses.replace(layout, limit=1e9)
+        assert (ops.moe(x, W, *args, layout) - ops.moe(x, W, *args, unclamped)).abs().max() > 1e-3
+    plan = PLAN + f'  - match: "model.layers.*.{ffn}"\n    moe: {{strategy: ep}}\n'
+    artifact = compile(model, parse_plan_text(plan, "plan.yaml"), tmp_path / "out").path
+    from safetensors.torch import load_file
+    rank1 = load_file(artifact / "programs" / "target" / "weights" / "rank1.safetensors")
+    experts = {k.rsplit(".", 1)[-1]: v.shape for k, v in rank1.items() if k.startswith(f"model.layers.0.{ffn}.experts.")}
+    assert {k: v[0] for k, v in experts.items()} == dict.fromkeys(experts, 2)  # 2 of 4 experts, biases too
+    assert len(experts) == (4 if name == "gpt_oss" else 2)
+    assert _two_ranks_against_transformers(model, artifact, list(range(40, 57))) <= 1e-4
+
+
+@pytest.mark.parametrize(("name", "narrowed"), [("granitemoe_block_sparse_moe", True), ("gpt_oss_sinks", True),
+                                                 ("mixtral", False)])
+def test_whether_router_weights_come_back_in_the_model_dtype_is_asked_of_the_router(name, narrowed):
+    """In bfloat16 GraniteMoE and gpt-oss round their k weights to the model dtype before they
+    scale the experts; Mixtral keeps them in fp32. (In fp32 both are the same.)"""
+    config = T.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2) if name == "mixtral" else configs()[name]
+    model = build("", config=config).to(torch.bfloat16)
+    routers = [b.dims for b in recognize(model) if b.kind == "moe"]
+    assert {r.weights_in_model_dtype for r in routers} == {narrowed}
+
+
+@pytest.mark.parametrize("name", ["granitemoe_block_sparse_moe", "gpt_oss_sinks", "phimoe"])
+def test_a_router_is_asked_on_a_probe_so_a_model_on_meta_reads_as_on_weights(name):
+    """The probe holds its own random weights: on meta a router reads as it does on real weights,
+    and PhiMoE's sparsemixer (not the softmax top-k its attributes would suggest) is refused both
+    ways, its block run as captured."""
+    config = (T.PhimoeConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2) if name == "phimoe"
+              else configs()[name])
+    def ffn_blocks(model):
+        return [(b.kind, b.dims if b.kind == "moe" else None) for b in recognize(model)
+                if b.fqn.endswith((".mlp", ".block_sparse_moe"))]
+
+    real, meta = ffn_blocks(build("", config=config)), ffn_blocks(init_model(config, torch.bfloat16, meta=True))
+    assert {kind for kind, _ in real + meta} == {"captured" if name == "phimoe" else "moe"} and len(meta) == 3
+    narrowed = [dataclasses.replace(dims, weights_in_model_dtype=True) if dims else None for _, dims in real]
+    assert [dims for _, dims in meta] == narrowed  # bf16 on meta: the weights come back in bf16
 
 
 def test_per_head_qk_norms_scaling_by_one_plus_weight_are_exact_at_two_ranks(tmp_path):
