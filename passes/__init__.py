@@ -4,10 +4,10 @@ and the ways of drafting (program passes over a speculative draft).
 These tuples are the one place that lists them; the plan schema, bind, the pass manager and the
 driver read them.
 """
-from planc.passes import attention_tp, dense_tp, easyspec, ep, mla_tp, replicated, t3, tpla
+from planc.passes import attention_tp, dense_tp, easyspec, ep, mla_tp, moe_tp, replicated, t3, tpla
 
 STRATEGIES = (*replicated.STRATEGIES, mla_tp.STRATEGY, tpla.STRATEGY, attention_tp.STRATEGY, dense_tp.STRATEGY,
-              ep.STRATEGY, t3.STRATEGY)
+              ep.STRATEGY, moe_tp.STRATEGY, t3.STRATEGY)
 
 # Ways of drafting for speculative decoding, each a key of the plan's `draft:` section.
 DRAFTINGS = (easyspec.DRAFTING,)

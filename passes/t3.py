@@ -153,8 +153,8 @@ def _after(gemm: fx.Node, world: int) -> tuple[fx.Node | None, str]:
     users = list(gemm.users)
     found = [u for u in users if "planc" in u.meta and OPS[info(u).kind].collective in ("all_reduce", "reduce_scatter")]
     if not found and any(_kind(u) == "add" and any(_kind(r) == "all_reduce" for r in u.users) for u in users):
-        return None, (f"{m.fqn}'s partial output is summed with the other branch of its parallel layer before one "
-                      "all-reduce, which no single GEMM produces")
+        return None, (f"{m.fqn}'s partial output is summed with another partial (the other branch of a parallel "
+                      "layer, or routed experts) before one all-reduce, which no single GEMM produces")
     if not found:
         layout = m.shard.layout + "-parallel" if isinstance(m.shard, LinearShard) else "replicated"
         return None, f"{m.fqn} is {layout}: no all-reduce or reduce-scatter follows it, so there is nothing to overlap"

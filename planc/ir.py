@@ -311,22 +311,53 @@ def mark(node: fx.Node, **changes: Any) -> None:
     node.meta["planc"] = info(node).with_(**changes)
 
 
-def sum_partials_after(graph: fx.Graph, node: fx.Node, why: str) -> fx.Node:
-    """A row-parallel GEMM's output is a per-rank partial sum: all-reduce it before its users.
+def sum_partials_after(graph: fx.Graph, node: fx.Node, why: str, width: int | None = None) -> fx.Node:
+    """`node`'s output is a per-rank partial sum (a row-parallel GEMM's; `width` wide, by default
+    the GEMM's out_features): all-reduce it before its users. Where it is added to another partial
+    sum already all-reduced, the partials are summed first and all-reduced once:
 
-    In a parallel layer (h + a + m, both branches reading the input of the layer) whose other
-    branch is already a summed partial, h + all_reduce(a) + m becomes h + all_reduce(a + m): one
-    all-reduce per layer instead of two (`parallel_partials`)."""
+    - beside it: all_reduce(r) + s(m) -> all_reduce(r + s(m)) (a MoE block's routed and shared
+      experts both split, as vLLM sums them);
+    - across a residual (a parallel layer, both branches reading the layer's input):
+      h + all_reduce(a) + m -> h + all_reduce(a + m).
+
+    The scales between them are constant factors, so they commute with the sum over ranks."""
     m = info(node)
-    both = parallel_partials(node)
+    dims = CommDims(width if width is not None else m.dims.out_features)
+    beside = _summed_beside(node, dims)
+    if beside is not None:
+        return _sum_beside(graph, node, *beside)
+    both = parallel_partials(node, dims)
     if both is not None:
         return _sum_both(graph, node, *both)
     return insert_after(graph, node, "all_reduce", NodeInfo(
         kind="all_reduce", fqn=m.fqn, block=m.block, layer=m.layer, rule=m.rule, strategy=m.strategy,
-        dims=CommDims(m.dims.out_features), why=why))
+        dims=dims, why=why))
 
 
-def parallel_partials(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+def _reduced_partial(node: Any, dims: CommDims) -> bool:
+    """An all-reduce of `dims` whose output feeds one node only."""
+    return _is(node, "all_reduce") and len(node.users) == 1 and info(node).dims == dims
+
+
+def _summed_beside(node: fx.Node, dims: CommDims) -> tuple[fx.Node, fx.Node] | None:
+    """(the add, the all_reduce) when `node`'s one user adds it to an all-reduced partial sum."""
+    if len(node.users) != 1 or not _is(add := next(iter(node.users)), "add"):
+        return None
+    other = add.args[1] if add.args[0] is node else add.args[0]
+    return (add, other) if other is not node and _reduced_partial(other, dims) else None
+
+
+def _sum_beside(graph: fx.Graph, node: fx.Node, add: fx.Node, reduce: fx.Node) -> fx.Node:
+    m = info(node)
+    add.args = tuple(reduce.args[0] if a is reduce else a for a in add.args)
+    graph.erase_node(reduce)
+    return insert_after(graph, add, "all_reduce", info(reduce).with_(
+        fqn=m.fqn, block=m.block, rule=m.rule, strategy=m.strategy,
+        why=f"{_short(info(reduce).fqn)} and {_short(m.fqn)} are both partial sums: one all-reduce sums both"))
+
+
+def parallel_partials(node: fx.Node, dims: CommDims) -> tuple[fx.Node, fx.Node, fx.Node] | None:
     """(second add, first add, all_reduce) when `node` is the second branch of a residual pair
     `add(add(h, all_reduce(a)), node)` whose first add and all-reduce feed nothing else: then
     `node` cannot depend on the first add (its only user comes after `node`), so the branches are
@@ -336,12 +367,13 @@ def parallel_partials(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
     second = next(iter(node.users))
     if not _is(second, "add") or second.args[1] is not node or not _is(first := second.args[0], "add"):
         return None
-    reduce = first.args[1]
-    if len(first.users) != 1 or not _is(reduce, "all_reduce") or len(reduce.users) != 1:
+    if len(first.users) != 1 or not _reduced_partial(first.args[1], dims):
         return None
-    if info(reduce).dims != CommDims(info(node).dims.out_features):
-        return None
-    return second, first, reduce
+    return second, first, first.args[1]
+
+
+def _short(fqn: str) -> str:
+    return fqn.rsplit(".", 1)[-1]
 
 
 def _is(node: Any, kind: str) -> bool:
@@ -358,8 +390,8 @@ def _sum_both(graph: fx.Graph, node: fx.Node, second: fx.Node, first: fx.Node, r
         both = add_node(graph, "add", (a, node), NodeInfo(kind="add", layer=m.layer, dims=info(second).dims), "partials")
         summed = add_node(graph, "all_reduce", (both,), info(reduce).with_(
             fqn=m.fqn, block=m.block, rule=m.rule, strategy=m.strategy,
-            why=f"{info(reduce).fqn.rsplit('.', 1)[-1]} and {m.fqn.rsplit('.', 1)[-1]} are row-parallel in a parallel "
-                "layer: one all-reduce sums both branches' partial outputs"))
+            why=f"{_short(info(reduce).fqn)} and {_short(m.fqn)} are row-parallel in a parallel layer: one "
+                "all-reduce sums both branches' partial outputs"))
     second.args = (first.args[0], summed)
     mark(second, dims=None)
     graph.erase_node(first)

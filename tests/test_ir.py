@@ -88,3 +88,21 @@ def test_a_sequential_layer_keeps_one_all_reduce_per_branch():
     sum_partials_after(graph, o, "o")
     sum_partials_after(graph, down, "down")
     assert format_graph(graph).count("all_reduce(") == 2
+
+
+def test_a_partial_added_to_an_all_reduced_partial_joins_its_all_reduce():
+    """all_reduce(r) + s(m) -> all_reduce(r + s(m)): a MoE block's routed and shared experts, both split."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    r = add_node(graph, "linear", (x,), NodeInfo(kind="linear", fqn="l.mlp.experts", layer=0, dims=LinearDims(8, 4, False)))
+    m = add_node(graph, "linear", (x,), NodeInfo(kind="linear", fqn="l.mlp.shared.down_proj", layer=0,
+                                                 dims=LinearDims(8, 4, False)))
+    graph.output(add_node(graph, "add", (r, m), NodeInfo(kind="add", layer=0, dims=Scale("mul", 3.0))))
+    sum_partials_after(graph, m, "m")
+    sum_partials_after(graph, r, "r")
+    graph.lint()
+    assert format_graph(graph).count("all_reduce(") == 1
+    h = torch.zeros(3, 4)
+    partials = {fqn: torch.randn(4, 3, 4) for fqn in ("l.mlp.experts", "l.mlp.shared.down_proj")}
+    want = partials["l.mlp.experts"].sum(0) + 3.0 * partials["l.mlp.shared.down_proj"].sum(0)
+    torch.testing.assert_close(_run(graph, h, partials, 4), want)

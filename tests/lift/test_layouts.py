@@ -248,7 +248,7 @@ def test_a_parallel_layer_under_tp_sums_both_partials_with_one_all_reduce(tmp_pa
     assert max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want)) <= 1e-4
     # T3 has no single GEMM to fuse with the shared all-reduce, and says so
     overlap = plan + '  - match: "model.layers.*.self_attn.o_proj"\n    overlap: {kind: t3, required: true}\n'
-    with pytest.raises(CompileError, match="summed with the other branch of its parallel layer"):
+    with pytest.raises(CompileError, match="summed with another partial"):
         compile(model, parse_plan_text(overlap, "plan.yaml"), tmp_path / "t3")
 
 
@@ -471,10 +471,12 @@ def _gpt_oss_with_biases_that_bite() -> torch.nn.Module:
     return model
 
 
+@pytest.mark.parametrize("strategy", ["ep", "tp"])
 @pytest.mark.parametrize("name", ["granitemoe_block_sparse_moe", "gpt_oss"])
-def test_moe_blocks_with_a_router_named_router_split_their_experts_at_two_ranks(tmp_path, name):
+def test_moe_blocks_with_a_router_named_router_split_their_experts_at_two_ranks(tmp_path, name, strategy):
     """GraniteMoE: router `router`, common experts. gpt-oss: router with a bias; experts transposed
-    ([E, D, 2I], x @ W), gate and up columns interleaved, biases, the clamped GLU."""
+    ([E, D, 2I], x @ W), gate and up columns interleaved, biases, the clamped GLU. ep: 2 of the 4
+    experts per rank; tp: half of every expert's intermediate dim per rank."""
     model = _gpt_oss_with_biases_that_bite() if name == "gpt_oss" else build(name)
     ffn = "mlp" if name == "gpt_oss" else "block_sparse_moe"
     moe = [b for b in recognize(model) if b.kind == "moe"]
@@ -490,13 +492,19 @@ def test_moe_blocks_with_a_router_named_router_split_their_experts_at_two_ranks(
         ops, args = Ops(), (moe[0].dims, moe[0].attrs["act"], None, None)
         unclamped = dataclasses.replace(layout, limit=1e9)
         assert (ops.moe(x, W, *args, layout) - ops.moe(x, W, *args, unclamped)).abs().max() > 1e-3
-    plan = PLAN + f'  - match: "model.layers.*.{ffn}"\n    moe: {{strategy: ep}}\n'
+    plan = PLAN + f'  - match: "model.layers.*.{ffn}"\n    moe: {{strategy: {strategy}}}\n'
     artifact = compile(model, parse_plan_text(plan, "plan.yaml"), tmp_path / "out").path
     from safetensors.torch import load_file
     rank1 = load_file(artifact / "programs" / "target" / "weights" / "rank1.safetensors")
     experts = {k.rsplit(".", 1)[-1]: v.shape for k, v in rank1.items() if k.startswith(f"model.layers.0.{ffn}.experts.")}
-    assert {k: v[0] for k, v in experts.items()} == dict.fromkeys(experts, 2)  # 2 of 4 experts, biases too
     assert len(experts) == (4 if name == "gpt_oss" else 2)
+    if strategy == "ep":
+        assert {k: v[0] for k, v in experts.items()} == dict.fromkeys(experts, 2)  # 2 of 4 experts, biases too
+    elif name == "gpt_oss":  # E = 4, D = 64, I = 128: 64 of I per rank (gate and up: 2 x 64), down's bias whole
+        assert experts == {"gate_up_proj": (4, 64, 128), "down_proj": (4, 64, 64), "gate_up_proj_bias": (4, 128),
+                           "down_proj_bias": (4, 64)}
+    else:
+        assert experts == {"gate_up_proj": (4, 128, 64), "down_proj": (4, 64, 64)}
     assert _two_ranks_against_transformers(model, artifact, list(range(40, 57))) <= 1e-4
 
 

@@ -16,6 +16,8 @@ from planc.codegen.partition import model_tensors, partition
 from planc.driver import parallelize
 from planc.ir import info
 from planc.lift import lift
+from planc.lift.check import block_weights, run_reference
+from planc.lift.recognize import recognize
 from planc.models.registry import load_model
 from planc.ops import GqaCache, MlaCache, Ops, Step
 from planc.plan import parse_plan_text
@@ -87,6 +89,21 @@ def run_block(graph: fx.Graph, ranks: list[dict], block: str, x: torch.Tensor, d
 
     results = run_threads(rank_fn, len(ranks))
     return results[0][0], [c for _, c in results], [o for o, _ in results]
+
+
+def reference(name: str, fqn: str, x: torch.Tensor) -> torch.Tensor:
+    """Block `fqn` of bundled model `name` on x, by its semantic reference (the lift check's)."""
+    block = next(b for b in recognize(model(name)) if b.fqn == fqn)
+    return run_reference(block, x, block_weights(model(name), fqn))
+
+
+def ranks_reproduce(graph: fx.Graph, ranks: list[dict], name: str, fqn: str) -> None:
+    """Block `fqn` run on every rank gives its reference's output on a random prompt (fp32: the ranks
+    sum partials in another order), and every rank the same."""
+    x = torch.randn(2, 5, model(name).config.hidden_size)
+    got, _, outs = run_block(graph, ranks, fqn, x)
+    torch.testing.assert_close(got, reference(name, fqn, x), rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(o, outs[0]) for o in outs)
 
 
 def plan(devices: int, *rules: str, dtype: str = "float32", source: str = "tiny-deepseek") -> str:

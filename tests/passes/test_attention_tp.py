@@ -6,10 +6,8 @@ import torch
 
 from planc.errors import CompileError
 from planc.ir import info, nodes_of
-from planc.lift.check import block_weights, run_reference
-from planc.lift.recognize import recognize
 from planc.passes.attention_tp import kv_head_range, valid_degrees
-from tests.passes.blocks import compiled, model, plan, run_block
+from tests.passes.blocks import compiled, model, plan, reference, run_block
 
 ATTN = 'match: "model.layers.*.self_attn"\n    attention: {strategy: tp}'
 
@@ -20,9 +18,8 @@ def test_shards_sum_to_the_block(devices):
     graph, _, ranks = compiled("tiny-draft", text)
     fqn = "model.layers.1.self_attn"
     x = torch.randn(2, 5, model("tiny-draft").config.hidden_size)
-    block = next(b for b in recognize(model("tiny-draft")) if b.fqn == fqn)
     got, caches, _ = run_block(graph, ranks, fqn, x, decode_steps=2)
-    torch.testing.assert_close(got, run_reference(block, x, block_weights(model("tiny-draft"), fqn)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, reference("tiny-draft", fqn, x), rtol=1e-5, atol=1e-5)
     core = next(n for n in nodes_of(graph, "gqa_attention") if info(n).fqn == fqn)
     assert caches[0][fqn].k_BTHD.shape[2] == info(core).local_dims().num_kv_heads
 

@@ -13,13 +13,13 @@ import torch
 
 from planc.errors import CompileError
 from planc.ir import format_graph, info
-from planc.lift.check import block_weights, run_reference
+from planc.lift.check import block_weights
 from planc.lift.recognize import recognize
 from planc.ops import Ops
 from planc.passes import ep
 from planc.passes.ep import route
 from planc.placement import contiguous
-from tests.passes.blocks import compiled, lifted, model, plan
+from tests.passes.blocks import compiled, lifted, model, plan, ranks_reproduce
 from tests.passes.programs import generate_on_threads
 
 MOE = 'match: "model.layers.*.mlp"\n    moe: {strategy: ep, placement: contiguous}'
@@ -75,15 +75,8 @@ def test_pass_does_not_mutate_its_input():
 
 @pytest.mark.parametrize("devices", [2, 4])
 def test_ranks_reproduce_the_moe_block(devices):
-    from tests.passes.blocks import run_block
-
     graph, _, ranks = compiled("tiny-deepseek", plan(devices, DENSE, MOE))
-    fqn = "model.layers.2.mlp"
-    x = torch.randn(2, 5, model("tiny-deepseek").config.hidden_size)
-    block = next(b for b in recognize(model("tiny-deepseek")) if b.fqn == fqn)
-    got, _, outs = run_block(graph, ranks, fqn, x)
-    torch.testing.assert_close(got, run_reference(block, x, block_weights(model("tiny-deepseek"), fqn)), rtol=1e-5, atol=1e-5)
-    assert all(torch.equal(o, outs[0]) for o in outs)
+    ranks_reproduce(graph, ranks, "tiny-deepseek", "model.layers.2.mlp")
 
 
 def test_each_rank_holds_its_experts_only():

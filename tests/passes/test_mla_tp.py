@@ -6,9 +6,7 @@ import torch
 
 from planc.errors import CompileError
 from planc.ir import format_graph, info, nodes_of
-from planc.lift.check import block_weights, run_reference
-from planc.lift.recognize import recognize
-from tests.passes.blocks import compiled, lifted, model, plan, run_block
+from tests.passes.blocks import compiled, lifted, model, plan, reference, run_block
 
 ATTN = 'match: "model.layers.*.self_attn"\n    attention: {strategy: mla_tp}'
 
@@ -30,10 +28,9 @@ def test_shards_sum_to_the_block(devices):
     graph, _, ranks = compiled("tiny-deepseek", plan(devices, ATTN))
     fqn = "model.layers.1.self_attn"
     x = torch.randn(2, 5, model("tiny-deepseek").config.hidden_size)
-    block = next(b for b in recognize(model("tiny-deepseek")) if b.fqn == fqn)
     got, caches, _ = run_block(graph, ranks, fqn, x, decode_steps=2)
-    torch.testing.assert_close(got, run_reference(block, x, block_weights(model("tiny-deepseek"), fqn)), rtol=1e-5, atol=1e-5)
-    assert all(c[fqn].ckv_BTC.shape[-1] == block.dims.kv_lora_rank for c in caches)  # latent replicated
+    torch.testing.assert_close(got, reference("tiny-deepseek", fqn, x), rtol=1e-5, atol=1e-5)
+    assert all(c[fqn].ckv_BTC.shape[-1] == model("tiny-deepseek").config.kv_lora_rank for c in caches)  # latent replicated
 
 
 def test_heads_that_do_not_split_are_declined():

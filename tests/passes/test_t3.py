@@ -15,15 +15,13 @@ from planc.driver import compile
 from planc.errors import CompileError, PlanError
 from planc.ir import add_node, format_graph, info, nodes_of
 from planc.kernels.t3_gemm import Pieces, tiles_per_piece
-from planc.lift.check import block_weights, run_reference
-from planc.lift.recognize import recognize
 from planc.ops import Ops
 from planc.passes import t3
 from planc.passmanager import PassContext
 from planc.plan import parse_plan_text
 from planc.ring import ring_piece_order
 from planc.runtime.threads import ThreadComm, _Exchange, run_threads
-from tests.passes.blocks import compiled, model, plan, run_block
+from tests.passes.blocks import compiled, model, plan, reference, run_block
 
 ATTN = 'match: "model.layers.*.self_attn"\n    attention: {strategy: mla_tp}'
 DENSE = 'match: "model.layers.0.mlp"\n    mlp: {strategy: tp}'
@@ -61,10 +59,9 @@ def test_fused_block_equals_the_block(devices):
     graph, _, ranks = compiled("tiny-deepseek", plan(devices, ATTN, O_PROJ % ""))
     fqn = "model.layers.1.self_attn"
     x = torch.randn(2, 12, model("tiny-deepseek").config.hidden_size)
-    block = next(b for b in recognize(model("tiny-deepseek")) if b.fqn == fqn)
     got, _, every = run_block(graph, ranks, fqn, x, decode_steps=2)
     # fp32: the ring sums 2-4 partials of O(1) in another order than one GEMM over all heads.
-    torch.testing.assert_close(got, run_reference(block, x, block_weights(model("tiny-deepseek"), fqn)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, reference("tiny-deepseek", fqn, x), rtol=1e-5, atol=1e-5)
     assert all(torch.equal(o, every[0]) for o in every)  # every rank holds the whole sum
 
 
