@@ -70,6 +70,10 @@ class GqaDims:
     qk_offset: float = 0.0  # per-head q/k norms scaling by offset + weight (MiniMax-M3: 1, Gemma-style)
     softcap: float | None = None  # Gemma 2: scores -> softcap · tanh(scores / softcap) before the softmax
     sinks: bool = False  # gpt-oss: a learned logit per head (`sinks` [H]) joins each softmax's normalizer
+    # per-head q/k norms: their children (HunYuan: query_layernorm, key_layernorm), and whether they
+    # normalize the rotated heads (HunYuan) rather than the heads before rope (Qwen3)
+    qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")
+    qk_norm_after_rope: bool = False
 
     def local(self, num_heads: int, num_kv_heads: int) -> "GqaDims":
         return replace(self, num_heads=num_heads, num_kv_heads=num_kv_heads)

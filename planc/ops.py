@@ -276,16 +276,23 @@ class Ops:
         q = q_BSX.view(B, S, d.num_heads, d.head_dim)
         k = k_BSX.view(B, S, d.num_kv_heads, d.head_dim)
         v = v_BSX.view(B, S, d.num_kv_heads, d.head_dim)
-        if d.qk_norm == "head":
-            q = self.rmsnorm(q, W["q_norm.weight"], d.eps, d.qk_offset)
-            k = self.rmsnorm(k, W["k_norm.weight"], d.eps, d.qk_offset)
+        if d.qk_norm == "head" and not d.qk_norm_after_rope:
+            q, k = self._head_norms(q, k, W, d)
         cos, sin = rope_cos_sin(step.pos_BS, rope_inv_freq(W, step.pos_BS), d.rope_scaling, q_BSX.dtype)
         q, k = (partial_rope(t, cos, sin, d.rope_dim, d.rope_interleave) for t in (q, k))
+        if d.qk_norm == "head" and d.qk_norm_after_rope:
+            q, k = self._head_norms(q, k, W, d)
         end = step.start + S
         cache.k_BTHD[:, step.start:end] = k
         cache.v_BTHD[:, step.start:end] = v
         sinks_H = W["sinks"] if d.sinks else None
         return self._gqa_attend(q, cache, step, S, d, sinks_H).reshape(B, S, d.num_heads * d.head_dim)
+
+    def _head_norms(self, q_BSHD, k_BSGD, W: Weights, d: GqaDims):
+        """Each head of q and k RMS-normalized on its own (by weight, or offset + weight)."""
+        q_name, k_name = d.qk_norm_names
+        return (self.rmsnorm(q_BSHD, W[f"{q_name}.weight"], d.eps, d.qk_offset),
+                self.rmsnorm(k_BSGD, W[f"{k_name}.weight"], d.eps, d.qk_offset))
 
     def _gqa_attend(self, q_BSHD, cache: GqaCache, step: Step, S: int, d: GqaDims, sinks_H: torch.Tensor | None = None):
         end = step.start + S

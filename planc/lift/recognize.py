@@ -27,7 +27,10 @@ GQA_CHILDREN = frozenset(("q_proj", "k_proj", "v_proj", "o_proj"))
 MLP_CHILDREN = frozenset(("gate_proj", "up_proj", "down_proj"))
 # every child with weights the attention ops read: the projections, q LoRA, per-head or whole q/k norms
 MLA_READS = MLA_CHILDREN | {"q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj"}
-GQA_READS = GQA_CHILDREN | {"q_norm", "k_norm"}
+# per-head q/k norms: (q's, k's, whether they normalize the rotated heads): Qwen3's before rope,
+# HunYuan's after (the lift's numeric check confirms the order on real weights)
+QK_NORMS = (("q_norm", "k_norm", False), ("query_layernorm", "key_layernorm", True))
+GQA_READS = GQA_CHILDREN | {name for q, k, _ in QK_NORMS for name in (q, k)}
 CAPTURED = "captured"  # a block no recognizer knows, run as its exported graph (planc.lift.captured)
 FFN_KINDS = ("mlp", "moe")  # what planc lifts in a decoder layer's feed-forward slot
 
@@ -177,21 +180,23 @@ def _gqa_dims(attn: nn.Module, rope_scaling: float, layer: int, rope_width: int 
     head_dim = attn.head_dim
     if rope_width is not None and rope_width > head_dim:
         raise ModelError(f"the rotary embedding turns {rope_width} dims of a {head_dim}-wide head")
-    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    names = next(((q, k, after) for q, k, after in QK_NORMS if getattr(attn, q, None) is not None
+                  and getattr(attn, k, None) is not None), ("q_norm", "k_norm", False))
+    q_norm, k_norm = getattr(attn, names[0], None), getattr(attn, names[1], None)
     qk_norm, eps, qk_offset = "none", 0.0, 0.0
     if q_norm is not None and k_norm is not None:
         eps = rmsnorm_eps(q_norm)
         if eps is None or rmsnorm_eps(k_norm) != eps:  # a norm without a weight (NanoChat's), or another norm
-            raise ModelError(f"q_norm ({type(q_norm).__name__}) and k_norm are not RMSNorms scaling by a weight "
+            raise ModelError(f"{names[0]} ({type(q_norm).__name__}) and {names[1]} are not RMSNorms scaling by a weight "
                              "with one epsilon, which is the q/k norm planc's gqa_attention applies")
         qk_offset = rmsnorm_offset(q_norm, eps)
         if qk_offset is None or rmsnorm_offset(k_norm, eps) != qk_offset:
-            raise ModelError(f"q_norm ({type(q_norm).__name__}) and k_norm scale neither by their weight nor by 1 + "
+            raise ModelError(f"{names[0]} ({type(q_norm).__name__}) and {names[1]} scale neither by their weight nor by 1 + "
                              "weight alike, as the q/k norm planc's gqa_attention does")
         widths = (q_norm.weight.shape[0], k_norm.weight.shape[0])
         if widths == (head_dim, head_dim):
             qk_norm = "head"  # Qwen3: each head's q and k normalized on its own (MiniMax-M3: by 1 + weight)
-        elif widths == (attn.q_proj.out_features, attn.k_proj.out_features) and qk_offset == 0.0:
+        elif widths == (attn.q_proj.out_features, attn.k_proj.out_features) and qk_offset == 0.0 and not names[2]:
             qk_norm = "full"  # OLMoE: the whole q and k projections normalized before the head split
         else:
             return None
@@ -206,6 +211,7 @@ def _gqa_dims(attn: nn.Module, rope_scaling: float, layer: int, rope_width: int 
         window=sliding_window(attn, layer), rope_dim=_rope_dim(attn, rope_width, head_dim),
         rope_interleave=rope_interleaved(type(attn), rope_width or head_dim), qk_offset=qk_offset,
         softcap=None if softcap is None else float(softcap), sinks=_sinks(attn, attn.q_proj.out_features // head_dim),
+        **({"qk_norm_names": names[:2], "qk_norm_after_rope": names[2]} if qk_norm == "head" else {}),
     )
 
 
@@ -271,14 +277,15 @@ def _router_dims(moe: nn.Module) -> RouterDims | None:
     """
     name = next((n for n in ROUTER_NAMES if getattr(moe, n, None) is not None), None)
     gate, experts = getattr(moe, name or "gate", None), getattr(moe, "experts", None)
-    weight = getattr(gate, "weight", None)
-    if gate is None or experts is None or weight is None or weight.dim() != 2 or not isinstance(getattr(gate, "top_k", None), int):
+    path = _logits_path(gate, name)
+    if experts is None or path is None or not isinstance(getattr(gate, "top_k", None), int):
         return None
-    num_experts, hidden = weight.shape
+    holder = moe.get_submodule(path)
+    num_experts, hidden = holder.weight.shape
     if experts_layout(experts, num_experts, hidden) is None:
         return None
-    bias = getattr(gate, "bias", None)
-    common = {"num_experts": num_experts, "top_k": gate.top_k, "module": name,
+    bias = getattr(holder, "bias", None)
+    common = {"num_experts": num_experts, "top_k": gate.top_k, "module": path,
               "bias": isinstance(bias, torch.Tensor) and tuple(bias.shape) == (num_experts,)}
     if hasattr(gate, "e_score_correction_bias"):  # MiniMax-M2 and HY-V3 name no groups, always renormalize
         scaling = getattr(gate, "routed_scaling_factor", getattr(gate, "router_scaling_factor", 1.0))
@@ -294,38 +301,61 @@ def _router_dims(moe: nn.Module) -> RouterDims | None:
                           scaling=float(gate.routed_scaling_factor), fp32_logits=True)
     if hasattr(gate, "norm_topk_prob"):
         return RouterDims(**common, normalize=bool(gate.norm_topk_prob), weights_in_model_dtype=True)
-    return _softmax_top_k(gate, RouterDims(**common, normalize=True))
+    # logits in fp32 where the router keeps an fp32 weight in a narrower model (HunYuan's wg)
+    fp32 = holder.weight.dtype == torch.float32 and experts.gate_up_proj.dtype != torch.float32
+    return _softmax_top_k(gate, RouterDims(**common, normalize=True, fp32_logits=fp32), experts.gate_up_proj.dtype)
 
 
-def _softmax_top_k(gate: nn.Module, dims: RouterDims) -> RouterDims | None:
+def _logits_path(gate: nn.Module | None, name: str | None) -> str | None:
+    """Where the router's logits GEMM weight [E, D] lives under the MoE block: the router itself
+    (`gate`, `router`), or its one Linear child (HunYuan's `gate.wg`); None when neither."""
+    if gate is None or name is None:
+        return None
+    weight = getattr(gate, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return name
+    children = [(n, c) for n, c in gate.named_children() if c is not None]
+    if len(children) == 1 and _is_linear(children[0][1]):
+        return f"{name}.{children[0][0]}"
+    return None
+
+
+def _softmax_top_k(gate: nn.Module, dims: RouterDims, model_dtype: torch.dtype) -> RouterDims | None:
     """A router with no attribute naming its variant (Mixtral, GraniteMoE, gpt-oss), asked on a
     probe: a copy of it holding random fp32 weights of its shapes (so a model on meta answers too)
     must return (logits, weights [N, k], experts [N, k]) choosing the experts and weights `dims`
     does; else None (PhiMoE's sparsemixer: the block runs as captured). Whether it hands the k
     weights back narrower than fp32 (in a bf16 model GraniteMoE and gpt-oss do, Mixtral does not)
     is asked of it in its own dtype."""
-    num_experts, hidden = gate.weight.shape
+    child = dims.module.partition(".")[2]  # "" for the router itself, "wg" for HunYuan's
+    holder = gate.get_submodule(child)
+    num_experts, hidden = holder.weight.shape
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16, hidden, generator=g)
     W = {"weight": torch.randn(num_experts, hidden, generator=g) / hidden ** 0.5}
     if dims.bias:
         W["bias"] = torch.randn(num_experts, generator=g)
     ours = _routing(*Ops().moe_route(x, W, dims), num_experts)
-    theirs = _probe(gate, W, x)
+    theirs = _probe(gate, child, W, x)
     if theirs is None or theirs[1].shape != (16, dims.top_k):
         return None
     if not torch.allclose(_routing(theirs[2], theirs[1].float(), num_experts), ours, rtol=1e-4, atol=1e-6):
         return None
-    native = _probe(gate, {k: v.to(gate.weight.dtype) for k, v in W.items()}, x.to(gate.weight.dtype))
+    native = _probe(gate, child, {k: v.to(holder.weight.dtype) for k, v in W.items()}, x.to(model_dtype))
     narrowed = native is not None and native[1].is_floating_point() and native[1].dtype != torch.float32
     return replace(dims, weights_in_model_dtype=narrowed)
 
 
-def _probe(gate: nn.Module, W: dict[str, torch.Tensor], x: torch.Tensor) -> tuple | None:
-    """gate's forward on x with its tensors replaced by W (a shallow copy; the model is untouched)."""
-    probe = copy.copy(gate)
-    probe._parameters = {**gate._parameters, **{k: nn.Parameter(v, requires_grad=False) for k, v in W.items()}}
-    probe._buffers = dict(gate._buffers)
+def _probe(gate: nn.Module, child: str, W: dict[str, torch.Tensor], x: torch.Tensor) -> tuple | None:
+    """gate's forward on x with the tensors of its part `child` ("" for itself) replaced by W
+    (shallow copies; the model is untouched)."""
+    holder = copy.copy(gate.get_submodule(child))
+    holder._parameters = {**holder._parameters, **{k: nn.Parameter(v, requires_grad=False) for k, v in W.items()}}
+    holder._buffers = dict(holder._buffers)
+    probe = holder
+    if child:
+        probe = copy.copy(gate)
+        probe._modules = {**gate._modules, child: holder}
     try:
         with torch.no_grad():
             out = probe(x)
@@ -372,7 +402,7 @@ def experts_layout(experts: nn.Module, num_experts: int, hidden: int) -> Experts
 
 def _shared_expert(moe: nn.Module) -> tuple[str | None, str | None]:
     """(the shared expert MLP's child name, the name of its sigmoid gate) of a MoE block."""
-    shared = next((n for n in ("shared_experts", "shared_expert") if _is_mlp(getattr(moe, n, None))), None)
+    shared = next((n for n in ("shared_experts", "shared_expert", "shared_mlp") if _is_mlp(getattr(moe, n, None))), None)
     gate = getattr(moe, "shared_expert_gate", None)
     has_gate = shared is not None and _is_linear(gate) and gate.out_features == 1
     return shared, "shared_expert_gate" if has_gate else None
@@ -427,9 +457,10 @@ def _ffn_block(ffn: nn.Module, fqn: str, layer: int, config) -> Block:
     if router is not None:
         shared, shared_gate = _shared_expert(ffn)
         # a norm on the block's output (A.X-K1's post_mlp_layernorm): another op, run as captured
-        _refuse_unread(ffn, fqn, "moe", frozenset({router.module, "experts", shared, shared_gate} - {None}),
-                       f" (it reads the {router.module}, the experts and a shared expert MLP)")
-        hidden = getattr(ffn, router.module).weight.shape[1]
+        name = router.module.split(".")[0]
+        _refuse_unread(ffn, fqn, "moe", frozenset({name, "experts", shared, shared_gate} - {None}),
+                       f" (it reads the {name}, the experts and a shared expert MLP)")
+        hidden = ffn.get_submodule(router.module).weight.shape[1]
         layout = experts_layout(ffn.experts, router.num_experts, hidden)
         act = CLAMPED_GLU if layout.limit is not None else _act_name(ffn, config)
         return Block("moe", fqn, type(ffn).__name__, layer, router,

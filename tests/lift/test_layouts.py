@@ -15,6 +15,7 @@ from planc.codegen.artifact import program_file
 from planc.driver import compile
 from planc.errors import CompileError, ModelError
 from planc.lift import lift
+from planc.lift.check import block_weights, run_reference
 from planc.lift.glue import Scale, read_glue
 from planc.lift.recognize import recognize, rope_per_layer_type
 from planc.lift.structure import representatives
@@ -81,6 +82,8 @@ def configs() -> dict[str, T.PretrainedConfig]:
         # the same with windows on some layers and one rope per layer type
         "olmo3_post_norms_windows": T.Olmo3Config(**COMMON, sliding_window=WINDOW,
                                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+        # per-head q/k norms named query_layernorm / key_layernorm, normalizing the rotated heads
+        "hunyuan_dense_norms_after_rope": T.HunYuanDenseV1Config(**COMMON, head_dim=16),
         # sandwich norms (before and after both blocks) scaling by 1 + weight, per-head q/k norms,
         # a tanh-approximated GELU, query_pre_attn_scalar, windows and a rope per layer type
         "gemma3_sandwich_norms": T.Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=24,
@@ -508,6 +511,22 @@ def test_moe_blocks_with_a_router_named_router_split_their_experts_at_two_ranks(
     assert _two_ranks_against_transformers(model, artifact, list(range(40, 57))) <= 1e-4
 
 
+@pytest.mark.parametrize("strategy", ["ep", "tp"])
+def test_a_router_whose_logits_gemm_is_its_child_beside_a_shared_mlp_splits_at_two_ranks(tmp_path, strategy):
+    """HunYuan-MoE: the router's weight lives in its one Linear child (`gate.wg`, kept in fp32 in a
+    bf16 model: its logits are fp32 there) and the shared expert MLP is named shared_mlp."""
+    config = T.HunYuanMoEV1Config(**COMMON, head_dim=16, num_experts=4, moe_topk=2)
+    config._experts_implementation = "grouped_mm"
+    model = build("", config=config)
+    moe = [b for b in recognize(model) if b.kind == "moe"]
+    assert len(moe) == 3 and (moe[0].dims.module, moe[0].attrs["shared"]) == ("gate.wg", "shared_mlp")
+    meta = [b.dims for b in recognize(init_model(config, torch.bfloat16, meta=True)) if b.kind == "moe"]
+    assert meta == [dataclasses.replace(moe[0].dims, fp32_logits=True)] * 3
+    plan = PLAN + f'  - match: "model.layers.*.mlp"\n    moe: {{strategy: {strategy}}}\n'
+    artifact = compile(model, parse_plan_text(plan, "plan.yaml"), tmp_path / "out").path
+    assert _two_ranks_against_transformers(model, artifact, list(range(40, 57))) <= 1e-4
+
+
 @pytest.mark.parametrize(("name", "narrowed"), [("granitemoe_block_sparse_moe", True), ("gpt_oss_sinks", True),
                                                  ("mixtral", False)])
 def test_whether_router_weights_come_back_in_the_model_dtype_is_asked_of_the_router(name, narrowed):
@@ -534,6 +553,27 @@ def test_a_router_is_asked_on_a_probe_so_a_model_on_meta_reads_as_on_weights(nam
     assert {kind for kind, _ in real + meta} == {"captured" if name == "phimoe" else "moe"} and len(meta) == 3
     narrowed = [dataclasses.replace(dims, weights_in_model_dtype=True) if dims else None for _, dims in real]
     assert [dims for _, dims in meta] == narrowed  # bf16 on meta: the weights come back in bf16
+
+
+def test_per_head_qk_norms_after_rope_are_read_and_exact_at_two_ranks(tmp_path):
+    """HunYuan normalizes each head after rope. With norm weights that are not all one the order
+    shows (rope turns pairs, so with a uniform weight it would not), and the lift reads it."""
+    model = build("hunyuan_dense_norms_after_rope")
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for name in ("query_layernorm", "key_layernorm"):
+                getattr(layer.self_attn, name).weight.normal_(1.0, 0.5, generator=g)
+    dims = _attention_of(model)
+    assert {(d.qk_norm, d.qk_norm_names, d.qk_norm_after_rope) for d in dims} == {
+        ("head", ("query_layernorm", "key_layernorm"), True)}
+    block = next(b for b in recognize(model) if b.kind == "gqa_attention")
+    x = torch.randn(1, 6, 64, generator=g)
+    W = block_weights(model, block.fqn)
+    before = dataclasses.replace(block, dims=dataclasses.replace(block.dims, qk_norm_after_rope=False))
+    assert (run_reference(block, x, W) - run_reference(before, x, W)).abs().max() > 1e-3
+    artifact = compile(model, parse_plan_text(PLAN, "plan.yaml"), tmp_path / "out").path
+    assert _two_ranks_against_transformers(model, artifact, list(range(80, 97))) <= 1e-4
 
 
 def test_per_head_qk_norms_scaling_by_one_plus_weight_are_exact_at_two_ranks(tmp_path):
