@@ -321,15 +321,19 @@ def sum_partials_after(graph: fx.Graph, node: fx.Node, why: str, width: int | No
     - across a residual (a parallel layer, both branches reading the layer's input):
       h + all_reduce(a) + m -> h + all_reduce(a + m).
 
-    The scales between them are constant factors, so they commute with the sum over ranks."""
+    The scales between them are constant factors, so they commute with the sum over ranks, and so
+    does a per-token gate every rank computes alike (Qwen2-MoE's sigmoid-gated shared expert): the
+    all-reduce goes after it, where it can meet the routed experts'."""
     m = info(node)
     dims = CommDims(width if width is not None else m.dims.out_features)
+    while len(node.users) == 1 and _is(gated := next(iter(node.users)), "sigmoid_scale") and gated.args[1] is node:
+        node = gated
     beside = _summed_beside(node, dims)
     if beside is not None:
-        return _sum_beside(graph, node, *beside)
+        return _sum_beside(graph, m, *beside)
     both = parallel_partials(node, dims)
     if both is not None:
-        return _sum_both(graph, node, *both)
+        return _sum_both(graph, node, m, *both)
     return insert_after(graph, node, "all_reduce", NodeInfo(
         kind="all_reduce", fqn=m.fqn, block=m.block, layer=m.layer, rule=m.rule, strategy=m.strategy,
         dims=dims, why=why))
@@ -348,8 +352,8 @@ def _summed_beside(node: fx.Node, dims: CommDims) -> tuple[fx.Node, fx.Node] | N
     return (add, other) if other is not node and _reduced_partial(other, dims) else None
 
 
-def _sum_beside(graph: fx.Graph, node: fx.Node, add: fx.Node, reduce: fx.Node) -> fx.Node:
-    m = info(node)
+def _sum_beside(graph: fx.Graph, m: NodeInfo, add: fx.Node, reduce: fx.Node) -> fx.Node:
+    """all_reduce(r) + s(node) -> all_reduce(r + s(node)); `m`: the partial's producer."""
     add.args = tuple(reduce.args[0] if a is reduce else a for a in add.args)
     graph.erase_node(reduce)
     return insert_after(graph, add, "all_reduce", info(reduce).with_(
@@ -380,10 +384,10 @@ def _is(node: Any, kind: str) -> bool:
     return isinstance(node, fx.Node) and "planc" in node.meta and info(node).kind == kind
 
 
-def _sum_both(graph: fx.Graph, node: fx.Node, second: fx.Node, first: fx.Node, reduce: fx.Node) -> fx.Node:
-    """h + s1(all_reduce(a)) + s2(m) -> h + all_reduce(s1(a) + s2(m)): the branch scales are
-    constant factors, so they commute with the sum over ranks."""
-    m, a = info(node), reduce.args[0]
+def _sum_both(graph: fx.Graph, node: fx.Node, m: NodeInfo, second: fx.Node, first: fx.Node, reduce: fx.Node
+              ) -> fx.Node:
+    """h + s1(all_reduce(a)) + s2(node) -> h + all_reduce(s1(a) + s2(node)); `m`: the partial's producer."""
+    a = reduce.args[0]
     with graph.inserting_before(second):
         if info(first).dims is not None:
             a = add_node(graph, "scale", (a,), NodeInfo(kind="scale", layer=m.layer, dims=info(first).dims), "a")

@@ -527,6 +527,25 @@ def test_a_router_whose_logits_gemm_is_its_child_beside_a_shared_mlp_splits_at_t
     assert _two_ranks_against_transformers(model, artifact, list(range(40, 57))) <= 1e-4
 
 
+def test_a_sigmoid_gated_shared_expert_and_the_routed_experts_split_share_one_all_reduce(tmp_path):
+    """Qwen2-MoE: shared = sigmoid(shared_expert_gate(x)) · shared_expert(x), the gate computed
+    alike on every rank, so all_reduce(routed) + gate · all_reduce(down) is
+    all_reduce(routed + gate · down)."""
+    config = T.Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                              shared_expert_intermediate_size=64)
+    config._experts_implementation = "grouped_mm"
+    model = build("", config=config)
+    plan = (PLAN + '  - match: "model.layers.*.mlp.shared_expert"\n    mlp: {strategy: tp}\n'
+            '  - match: "model.layers.*.mlp"\n    moe: {strategy: tp}\n')
+    art = compile(model, parse_plan_text(plan, "plan.yaml"), tmp_path / "out")
+    nodes = {n["name"]: n for n in list(art.report["graph_nodes"].values())[-1]}
+    in_moe = [n for n in nodes.values() if n["kind"] == "all_reduce" and n["block"].endswith(".mlp")]
+    assert len(in_moe) == 3  # one per MoE layer
+    summed = [nodes[a]["kind"] for n in in_moe for a in nodes[n["args"][0]]["args"]]
+    assert summed == ["moe", "sigmoid_scale"] * 3
+    assert _two_ranks_against_transformers(model, art.path, list(range(40, 57))) <= 1e-4
+
+
 @pytest.mark.parametrize(("name", "narrowed"), [("granitemoe_block_sparse_moe", True), ("gpt_oss_sinks", True),
                                                  ("mixtral", False)])
 def test_whether_router_weights_come_back_in_the_model_dtype_is_asked_of_the_router(name, narrowed):

@@ -9,7 +9,7 @@ from planc.errors import CompileError
 from planc.ir import NodeInfo, format_graph, info
 from planc.ops import Ops
 from planc.passes.moe_tp import ExpertSlices
-from tests.passes.blocks import compiled, model, plan, ranks_reproduce
+from tests.passes.blocks import compiled, lifted, model, plan, ranks_reproduce
 
 MOE = 'match: "model.layers.*.mlp"\n    moe: {strategy: tp}'
 DENSE = 'match: "model.layers.0.mlp"\n    mlp: {strategy: replicated}'
@@ -23,6 +23,12 @@ def test_rewrite_golden():
         "moe", "all_reduce", "linear", "linear", "mlp", "linear"]
     assert "tp rules[1]  intermediate_per_rank=32" in layer[0]
     assert sum(r.action == "applied" for r in ctx.records if r.pass_name == "moe_tp") == 3
+
+
+def test_pass_does_not_mutate_its_input():
+    before = format_graph(lifted("tiny-deepseek"))
+    compiled("tiny-deepseek", plan(2, DENSE, MOE))
+    assert format_graph(lifted("tiny-deepseek")) == before
 
 
 @pytest.mark.parametrize("devices", [2, 4])
