@@ -14,7 +14,7 @@ import torch.fx as fx
 from codegen.emit_program import _Emitter
 from planc.codegen.partition import model_tensors, partition
 from planc.driver import parallelize
-from planc.ir import info
+from planc.ir import format_graph, info
 from planc.lift import lift
 from planc.lift.check import block_weights, run_reference
 from planc.lift.recognize import recognize
@@ -89,6 +89,14 @@ def run_block(graph: fx.Graph, ranks: list[dict], block: str, x: torch.Tensor, d
 
     results = run_threads(rank_fn, len(ranks))
     return results[0][0], [c for _, c in results], [o for o, _ in results]
+
+
+def leaves_lifted_graph_alone(name: str, run) -> None:
+    """`run()` (compiles of bundled model `name`) leaves its cached lifted graph as it was: passes
+    copy before they rewrite."""
+    before = format_graph(lifted(name))
+    run()
+    assert format_graph(lifted(name)) == before
 
 
 def reference(name: str, fqn: str, x: torch.Tensor) -> torch.Tensor:
