@@ -7,7 +7,6 @@ T cache capacity (slots), S sequence splits, D head dim.
                       (then softcap * tanh(logits / softcap) where softcap is given: Gemma 2)
     out[b, h]       = sum_t softmax_t(logits[b, h]) * v[b, t, h // G]
                       (with sinks: sinks[h] joins each row's normalizer, its probability dropped: gpt-oss)
-    out[b, h]       = sum_t softmax_t(logits[b, h]) * v[b, t, h // G]
 
 The G query heads of one kv head read the same cache rows, so one program takes a block of them
 and one split of the sequence, runs an online softmax over that split and writes a partial

@@ -9,9 +9,8 @@ and the down rows of its I/n slice of each expert, so its output is a partial su
 one all-reduce of the hidden state per layer and no token exchange, where `ep` moves each token's
 rows to the ranks holding its experts and back (two all-to-alls). With the shared experts split
 too (`mlp: {strategy: tp}` on `*.mlp.shared_experts`), routed and shared partials are summed
-before that one all-reduce. This is how vLLM and SGLang run
-MoE weights under plain tensor parallelism; it suits few tokens per step (decode), `ep` many.
-Down-projection biases (gpt-oss) stay on rank 0, as a row-parallel bias does.
+before that one all-reduce. This is how vLLM and SGLang run MoE weights under plain tensor
+parallelism. Down-projection biases (gpt-oss) stay on rank 0, as a row-parallel bias does.
 """
 from __future__ import annotations
 
@@ -41,30 +40,32 @@ class ExpertSlices(Shard):
     """Rank r's columns [r·w, (r+1)·w) of every expert's intermediate dim (w = I / n)."""
 
     intermediate_per_rank: int
-    layout: ExpertsLayout = ExpertsLayout()
 
     def local(self, dims: MoeDims) -> MoeDims:
         return replace(dims, intermediate=self.intermediate_per_rank)
 
     def slice(self, W: Tensors, info: NodeInfo, rank: int) -> Tensors:
-        w, transposed = self.intermediate_per_rank, self.layout.transposed
+        w, layout = self.intermediate_per_rank, info.dims.layout
         lo, hi, full = rank * w, (rank + 1) * w, info.dims.intermediate
         out = dict(W)
         # gate_up: its intermediate dim is the rows ([E, 2I, D]) or, transposed, the columns ([E, D, 2I])
-        out["experts.gate_up_proj"] = self._gate_up(W["experts.gate_up_proj"], 2 if transposed else 1, lo, hi, full)
-        out["experts.down_proj"] = W["experts.down_proj"].narrow(1 if transposed else 2, lo, w)
-        if self.layout.bias:
-            out["experts.gate_up_proj_bias"] = self._gate_up(W["experts.gate_up_proj_bias"], 1, lo, hi, full)
+        gate_up_dim = 2 if layout.transposed else 1
+        out["experts.gate_up_proj"] = _gate_up(W["experts.gate_up_proj"], gate_up_dim, lo, hi, full, layout)
+        out["experts.down_proj"] = W["experts.down_proj"].narrow(1 if layout.transposed else 2, lo, w)
+        if layout.bias:
+            out["experts.gate_up_proj_bias"] = _gate_up(W["experts.gate_up_proj_bias"], 1, lo, hi, full, layout)
             if rank != 0:  # the all-reduce would add it n times
                 out["experts.down_proj_bias"] = torch.zeros_like(W["experts.down_proj_bias"])
         return out
 
-    def _gate_up(self, t: torch.Tensor, dim: int, lo: int, hi: int, full: int) -> torch.Tensor:
-        """The slice's gate and up parts along `dim`: one run of pairs when they alternate, else
-        the gate's [lo, hi) then the up's (which starts at I)."""
-        if self.layout.interleaved:
-            return t.narrow(dim, 2 * lo, 2 * (hi - lo))
-        return torch.cat([t.narrow(dim, lo, hi - lo), t.narrow(dim, full + lo, hi - lo)], dim)
+
+
+def _gate_up(t: torch.Tensor, dim: int, lo: int, hi: int, full: int, layout: ExpertsLayout) -> torch.Tensor:
+    """The slice [lo, hi) of gate and of up along `dim`: one run of pairs when they alternate, else
+    the gate's then the up's (which starts at I = full)."""
+    if layout.interleaved:
+        return t.narrow(dim, 2 * lo, 2 * (hi - lo))
+    return torch.cat([t.narrow(dim, lo, hi - lo), t.narrow(dim, full + lo, hi - lo)], dim)
 
 
 def moe_tp(graph: fx.Graph, section: MoeTpSection, ctx) -> fx.Graph:
@@ -76,7 +77,7 @@ def moe_tp(graph: fx.Graph, section: MoeTpSection, ctx) -> fx.Graph:
             ctx.decline(core, f"expert intermediate size {d.intermediate} does not split over {n} devices; valid "
                               f"degrees: {', '.join(map(str, divisors(d.intermediate)))}")
             continue
-        mark(core, strategy="tp", shard=ExpertSlices(d.intermediate // n, d.layout))
+        mark(core, strategy="tp", shard=ExpertSlices(d.intermediate // n))
         sum_partials_after(graph, core, "every rank's experts are a slice of each: sum the partial outputs", d.hidden)
         ctx.applied(core, f"intermediate {d.intermediate // n} of {d.intermediate} per expert per rank, "
                           f"all {d.router.num_experts} experts on every rank")

@@ -29,7 +29,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field
 
 from planc import cost
-from planc.ir import (OPS, Call, LinearShard, NodeInfo, Traffic, add_node, copy_graph, declare_op, info)
+from planc.ir import (OPS, Call, LinearShard, NodeInfo, Traffic, add_node, copy_graph, declare_op, info,
+                      is_kind)
 from planc.lazy import lazy
 from planc.ring import (ring_all_gather_bytes, ring_all_reduce_bytes, ring_piece_order, ring_reduce_scatter_bytes,
                         ring_sum_order)
@@ -152,7 +153,7 @@ def _after(gemm: fx.Node, world: int) -> tuple[fx.Node | None, str]:
     m = info(gemm)
     users = list(gemm.users)
     found = [u for u in users if "planc" in u.meta and OPS[info(u).kind].collective in ("all_reduce", "reduce_scatter")]
-    if not found and any(_kind(u) == "add" and any(_kind(r) == "all_reduce" for r in u.users) for u in users):
+    if not found and any(is_kind(u, "add") and any(is_kind(r, "all_reduce") for r in u.users) for u in users):
         return None, (f"{m.fqn}'s partial output is summed with another partial (the other branch of a parallel "
                       "layer, or routed experts) before one all-reduce, which no single GEMM produces")
     if not found:
@@ -167,10 +168,6 @@ def _after(gemm: fx.Node, world: int) -> tuple[fx.Node | None, str]:
     if world == 1:
         return None, "one rank: the all-reduce moves nothing"
     return found[0], ""
-
-
-def _kind(node: fx.Node) -> str | None:
-    return info(node).kind if "planc" in node.meta else None
 
 
 def _chunks(section: T3Section, m: NodeInfo, world: int) -> int:

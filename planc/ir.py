@@ -326,12 +326,12 @@ def sum_partials_after(graph: fx.Graph, node: fx.Node, why: str, width: int | No
     all-reduce goes after it, where it can meet the routed experts'."""
     m = info(node)
     dims = CommDims(width if width is not None else m.dims.out_features)
-    while len(node.users) == 1 and _is(gated := next(iter(node.users)), "sigmoid_scale") and gated.args[1] is node:
+    while len(node.users) == 1 and is_kind(gated := next(iter(node.users)), "sigmoid_scale") and gated.args[1] is node:
         node = gated
     beside = _summed_beside(node, dims)
     if beside is not None:
         return _sum_beside(graph, m, *beside)
-    both = parallel_partials(node, dims)
+    both = _parallel_partials(node, dims)
     if both is not None:
         return _sum_both(graph, node, m, *both)
     return insert_after(graph, node, "all_reduce", NodeInfo(
@@ -341,12 +341,12 @@ def sum_partials_after(graph: fx.Graph, node: fx.Node, why: str, width: int | No
 
 def _reduced_partial(node: Any, dims: CommDims) -> bool:
     """An all-reduce of `dims` whose output feeds one node only."""
-    return _is(node, "all_reduce") and len(node.users) == 1 and info(node).dims == dims
+    return is_kind(node, "all_reduce") and len(node.users) == 1 and info(node).dims == dims
 
 
 def _summed_beside(node: fx.Node, dims: CommDims) -> tuple[fx.Node, fx.Node] | None:
     """(the add, the all_reduce) when `node`'s one user adds it to an all-reduced partial sum."""
-    if len(node.users) != 1 or not _is(add := next(iter(node.users)), "add"):
+    if len(node.users) != 1 or not is_kind(add := next(iter(node.users)), "add"):
         return None
     other = add.args[1] if add.args[0] is node else add.args[0]
     return (add, other) if other is not node and _reduced_partial(other, dims) else None
@@ -361,7 +361,7 @@ def _sum_beside(graph: fx.Graph, m: NodeInfo, add: fx.Node, reduce: fx.Node) -> 
         why=f"{_short(info(reduce).fqn)} and {_short(m.fqn)} are both partial sums: one all-reduce sums both"))
 
 
-def parallel_partials(node: fx.Node, dims: CommDims) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+def _parallel_partials(node: fx.Node, dims: CommDims) -> tuple[fx.Node, fx.Node, fx.Node] | None:
     """(second add, first add, all_reduce) when `node` is the second branch of a residual pair
     `add(add(h, all_reduce(a)), node)` whose first add and all-reduce feed nothing else: then
     `node` cannot depend on the first add (its only user comes after `node`), so the branches are
@@ -369,7 +369,7 @@ def parallel_partials(node: fx.Node, dims: CommDims) -> tuple[fx.Node, fx.Node, 
     if len(node.users) != 1:
         return None
     second = next(iter(node.users))
-    if not _is(second, "add") or second.args[1] is not node or not _is(first := second.args[0], "add"):
+    if not is_kind(second, "add") or second.args[1] is not node or not is_kind(first := second.args[0], "add"):
         return None
     if len(first.users) != 1 or not _reduced_partial(first.args[1], dims):
         return None
@@ -380,7 +380,8 @@ def _short(fqn: str) -> str:
     return fqn.rsplit(".", 1)[-1]
 
 
-def _is(node: Any, kind: str) -> bool:
+def is_kind(node: Any, kind: str) -> bool:
+    """Whether `node` is a semantic-graph node of op `kind` (False for placeholders, output, non-nodes)."""
     return isinstance(node, fx.Node) and "planc" in node.meta and info(node).kind == kind
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-from planc.dims import CLAMPED_GLU, ExpertsLayout, GqaDims, MlaDims, MoeDims, RouterDims
+from planc.dims import ExpertsLayout, GqaDims, MlaDims, MoeDims, RouterDims
 from planc.lazy import lazy
 from planc.weights import scoped
 
@@ -160,7 +160,7 @@ def expert_glu(gate_up: torch.Tensor, act_name: str, layout: ExpertsLayout) -> t
         gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
     else:
         gate, up = gate_up.chunk(2, dim=-1)
-    if act_name != CLAMPED_GLU:
+    if layout.limit is None:
         return act(act_name, gate) * up
     gate, up = gate.clamp(max=layout.limit), up.clamp(min=-layout.limit, max=layout.limit)
     return (up + 1) * (gate * torch.sigmoid(gate * layout.alpha))

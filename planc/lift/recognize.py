@@ -265,25 +265,47 @@ def rope_interleaved(attention_class: type, width: int) -> bool:
 ROUTER_NAMES = ("gate", "router")  # a MoE block's router child (GraniteMoE and gpt-oss: router)
 
 
-def _router_dims(moe: nn.Module) -> RouterDims | None:
-    """The router of a MoE block with fused experts, read from the gate's attributes.
+@dataclass(frozen=True)
+class MoeParts:
+    """What the lift reads of a MoE block: its router, how its experts hold their weights, the
+    hidden width and each expert's intermediate width."""
 
-    DeepSeek-V3 / Kimi-K2: sigmoid scores with a correction bias (e_score_correction_bias).
-    DeepSeek-V2: softmax scores, greedy or group-limited greedy selection (topk_method).
-    Mixtral, Qwen2-MoE / Qwen3-MoE, OLMoE: softmax top-k, renormalized when norm_topk_prob
-    says so (Mixtral has no such switch: always). GraniteMoE and gpt-oss (a router named
-    `router`; gpt-oss's with a bias): the softmax of the top-k logits, which is the renormalized
-    softmax top-k; whether the weights come back in the model dtype is asked of the router.
-    """
+    router: RouterDims
+    layout: ExpertsLayout
+    hidden: int
+    intermediate: int
+
+
+def _moe_parts(moe: nn.Module) -> MoeParts | None:
+    """A MoE block's router (_router_dims) and its fused experts' layout (experts_layout); None
+    when the block is not one planc lifts as `moe`."""
     name = next((n for n in ROUTER_NAMES if getattr(moe, n, None) is not None), None)
     gate, experts = getattr(moe, name or "gate", None), getattr(moe, "experts", None)
     path = _logits_path(gate, name)
     if experts is None or path is None or not isinstance(getattr(gate, "top_k", None), int):
         return None
     holder = moe.get_submodule(path)
-    num_experts, hidden = holder.weight.shape
-    if experts_layout(experts, num_experts, hidden) is None:
+    found = experts_layout(experts, *holder.weight.shape)
+    if found is None:
         return None
+    router = _router_dims(gate, holder, path, experts)
+    layout, intermediate = found
+    return None if router is None else MoeParts(router, layout, holder.weight.shape[1], intermediate)
+
+
+def _router_dims(gate: nn.Module, holder: nn.Module, path: str, experts: nn.Module) -> RouterDims | None:
+    """The router's variant, read from the gate's attributes (`holder`: the module holding its
+    weight, at `path` under the block).
+
+    DeepSeek-V3 / Kimi-K2: sigmoid scores with a correction bias (e_score_correction_bias).
+    DeepSeek-V2: softmax scores, greedy or group-limited greedy selection (topk_method).
+    Mixtral, Qwen2-MoE / Qwen3-MoE, OLMoE: softmax top-k, renormalized when norm_topk_prob
+    says so (Mixtral has no such switch: always). GraniteMoE and gpt-oss (a router named
+    `router`; gpt-oss's with a bias): the softmax of the top-k logits, which is the renormalized
+    softmax top-k; HunYuan-MoE's weight in its one Linear child (`gate.wg`); whether the weights
+    come back in the model dtype is asked of the router.
+    """
+    num_experts = holder.weight.shape[0]
     bias = getattr(holder, "bias", None)
     common = {"num_experts": num_experts, "top_k": gate.top_k, "module": path,
               "bias": isinstance(bias, torch.Tensor) and tuple(bias.shape) == (num_experts,)}
@@ -321,7 +343,7 @@ def _logits_path(gate: nn.Module | None, name: str | None) -> str | None:
 
 
 def _softmax_top_k(gate: nn.Module, dims: RouterDims, model_dtype: torch.dtype) -> RouterDims | None:
-    """A router with no attribute naming its variant (Mixtral, GraniteMoE, gpt-oss), asked on a
+    """A router with no attribute naming its variant (Mixtral, GraniteMoE, gpt-oss, HunYuan), asked on a
     probe: a copy of it holding random fp32 weights of its shapes (so a model on meta answers too)
     must return (logits, weights [N, k], experts [N, k]) choosing the experts and weights `dims`
     does; else None (PhiMoE's sparsemixer: the block runs as captured). Whether it hands the k
@@ -370,9 +392,9 @@ def _routing(idx_NK: torch.Tensor, w_NK: torch.Tensor, num_experts: int) -> torc
     return torch.zeros(idx_NK.shape[0], num_experts).scatter_(1, idx_NK.long(), w_NK.float())
 
 
-def experts_layout(experts: nn.Module, num_experts: int, hidden: int) -> ExpertsLayout | None:
-    """How fused experts hold their weights (ExpertsLayout), read from their shapes and attributes;
-    None when they are not fused experts planc reads.
+def experts_layout(experts: nn.Module, num_experts: int, hidden: int) -> tuple[ExpertsLayout, int] | None:
+    """How fused experts hold their weights (ExpertsLayout) and each one's intermediate width, read
+    from their shapes and attributes; None when they are not fused experts planc reads.
 
     gate_up_proj [E, 2I, D] with down_proj [E, D, I] is the common layout; [E, D, 2I] with
     [E, I, D] is transposed, gpt-oss's, whose gate and up columns alternate. The lift's numeric
@@ -397,7 +419,7 @@ def experts_layout(experts: nn.Module, num_experts: int, hidden: int) -> Experts
     if limit is not None and not (isinstance(limit, (int, float)) and isinstance(alpha, (int, float))):
         return None
     return ExpertsLayout(transposed=transposed, interleaved=transposed, bias=biases[0] is not None,
-                         limit=None if limit is None else float(limit), alpha=float(alpha))
+                         limit=None if limit is None else float(limit), alpha=float(alpha)), intermediate
 
 
 def _shared_expert(moe: nn.Module) -> tuple[str | None, str | None]:
@@ -453,19 +475,17 @@ def _attention_block(attn: nn.Module, fqn: str, layer: int, rope: Rope) -> Block
 
 
 def _ffn_block(ffn: nn.Module, fqn: str, layer: int, config) -> Block:
-    router = _router_dims(ffn)
-    if router is not None:
+    moe = _moe_parts(ffn)
+    if moe is not None:
         shared, shared_gate = _shared_expert(ffn)
         # a norm on the block's output (A.X-K1's post_mlp_layernorm): another op, run as captured
-        name = router.module.split(".")[0]
+        name = moe.router.module.split(".")[0]
         _refuse_unread(ffn, fqn, "moe", frozenset({name, "experts", shared, shared_gate} - {None}),
                        f" (it reads the {name}, the experts and a shared expert MLP)")
-        hidden = ffn.get_submodule(router.module).weight.shape[1]
-        layout = experts_layout(ffn.experts, router.num_experts, hidden)
-        act = CLAMPED_GLU if layout.limit is not None else _act_name(ffn, config)
-        return Block("moe", fqn, type(ffn).__name__, layer, router,
-                     {"act": act, "shared": shared, "shared_gate": shared_gate, "layout": layout, "hidden": hidden,
-                      "intermediate": ffn.experts.down_proj.shape[1 if layout.transposed else 2]})
+        act = CLAMPED_GLU if moe.layout.limit is not None else _act_name(ffn, config)
+        return Block("moe", fqn, type(ffn).__name__, layer, moe.router,
+                     {"act": act, "shared": shared, "shared_gate": shared_gate, "layout": moe.layout,
+                      "hidden": moe.hidden, "intermediate": moe.intermediate})
     act = _act_name(ffn, config)
     if _is_mlp(ffn):
         return Block("mlp", fqn, type(ffn).__name__, layer, None, {"act": act, "intermediate": ffn.gate_proj.out_features})

@@ -74,7 +74,7 @@ def test_slices_of_each_layout_sum_to_the_block(layout, devices):
     dims = MoeDims(RouterDims(E, 2, normalize=True), D, I, CLAMPED_GLU if layout.limit else "silu", layout)
     x = torch.randn(2, 3, D, generator=g)
     whole = Ops().moe_routed(x, W, dims)
-    shard = ExpertSlices(I // devices, layout)
+    shard = ExpertSlices(I // devices)
     node = NodeInfo(kind="moe", dims=dims, shard=shard)
     parts = [Ops().moe_routed(x, shard.slice(W, node, r), node.local_dims()) for r in range(devices)]
     torch.testing.assert_close(sum(parts), whole, rtol=1e-5, atol=1e-5)
