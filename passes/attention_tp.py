@@ -95,7 +95,8 @@ def attention_tp(graph: fx.Graph, section: AttentionTpSection, ctx) -> fx.Graph:
         h = d.num_heads // n
         kv = tuple((tuple(x * d.head_dim for x in kv_head_range(d.num_heads, d.num_kv_heads, h, r)),) for r in range(n))
         parts, rule = blocks[info(core).fqn], info(core).rule
-        mark(parts["q_proj"], strategy="tp", rule=rule, shard=LinearShard("column", even_ranges(d.num_heads, n, d.head_dim)))
+        for name in ("q_proj", "gate_proj") if d.output_gate else ("q_proj",):  # the output gate: as wide as q, head by head
+            mark(parts[name], strategy="tp", rule=rule, shard=LinearShard("column", even_ranges(d.num_heads, n, d.head_dim)))
         for name in ("k_proj", "v_proj"):
             mark(parts[name], strategy="tp", rule=rule, shard=LinearShard("column", kv))
         mark(parts["o_proj"], strategy="tp", rule=rule, shard=LinearShard("row", even_ranges(d.num_heads, n, d.head_dim)))

@@ -74,6 +74,8 @@ class GqaDims:
     # normalize the rotated heads (HunYuan) rather than the heads before rope (Qwen3)
     qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")
     qk_norm_after_rope: bool = False
+    # AFMoE: the heads' output scaled by sigmoid(gate_proj(x)), element by element, before o_proj
+    output_gate: bool = False
 
     def local(self, num_heads: int, num_kv_heads: int) -> "GqaDims":
         return replace(self, num_heads=num_heads, num_kv_heads=num_kv_heads)

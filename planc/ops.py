@@ -382,6 +382,8 @@ class Ops:
         if d.qk_norm == "full":  # over the whole projection, before the heads are split
             q, k = self.rmsnorm(q, W["q_norm.weight"], d.eps), self.rmsnorm(k, W["k_norm.weight"], d.eps)
         o = self.gqa_core(q, k, v, step, cache, W, d)
+        if d.output_gate:
+            o = self.sigmoid_scale(self.linear(x_BSD, W["gate_proj.weight"], W.get("gate_proj.bias")), o)
         return self.linear(o, W["o_proj.weight"], W.get("o_proj.bias"))
 
     def moe(self, x_BSD: torch.Tensor, W: Weights, d: RouterDims, act_name: str, shared: str | None = None,

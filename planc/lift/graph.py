@@ -8,7 +8,8 @@ strategy splits — each a `linear` node with its own module FQN — around a se
           kv = linear[kv_a_proj_with_mqa];  o = mla_attention(q, kv);  a = linear[o_proj](o)
     GQA   q, k, v = linear[q_proj], linear[k_proj], linear[v_proj]   (q, k -> rmsnorm[q_norm|k_norm]
           when those norms span the whole projection, as OLMoE's do)
-          o = gqa_attention(q, k, v);  a = linear[o_proj](o)
+          o = gqa_attention(q, k, v);  a = linear[o_proj](o)   (o -> sigmoid_scale(linear[gate_proj](x), o)
+          where the attention gates its output, as AFMoE does)
     MLP   g, u = linear[gate_proj], linear[up_proj];  m = linear[down_proj](mlp(g, u))
     MoE   r = moe(x)  (router + routed experts);  shared experts as an MLP, scaled by
           sigmoid_scale(linear[shared_expert_gate](x), .) where the block has that gate;  m = add(r, shared)
@@ -25,7 +26,7 @@ import planc.semantic  # noqa: F401  (declares the base op kinds)
 from planc.dims import EmbeddingDims, LinearDims, MlpDims, MoeDims, NormDims
 from planc.ir import NodeInfo, add_node
 from planc.lift.glue import Glue
-from planc.lift.recognize import CAPTURED, Block, is_norm, rmsnorm_eps
+from planc.lift.recognize import CAPTURED, OUTPUT_GATE, Block, is_norm, rmsnorm_eps
 
 
 class _Builder:
@@ -64,6 +65,9 @@ class _Builder:
         if b.dims.qk_norm == "full":  # OLMoE: q and k normalized over the whole projection
             qkv[:2] = [self.norm(f"{A}.{p}_norm", t, p, A, L) for p, t in zip("qk", qkv)]
         o = self.node("gqa_attention", tuple(qkv), "o", fqn=A, block=A, cls=b.cls, layer=L, dims=b.dims)
+        if b.dims.output_gate:  # AFMoE: o · sigmoid(gate_proj(x)), head by head as q is split
+            gate = self.linear(f"{A}.{OUTPUT_GATE}", x, "og", A, L)
+            o = self.node("sigmoid_scale", (gate, o), "o", block=A, layer=L)
         return self.linear(f"{A}.o_proj", o, "a", A, L)
 
     def mlp(self, fqn: str, x: fx.Node, block: str, layer: int | None, act: str, cls: str) -> fx.Node:

@@ -31,6 +31,7 @@ MLA_READS = MLA_CHILDREN | {"q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj"}
 # HunYuan's after (the lift's numeric check confirms the order on real weights)
 QK_NORMS = (("q_norm", "k_norm", False), ("query_layernorm", "key_layernorm", True))
 GQA_READS = GQA_CHILDREN | {name for q, k, _ in QK_NORMS for name in (q, k)}
+OUTPUT_GATE = "gate_proj"  # a GQA attention's output gate (AFMoE): o · sigmoid(gate_proj(x)) before o_proj
 CAPTURED = "captured"  # a block no recognizer knows, run as its exported graph (planc.lift.captured)
 FFN_KINDS = ("mlp", "moe")  # what planc lifts in a decoder layer's feed-forward slot
 
@@ -211,8 +212,22 @@ def _gqa_dims(attn: nn.Module, rope_scaling: float, layer: int, rope_width: int 
         window=sliding_window(attn, layer), rope_dim=_rope_dim(attn, rope_width, head_dim),
         rope_interleave=rope_interleaved(type(attn), rope_width or head_dim), qk_offset=qk_offset,
         softcap=None if softcap is None else float(softcap), sinks=_sinks(attn, attn.q_proj.out_features // head_dim),
+        output_gate=_output_gate(attn),
         **({"qk_norm_names": names[:2], "qk_norm_after_rope": names[2]} if qk_norm == "head" else {}),
     )
+
+
+def _output_gate(attn: nn.Module) -> bool:
+    """Whether the attention gates its heads' output by a projection of its input as wide as q
+    (AFMoE's `gate_proj`; the lift's numeric check confirms the sigmoid and where it applies)."""
+    gate = getattr(attn, OUTPUT_GATE, None)
+    if gate is None:
+        return False
+    if not _is_linear(gate) or (gate.in_features, gate.out_features) != (attn.q_proj.in_features, attn.q_proj.out_features):
+        raise ModelError(f"{OUTPUT_GATE} ({type(gate).__name__}) is not a Linear from the attention's input to q's width "
+                         f"({attn.q_proj.in_features} -> {attn.q_proj.out_features}), the output gate planc's "
+                         "gqa_attention applies")
+    return True
 
 
 def _sinks(attn: nn.Module, num_heads: int) -> bool:
@@ -228,11 +243,58 @@ def _sinks(attn: nn.Module, num_heads: int) -> bool:
 
 def _rope_dim(attn: nn.Module, rope_width: int | None, head_dim: int) -> int | None:
     """How much of each head rope turns: None for all of it; 0 on a NoPE layer (SmolLM3, Llama4:
-    the attention's `use_rope` is False there)."""
-    use_rope = getattr(attn, "use_rope", True)
+    the attention's `use_rope` is False there; Cohere 2, AFMoE: it says nothing, and its output
+    does not depend on the rotation it is handed)."""
+    use_rope = getattr(attn, "use_rope", None)
     if isinstance(use_rope, (bool, int)) and not use_rope:  # SmolLM3 stores 0 / 1
         return 0
+    if use_rope is None and _skips_rope(attn, rope_width or head_dim):
+        return 0
     return rope_width if rope_width not in (None, head_dim) else None
+
+
+_SKIPS_ROPE: dict[tuple, bool] = {}
+
+
+def _skips_rope(attn: nn.Module, width: int) -> bool:
+    """Whether the attention's output is the same under two different rotations: asked of it on
+    one random input, on its own weights (on random ones where it lives on meta), once per class,
+    config, plain attributes (a window, say) and shapes. False where it cannot be asked (the lift's
+    numeric check then says what differs)."""
+    key = (type(attn), id(getattr(attn, "config", None)), tuple(
+        (k, v) for k, v in sorted(vars(attn).items()) if not k.startswith("_") and k != "layer_idx"
+        and type(v) in (bool, int, float, str, type(None))), tuple(
+        (name, tuple(t.shape)) for name, t in [*attn.named_parameters(), *attn.named_buffers()]), width)
+    if key not in _SKIPS_ROPE:
+        _SKIPS_ROPE[key] = _same_under_two_rotations(attn, width)
+    return _SKIPS_ROPE[key]
+
+
+_SKIPS_ROPE: dict[tuple, bool] = {}
+
+
+def _same_under_two_rotations(attn: nn.Module, width: int) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    tensors = dict([*attn.named_parameters(), *attn.named_buffers()])
+    dtype = attn.q_proj.weight.dtype
+    if any(t.is_meta for t in tensors.values()):
+        dtype = torch.float32
+        tensors = {name: torch.empty(t.shape).uniform_(-0.5, 0.5, generator=gen) if t.is_floating_point()
+                   else torch.zeros(t.shape, dtype=t.dtype) for name, t in tensors.items()}
+    x = torch.randn(1, 3, attn.q_proj.in_features, generator=gen).to(dtype)
+    angles = torch.rand(1, 3, width // 2, generator=gen) * 6.0
+    angles = torch.cat([angles, angles], -1).to(dtype)
+    outputs = []
+    for cos, sin in ((torch.ones_like(angles), torch.zeros_like(angles)), (angles.cos(), angles.sin())):
+        try:
+            with torch.no_grad():
+                out = torch.func.functional_call(attn, tensors, (), {
+                    "hidden_states": x, "position_embeddings": (cos, sin), "attention_mask": None})
+        except Exception:
+            return False
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+    a, b = outputs
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
 
 
 @functools.lru_cache(maxsize=None)
@@ -309,8 +371,9 @@ def _router_dims(gate: nn.Module, holder: nn.Module, path: str, experts: nn.Modu
     bias = getattr(holder, "bias", None)
     common = {"num_experts": num_experts, "top_k": gate.top_k, "module": path,
               "bias": isinstance(bias, torch.Tensor) and tuple(bias.shape) == (num_experts,)}
-    if hasattr(gate, "e_score_correction_bias"):  # MiniMax-M2 and HY-V3 name no groups, always renormalize
-        scaling = getattr(gate, "routed_scaling_factor", getattr(gate, "router_scaling_factor", 1.0))
+    if hasattr(holder, "e_score_correction_bias"):  # MiniMax-M2, HY-V3 and AFMoE name no groups, always renormalize
+        scaling = next((getattr(gate, n) for n in ("routed_scaling_factor", "router_scaling_factor", "route_scale")
+                        if hasattr(gate, n)), 1.0)  # AFMoE: route_scale
         return RouterDims(**common, scoring="sigmoid", num_groups=getattr(gate, "num_group", 1),
                           topk_groups=getattr(gate, "topk_group", 1), group_score="top2_sum", correction_bias=True,
                           normalize=bool(getattr(gate, "norm_topk_prob", True)), scaling=float(scaling), fp32_logits=True)
@@ -463,7 +526,8 @@ def _attention_block(attn: nn.Module, fqn: str, layer: int, rope: Rope) -> Block
         gqa = None if mla is not None else _gqa_dims(attn, rope.scaling, layer, rope.width)
     except ModelError as exc:
         raise ModelError(f"{fqn} ({type(attn).__name__}): {exc}") from None
-    gqa_reads = GQA_READS | ({"sinks"} if gqa is not None and gqa.sinks else set())
+    gqa_reads = GQA_READS | ({"sinks"} if gqa is not None and gqa.sinks else set()) | (
+        {OUTPUT_GATE} if gqa is not None and gqa.output_gate else set())
     for kind, dims, read in (("mla_attention", mla, MLA_READS), ("gqa_attention", gqa, gqa_reads)):
         if dims is not None:
             # a sub-norm before o_proj (BitNet): another op
@@ -480,7 +544,8 @@ def _ffn_block(ffn: nn.Module, fqn: str, layer: int, config) -> Block:
         shared, shared_gate = _shared_expert(ffn)
         # a norm on the block's output (A.X-K1's post_mlp_layernorm): another op, run as captured
         name = moe.router.module.split(".")[0]
-        _refuse_unread(ffn, fqn, "moe", frozenset({name, "experts", shared, shared_gate} - {None}),
+        held = _held_router_bias(ffn) if moe.router.correction_bias else None  # the router reads it (router_bias_on_gate)
+        _refuse_unread(ffn, fqn, "moe", frozenset({name, "experts", shared, shared_gate, held} - {None}),
                        f" (it reads the {name}, the experts and a shared expert MLP)")
         act = CLAMPED_GLU if moe.layout.limit is not None else _act_name(ffn, config)
         return Block("moe", fqn, type(ffn).__name__, layer, moe.router,
@@ -609,16 +674,28 @@ def long_rope(model: nn.Module) -> None:
 
 
 def router_bias_on_gate(model: nn.Module) -> None:
-    """A correction bias the MoE block holds and hands to its gate's forward (MiniMax-M2, HY-V3: the
-    gate computes `sigmoid(x Wᵀ) + e_score_correction_bias` from its argument) also becomes a buffer
-    of the gate, where planc's router reads it (DeepSeek-V3's gate holds its own): the same tensor."""
+    """A correction bias the MoE block holds and hands to its router's forward (MiniMax-M2, HY-V3:
+    `e_score_correction_bias`; AFMoE: `expert_bias`, to its `router`) also becomes a buffer of the
+    router named as DeepSeek-V3's gate holds its own, where planc's router reads it: the same tensor."""
     for layer in getattr(getattr(model, "model", None), "layers", None) or ():
         moe = getattr(layer, "mlp", None)
-        gate, bias = getattr(moe, "gate", None), getattr(moe, "e_score_correction_bias", None)
-        if gate is None or not isinstance(bias, torch.Tensor) or hasattr(gate, "e_score_correction_bias"):
+        router = next((n for n in ROUTER_NAMES if getattr(moe, n, None) is not None), None)
+        path, name = _logits_path(getattr(moe, router) if router else None, router), _held_router_bias(moe)
+        if path is None or name is None:
             continue
-        if "e_score_correction_bias" in inspect.signature(gate.forward).parameters:
-            gate.register_buffer("e_score_correction_bias", bias, persistent=False)
+        gate, holder = getattr(moe, router), moe.get_submodule(path)  # holder: AFMoE's router.gate
+        if hasattr(gate, "e_score_correction_bias") or hasattr(holder, "e_score_correction_bias"):
+            continue
+        if name in inspect.signature(gate.forward).parameters:
+            holder.register_buffer("e_score_correction_bias", getattr(moe, name).detach(), persistent=False)
+
+
+ROUTER_BIASES = ("e_score_correction_bias", "expert_bias")  # a correction bias the MoE block holds
+
+
+def _held_router_bias(moe: nn.Module | None) -> str | None:
+    """The name of the correction bias the MoE block holds for its router, if it holds one."""
+    return next((n for n in ROUTER_BIASES if isinstance(getattr(moe, n, None), torch.Tensor)), None)
 
 
 class LayerRope(nn.Module):
@@ -682,8 +759,9 @@ LAYOUTS = (
       for pre_attention in ("input_layernorm", "attention_layernorm")
       for pre_mlp in ("post_attention_layernorm", "feedforward_layernorm")
       for ffn in ("mlp", "block_sparse_moe")),
-    (Branch("input_layernorm", "self_attn", "post_attention_layernorm"),
-     Branch("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm")),
+    *((Branch("input_layernorm", "self_attn", "post_attention_layernorm"), Branch(pre_mlp, "mlp", post_mlp))
+      for pre_mlp, post_mlp in (("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+                                ("pre_mlp_layernorm", "post_mlp_layernorm"))),  # Gemma 2/3; AFMoE
     (Branch(None, "self_attn", "post_attention_layernorm"), Branch(None, "mlp", "post_feedforward_layernorm")),
     (Branch("input_layernorm", "self_attn", None), Branch("input_layernorm", "mlp", None, parallel=True)),
 )

@@ -70,6 +70,9 @@ def configs() -> dict[str, T.PretrainedConfig]:
         # attention and MLP in parallel from one LayerNorm (run as captured), interleaved rope pairs
         # handed out each angle twice in a row, logits × logit_scale
         "cohere_parallel": T.CohereConfig(**COMMON),
+        # rope on the windowed layers only, nothing in the attention module to say so (Cohere 2)
+        "cohere2_rope_on_windowed_layers": T.Cohere2Config(**COMMON, sliding_window=WINDOW, layer_types=[
+            "sliding_attention", "full_attention", "sliding_attention"]),
         # a learned sink logit per head in every softmax (split with the heads), windows on every other
         # layer, yarn rope; its MoE block: a router with a bias, transposed experts with biases and
         # interleaved gate/up columns, a clamped activation, router scores returned beside the output
@@ -116,6 +119,12 @@ def test_windows_and_rope_layouts_are_read_from_the_model():
     helium = _attention("helium_interleaved_rope")[0]
     assert (helium.rope_dim, helium.rope_interleave) == (None, True)
     assert [d.rope_dim for d in _attention("smollm3_nope_layers")] == [None, 0, None]
+    cohere2 = _attention("cohere2_rope_on_windowed_layers")
+    assert [(d.rope_dim, d.window) for d in cohere2] == [(None, WINDOW), (0, None), (None, WINDOW)]
+    with torch.device("meta"):  # asked on a probe with its own weights: the same answer on meta
+        on_meta = T.AutoModelForCausalLM.from_config(configs()["cohere2_rope_on_windowed_layers"])
+    assert _attention_of(on_meta) == cohere2
+    assert [d.rope_dim for d in _attention("mistral_window") + _attention("qwen2_some_windows")] == [None] * 6
     mellum = build("mellum_rope_per_layer_type")
     rope_per_layer_type(mellum)
     assert [d.window for d in _attention_of(mellum)] == [None, WINDOW, WINDOW]
@@ -455,6 +464,30 @@ def test_a_correction_bias_held_by_the_moe_block_routes_as_transformers_does_at_
         for layer in model.model.layers:
             layer.mlp.e_score_correction_bias.copy_(torch.randn(4, generator=torch.Generator().manual_seed(3)))
     artifact = compile(model, parse_plan_text(MOE_PLAN, "plan.yaml"), tmp_path / "out").path
+    assert _two_ranks_against_transformers(model, artifact, list(range(50, 67))) <= 1e-4
+
+
+def test_afmoe_gated_heads_rope_on_windowed_layers_and_a_held_expert_bias_are_exact_at_two_ranks(tmp_path):
+    """AFMoE: each head's output scaled by sigmoid(gate_proj(x)) before o_proj (gate_proj split with
+    q's heads), rope on the windowed layers only, sandwich norms named pre_/post_mlp_layernorm, a
+    sigmoid router handed the block's `expert_bias` and scaling by route_scale, a shared expert."""
+    config = T.AfmoeConfig(**COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                           num_dense_layers=1, route_scale=2.5, sliding_window=WINDOW,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    model = build("", config=config)
+    with torch.no_grad():  # a bias that changes the choice: zeros (the initial value) would not show a missing one
+        for layer in model.model.layers[1:]:
+            layer.mlp.expert_bias.copy_(torch.randn(4, generator=torch.Generator().manual_seed(3)))
+    attention = _attention_of(model)
+    assert [(d.rope_dim, d.output_gate) for d in attention] == [(None, True), (0, True), (None, True)]
+    plan = PLAN + """  - match: "model.layers.0.mlp"
+    mlp: {strategy: tp}
+  - match: "model.layers.*.mlp"
+    moe: {strategy: ep}
+"""
+    artifact = compile(model, parse_plan_text(plan, "plan.yaml"), tmp_path / "out").path
+    program = (artifact / program_file("target")).read_text()
+    assert "self_attn.gate_proj" in program and "ops.sigmoid_scale(" in program
     assert _two_ranks_against_transformers(model, artifact, list(range(50, 67))) <= 1e-4
 
 
