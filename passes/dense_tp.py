@@ -1,4 +1,4 @@
-"""`mlp: {strategy: tp}` — gated MLP, column-parallel gate/up, row-parallel down.
+"""`mlp: {strategy: tp}` — an MLP, column-parallel gate/up (up alone where it has no gate), row-parallel down.
 
     before:  g, u = linear[gate_proj](x), linear[up_proj](x);  m = linear[down_proj](mlp(g, u))
     after:   g, u column-parallel (I/n wide);  m = linear[down_proj] (row);  m' = all_reduce(m)
@@ -7,7 +7,7 @@ The same rewrite serves a MoE block's shared experts when a rule matches `*.mlp.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from pydantic import Field
@@ -32,7 +32,7 @@ class Intermediate(Shard):
     intermediate_per_rank: int
 
     def local(self, dims: MlpDims) -> MlpDims:
-        return MlpDims(self.intermediate_per_rank, dims.act)
+        return replace(dims, intermediate=self.intermediate_per_rank)
 
 
 def dense_tp(graph: fx.Graph, section: DenseTpSection, ctx) -> fx.Graph:
@@ -49,7 +49,7 @@ def dense_tp(graph: fx.Graph, section: DenseTpSection, ctx) -> fx.Graph:
         fqn, rule = info(act).fqn, info(act).rule
         linears = parts[fqn]
         ranges = even_ranges(width, n)
-        for name in ("gate_proj", "up_proj"):
+        for name in ("gate_proj", "up_proj") if info(act).dims.gated else ("up_proj",):
             mark(linears[name], strategy="tp", rule=rule, shard=LinearShard("column", ranges))
         mark(linears["down_proj"], strategy="tp", rule=rule, shard=LinearShard("row", ranges))
         mark(act, strategy="tp", shard=Intermediate(width // n))

@@ -139,10 +139,12 @@ class EmbeddingDims:
 
 @dataclass(frozen=True)
 class MlpDims:
-    """The gated activation act(gate) * up between a gated MLP's projections."""
+    """The activation between an MLP's projections: act(gate) * up, or act(up) where the MLP has no
+    gate (Arcee's ReLU² up/down MLP)."""
 
     intermediate: int
     act: str
+    gated: bool = True
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,10 @@ def acc(x: torch.Tensor) -> torch.Tensor:
 def act(name: str, x: torch.Tensor) -> torch.Tensor:
     if name == "silu":
         return F.silu(x)
+    if name == "relu2":  # ReLU squared (Arcee, Nemotron)
+        return F.relu(x).square()
+    if name == "relu":
+        return F.relu(x)
     if name in ("gelu", "gelu_pytorch_tanh"):
         return F.gelu(x, approximate="tanh" if name.endswith("tanh") else "none")
     raise ValueError(f"unsupported activation {name!r}")
@@ -234,6 +238,10 @@ class Ops:
 
     def gated_act(self, gate: torch.Tensor, up: torch.Tensor, act_name: str) -> torch.Tensor:
         return act(act_name, gate) * up
+
+    def act(self, up: torch.Tensor, act_name: str) -> torch.Tensor:
+        """An MLP without a gate: act(up)."""
+        return act(act_name, up)
 
     def mla_queries(self, q_BSX: torch.Tensor, step: Step, W: Weights, d: MlaDims):
         """[B, S, H(P+R)] from q_b_proj -> (q_nope [B,S,H,P], rotated q_pe [B,S,H,R], (cos, sin))."""
@@ -362,8 +370,11 @@ class Ops:
 
     # -- whole blocks (the lift check's references), composed from the node-level ops ------------
     def mlp(self, x: torch.Tensor, W: Weights, act_name: str) -> torch.Tensor:
-        gate = self.linear(x, W["gate_proj.weight"], W.get("gate_proj.bias"))
+        """down(act(gate(x)) * up(x)); down(act(up(x))) for an MLP without gate_proj."""
         up = self.linear(x, W["up_proj.weight"], W.get("up_proj.bias"))
+        if W.get("gate_proj.weight") is None:
+            return self.linear(self.act(up, act_name), W["down_proj.weight"], W.get("down_proj.bias"))
+        gate = self.linear(x, W["gate_proj.weight"], W.get("gate_proj.bias"))
         return self.linear(self.gated_act(gate, up, act_name), W["down_proj.weight"], W.get("down_proj.bias"))
 
     def mla_attention(self, x_BSD, step: Step, cache: MlaCache, W: Weights, d: MlaDims) -> torch.Tensor:

@@ -10,7 +10,7 @@ strategy splits — each a `linear` node with its own module FQN — around a se
           when those norms span the whole projection, as OLMoE's do)
           o = gqa_attention(q, k, v);  a = linear[o_proj](o)   (o -> sigmoid_scale(linear[gate_proj](x), o)
           where the attention gates its output, as AFMoE does)
-    MLP   g, u = linear[gate_proj], linear[up_proj];  m = linear[down_proj](mlp(g, u))
+    MLP   g, u = linear[gate_proj], linear[up_proj];  m = linear[down_proj](mlp(g, u))   (mlp(u) without a gate)
     MoE   r = moe(x)  (router + routed experts);  shared experts as an MLP, scaled by
           sigmoid_scale(linear[shared_expert_gate](x), .) where the block has that gate;  m = add(r, shared)
     any other feed-forward block:  m = captured(x)  (its exported graph, replicated)
@@ -70,11 +70,11 @@ class _Builder:
             o = self.node("sigmoid_scale", (gate, o), "o", block=A, layer=L)
         return self.linear(f"{A}.o_proj", o, "a", A, L)
 
-    def mlp(self, fqn: str, x: fx.Node, block: str, layer: int | None, act: str, cls: str) -> fx.Node:
-        gate = self.linear(f"{fqn}.gate_proj", x, "g", block, layer)
+    def mlp(self, fqn: str, x: fx.Node, block: str, layer: int | None, act: str, cls: str, gated: bool = True) -> fx.Node:
         up = self.linear(f"{fqn}.up_proj", x, "u", block, layer)
-        dims = MlpDims(self.modules[f"{fqn}.gate_proj"].out_features, act)
-        act_node = self.node("mlp", (gate, up), "act", fqn=fqn, block=block, cls=cls, layer=layer, dims=dims)
+        dims = MlpDims(self.modules[f"{fqn}.up_proj"].out_features, act, gated)
+        ins = (self.linear(f"{fqn}.gate_proj", x, "g", block, layer), up) if gated else (up,)
+        act_node = self.node("mlp", ins, "act", fqn=fqn, block=block, cls=cls, layer=layer, dims=dims)
         return self.linear(f"{fqn}.down_proj", act_node, "m", block, layer)
 
     def moe(self, b: Block, x: fx.Node) -> fx.Node:
@@ -110,7 +110,7 @@ class _Builder:
             return self.moe(b, x)
         if b.kind == CAPTURED:
             return self.captured(b, x)
-        return self.mlp(b.fqn, x, b.fqn, b.layer, b.attrs["act"], b.cls)
+        return self.mlp(b.fqn, x, b.fqn, b.layer, b.attrs["act"], b.cls, b.attrs.get("gated", True))
 
 
 def build_graph(blocks: list[Block], model: nn.Module, glue: Glue | None = None,

@@ -25,6 +25,7 @@ from planc.weights import SPLIT
 MLA_CHILDREN = frozenset(("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"))
 GQA_CHILDREN = frozenset(("q_proj", "k_proj", "v_proj", "o_proj"))
 MLP_CHILDREN = frozenset(("gate_proj", "up_proj", "down_proj"))
+PLAIN_MLP_CHILDREN = frozenset(("up_proj", "down_proj"))  # an MLP without a gate (Arcee)
 # every child with weights the attention ops read: the projections, q LoRA, per-head or whole q/k norms
 MLA_READS = MLA_CHILDREN | {"q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj"}
 # per-head q/k norms: (q's, k's, whether they normalize the rotated heads): Qwen3's before rope,
@@ -114,7 +115,7 @@ def rmsnorm_eps(m: nn.Module) -> float | None:
     return float(eps) if isinstance(eps, (int, float)) else None
 
 
-ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")  # what planc.ops.act applies
+ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu2", "relu")  # what planc.ops.act applies
 
 
 def _act_name(ffn: nn.Module, config) -> str:
@@ -460,7 +461,8 @@ def experts_layout(experts: nn.Module, num_experts: int, hidden: int) -> tuple[E
     from their shapes and attributes; None when they are not fused experts planc reads.
 
     gate_up_proj [E, 2I, D] with down_proj [E, D, I] is the common layout; [E, D, 2I] with
-    [E, I, D] is transposed, gpt-oss's, whose gate and up columns alternate. The lift's numeric
+    [E, I, D] is transposed, gpt-oss's, whose gate and up columns alternate (Aria's hold them as
+    halves: _experts_packing asks the experts which, once the activation is known). The lift's numeric
     check confirms the packing on real weights (a model that packs otherwise is declined there,
     not compiled into another model). Biases: gate_up_proj_bias [E, 2I] and down_proj_bias [E, D],
     both or neither. A clamp (`limit`, with `alpha`) is gpt-oss's clamped GLU."""
@@ -485,6 +487,29 @@ def experts_layout(experts: nn.Module, num_experts: int, hidden: int) -> tuple[E
                          limit=None if limit is None else float(limit), alpha=float(alpha)), intermediate
 
 
+def _experts_packing(experts: nn.Module, layout: ExpertsLayout, act_name: str) -> ExpertsLayout:
+    """Transposed experts hold gate and up as the two halves of gate_up_proj's columns (Aria) or as
+    alternating columns (gpt-oss): asked of the experts on a probe holding random weights of their
+    shapes (so a model on meta answers too), each token sent to one expert with weight 1. `layout`
+    as read from the shapes where the probe cannot run or neither packing answers (the lift's
+    numeric check then says what differs)."""
+    gen = torch.Generator().manual_seed(0)
+    W = {name: torch.randn(t.shape, generator=gen) * 0.3 for name, t in experts.named_parameters()}
+    num_experts, hidden = W["gate_up_proj"].shape[:2]
+    x = torch.randn(num_experts, hidden, generator=gen)
+    try:
+        with torch.no_grad():
+            theirs = torch.func.functional_call(experts, W, (x, torch.arange(num_experts)[:, None], torch.ones(num_experts, 1)))
+    except Exception:
+        return layout
+    for interleaved in (layout.interleaved, not layout.interleaved):
+        candidate = replace(layout, interleaved=interleaved)
+        ours = Ops().moe_experts(x, torch.eye(num_experts), W, act_name, candidate)
+        if isinstance(theirs, torch.Tensor) and theirs.shape == ours.shape and torch.allclose(theirs, ours, rtol=1e-4, atol=1e-5):
+            return candidate
+    return layout
+
+
 def _shared_expert(moe: nn.Module) -> tuple[str | None, str | None]:
     """(the shared expert MLP's child name, the name of its sigmoid gate) of a MoE block."""
     shared = next((n for n in ("shared_experts", "shared_expert", "shared_mlp") if _is_mlp(getattr(moe, n, None))), None)
@@ -493,10 +518,12 @@ def _shared_expert(moe: nn.Module) -> tuple[str | None, str | None]:
     return shared, "shared_expert_gate" if has_gate else None
 
 
-def _is_mlp(m: nn.Module | None) -> bool:
-    """gate/up/down linears and no other weights (BitNet's ffn_sub_norm makes another block: captured)."""
-    return (m is not None and MLP_CHILDREN <= _children(m) and all(_is_linear(getattr(m, c)) for c in sorted(MLP_CHILDREN))
-            and not unread_weights(m, MLP_CHILDREN))
+def _is_mlp(m: nn.Module | None, gated: bool = True) -> bool:
+    """gate/up/down linears (up/down without a gate) and no other weights (BitNet's ffn_sub_norm
+    makes another block: captured)."""
+    names = MLP_CHILDREN if gated else PLAIN_MLP_CHILDREN
+    return (m is not None and names <= _children(m) and all(_is_linear(getattr(m, c)) for c in sorted(names))
+            and not unread_weights(m, names))
 
 
 def unread_weights(m: nn.Module, read: frozenset[str]) -> list[str]:
@@ -548,14 +575,18 @@ def _ffn_block(ffn: nn.Module, fqn: str, layer: int, config) -> Block:
         _refuse_unread(ffn, fqn, "moe", frozenset({name, "experts", shared, shared_gate, held} - {None}),
                        f" (it reads the {name}, the experts and a shared expert MLP)")
         act = CLAMPED_GLU if moe.layout.limit is not None else _act_name(ffn, config)
+        layout = _experts_packing(ffn.experts, moe.layout, act) if moe.layout.transposed else moe.layout
         return Block("moe", fqn, type(ffn).__name__, layer, moe.router,
-                     {"act": act, "shared": shared, "shared_gate": shared_gate, "layout": moe.layout,
+                     {"act": act, "shared": shared, "shared_gate": shared_gate, "layout": layout,
                       "hidden": moe.hidden, "intermediate": moe.intermediate})
     act = _act_name(ffn, config)
     if _is_mlp(ffn):
         return Block("mlp", fqn, type(ffn).__name__, layer, None, {"act": act, "intermediate": ffn.gate_proj.out_features})
-    raise ModelError(f"{fqn} ({type(ffn).__name__}): not a recognized feed-forward block; planc lifts gated MLPs "
-                     f"({', '.join(sorted(MLP_CHILDREN))}) and MoE blocks with a top-k router (`gate` or `router`: "
+    if _is_mlp(ffn, gated=False):  # Arcee's up/down MLP: down(act(up(x)))
+        return Block("mlp", fqn, type(ffn).__name__, layer, None,
+                     {"act": act, "intermediate": ffn.up_proj.out_features, "gated": False})
+    raise ModelError(f"{fqn} ({type(ffn).__name__}): not a recognized feed-forward block; planc lifts MLPs "
+                     f"({', '.join(sorted(MLP_CHILDREN))}, or {' and '.join(sorted(PLAIN_MLP_CHILDREN))} alone) and MoE blocks with a top-k router (`gate` or `router`: "
                      "weight [E, D], top_k) over fused experts (`experts`: gate_up_proj [E, 2I, D] and down_proj "
                      "[E, D, I], or both transposed), optionally with a shared expert MLP")
 
@@ -759,9 +790,12 @@ LAYOUTS = (
       for pre_attention in ("input_layernorm", "attention_layernorm")
       for pre_mlp in ("post_attention_layernorm", "feedforward_layernorm")
       for ffn in ("mlp", "block_sparse_moe")),
-    *((Branch("input_layernorm", "self_attn", "post_attention_layernorm"), Branch(pre_mlp, "mlp", post_mlp))
-      for pre_mlp, post_mlp in (("pre_feedforward_layernorm", "post_feedforward_layernorm"),
-                                ("pre_mlp_layernorm", "post_mlp_layernorm"))),  # Gemma 2/3; AFMoE
+    *((Branch("input_layernorm", "self_attn", post_attention), Branch(pre_mlp, "mlp", post_mlp))
+      for post_attention, pre_mlp, post_mlp in (
+          ("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),  # Gemma 2/3
+          ("post_attention_layernorm", "pre_mlp_layernorm", "post_mlp_layernorm"),  # AFMoE
+          ("post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"),  # GLM-4
+          ("post_norm1", "post_attention_layernorm", "post_norm2"))),  # HyperCLOVA X (use_post_norm)
     (Branch(None, "self_attn", "post_attention_layernorm"), Branch(None, "mlp", "post_feedforward_layernorm")),
     (Branch("input_layernorm", "self_attn", None), Branch("input_layernorm", "mlp", None, parallel=True)),
 )

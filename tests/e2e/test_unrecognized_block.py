@@ -86,7 +86,7 @@ def test_compile_runs_the_block_as_captured_and_says_so(compiled):
     report = json.loads((art / "report.json").read_text())
     mlps = [e for e in report["run_as_captured"] if e["class"] == "GeluMLP"]
     assert [(e["block"], e["function"]) for e in mlps] == [(fqn, "captured_L1_mlp") for fqn in CAPTURED]
-    assert all("planc lifts gated MLPs" in e["why"] for e in mlps)
+    assert all("planc lifts MLPs" in e["why"] for e in mlps)
     norm = next(e for e in report["run_as_captured"] if e["class"] == "LayerNorm")
     assert norm["block"] == "model.norm" and "planc lifts RMSNorm" in norm["why"]
     assert checks_ok(report, "model.norm")
@@ -118,7 +118,7 @@ def test_a_rule_that_shards_the_captured_block_is_an_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert ("plan.yaml:8:11: rules[1].mlp.strategy 'tp' (match 'model.layers.*.mlp') asks to shard model.layers.1.mlp "
             "(GeluMLP) (and 1 more such blocks), which planc runs as captured, whole on every rank: not a recognized "
-            "feed-forward block; planc lifts gated MLPs") in err
+            "feed-forward block; planc lifts MLPs") in err
     assert not (tmp_path / "art").exists()
 
 

@@ -89,6 +89,13 @@ def configs() -> dict[str, T.PretrainedConfig]:
         "hunyuan_dense_norms_after_rope": T.HunYuanDenseV1Config(**COMMON, head_dim=16),
         # sandwich norms (before and after both blocks) scaling by 1 + weight, per-head q/k norms,
         # a tanh-approximated GELU, query_pre_attn_scalar, windows and a rope per layer type
+        # sandwich norms named post_self_attn_layernorm (after attention), post_attention_layernorm
+        # (before the MLP!) and post_mlp_layernorm; interleaved rope on half of each head; a fused gate_up_proj
+        "glm4_sandwich_norms_named_otherwise": T.Glm4Config(**COMMON, head_dim=16),
+        # sandwich norms named post_norm1 / post_norm2 (Peri-LN), the branches and logits scaled
+        "hyperclovax_post_norms_named_otherwise": T.HyperCLOVAXConfig(**COMMON, head_dim=16, use_post_norm=True,
+                                                                      residual_multiplier=0.3, embedding_multiplier=2.0,
+                                                                      logits_scaling=0.5),
         "gemma3_sandwich_norms": T.Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=24,
                                                     layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
     }
@@ -162,14 +169,18 @@ def test_two_ranks_give_transformers_logits_past_the_window(tmp_path, name):
     assert diff <= 1e-4, diff  # fp32: the split GEMMs and all-reduce reorder additions
 
 
-@pytest.mark.parametrize("name", ["olmo2_post_norms", "gemma3_sandwich_norms"])
-def test_a_post_norm_reads_the_summed_output_of_its_split_block(tmp_path, name):
+@pytest.mark.parametrize(("name", "post_norms"), [
+    ("olmo2_post_norms", ("post_attention_layernorm", "post_feedforward_layernorm")),
+    ("gemma3_sandwich_norms", ("post_attention_layernorm", "post_feedforward_layernorm")),
+    ("glm4_sandwich_norms_named_otherwise", ("post_self_attn_layernorm", "post_mlp_layernorm")),
+    ("hyperclovax_post_norms_named_otherwise", ("post_norm1", "post_norm2")),
+])
+def test_a_post_norm_reads_the_summed_output_of_its_split_block(tmp_path, name, post_norms):
     model = build(name)
     plan = PLAN + '  - match: "model.layers.*.mlp"\n    mlp: {strategy: tp}\n'
     art = compile(model, parse_plan_text(plan, "plan.yaml"), tmp_path / "out")
     nodes = {n["name"]: n for n in art.report["graph_nodes"]["dense_tp"]}
-    posts = [n for n in nodes.values() if n["kind"] == "rmsnorm" and n["fqn"].endswith(("post_attention_layernorm",
-                                                                                          "post_feedforward_layernorm"))]
+    posts = [n for n in nodes.values() if n["kind"] == "rmsnorm" and n["fqn"].endswith(post_norms)]
     assert len(posts) == 2 * 3
     for post in posts:  # o_proj / down_proj -> all_reduce -> post-norm -> residual add
         summed = nodes[post["args"][0]]
@@ -383,6 +394,21 @@ def test_an_mlp_with_weights_beyond_gate_up_down_is_not_lifted_as_one():
     assert _is_mlp(build("mistral_window").model.layers[0].mlp)
 
 
+def test_an_mlp_without_a_gate_splits_up_and_down_and_is_exact_at_two_ranks(tmp_path):
+    """Arcee: down(relu(up(x))²), its activation asked of its act_fn; under tp up is column-parallel
+    and down row-parallel, as a gated MLP's are."""
+    model = build("", config=T.ArceeConfig(**COMMON, head_dim=16))
+    assert {(b.attrs["act"], b.attrs.get("gated")) for b in recognize(model) if b.kind == "mlp"} == {("relu2", False)}
+    plan = PLAN + '  - match: "model.layers.*.mlp"\n    mlp: {strategy: tp}\n'
+    artifact = compile(model, parse_plan_text(plan, "plan.yaml"), tmp_path / "out").path
+    from safetensors.torch import load_file
+    rank1 = load_file(artifact / "programs" / "target" / "weights" / "rank1.safetensors")
+    assert {k.rsplit(".", 2)[-2]: tuple(v.shape) for k, v in rank1.items() if k.startswith("model.layers.0.mlp.")} == {
+        "up_proj": (64, 64), "down_proj": (64, 64)}  # I = 128, half per rank
+    assert "ops.act(" in (artifact / program_file("target")).read_text()
+    assert _two_ranks_against_transformers(model, artifact, list(range(40, 57))) <= 1e-4
+
+
 def test_scales_between_blocks_are_read_from_the_captured_graph():
     graph = lift(build("granite_multipliers"), check=True).graph
     nodes = [n.meta["planc"] for n in graph.nodes if "planc" in n.meta]
@@ -577,6 +603,21 @@ def test_a_sigmoid_gated_shared_expert_and_the_routed_experts_split_share_one_al
     summed = [nodes[a]["kind"] for n in in_moe for a in nodes[n["args"][0]]["args"]]
     assert summed == ["moe", "sigmoid_scale"] * 3
     assert _two_ranks_against_transformers(model, art.path, list(range(40, 57))) <= 1e-4
+
+
+def test_transposed_experts_holding_gate_and_up_as_halves_are_told_from_interleaved_ones_on_a_probe(tmp_path):
+    """Aria's experts are transposed as gpt-oss's are ([E, D, 2I], x @ W), but gate and up are the two
+    halves of the columns, not alternating ones: asked of the experts on a probe with random weights,
+    so a model on meta reads the same; exact at 2 ranks with 2 of the 4 experts each."""
+    config = T.AriaTextConfig(**COMMON, head_dim=16, moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1)
+    model = build("", config=config)
+    layouts = {b.attrs["layout"] for b in recognize(model) if b.kind == "moe"}
+    assert {(layout.transposed, layout.interleaved) for layout in layouts} == {(True, False)}
+    with torch.device("meta"):
+        on_meta = T.AutoModelForCausalLM.from_config(config)
+    assert {b.attrs["layout"] for b in recognize(on_meta) if b.kind == "moe"} == layouts
+    artifact = compile(model, parse_plan_text(MOE_PLAN, "plan.yaml"), tmp_path / "out").path
+    assert _two_ranks_against_transformers(model, artifact, list(range(40, 57))) <= 1e-4
 
 
 @pytest.mark.parametrize(("name", "narrowed"), [("granitemoe_block_sparse_moe", True), ("gpt_oss_sinks", True),
