@@ -145,6 +145,8 @@ class MlpDims:
     intermediate: int
     act: str
     gated: bool = True
+    limit: float | None = None  # the clamped GLU (act CLAMPED_GLU: MiniMax-M3's dense and shared MLPs)
+    alpha: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -158,16 +158,23 @@ def act(name: str, x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unsupported activation {name!r}")
 
 
+def glu(gate: torch.Tensor, up: torch.Tensor, act_name: str, limit: float | None = None, alpha: float = 1.0
+        ) -> torch.Tensor:
+    """act(gate) · up; with a limit, the clamped GLU (up + 1) · g · σ(α g) of the clamped halves
+    (gpt-oss's experts, MiniMax-M3's experts and MLPs)."""
+    if limit is None:
+        return act(act_name, gate) * up
+    gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
 def expert_glu(gate_up: torch.Tensor, act_name: str, layout: ExpertsLayout) -> torch.Tensor:
     """The experts' gated activation of their gate_up output [M, 2I] -> [M, I]."""
     if layout.interleaved:
         gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
     else:
         gate, up = gate_up.chunk(2, dim=-1)
-    if layout.limit is None:
-        return act(act_name, gate) * up
-    gate, up = gate.clamp(max=layout.limit), up.clamp(min=-layout.limit, max=layout.limit)
-    return (up + 1) * (gate * torch.sigmoid(gate * layout.alpha))
+    return glu(gate, up, act_name, layout.limit, layout.alpha)
 
 
 def _gnk(w: torch.Tensor, layout: ExpertsLayout) -> torch.Tensor:
@@ -236,8 +243,9 @@ class Ops:
         """sigmoid(gate) * y: a gate of width 1 scales each token's output (Qwen2-MoE's shared expert)."""
         return torch.sigmoid(gate) * y
 
-    def gated_act(self, gate: torch.Tensor, up: torch.Tensor, act_name: str) -> torch.Tensor:
-        return act(act_name, gate) * up
+    def gated_act(self, gate: torch.Tensor, up: torch.Tensor, act_name: str, limit: float | None = None,
+                  alpha: float = 1.0) -> torch.Tensor:
+        return glu(gate, up, act_name, limit, alpha)
 
     def act(self, up: torch.Tensor, act_name: str) -> torch.Tensor:
         """An MLP without a gate: act(up)."""
@@ -369,13 +377,15 @@ class Ops:
         return self.moe_experts(x, dense, scoped(W, "experts"), d.act, d.layout).view_as(x_BSD)
 
     # -- whole blocks (the lift check's references), composed from the node-level ops ------------
-    def mlp(self, x: torch.Tensor, W: Weights, act_name: str) -> torch.Tensor:
-        """down(act(gate(x)) * up(x)); down(act(up(x))) for an MLP without gate_proj."""
+    def mlp(self, x: torch.Tensor, W: Weights, act_name: str, limit: float | None = None, alpha: float = 1.0
+            ) -> torch.Tensor:
+        """down(act(gate(x)) * up(x)) (the clamped GLU with a limit); down(act(up(x))) for an MLP
+        without gate_proj."""
         up = self.linear(x, W["up_proj.weight"], W.get("up_proj.bias"))
         if W.get("gate_proj.weight") is None:
             return self.linear(self.act(up, act_name), W["down_proj.weight"], W.get("down_proj.bias"))
         gate = self.linear(x, W["gate_proj.weight"], W.get("gate_proj.bias"))
-        return self.linear(self.gated_act(gate, up, act_name), W["down_proj.weight"], W.get("down_proj.bias"))
+        return self.linear(self.gated_act(gate, up, act_name, limit, alpha), W["down_proj.weight"], W.get("down_proj.bias"))
 
     def mla_attention(self, x_BSD, step: Step, cache: MlaCache, W: Weights, d: MlaDims) -> torch.Tensor:
         if d.q_lora_rank:
@@ -405,7 +415,7 @@ class Ops:
         y = self.moe_routed(x_BSD, W, MoeDims(d, x_BSD.shape[-1], intermediate, act_name, layout))
         if shared is None:
             return y
-        s = self.mlp(x_BSD, scoped(W, shared), act_name)
+        s = self.mlp(x_BSD, scoped(W, shared), act_name, layout.limit, layout.alpha)  # the experts' clamp (MiniMax-M3)
         if shared_gate is not None:
             s = self.sigmoid_scale(self.linear(x_BSD, W[f"{shared_gate}.weight"], W.get(f"{shared_gate}.bias")), s)
         return y + s

@@ -122,7 +122,7 @@ def run_reference(block: Block, x: torch.Tensor, W: dict[str, torch.Tensor], ops
     if block.kind == "lm_head":
         return ops.linear(x, W["weight"], W.get("bias"))
     if block.kind == "mlp":
-        return ops.mlp(x, W, block.attrs["act"])
+        return ops.mlp(x, W, block.attrs["act"], block.attrs.get("limit"), block.attrs.get("alpha", 1.0))
     if block.kind == "moe":
         return ops.moe(x, W, block.dims, block.attrs["act"], block.attrs["shared"], block.attrs["shared_gate"],
                        block.attrs["layout"])

@@ -70,9 +70,10 @@ class _Builder:
             o = self.node("sigmoid_scale", (gate, o), "o", block=A, layer=L)
         return self.linear(f"{A}.o_proj", o, "a", A, L)
 
-    def mlp(self, fqn: str, x: fx.Node, block: str, layer: int | None, act: str, cls: str, gated: bool = True) -> fx.Node:
+    def mlp(self, fqn: str, x: fx.Node, block: str, layer: int | None, act: str, cls: str, gated: bool = True,
+            limit: float | None = None, alpha: float = 1.0) -> fx.Node:
         up = self.linear(f"{fqn}.up_proj", x, "u", block, layer)
-        dims = MlpDims(self.modules[f"{fqn}.up_proj"].out_features, act, gated)
+        dims = MlpDims(self.modules[f"{fqn}.up_proj"].out_features, act, gated, limit, alpha)
         ins = (self.linear(f"{fqn}.gate_proj", x, "g", block, layer), up) if gated else (up,)
         act_node = self.node("mlp", ins, "act", fqn=fqn, block=block, cls=cls, layer=layer, dims=dims)
         return self.linear(f"{fqn}.down_proj", act_node, "m", block, layer)
@@ -85,7 +86,8 @@ class _Builder:
         if shared_name is None:
             return routed
         S = f"{M}.{shared_name}"
-        shared = self.mlp(S, x, M, L, b.attrs["act"], type(self.modules[S]).__name__)
+        layout = b.attrs["layout"]  # the shared expert applies the experts' clamp where they have one (MiniMax-M3)
+        shared = self.mlp(S, x, M, L, b.attrs["act"], type(self.modules[S]).__name__, True, layout.limit, layout.alpha)
         if b.attrs["shared_gate"] is not None:  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared
             gate = self.linear(f"{M}.{b.attrs['shared_gate']}", x, "sg", M, L)
             shared = self.node("sigmoid_scale", (gate, shared), "s", block=M, layer=L)
@@ -110,7 +112,8 @@ class _Builder:
             return self.moe(b, x)
         if b.kind == CAPTURED:
             return self.captured(b, x)
-        return self.mlp(b.fqn, x, b.fqn, b.layer, b.attrs["act"], b.cls, b.attrs.get("gated", True))
+        return self.mlp(b.fqn, x, b.fqn, b.layer, b.attrs["act"], b.cls, b.attrs.get("gated", True),
+                        b.attrs.get("limit"), b.attrs.get("alpha", 1.0))
 
 
 def build_graph(blocks: list[Block], model: nn.Module, glue: Glue | None = None,

@@ -180,6 +180,10 @@ def _gqa_dims(attn: nn.Module, rope_scaling: float, layer: int, rope_width: int 
     if not GQA_CHILDREN <= _children(attn) or not all(_is_linear(getattr(attn, c)) for c in sorted(GQA_CHILDREN)):
         return None
     head_dim = attn.head_dim
+    if attn.v_proj.out_features != attn.k_proj.out_features:  # MiMo-V2-Flash's wider value heads
+        raise ModelError(f"v_proj has {attn.v_proj.out_features} outputs and k_proj {attn.k_proj.out_features}: value "
+                         f"heads of another width than the {head_dim}-wide key heads; planc's gqa_attention reads "
+                         "keys and values of one head width")
     if rope_width is not None and rope_width > head_dim:
         raise ModelError(f"the rotary embedding turns {rope_width} dims of a {head_dim}-wide head")
     names = next(((q, k, after) for q, k, after in QK_NORMS if getattr(attn, q, None) is not None
@@ -351,12 +355,12 @@ def _moe_parts(moe: nn.Module) -> MoeParts | None:
     found = experts_layout(experts, *holder.weight.shape)
     if found is None:
         return None
-    router = _router_dims(gate, holder, path, experts)
+    router = _router_dims(gate, holder, path, experts, moe)
     layout, intermediate = found
     return None if router is None else MoeParts(router, layout, holder.weight.shape[1], intermediate)
 
 
-def _router_dims(gate: nn.Module, holder: nn.Module, path: str, experts: nn.Module) -> RouterDims | None:
+def _router_dims(gate: nn.Module, holder: nn.Module, path: str, experts: nn.Module, block: nn.Module) -> RouterDims | None:
     """The router's variant, read from the gate's attributes (`holder`: the module holding its
     weight, at `path` under the block).
 
@@ -373,8 +377,9 @@ def _router_dims(gate: nn.Module, holder: nn.Module, path: str, experts: nn.Modu
     common = {"num_experts": num_experts, "top_k": gate.top_k, "module": path,
               "bias": isinstance(bias, torch.Tensor) and tuple(bias.shape) == (num_experts,)}
     if hasattr(holder, "e_score_correction_bias"):  # MiniMax-M2, HY-V3 and AFMoE name no groups, always renormalize
-        scaling = next((getattr(gate, n) for n in ("routed_scaling_factor", "router_scaling_factor", "route_scale")
-                        if hasattr(gate, n)), 1.0)  # AFMoE: route_scale
+        # AFMoE: route_scale; MiniMax-M3 scales the experts' sum in the block
+        scaling = next((getattr(m, n) for m in (gate, block) for n in ("routed_scaling_factor", "router_scaling_factor",
+                                                                        "route_scale") if hasattr(m, n)), 1.0)
         return RouterDims(**common, scoring="sigmoid", num_groups=getattr(gate, "num_group", 1),
                           topk_groups=getattr(gate, "topk_group", 1), group_score="top2_sum", correction_bias=True,
                           normalize=bool(getattr(gate, "norm_topk_prob", True)), scaling=float(scaling), fp32_logits=True)
@@ -480,11 +485,24 @@ def experts_layout(experts: nn.Module, num_experts: int, hidden: int) -> tuple[E
     if any(b is not None for b in biases):
         if [tuple(getattr(b, "shape", ())) for b in biases] != [(num_experts, 2 * intermediate), (num_experts, hidden)]:
             return None
-    limit, alpha = getattr(experts, "limit", None), getattr(experts, "alpha", 1.0)
-    if limit is not None and not (isinstance(limit, (int, float)) and isinstance(alpha, (int, float))):
+    clamp = glu_clamp(experts)
+    if clamp is False:
         return None
+    limit, alpha = clamp or (None, 1.0)
     return ExpertsLayout(transposed=transposed, interleaved=transposed, bias=biases[0] is not None,
-                         limit=None if limit is None else float(limit), alpha=float(alpha)), intermediate
+                         limit=limit, alpha=alpha), intermediate
+
+
+def glu_clamp(m: nn.Module) -> tuple[float, float] | None | bool:
+    """(limit, alpha) of a clamped GLU, read from the module's attributes (gpt-oss's experts: limit,
+    alpha; MiniMax-M3's: swiglu_limit, swiglu_alpha); None when it names no limit, False when it
+    names one that is not a number."""
+    limit = next((getattr(m, n) for n in ("limit", "swiglu_limit") if getattr(m, n, None) is not None), None)
+    if limit is None:
+        return None
+    alpha = next((getattr(m, n) for n in ("alpha", "swiglu_alpha") if hasattr(m, n)), 1.0)
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (limit, alpha))
+    return (float(limit), float(alpha)) if numbers else False
 
 
 def _experts_packing(experts: nn.Module, layout: ExpertsLayout, act_name: str) -> ExpertsLayout:
@@ -579,6 +597,10 @@ def _ffn_block(ffn: nn.Module, fqn: str, layer: int, config) -> Block:
         return Block("moe", fqn, type(ffn).__name__, layer, moe.router,
                      {"act": act, "shared": shared, "shared_gate": shared_gate, "layout": layout,
                       "hidden": moe.hidden, "intermediate": moe.intermediate})
+    clamp = glu_clamp(ffn) if _is_mlp(ffn) else None
+    if clamp:  # MiniMax-M3's dense MLP: the clamped GLU of its experts
+        return Block("mlp", fqn, type(ffn).__name__, layer, None, {"act": CLAMPED_GLU, "intermediate": ffn.gate_proj.out_features,
+                                                                   "limit": clamp[0], "alpha": clamp[1]})
     act = _act_name(ffn, config)
     if _is_mlp(ffn):
         return Block("mlp", fqn, type(ffn).__name__, layer, None, {"act": act, "intermediate": ffn.gate_proj.out_features})
@@ -753,6 +775,9 @@ def rope_per_layer_type(model: nn.Module) -> None:
         return
     kinds = getattr(rotary, "rope_type", None)
     for i, layer in enumerate(base.layers):
+        attn = getattr(layer, "self_attn", None)
+        if not isinstance(attn, nn.Module) or i >= len(types):
+            continue  # not a layer planc lifts (ModernBERT's decoder names it `attn`): recognition says so
         kind = kinds.get(types[i], "default") if isinstance(kinds, dict) else "default"
         inv_freq = buffers.get(f"{types[i]}_inv_freq")
         where = f"{type(rotary).__name__} (model.rotary_emb)"
@@ -764,11 +789,11 @@ def rope_per_layer_type(model: nn.Module) -> None:
             raise ModelError(f"{where}: the {types[i]!r} layers' rope_type {kind!r} changes the frequencies with the "
                              "sequence length, which planc does not compile per layer type; use a static rope "
                              "(default, linear, yarn, llama3)")
-        held = getattr(layer.self_attn, "rotary", None)
+        held = getattr(attn, "rotary", None)
         if held is not None and not isinstance(held, LayerRope):
-            raise ModelError(f"model.layers.{i}.self_attn ({type(layer.self_attn).__name__}): has a child named "
+            raise ModelError(f"model.layers.{i}.self_attn ({type(attn).__name__}): has a child named "
                              "rotary already, where planc would attach the layer's rope frequencies")
-        layer.self_attn.rotary = LayerRope(inv_freq, float(getattr(rotary, f"{types[i]}_attention_scaling", 1.0)))
+        attn.rotary = LayerRope(inv_freq, float(getattr(rotary, f"{types[i]}_attention_scaling", 1.0)))
 
 
 def _layer_rope(attn: nn.Module, rope: Rope) -> Rope:

@@ -16,6 +16,7 @@ from planc.driver import compile
 from planc.errors import CompileError, ModelError
 from planc.lift import lift
 from planc.lift.check import block_weights, run_reference
+from planc.lift.fused import split_fused
 from planc.lift.glue import Scale, read_glue
 from planc.lift.recognize import recognize, rope_per_layer_type
 from planc.lift.structure import representatives
@@ -310,10 +311,22 @@ def _layer_config(cls: str, **kw) -> T.PretrainedConfig:
                                       "k_norm are not RMSNorms scaling by a weight"),
     (_layer_config("BitNetConfig"), "model.layers.0.self_attn (BitNetAttention): attn_sub_norm holds weights that "
                                     "planc's gqa_attention does not read"),
+    # value heads wider than the key heads
+    (_layer_config("MiMoV2FlashConfig", head_dim=16, v_head_dim=32, mlp_layer_types=["dense"] * 3),
+     "model.layers.0.self_attn (MiMoV2FlashAttention): v_proj has 64 outputs and k_proj 32: value heads of another "
+     "width than the 16-wide key heads"),
 ])
 def test_a_layout_planc_does_not_lift_is_refused_by_name(config, says):
     with pytest.raises(ModelError, match=says.replace("(", r"\(").replace(")", r"\)")):
         recognize(build("", config=config))
+
+
+def test_a_model_whose_layers_name_their_attention_otherwise_is_refused_before_its_rope_is_read():
+    """ModernBERT's decoder: one rope per layer type, its layers' attention named `attn`."""
+    config = T.ModernBertDecoderConfig(vocab_size=260, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=128, pad_token_id=258, bos_token_id=256, eos_token_id=257)
+    with pytest.raises(ModelError, match="ModernBertDecoderForCausalLM: not a decoder LM laid out as"):
+        lift(build("", config=config), check=False)
 
 
 def test_fused_projections_lift_as_their_parts_and_ranks_get_only_the_parts(tmp_path):
@@ -515,6 +528,29 @@ def test_afmoe_gated_heads_rope_on_windowed_layers_and_a_held_expert_bias_are_ex
     program = (artifact / program_file("target")).read_text()
     assert "self_attn.gate_proj" in program and "ops.sigmoid_scale(" in program
     assert _two_ranks_against_transformers(model, artifact, list(range(50, 67))) <= 1e-4
+
+
+def test_a_clamped_glu_in_experts_shared_expert_and_dense_mlp_is_exact_at_two_ranks(tmp_path):
+    """MiniMax-M3: gpt-oss's clamped GLU (named swiglu_limit / swiglu_alpha) in its experts (common
+    layout, halves), its shared expert and its dense layer's MLP; the experts' sum scaled by the
+    MoE block's routed_scaling_factor. A limit of 0.5 bites on these activations."""
+    config = T.MiniMaxM3VLTextConfig(**COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                     dense_intermediate_size=128, shared_intermediate_size=64, swiglu_limit=0.5,
+                                     routed_scaling_factor=2.0, mlp_layer_types=["dense", "sparse", "sparse"])
+    model = build("", config=config)
+    split_fused(model)  # its MLPs' gate_up_proj: gate_proj and up_proj, as the lift splits them
+    blocks = recognize(model)
+    dense, moe = [b for b in blocks if b.kind == "mlp"], [b for b in blocks if b.kind == "moe"]
+    assert [(b.attrs["act"], b.attrs["limit"], b.attrs["alpha"]) for b in dense] == [("clamped_glu", 0.5, 1.702)]
+    assert {(b.attrs["layout"].limit, b.attrs["layout"].alpha, b.dims.scaling) for b in moe} == {(0.5, 1.702, 2.0)}
+    plan = PLAN + """  - match: "model.layers.0.mlp"
+    mlp: {strategy: tp}
+  - match: "model.layers.*.mlp"
+    moe: {strategy: tp}
+"""
+    artifact = compile(model, parse_plan_text(plan, "plan.yaml"), tmp_path / "out").path
+    assert "ops.gated_act(g, u, 'clamped_glu', 0.5, 1.702)" in (artifact / program_file("target")).read_text()
+    assert _two_ranks_against_transformers(model, artifact, list(range(40, 57))) <= 1e-4
 
 
 def _gpt_oss_with_biases_that_bite() -> torch.nn.Module:
