@@ -1,4 +1,5 @@
-"""Fused projections, split into the linears planc lifts (Phi-3's `qkv_proj` and `gate_up_proj`).
+"""Fused projections, split into the linears planc lifts (Phi-3's `qkv_proj` and `gate_up_proj`), and
+projections named otherwise, attached under planc's names (RENAMES: Phi's `dense`, `fc1`, `fc2`).
 
     attention   qkv_proj [(H + 2 KV) hd, D]  ->  q_proj [H hd, D], k_proj [KV hd, D], v_proj [KV hd, D]
     MLP         gate_up_proj [2 I, D]        ->  gate_proj [I, D], up_proj [I, D]     (gate first)
@@ -20,11 +21,25 @@ from torch import nn
 from planc.weights import SPLIT
 
 
+# Projections named otherwise, attached under the names planc lifts (sharing their weights):
+# Phi's attention output `dense`; Phi's `fc1` / `fc2` and StarCoder2's `c_fc` / `c_proj` MLPs (no gate).
+RENAMES = (({"q_proj", "k_proj", "v_proj", "dense"}, {"dense": "o_proj"}),
+           ({"fc1", "fc2"}, {"fc1": "up_proj", "fc2": "down_proj"}),
+           ({"c_fc", "c_proj"}, {"c_fc": "up_proj", "c_proj": "down_proj"}))
+
+
 def split_fused(model: nn.Module) -> list[str]:
-    """Attach the split parts of every fused projection (once per module); the fused FQNs."""
+    """Attach the split parts of every fused projection, and the projections named otherwise under
+    planc's names (RENAMES), once per module; the fused or renamed FQNs."""
     done = []
     for fqn, m in list(model.named_modules()):
         children = {name for name, child in m.named_children() if child is not None}
+        for names, renames in RENAMES:
+            linears = {n for n in names if isinstance(getattr(m, n), nn.Linear)} if names <= children else set()
+            if linears == names and not children & set(renames.values()):
+                for old, new in renames.items():
+                    _attach(m, old, {new: getattr(m, old).out_features})
+                    done.append(f"{fqn}.{old}")
         if children >= {"qkv_proj", "o_proj"} and not children & {"q_proj", "k_proj", "v_proj"}:
             widths = _qkv_widths(m)
             if widths is not None:
@@ -55,6 +70,12 @@ def _attach(parent: nn.Module, fused_name: str, widths: dict[str, int]) -> None:
     if getattr(fused, SPLIT, None):
         return
     start = 0
+    if len(widths) == 1:  # a rename: the part is the whole linear, its weights shared
+        part = nn.Linear(fused.in_features, fused.out_features, bias=fused.bias is not None, device="meta")
+        part.weight, part.bias = fused.weight, fused.bias
+        parent.register_module(next(iter(widths)), part)
+        setattr(fused, SPLIT, tuple(widths))
+        return
     with torch.no_grad():
         for name, width in widths.items():
             part = nn.Linear(fused.in_features, width, bias=fused.bias is not None,

@@ -122,9 +122,14 @@ def _act_name(ffn: nn.Module, config) -> str:
     """The block's activation, asked of its own `act_fn` (the MLP's, or the fused experts') on a
     probe: config key names differ across families (hidden_act; Gemma's hidden_activation).
     Without an act_fn, the config's name."""
-    fn = getattr(ffn, "act_fn", getattr(getattr(ffn, "experts", None), "act_fn", None))
-    if not callable(fn):
-        return getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None) or "silu"
+    fn = next((f for m in (ffn, getattr(ffn, "experts", None)) for name in ("act_fn", "activation_fn")  # Phi: activation_fn
+               if callable(f := getattr(m, name, None))), None)
+    if fn is None:
+        name = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None) or "silu"
+        if name not in ACTIVATIONS:
+            raise ModelError(f"hidden_act {name!r}: an activation planc does not apply; its mlp applies "
+                             f"{', '.join(ACTIVATIONS)}")
+        return name
     x = torch.linspace(-6.0, 6.0, 97, dtype=torch.float64)
     try:
         with torch.no_grad():
@@ -666,13 +671,18 @@ def _embedding_scale(emb: nn.Module) -> Scale | None:
     return None if value == 1.0 else Scale("mul", value)
 
 
-def _decoder(model: nn.Module) -> tuple[str, nn.Module]:
+FINAL_NORMS = ("norm", "final_layernorm")  # the decoder's last norm (Phi: final_layernorm)
+
+
+def _decoder(model: nn.Module) -> tuple[str, nn.Module, str]:
+    """(the decoder's FQN, the decoder, the name of its final norm)."""
     base = getattr(model, "model", None)
-    needed = ("embed_tokens", "layers", "norm")
-    if base is None or not all(hasattr(base, n) for n in needed) or not isinstance(getattr(model, "lm_head", None), nn.Linear):
+    norm = next((n for n in FINAL_NORMS if isinstance(getattr(base, n, None), nn.Module)), None)
+    if (base is None or norm is None or not all(hasattr(base, n) for n in ("embed_tokens", "layers"))
+            or not isinstance(getattr(model, "lm_head", None), nn.Linear)):
         raise ModelError(f"{type(model).__name__}: not a decoder LM laid out as model.embed_tokens / model.layers / "
                          "model.norm / lm_head; planc lifts Hugging Face-style causal LMs")
-    return "model", base
+    return "model", base, norm
 
 
 @dataclass(frozen=True)
@@ -813,7 +823,7 @@ def _layer_rope(attn: nn.Module, rope: Rope) -> Rope:
 LAYOUTS = (
     *((Branch(pre_attention, "self_attn", None), Branch(pre_mlp, ffn, None))
       for pre_attention in ("input_layernorm", "attention_layernorm")
-      for pre_mlp in ("post_attention_layernorm", "feedforward_layernorm")
+      for pre_mlp in ("post_attention_layernorm", "feedforward_layernorm", "pre_feedforward_layernorm")  # Apertus; VaultGemma
       for ffn in ("mlp", "block_sparse_moe")),
     *((Branch("input_layernorm", "self_attn", post_attention), Branch(pre_mlp, "mlp", post_mlp))
       for post_attention, pre_mlp, post_mlp in (
@@ -884,7 +894,7 @@ def _stateful_block(attn: nn.Module, fqn: str, layer: int, rope: Rope) -> Block:
 def recognize(model: nn.Module) -> list[Block]:
     """The blocks of a decoder LM, in execution order; an unrecognized feed-forward block or norm
     is a `captured` block (run as its exported graph, replicated)."""
-    prefix, base = _decoder(model)
+    prefix, base, final_norm = _decoder(model)
     rope = _rope(base)
     blocks = [Block("embedding", f"{prefix}.embed_tokens", type(base.embed_tokens).__name__, None, None,
                     {"scale": _embedding_scale(base.embed_tokens)})]
@@ -901,6 +911,6 @@ def recognize(model: nn.Module) -> list[Block]:
             blocks.append(core)
             if branch.post:
                 blocks.append(replace(_norm_or_captured(getattr(layer, branch.post), f"{lp}.{branch.post}", i), post=True))
-    blocks.append(_norm_or_captured(base.norm, f"{prefix}.norm", None))
+    blocks.append(_norm_or_captured(getattr(base, final_norm), f"{prefix}.{final_norm}", None))
     blocks.append(Block("lm_head", "lm_head", "Linear", None, None, {"vocab": model.lm_head.out_features}))
     return blocks

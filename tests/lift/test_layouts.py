@@ -36,7 +36,7 @@ def configs() -> dict[str, T.PretrainedConfig]:
     return {
         # one window for every layer, from the config (the attention module holds none)
         "mistral_window": T.MistralConfig(**COMMON, sliding_window=WINDOW),
-        # the config's window again, with LayerNorm norms and a c_fc / c_proj MLP (both run as captured)
+        # the config's window again, with LayerNorm norms (run as captured) and a c_fc / c_proj MLP (lifted as up / down)
         "starcoder2_window": T.Starcoder2Config(**COMMON, sliding_window=WINDOW),
         # a window on the layers from max_window_layers on (layer_types; the module holds it)
         "qwen2_some_windows": T.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
@@ -97,6 +97,8 @@ def configs() -> dict[str, T.PretrainedConfig]:
         "hyperclovax_post_norms_named_otherwise": T.HyperCLOVAXConfig(**COMMON, head_dim=16, use_post_norm=True,
                                                                       residual_multiplier=0.3, embedding_multiplier=2.0,
                                                                       logits_scaling=0.5),
+        # pre-norms alone, the MLP's named pre_feedforward_layernorm; Gemma's offset norms and GELU
+        "vaultgemma_pre_feedforward_norm": T.VaultGemmaConfig(**COMMON, head_dim=16),
         "gemma3_sandwich_norms": T.Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=24,
                                                     layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
     }
@@ -350,6 +352,26 @@ def test_fused_projections_lift_as_their_parts_and_ranks_get_only_the_parts(tmp_
     with torch.no_grad():
         want = model(torch.tensor([prompt + got.tokens[0]]), use_cache=False).logits[0, len(prompt) - 1:-1]
     assert max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want)) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["phi", "starcoder2"])
+def test_projections_named_otherwise_lift_under_planc_names_and_split_at_two_ranks(tmp_path, name):
+    """Phi: attention output `dense`, an fc1 / fc2 MLP (gelu_new asked of its activation_fn), the
+    attention and MLP in parallel from one LayerNorm, the last norm `final_layernorm`. StarCoder2: a
+    c_fc / c_proj MLP. Each projection is attached under planc's name sharing its weights, so a rank
+    receives only those, split like any o_proj / up_proj / down_proj."""
+    config = T.PhiConfig(**COMMON) if name == "phi" else T.Starcoder2Config(**COMMON, sliding_window=WINDOW)
+    model = build("", config=config)
+    plan = PLAN + '  - match: "model.layers.*.mlp"\n    mlp: {strategy: tp}\n'
+    artifact = compile(model, parse_plan_text(plan, "plan.yaml"), tmp_path / "out").path
+    from safetensors.torch import load_file
+    rank1 = load_file(artifact / "programs" / "target" / "weights" / "rank1.safetensors")
+    layer0 = {k.removeprefix("model.layers.0."): tuple(v.shape) for k, v in rank1.items()
+              if k.startswith("model.layers.0.") and k.endswith("weight") and "proj" in k}
+    assert layer0["self_attn.o_proj.weight"] == (64, 32) and layer0["mlp.up_proj.weight"] == (64, 64)
+    assert layer0["mlp.down_proj.weight"] == (64, 64)
+    assert not [k for k in rank1 if k.rsplit(".", 2)[-2] in ("dense", "fc1", "fc2", "c_fc", "c_proj")]  # only the parts
+    assert _two_ranks_against_transformers(model, artifact, list(range(40, 57))) <= 1e-4
 
 
 def test_a_fused_projection_packed_otherwise_is_declined_not_compiled_into_another_model():
