@@ -287,9 +287,9 @@ def _same_under_two_rotations(attn: nn.Module, width: int) -> bool:
     gen = torch.Generator().manual_seed(0)
     tensors = dict([*attn.named_parameters(), *attn.named_buffers()])
     dtype = attn.q_proj.weight.dtype
-    if any(t.is_meta for t in tensors.values()):
-        dtype = torch.float32
-        tensors = {name: torch.empty(t.shape).uniform_(-0.5, 0.5, generator=gen) if t.is_floating_point()
+    if any(t.is_meta for t in tensors.values()):  # random weights, in bf16 to halve what a large model's probe holds
+        dtype = torch.bfloat16
+        tensors = {name: torch.empty(t.shape, dtype=dtype).uniform_(-0.5, 0.5, generator=gen) if t.is_floating_point()
                    else torch.zeros(t.shape, dtype=t.dtype) for name, t in tensors.items()}
     x = torch.randn(1, 3, attn.q_proj.in_features, generator=gen).to(dtype)
     angles = torch.rand(1, 3, width // 2, generator=gen) * 6.0
@@ -513,21 +513,25 @@ def glu_clamp(m: nn.Module) -> tuple[float, float] | None | bool:
 def _experts_packing(experts: nn.Module, layout: ExpertsLayout, act_name: str) -> ExpertsLayout:
     """Transposed experts hold gate and up as the two halves of gate_up_proj's columns (Aria) or as
     alternating columns (gpt-oss): asked of the experts on a probe holding random weights of their
-    shapes (so a model on meta answers too), each token sent to one expert with weight 1. `layout`
-    as read from the shapes where the probe cannot run or neither packing answers (the lift's
-    numeric check then says what differs)."""
+    shapes (so a model on meta answers too; one expert's, seen by every expert, so a large model's
+    probe holds one expert), both tokens sent to expert 0 with weight 1. `layout` as read from the
+    shapes where the probe cannot run or neither packing answers (the lift's numeric check then
+    says what differs)."""
     gen = torch.Generator().manual_seed(0)
-    W = {name: torch.randn(t.shape, generator=gen) * 0.3 for name, t in experts.named_parameters()}
-    num_experts, hidden = W["gate_up_proj"].shape[:2]
-    x = torch.randn(num_experts, hidden, generator=gen)
+    W = {name: (torch.randn((1, *t.shape[1:]), generator=gen) * 0.3).expand(t.shape)
+         for name, t in experts.named_parameters()}
+    num_experts = W["gate_up_proj"].shape[0]
+    x = torch.randn(2, W["gate_up_proj"].shape[1], generator=gen)
     try:
         with torch.no_grad():
-            theirs = torch.func.functional_call(experts, W, (x, torch.arange(num_experts)[:, None], torch.ones(num_experts, 1)))
+            theirs = torch.func.functional_call(experts, W, (x, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1)))
     except Exception:
         return layout
+    to_first = torch.zeros(2, num_experts)
+    to_first[:, 0] = 1.0
     for interleaved in (layout.interleaved, not layout.interleaved):
         candidate = replace(layout, interleaved=interleaved)
-        ours = Ops().moe_experts(x, torch.eye(num_experts), W, act_name, candidate)
+        ours = Ops().moe_experts(x, to_first, W, act_name, candidate)
         if isinstance(theirs, torch.Tensor) and theirs.shape == ours.shape and torch.allclose(theirs, ours, rtol=1e-4, atol=1e-5):
             return candidate
     return layout
