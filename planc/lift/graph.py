@@ -72,9 +72,10 @@ class _Builder:
 
     def mlp(self, fqn: str, x: fx.Node, block: str, layer: int | None, act: str, cls: str, gated: bool = True,
             limit: float | None = None, alpha: float = 1.0) -> fx.Node:
+        gate = self.linear(f"{fqn}.gate_proj", x, "g", block, layer) if gated else None
         up = self.linear(f"{fqn}.up_proj", x, "u", block, layer)
         dims = MlpDims(self.modules[f"{fqn}.up_proj"].out_features, act, gated, limit, alpha)
-        ins = (self.linear(f"{fqn}.gate_proj", x, "g", block, layer), up) if gated else (up,)
+        ins = (gate, up) if gated else (up,)
         act_node = self.node("mlp", ins, "act", fqn=fqn, block=block, cls=cls, layer=layer, dims=dims)
         return self.linear(f"{fqn}.down_proj", act_node, "m", block, layer)
 

@@ -121,7 +121,8 @@ ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu2", "relu")  # what pla
 def _act_name(ffn: nn.Module, config) -> str:
     """The block's activation, asked of its own `act_fn` (the MLP's, or the fused experts') on a
     probe: config key names differ across families (hidden_act; Gemma's hidden_activation).
-    Without an act_fn, the config's name."""
+    Its `act_fn` (Phi's: `activation_fn`); without one, the config's name, refused when planc does
+    not apply it."""
     fn = next((f for m in (ffn, getattr(ffn, "experts", None)) for name in ("act_fn", "activation_fn")  # Phi: activation_fn
                if callable(f := getattr(m, name, None))), None)
     if fn is None:
@@ -261,9 +262,6 @@ def _rope_dim(attn: nn.Module, rope_width: int | None, head_dim: int) -> int | N
     if use_rope is None and _skips_rope(attn, rope_width or head_dim):
         return 0
     return rope_width if rope_width not in (None, head_dim) else None
-
-
-_SKIPS_ROPE: dict[tuple, bool] = {}
 
 
 def _skips_rope(attn: nn.Module, width: int) -> bool:
