@@ -20,7 +20,7 @@ from typing import Literal
 from pydantic import Field
 
 from planc.dims import ExpertsLayout, MoeDims
-from planc.ir import NodeInfo, Shard, Tensors, copy_graph, divisors, info, mark, sum_partials_after
+from planc.ir import NodeInfo, Segments, Shard, Tensors, copy_graph, divisors, info, mark, sum_partials_after, take
 from planc.lazy import lazy
 from planc.strategy import Section, Strategy
 
@@ -50,22 +50,21 @@ class ExpertSlices(Shard):
         out = dict(W)
         # gate_up: its intermediate dim is the rows ([E, 2I, D]) or, transposed, the columns ([E, D, 2I])
         gate_up_dim = 2 if layout.transposed else 1
-        out["experts.gate_up_proj"] = _gate_up(W["experts.gate_up_proj"], gate_up_dim, lo, hi, full, layout)
+        out["experts.gate_up_proj"] = take(W["experts.gate_up_proj"], _gate_up(lo, hi, full, layout), gate_up_dim)
         out["experts.down_proj"] = W["experts.down_proj"].narrow(1 if layout.transposed else 2, lo, w)
         if layout.bias:
-            out["experts.gate_up_proj_bias"] = _gate_up(W["experts.gate_up_proj_bias"], 1, lo, hi, full, layout)
+            out["experts.gate_up_proj_bias"] = take(W["experts.gate_up_proj_bias"], _gate_up(lo, hi, full, layout), 1)
             if rank != 0:  # the all-reduce would add it n times
                 out["experts.down_proj_bias"] = torch.zeros_like(W["experts.down_proj_bias"])
         return out
 
 
-
-def _gate_up(t: torch.Tensor, dim: int, lo: int, hi: int, full: int, layout: ExpertsLayout) -> torch.Tensor:
-    """The slice [lo, hi) of gate and of up along `dim`: one run of pairs when they alternate, else
-    the gate's then the up's (which starts at I = full)."""
+def _gate_up(lo: int, hi: int, full: int, layout: ExpertsLayout) -> Segments:
+    """The pieces of gate_up holding [lo, hi) of gate and of up: one run of pairs when they
+    alternate, else the gate's then the up's (which starts at I = full)."""
     if layout.interleaved:
-        return t.narrow(dim, 2 * lo, 2 * (hi - lo))
-    return torch.cat([t.narrow(dim, lo, hi - lo), t.narrow(dim, full + lo, hi - lo)], dim)
+        return ((2 * lo, 2 * hi),)
+    return ((lo, hi), (full + lo, full + hi))
 
 
 def moe_tp(graph: fx.Graph, section: MoeTpSection, ctx) -> fx.Graph:

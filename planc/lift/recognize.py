@@ -509,6 +509,18 @@ def glu_clamp(m: nn.Module) -> tuple[float, float] | None | bool:
 
 
 def _experts_packing(experts: nn.Module, layout: ExpertsLayout, act_name: str) -> ExpertsLayout:
+    """_probe_packing, once per experts class, shapes, activation and layout (every MoE layer of a
+    model asks the same)."""
+    key = (type(experts), tuple((n, tuple(t.shape)) for n, t in experts.named_parameters()), act_name, layout)
+    if key not in _PACKINGS:
+        _PACKINGS[key] = _probe_packing(experts, layout, act_name)
+    return _PACKINGS[key]
+
+
+_PACKINGS: dict[tuple, ExpertsLayout] = {}
+
+
+def _probe_packing(experts: nn.Module, layout: ExpertsLayout, act_name: str) -> ExpertsLayout:
     """Transposed experts hold gate and up as the two halves of gate_up_proj's columns (Aria) or as
     alternating columns (gpt-oss): asked of the experts on a probe holding random weights of their
     shapes (so a model on meta answers too; one expert's, seen by every expert, so a large model's
@@ -604,13 +616,11 @@ def _ffn_block(ffn: nn.Module, fqn: str, layer: int, config) -> Block:
         return Block("moe", fqn, type(ffn).__name__, layer, moe.router,
                      {"act": act, "shared": shared, "shared_gate": shared_gate, "layout": layout,
                       "hidden": moe.hidden, "intermediate": moe.intermediate})
-    clamp = glu_clamp(ffn) if _is_mlp(ffn) else None
-    if clamp:  # MiniMax-M3's dense MLP: the clamped GLU of its experts
-        return Block("mlp", fqn, type(ffn).__name__, layer, None, {"act": CLAMPED_GLU, "intermediate": ffn.gate_proj.out_features,
-                                                                   "limit": clamp[0], "alpha": clamp[1]})
-    act = _act_name(ffn, config)
     if _is_mlp(ffn):
-        return Block("mlp", fqn, type(ffn).__name__, layer, None, {"act": act, "intermediate": ffn.gate_proj.out_features})
+        clamp = glu_clamp(ffn)  # MiniMax-M3's dense MLP: the clamped GLU of its experts
+        act = {"act": CLAMPED_GLU, "limit": clamp[0], "alpha": clamp[1]} if clamp else {"act": _act_name(ffn, config)}
+        return Block("mlp", fqn, type(ffn).__name__, layer, None, {**act, "intermediate": ffn.gate_proj.out_features})
+    act = _act_name(ffn, config)
     if _is_mlp(ffn, gated=False):  # Arcee's up/down MLP: down(act(up(x)))
         return Block("mlp", fqn, type(ffn).__name__, layer, None,
                      {"act": act, "intermediate": ffn.up_proj.out_features, "gated": False})
