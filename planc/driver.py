@@ -29,6 +29,7 @@ from planc.ir import RuleRef
 from planc.lift import lift
 from planc.lift.captured import captured_lines
 from planc.lift.dynamo import DynamoCaptured
+from planc.lift.restore import restored
 from planc.models.registry import dtype_name, load_model, quant_method, source_kind
 from planc.models.tokenizer import NONE, model_tokenizer, tokenizer_files
 from planc.passes import STRATEGIES
@@ -134,41 +135,42 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
     started = time.perf_counter()
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
     model, source = resolve_model(model, plan, meta)
-    log(f"model    {source} ({type(model).__name__}{', meta' if meta else ''})")
-    method = quant_method(getattr(getattr(model, "config", None), "quantization_config", None))
-    if method is not None:  # only a config.json gets here quantized (a quantized checkpoint is refused when loaded)
-        log(f"note     quantization_config (quant_method {method!r}) not applied: planc compiles the unquantized "
-            f"model, in {dtype_name(model)}; weight bytes are for that")
-    lifted = lift(model, check=not meta, captured=captured)
-    log(f"lift     {len(lifted.blocks)} blocks" + (f", {sum(c.method == 'numeric' for c in lifted.checks)} checked numerically against the captured graph, "
-                                             f"{sum(c.method != 'numeric' for c in lifted.checks)} structurally" if lifted.checks else ""))
-    for line in captured_lines(lifted.blocks):
-        log(f"captured {line}")
-    graph, ctx = parallelize(lifted.graph, plan, model, strict=strict, meta=meta)
-    log(f"passes   {passes_that_ran(ctx)}: {sum(r.action == 'applied' for r in ctx.records)} rewrites, "
-        f"{sum(r.action == 'declined' for r in ctx.records)} declined")
-    for line in decline_lines([(r.pass_name, r.target, f" (rules[{r.rule}])", r.detail)
-                               for r in ctx.records if r.action == "declined"]):
-        log(line)
-    for line in ctx.advice:
-        log(f"note     {line}")
-    full = model_tensors(model)
-    ranks = partition(graph, full, plan.mesh.devices)
-    manifest = _manifest(model, source, plan, meta)
-    report = build_report(graph, ctx, ranks, elem=DTYPES[manifest["dtype"]].itemsize, checks=lifted.checks, meta=meta)
-    for line in candidate_lines(report["candidates"]):
-        log(line)
-    for line in approximation_lines(report["approximate"]):
-        log(line)
-    program = emit_program(graph, model=source, world_size=plan.mesh.devices, plan_hash=plan.hash())
-    programs = {"target": Program(program, cache_specs(graph), None if meta else ranks)}
-    if plan.draft is not None:
-        draft = compile_draft(plan, model, meta=meta, strict=strict, log=log)
-        programs["draft"], report["draft"], manifest["speculate"] = draft.program, draft.report, draft.speculate
-        report["candidates"].update(draft.drafting_candidates)
-    report["compile_seconds"] = time.perf_counter() - started
-    path = write_artifact(Path(out), manifest=manifest, programs=programs, report=report,
-                          tokenizer=tokenizer_files(source))
+    with restored(model):  # what the lift attaches to the model is taken off again after
+        log(f"model    {source} ({type(model).__name__}{', meta' if meta else ''})")
+        method = quant_method(getattr(getattr(model, "config", None), "quantization_config", None))
+        if method is not None:  # only a config.json gets here quantized (a quantized checkpoint is refused when loaded)
+            log(f"note     quantization_config (quant_method {method!r}) not applied: planc compiles the unquantized "
+                f"model, in {dtype_name(model)}; weight bytes are for that")
+        lifted = lift(model, check=not meta, captured=captured)
+        log(f"lift     {len(lifted.blocks)} blocks" + (f", {sum(c.method == 'numeric' for c in lifted.checks)} checked numerically against the captured graph, "
+                                                 f"{sum(c.method != 'numeric' for c in lifted.checks)} structurally" if lifted.checks else ""))
+        for line in captured_lines(lifted.blocks):
+            log(f"captured {line}")
+        graph, ctx = parallelize(lifted.graph, plan, model, strict=strict, meta=meta)
+        log(f"passes   {passes_that_ran(ctx)}: {sum(r.action == 'applied' for r in ctx.records)} rewrites, "
+            f"{sum(r.action == 'declined' for r in ctx.records)} declined")
+        for line in decline_lines([(r.pass_name, r.target, f" (rules[{r.rule}])", r.detail)
+                                   for r in ctx.records if r.action == "declined"]):
+            log(line)
+        for line in ctx.advice:
+            log(f"note     {line}")
+        full = model_tensors(model)
+        ranks = partition(graph, full, plan.mesh.devices)
+        manifest = _manifest(model, source, plan, meta)
+        report = build_report(graph, ctx, ranks, elem=DTYPES[manifest["dtype"]].itemsize, checks=lifted.checks, meta=meta)
+        for line in candidate_lines(report["candidates"]):
+            log(line)
+        for line in approximation_lines(report["approximate"]):
+            log(line)
+        program = emit_program(graph, model=source, world_size=plan.mesh.devices, plan_hash=plan.hash())
+        programs = {"target": Program(program, cache_specs(graph), None if meta else ranks)}
+        if plan.draft is not None:
+            draft = compile_draft(plan, model, meta=meta, strict=strict, log=log)
+            programs["draft"], report["draft"], manifest["speculate"] = draft.program, draft.report, draft.speculate
+            report["candidates"].update(draft.drafting_candidates)
+        report["compile_seconds"] = time.perf_counter() - started
+        path = write_artifact(Path(out), manifest=manifest, programs=programs, report=report,
+                              tokenizer=tokenizer_files(source))
     return Artifact(path, manifest, report, program)
 
 

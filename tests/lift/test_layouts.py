@@ -18,7 +18,7 @@ from planc.lift import lift
 from planc.lift.check import block_weights, run_reference
 from planc.lift.fused import split_fused
 from planc.lift.glue import Scale, read_glue
-from planc.lift.recognize import recognize, rope_per_layer_type
+from planc.lift.recognize import long_rope, recognize, rope_per_layer_type
 from planc.lift.structure import representatives
 from planc.models.registry import init_model
 from planc.ops import Ops
@@ -336,6 +336,8 @@ def test_fused_projections_lift_as_their_parts_and_ranks_get_only_the_parts(tmp_
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     plan = PLAN + '  - match: "model.layers.*.mlp"\n    mlp: {strategy: tp}\n'
     artifact = compile(model, parse_plan_text(plan, "plan.yaml"), tmp_path / "out").path
+    assert not hasattr(attn, "q_proj") and not hasattr(mlp, "gate_proj")  # the caller's model comes back as it came
+    split_fused(model)  # what the lift attaches while it compiles: the parts, copies of the fused rows
     q, k, v = attn.qkv_proj.weight.split([64, 32, 32])
     assert all(torch.equal(part, getattr(attn, f"{p}_proj").weight) for p, part in zip("qkv", (q, k, v)))
     assert torch.equal(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.gate_up_proj.weight)
@@ -391,6 +393,7 @@ def test_longrope_turns_by_its_long_factors_from_the_step_that_passes_the_origin
     model = build("phi3_longrope")
     artifact = compile(model, parse_plan_text(PLAN, "plan.yaml"), tmp_path / "out").path
     rotary = model.model.rotary_emb
+    long_rope(model)  # what the lift reads, made buffers (the compile took them off the model again)
     assert int(rotary.long_after) == WINDOW and not torch.equal(rotary.long_inv_freq, rotary.short_inv_freq)
     prompt, steps = [40, 41, 42, 43], 8  # positions 0-3 short; the decode step writing position 6 turns long
     got = run_threads(lambda comm: generate(Model(str(artifact), comm=comm), [prompt], steps, keep_logits=True), 2)[0]
