@@ -30,7 +30,8 @@ from planc.lift import lift
 from planc.lift.captured import captured_lines
 from planc.lift.dynamo import DynamoCaptured
 from planc.lift.restore import restored
-from planc.models.registry import dtype_name, load_model, quant_method, source_kind
+from planc.models.registry import (LANGUAGE_MODEL_OF, dtype_name, language_model, load_model, multimodal_name, quant_method,
+                                   source_kind)
 from planc.models.tokenizer import NONE, model_tokenizer, tokenizer_files
 from planc.passes import STRATEGIES
 from planc.passmanager import PassContext, run_passes
@@ -68,6 +69,9 @@ def resolve_model(model: nn.Module | str | None, plan: Plan, meta: bool) -> tupl
     planc imports nothing it names."""
     dtype = plan.model.dtype if plan.model else "auto"
     if isinstance(model, nn.Module):
+        config = getattr(model, "config", None)
+        if isinstance(config, transformers.PretrainedConfig) and multimodal_name(config) is not None:
+            return language_model(model.eval(), type(model).__name__), type(model).__name__
         return model.eval(), type(model).__name__
     if model is not None:
         source = _absolute(model)
@@ -137,6 +141,10 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
     model, source = resolve_model(model, plan, meta)
     with restored(model):  # what the lift attaches to the model is taken off again after
         log(f"model    {source} ({type(model).__name__}{', meta' if meta else ''})")
+        multimodal = getattr(model, LANGUAGE_MODEL_OF, None)
+        if multimodal is not None:
+            log(f"note     {multimodal} is multimodal: planc compiles its language model ({type(model).__name__}), "
+                "text in and text out; its vision or audio tower and projector are left out")
         method = quant_method(getattr(getattr(model, "config", None), "quantization_config", None))
         if method is not None:  # only a config.json gets here quantized (a quantized checkpoint is refused when loaded)
             log(f"note     quantization_config (quant_method {method!r}) not applied: planc compiles the unquantized "

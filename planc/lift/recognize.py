@@ -185,7 +185,9 @@ def sliding_window(attn: nn.Module, layer: int) -> int | None:
 def _gqa_dims(attn: nn.Module, rope_scaling: float, layer: int, rope_width: int | None) -> GqaDims | None:
     if not GQA_CHILDREN <= _children(attn) or not all(_is_linear(getattr(attn, c)) for c in sorted(GQA_CHILDREN)):
         return None
-    head_dim = attn.head_dim
+    head_dim, scaling = getattr(attn, "head_dim", None), getattr(attn, "scaling", None)
+    if type(head_dim) is not int or type(scaling) not in (int, float):
+        return None  # q/k/v/o projections without the head width and score scale of softmax attention (a delta rule's)
     if attn.v_proj.out_features != attn.k_proj.out_features:  # MiMo-V2-Flash's wider value heads
         raise ModelError(f"v_proj has {attn.v_proj.out_features} outputs and k_proj {attn.k_proj.out_features}: value "
                          f"heads of another width than the {head_dim}-wide key heads; planc's gqa_attention reads "
@@ -219,7 +221,7 @@ def _gqa_dims(attn: nn.Module, rope_scaling: float, layer: int, rope_width: int 
         return None  # OLMoE's optional clamp of q, k, v: not part of the semantic op
     return GqaDims(
         num_heads=attn.q_proj.out_features // head_dim, num_kv_heads=attn.k_proj.out_features // head_dim,
-        head_dim=head_dim, eps=eps, scale=float(attn.scaling), rope_scaling=rope_scaling, qk_norm=qk_norm,
+        head_dim=head_dim, eps=eps, scale=float(scaling), rope_scaling=rope_scaling, qk_norm=qk_norm,
         window=sliding_window(attn, layer), rope_dim=_rope_dim(attn, rope_width, head_dim),
         rope_interleave=rope_interleaved(type(attn), rope_width or head_dim), qk_offset=qk_offset,
         softcap=None if softcap is None else float(softcap), sinks=_sinks(attn, attn.q_proj.out_features // head_dim),

@@ -166,9 +166,13 @@ def _load_checkpoint(path: Path, dtype: torch.dtype) -> nn.Module:
     hf_logging.disable_progress_bar()  # a per-tensor progress bar is noise in `planc run` output
     local = {"local_files_only": True, "trust_remote_code": False}
     try:
-        config = pin_static_paths(transformers.AutoConfig.from_pretrained(path, **local), dtype)
-        model, loaded = transformers.AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=dtype, use_safetensors=True, output_loading_info=True, **local)
+        config, multimodal = language_model_config(transformers.AutoConfig.from_pretrained(path, **local), path)
+        cls = transformers.AutoModelForCausalLM if multimodal is None else _multimodal_class(config, path)
+        pinned = pin_static_paths(config, dtype) if multimodal is None else pin_multimodal(config, dtype)
+        model, loaded = cls.from_pretrained(path, config=pinned, dtype=dtype,
+                                            use_safetensors=True, output_loading_info=True, **local)
+    except ModelError:
+        raise
     except Exception as exc:  # transformers raises many types for bad files
         raise ModelError(f"{path}: cannot load checkpoint: {type(exc).__name__}: {one_line(exc)}. "
                          "Check that the files are complete (re-save with save_pretrained)") from exc
@@ -178,7 +182,97 @@ def _load_checkpoint(path: Path, dtype: torch.dtype) -> nn.Module:
         raise ModelError(f"{path}: the checkpoint's weight files lack {len(missing)} of {type(model).__name__}'s "
                          f"tensors ({listed}); a model with random weights in their place is not this checkpoint. "
                          "Check that every *.safetensors file is present (re-save with save_pretrained)")
-    return model.eval()
+    return model.eval() if multimodal is None else language_model(model.eval(), path)
+
+
+# On a model planc built from the text part of a multimodal checkpoint or config: the multimodal
+# class it comes from (what `planc compile` notes).
+LANGUAGE_MODEL_OF = "planc_language_model_of"
+
+
+def language_model_config(config: transformers.PretrainedConfig, where: Path | str
+                          ) -> tuple[transformers.PretrainedConfig, str | None]:
+    """`config` and, where it describes a multimodal model whose language model is a causal LM
+    transformers has under another class (Gemma 3, LLaVA, Mistral 3, PaliGemma, SmolVLM, InternVL,
+    ...: the towers and projector feed it image or audio embeddings, and for text alone it is the
+    whole model), the multimodal class's name; None for a causal LM."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    mapping = transformers.AutoModelForCausalLM._model_mapping
+    if type(config) not in mapping and type(text) not in mapping:
+        nested = f", nor is its text config ({type(text).__name__})" if text is not config else ""
+        raise ModelError(f"{where}: {type(config).__name__} (model_type {getattr(config, 'model_type', '?')!r}) is "
+                         f"not a causal LM transformers builds{nested}; planc compiles causal LMs, and the language "
+                         "model of a multimodal model whose text config is a causal LM's")
+    return config, multimodal_name(config)
+
+
+def multimodal_name(config: transformers.PretrainedConfig) -> str | None:
+    """The multimodal class `config` describes, where its text part is a causal LM transformers has
+    under another class (language_model_config); None otherwise."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    mapping = transformers.AutoModelForCausalLM._model_mapping
+    if text is config or type(text) not in mapping:
+        return None
+    outer = mapping[type(config)] if type(config) in mapping else None
+    if outer is mapping[type(text)]:  # a text model whose config nests its text part (Qwen3.5)
+        return None
+    named = [a for a in getattr(config, "architectures", None) or [] if isinstance(a, str)]
+    return named[0] if named else (outer.__name__ if outer is not None else type(config).__name__)
+
+
+def _multimodal_class(config: transformers.PretrainedConfig, path: Path) -> type:
+    """The class transformers builds the multimodal checkpoint as: the one config.json's
+    architectures names (a transformers class; nothing the checkpoint ships), else the
+    image-text-to-text class of its config."""
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    mapping = transformers.AutoModelForImageTextToText._model_mapping
+    if type(config) in mapping:
+        return mapping[type(config)]
+    raise ModelError(f"{path}: a multimodal config ({type(config).__name__}) naming no class transformers has "
+                     "(config.json's architectures); planc compiles the language model of the class named there")
+
+
+def language_model(multimodal: nn.Module, where: Path | str) -> nn.Module:
+    """The causal LM of a multimodal model's text part, holding the multimodal model's own decoder
+    and lm_head (no copy), checked on a probe to compute the multimodal model's logits for text
+    alone: a class that treats them otherwise (a logit scale its text class applies and it does
+    not, say) is refused rather than compiled into another model."""
+    text = multimodal.config.get_text_config()
+    decoder, head = multimodal.get_decoder(), multimodal.get_output_embeddings()
+    cls = transformers.AutoModelForCausalLM._model_mapping[type(text)]
+    name = type(multimodal).__name__
+    with torch.device("meta"), hf_init.no_init_weights():
+        model = cls(text)
+    if type(decoder) is not type(model.model) or not isinstance(head, nn.Linear):
+        raise ModelError(f"{where}: {name}'s language model ({type(decoder).__name__}, head "
+                         f"{type(head).__name__}) is not the decoder and lm_head of {cls.__name__}, its text "
+                         "config's causal LM; planc compiles multimodal models whose language model is one")
+    model.model, model.lm_head = decoder, head
+    model.eval()
+    probe = torch.arange(3, 3 + PROBE_TOKENS, device=head.weight.device).remainder(text.vocab_size)[None]
+    with torch.no_grad():
+        got = model(input_ids=probe).logits
+        try:
+            want = multimodal(input_ids=probe).logits
+        except Exception as exc:  # a multimodal forward that needs its images (or breaks without them)
+            raise ModelError(f"{where}: {name} does not run on text alone ({type(exc).__name__}: {one_line(exc)}), "
+                             "so planc cannot confirm that its language model is the whole model for text") from exc
+    diff = (got.float() - want.float()).abs().max().item() if got.shape == want.shape else float("nan")
+    if not diff <= PROBE_TOLERANCE * want.float().abs().max().item():
+        raise ModelError(f"{where}: {name} computes other logits for text alone than {cls.__name__}, its language "
+                         f"model's causal LM (max diff {diff:.3g} on a probe of {PROBE_TOKENS} tokens: the multimodal "
+                         "class treats the decoder's output otherwise, a logit scale or cap one applies and the "
+                         "other does not); planc compiles the language model as its causal LM computes it, "
+                         "which is not this model")
+    setattr(model, LANGUAGE_MODEL_OF, name)
+    return model
+
+
+PROBE_TOKENS = 4
+PROBE_TOLERANCE = 1e-3  # of the largest logit: the same modules on the same tokens, bar the order of a reduction
 
 
 def quant_method(quant) -> str | None:
@@ -233,7 +327,24 @@ def _load_config_file(path: Path, dtype: torch.dtype, meta: bool) -> nn.Module:
         config = transformers.AutoConfig.for_model(**data)
     except Exception as exc:
         raise ModelError(f"{path}: not a valid transformers config: {type(exc).__name__}: {one_line(exc)}") from exc
-    return init_model(config, dtype, meta)
+    config, multimodal = language_model_config(config, path)
+    if multimodal is None:
+        return init_model(config, dtype, meta)
+    if meta:  # the text part alone: no weights to probe, the whole multimodal model need not be built
+        text = config.get_text_config()
+        text.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))  # as the multimodal class ties
+        model = init_model(text, dtype, meta)
+        setattr(model, LANGUAGE_MODEL_OF, multimodal)
+        return model
+    torch.manual_seed(INIT_SEED)
+    built = _multimodal_class(config, path)._from_config(pin_multimodal(config, dtype), dtype=dtype)
+    return language_model(built.eval(), path)
+
+
+def pin_multimodal(config: transformers.PretrainedConfig, dtype: torch.dtype) -> transformers.PretrainedConfig:
+    """pin_static_paths for a multimodal model: on its text config (its experts) and on itself."""
+    pin_static_paths(config.get_text_config(), dtype)
+    return pin_static_paths(config, dtype)
 
 
 def _load_factory(ref: str) -> nn.Module:

@@ -1,0 +1,105 @@
+"""A multimodal checkpoint or config compiles its language model: the text part of Gemma 3,
+LLaVA, Mistral 3, ... is a causal LM transformers has, and for text alone it is the whole model
+(checked on a probe when loaded). The compiled program against the multimodal model's own logits
+at 2 ranks; a multimodal class that computes other logits for text than its language model's
+causal LM (Aya Vision's) and a text config that is no causal LM's (Qwen2-VL's) are refused."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as T
+
+from planc.driver import compile
+from planc.errors import ModelError
+from planc.models.registry import LANGUAGE_MODEL_OF, load_model
+from planc.plan import parse_plan_text
+from planc.runtime.decode import generate
+from planc.runtime.model import Model
+from planc.runtime.threads import run_threads
+
+TEXT = dict(vocab_size=260, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, head_dim=16, max_position_embeddings=256)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+PLAN = """version: 1
+mesh: {devices: 2}
+rules:
+  - match: "model.layers.*.self_attn"
+    attention: {strategy: tp}
+  - match: "model.layers.*.mlp"
+    mlp: {strategy: tp}
+"""
+
+
+def _gemma3() -> T.PretrainedConfig:
+    text = dict(TEXT, sliding_window=6, layer_types=["sliding_attention", "full_attention"])
+    return T.Gemma3Config(text_config=text, vision_config=dict(VISION, image_size=28, patch_size=14),
+                          mm_tokens_per_image=4, image_token_index=259, boi_token_index=257, eoi_token_index=258)
+
+
+def _saved(config: T.PretrainedConfig, tmp_path) -> tuple[torch.nn.Module, str]:
+    torch.manual_seed(0)
+    model = T.AutoModelForImageTextToText.from_config(config).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    return model, str(tmp_path / "ckpt")
+
+
+def test_a_gemma3_checkpoint_compiles_its_language_model_exact_at_two_ranks(tmp_path):
+    vlm, path = _saved(_gemma3(), tmp_path)
+    lines = []
+    artifact = compile(path, parse_plan_text(PLAN, "plan.yaml"), tmp_path / "out", log=lines.append).path
+    assert any("Gemma3ForConditionalGeneration is multimodal" in line and "Gemma3ForCausalLM" in line for line in lines)
+    prompt = list(range(30, 47))  # ~3 windows of 6
+    got = run_threads(lambda comm: generate(Model(str(artifact), comm=comm), [prompt], 4, keep_logits=True), 2)[0]
+    with torch.no_grad():
+        want = vlm(input_ids=torch.tensor([prompt + got.tokens[0]])).logits[0, len(prompt) - 1:-1]
+    assert max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want)) <= 1e-4  # fp32
+
+
+@pytest.mark.parametrize("name", ["llava", "mistral3", "paligemma"])
+def test_the_language_model_of_a_multimodal_checkpoint_is_its_decoder_and_head(tmp_path, name):
+    """LLaVA (a Llama, its config no causal LM's), Mistral 3 (lm_head tied as the multimodal
+    config says, its text config saying otherwise), PaliGemma (a Gemma)."""
+    config = T.AutoConfig.for_model(name, text_config=dict(TEXT), vision_config=dict(VISION))
+    vlm, path = _saved(config, tmp_path)
+    model = load_model(path)
+    assert getattr(model, LANGUAGE_MODEL_OF) == type(vlm).__name__
+    ids = torch.tensor([[5, 17, 99, 3, 250, 8]])
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - vlm(input_ids=ids).logits).abs().max() <= 1e-5  # the same modules; fp32
+    assert not any("vision" in n for n in model.state_dict())
+
+
+def test_a_multimodal_config_on_meta_builds_the_language_model_alone(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(_gemma3().to_dict()))
+    model = load_model(str(path), meta=True)
+    assert type(model).__name__ == "Gemma3ForCausalLM" and model.lm_head.weight.is_meta
+    assert getattr(model, LANGUAGE_MODEL_OF) == "Gemma3ForConditionalGeneration"
+
+
+def test_a_multimodal_model_passed_in_python_compiles_its_language_model(tmp_path):
+    torch.manual_seed(0)
+    vlm = T.AutoModelForImageTextToText.from_config(_gemma3()).eval()
+    artifact = compile(vlm, parse_plan_text(PLAN, "plan.yaml"), tmp_path / "out", meta=True)
+    assert artifact.manifest["model"]["class"] == "Gemma3ForCausalLM"
+    assert "model.layers.0.self_attn.q_proj" in artifact.report["graphs"]["lift"]
+
+
+def test_a_multimodal_class_computing_other_logits_for_text_is_refused(tmp_path):
+    """Aya Vision's head applies no logit scale where its Cohere 2 causal LM does."""
+    config = T.AutoConfig.for_model("aya_vision", text_config=dict(TEXT, layer_types=["sliding_attention"] * 2),
+                                    vision_config=dict(VISION))
+    _, path = _saved(config, tmp_path)
+    with pytest.raises(ModelError, match="AyaVisionForConditionalGeneration computes other logits for text alone than "
+                                         "Cohere2ForCausalLM"):
+        load_model(path)
+
+
+def test_a_text_config_that_is_no_causal_lm_is_refused_by_name(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(T.Qwen2VLConfig().to_dict()))
+    with pytest.raises(ModelError, match=r"Qwen2VLConfig \(model_type 'qwen2_vl'\) is not a causal LM transformers "
+                                         r"builds, nor is its text config \(Qwen2VLTextConfig\)"):
+        load_model(str(path), meta=True)
