@@ -76,6 +76,13 @@ class GqaDims:
     qk_norm_after_rope: bool = False
     # AFMoE: the heads' output scaled by sigmoid(gate_proj(x)), element by element, before o_proj
     output_gate: bool = False
+    # Llama 4: one weightless per-head norm (`qk_norm`: x / rms(x) in fp32) for both q and k
+    qk_norm_weightless: bool = False
+    # Llama 4's chunked attention: a query sees the keys of its own chunk of `chunk` slots only
+    chunk: int | None = None
+    # Llama 4's temperature tuning on its NoPE layers: q × (log1p(floor((pos + 1) / floor_scale)) ·
+    # attn_scale + 1), as (floor_scale, attn_scale)
+    temperature: tuple[float, float] | None = None
 
     def local(self, num_heads: int, num_kv_heads: int) -> "GqaDims":
         return replace(self, num_heads=num_heads, num_kv_heads=num_kv_heads)

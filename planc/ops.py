@@ -100,25 +100,50 @@ def partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim
     return torch.cat([apply_rope(x[..., :rope_dim], cos, sin, interleave), x[..., rope_dim:]], dim=-1)
 
 
-def attention_mask(step: Step, num_queries: int, window: int | None = None) -> torch.Tensor:
+def attention_mask(step: Step, num_queries: int, window: int | None = None, chunk: int | None = None) -> torch.Tensor:
     """[B, 1, S, L] bool: a query at slot start+i sees filled slots <= start+i (and, with a sliding
-    `window`, only slots > start+i-window: transformers' window, counted in cache slots)."""
+    `window`, only slots > start+i-window: transformers' window, counted in cache slots; with a
+    `chunk`, only the slots of its own chunk of that many, as Llama 4's chunked attention)."""
     length = step.start + num_queries
     q_slot = torch.arange(step.start, length, device=step.key_mask_BT.device)
     k_slot = torch.arange(length, device=step.key_mask_BT.device)
     causal = k_slot[None, :] <= q_slot[:, None]
     if window is not None:
         causal &= k_slot[None, :] > q_slot[:, None] - window
-    return (causal[None] & step.key_mask_BT[:, None, :length])[:, None]
+    causal = causal[None] & step.key_mask_BT[:, None, :length]
+    if chunk is not None:
+        causal &= same_chunk(step, q_slot, k_slot, chunk)
+    return causal[:, None]
 
 
-def decode_key_mask(step: Step, window: int | None = None) -> torch.Tensor:
+def same_chunk(step: Step, q_slot: torch.Tensor, k_slot: torch.Tensor, chunk: int) -> torch.Tensor:
+    """[B, S, L] whether each key sits in its query's chunk, chunks counted in positions (a row's
+    left padding shifts them, as transformers' chunked mask does)."""
+    off_B = (q_slot[-1] - step.pos_BS[:, -1])[:, None]  # slot - position, from the last query (a real token)
+    return (k_slot[None, None, :] - off_B[:, :, None]) // chunk == ((q_slot[None, :] - off_B) // chunk)[:, :, None]
+
+
+def decode_key_mask(step: Step, window: int | None = None, chunk: int | None = None) -> torch.Tensor:
     """[B, start+1] the keys a one-token step's query sees (its own slot included)."""
     end = step.start + 1
     mask = step.key_mask_BT[:, :end]
+    if chunk is not None:
+        slots = torch.arange(end, device=mask.device)
+        mask = mask & same_chunk(step, slots[-1:], slots, chunk)[:, 0]
     if window is None or window >= end:
         return mask
     return torch.cat([mask.new_zeros(mask.shape[0], end - window), mask[:, end - window:]], dim=1)
+
+
+def unit_rmsnorm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dim, in fp32, cast back: an RMSNorm without a weight."""
+    h = x.float()
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def temperature_scales(pos_BS: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
+    """[B, S] Llama 4's query scale on its NoPE layers: log1p(floor((pos + 1) / floor_scale)) · attn_scale + 1."""
+    return torch.log1p(torch.floor((pos_BS.float() + 1.0) / floor_scale)) * attn_scale + 1.0
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, sink: torch.Tensor | None = None) -> torch.Tensor:
@@ -298,6 +323,8 @@ class Ops:
         q, k = (partial_rope(t, cos, sin, d.rope_dim, d.rope_interleave) for t in (q, k))
         if d.qk_norm == "head" and d.qk_norm_after_rope:
             q, k = self._head_norms(q, k, W, d)
+        if d.temperature is not None:
+            q = (q * temperature_scales(step.pos_BS, *d.temperature)[:, :, None, None]).to(q.dtype)
         end = step.start + S
         cache.k_BTHD[:, step.start:end] = k
         cache.v_BTHD[:, step.start:end] = v
@@ -306,6 +333,8 @@ class Ops:
 
     def _head_norms(self, q_BSHD, k_BSGD, W: Weights, d: GqaDims):
         """Each head of q and k RMS-normalized on its own (by weight, or offset + weight)."""
+        if d.qk_norm_weightless:  # Llama 4's L2 norm
+            return unit_rmsnorm(q_BSHD, d.eps), unit_rmsnorm(k_BSGD, d.eps)
         q_name, k_name = d.qk_norm_names
         return (self.rmsnorm(q_BSHD, W[f"{q_name}.weight"], d.eps, d.qk_offset),
                 self.rmsnorm(k_BSGD, W[f"{k_name}.weight"], d.eps, d.qk_offset))
@@ -314,13 +343,13 @@ class Ops:
         end = step.start + S
         k, v = cache.k_BTHD[:, :end], cache.v_BTHD[:, :end]
         if S == 1:
-            return self.gqa_decode(q_BSHD[:, 0], k, v, decode_key_mask(step, d.window), d.scale, d.softcap,
+            return self.gqa_decode(q_BSHD[:, 0], k, v, decode_key_mask(step, d.window, d.chunk), d.scale, d.softcap,
                                    sinks_H)[:, None]
         rep = q_BSHD.shape[2] // k.shape[2]
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
         logits = capped(torch.einsum("bshd,bthd->bhst", q_BSHD, k) * d.scale, d.softcap)
         sink = None if sinks_H is None else sinks_H[None, :, None, None]
-        probs = masked_softmax(logits, attention_mask(step, S, d.window), sink).to(v.dtype)
+        probs = masked_softmax(logits, attention_mask(step, S, d.window, d.chunk), sink).to(v.dtype)
         return torch.einsum("bhst,bthd->bshd", probs, v)
 
     def moe_route(self, x_ND: torch.Tensor, W: Weights, d: RouterDims) -> tuple[torch.Tensor, torch.Tensor]:

@@ -176,7 +176,7 @@ def _rebuild(program: torch.export.ExportedProgram, where: str) -> fx.Graph:
             args, kwargs = fx.node.map_aggregate((node.args, node.kwargs), arg)
             env[node] = g.create_node("call_function", node.target, args, kwargs, name=node.name)
         elif node.op == "output":
-            g.output(_hidden_output(node, program, where, env))
+            g.output(_hidden_output(node, program, where, env, x))
         else:
             raise ModelError(f"{where}: cannot run as captured: its graph has a {node.op} node ({node.target}); "
                              "planc emits graphs of aten calls only")
@@ -194,24 +194,38 @@ def _input(g: fx.Graph, node: fx.Node, tensors: dict[str, str], user_inputs, x: 
 
 
 def _hidden_output(node: fx.Node, program: torch.export.ExportedProgram, where: str,
-                   env: dict[fx.Node, fx.Node]) -> fx.Node:
+                   env: dict[fx.Node, fx.Node], x: fx.Node) -> fx.Node:
     """The block's output: its only one, or the first of several when that one has the input's
     shape (gpt-oss's MLP also returns its router's logits, which the layer drops; the lift's
-    residual and junction checks confirm the first is what the layer adds)."""
+    residual and junction checks confirm the first is what the layer adds), or its tokens
+    flattened (Llama 4's MoE), viewed back to the input's shape as the layer views it."""
     outs, sig = node.args[0], program.graph_signature
     first = outs[0] if outs and isinstance(outs[0], fx.Node) else None
-    if first is None or len(sig.user_outputs) < 1 or (len(outs) > 1 and not _shaped_like_input(first, program)):
+    shape = None if first is None else _shape_of_input(first, program)
+    if first is None or len(sig.user_outputs) < 1 or (len(outs) > 1 and shape is None):
         raise ModelError(f"{where}: cannot run as captured: its forward returns {len(sig.user_outputs)} values and "
                          "the first is not the hidden states; a block in a decoder layer's slot must return them "
                          "(alone, or first)")
+    if shape == "flat":  # [B S, D] (Llama 4's MoE; the layer views it back): the input's shape again
+        g = x.graph
+        size = g.create_node("call_function", getattr, (x, "shape"), name="x_shape")
+        return g.create_node("call_function", torch.ops.aten.reshape.default, (env[first], size), name="unflat")
     return env[first]
 
 
-def _shaped_like_input(node: fx.Node, program: torch.export.ExportedProgram) -> bool:
+def _shape_of_input(node: fx.Node, program: torch.export.ExportedProgram) -> str | None:
+    """"same" when `node` has the block input's shape [B, S, D], "flat" when it has its tokens
+    flattened, [B S, D]; None otherwise."""
     x = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == program.graph_signature.user_inputs[0])
     want, got = x.meta.get("val"), node.meta.get("val")
-    return isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and \
-        [str(d) for d in got.shape] == [str(d) for d in want.shape]
+    if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor):
+        return None
+    if [str(d) for d in got.shape] == [str(d) for d in want.shape]:
+        return "same"
+    if want.dim() == 3 and got.dim() == 2 and str(got.shape[1]) == str(want.shape[2]) and \
+            str(got.shape[0]) == str(want.shape[0] * want.shape[1]):
+        return "flat"
+    return None
 
 
 def _check_target(node: fx.Node, where: str) -> None:

@@ -138,6 +138,14 @@ def run_reference(block: Block, x: torch.Tensor, W: dict[str, torch.Tensor], ops
     return ops.gqa_attention(x, step, cache, W, d)
 
 
+def unflattened(out: object, x: object) -> object:
+    """A block's output [B S, D] as its input's shape [B, S, D], as the decoder layer views it back."""
+    if isinstance(out, torch.Tensor) and isinstance(x, torch.Tensor) and out.dim() == 2 and x.dim() == 3 \
+            and out.shape == (x.shape[0] * x.shape[1], x.shape[2]):
+        return out.view(x.shape)
+    return out
+
+
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     scale = want.abs().max().item() + 1e-6
     return (got.double() - want.double()).abs().max().item() / scale
@@ -154,6 +162,9 @@ def check_blocks(model: nn.Module, gm: fx.GraphModule, blocks: list[Block], exam
     rec = _Recorder(gm, wanted)
     with torch.no_grad():
         out = rec.run(*example_args, *example_kwargs.values())
+        for entering, leaving in bounds.values():  # a block returning its tokens flattened (Llama 4's MoE)
+            if entering is not None and leaving is not None:
+                rec.values[leaving] = unflattened(rec.values[leaving], rec.values[entering])
         checked = [_check_one(model, b, bounds[b.fqn], rec.values) for b in progress.track(blocks, "lift checks", "blocks")]
         return (checked + _check_residuals(blocks, found, rec.values, glue)
                 + _check_glue(found, rec.values, out, glue))

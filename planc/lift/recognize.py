@@ -19,7 +19,7 @@ from torch import nn
 from planc.errors import ModelError
 from planc.dims import CLAMPED_GLU, ExpertsLayout, GqaDims, MlaDims, RouterDims
 from planc.lift.glue import Scale
-from planc.ops import Ops, act, apply_rope
+from planc.ops import Ops, act, apply_rope, unit_rmsnorm
 from planc.weights import SPLIT
 
 MLA_CHILDREN = frozenset(("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"))
@@ -31,7 +31,8 @@ MLA_READS = MLA_CHILDREN | {"q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj"}
 # per-head q/k norms: (q's, k's, whether they normalize the rotated heads): Qwen3's before rope,
 # HunYuan's after (the lift's numeric check confirms the order on real weights)
 QK_NORMS = (("q_norm", "k_norm", False), ("query_layernorm", "key_layernorm", True))
-GQA_READS = GQA_CHILDREN | {name for q, k, _ in QK_NORMS for name in (q, k)}
+UNIT_QK_NORM = "qk_norm"  # one weightless norm for q and k after rope (Llama 4)
+GQA_READS = GQA_CHILDREN | {name for q, k, _ in QK_NORMS for name in (q, k)} | {UNIT_QK_NORM}
 OUTPUT_GATE = "gate_proj"  # a GQA attention's output gate (AFMoE): o · sigmoid(gate_proj(x)) before o_proj
 CAPTURED = "captured"  # a block no recognizer knows, run as its exported graph (planc.lift.captured)
 FFN_KINDS = ("mlp", "moe")  # what planc lifts in a decoder layer's feed-forward slot
@@ -115,6 +116,46 @@ def rmsnorm_eps(m: nn.Module) -> float | None:
     return float(eps) if isinstance(eps, (int, float)) else None
 
 
+def unit_norm_eps(m: nn.Module) -> float | None:
+    """eps if `m` is an RMSNorm without a weight (no parameters, an epsilon, x / rms(x) in fp32 on
+    a probe: Llama 4's L2 norm), else None."""
+    eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
+    if _children(m) or any(True for _ in m.parameters()) or type(eps) not in (int, float):
+        return None
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            got = m(x)
+    except Exception:
+        return None
+    return float(eps) if isinstance(got, torch.Tensor) and torch.allclose(got, unit_rmsnorm(x, float(eps))) else None
+
+
+def attention_chunk(attn: nn.Module, layer: int) -> int | None:
+    """The chunk of Llama 4's chunked attention on the layers its config's layer_types make
+    `chunked_attention` (attention_chunk_size), else None."""
+    config = getattr(attn, "config", None)
+    types, size = getattr(config, "layer_types", None), getattr(config, "attention_chunk_size", None)
+    if not isinstance(types, list) or layer >= len(types) or types[layer] != "chunked_attention":
+        return None
+    if type(size) is not int or size <= 0:
+        raise ModelError(f"layer_types[{layer}] is chunked_attention with attention_chunk_size {size!r}; planc "
+                         "chunks by a positive number of positions")
+    return size
+
+
+def _temperature(attn: nn.Module) -> tuple[float, float] | None:
+    """Llama 4's temperature tuning of its NoPE layers' queries: (floor_scale, attn_scale) where
+    attn_temperature_tuning is on and the layer turns no rope, else None."""
+    if not getattr(attn, "attn_temperature_tuning", False) or getattr(attn, "use_rope", True):
+        return None
+    floor_scale, attn_scale = getattr(attn, "floor_scale", None), getattr(attn, "attn_scale", None)
+    if type(floor_scale) not in (int, float) or type(attn_scale) not in (int, float) or floor_scale <= 0:
+        raise ModelError(f"attn_temperature_tuning with floor_scale {floor_scale!r} and attn_scale {attn_scale!r}: "
+                         "planc scales queries by log1p(floor((pos + 1) / floor_scale)) · attn_scale + 1, two numbers")
+    return float(floor_scale), float(attn_scale)
+
+
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu2", "relu")  # what planc.ops.act applies
 
 
@@ -182,7 +223,8 @@ def sliding_window(attn: nn.Module, layer: int) -> int | None:
     return None if isinstance(longest, int) and window >= longest else window  # a window no sequence reaches
 
 
-def _gqa_dims(attn: nn.Module, rope_scaling: float, layer: int, rope_width: int | None) -> GqaDims | None:
+def _gqa_dims(attn: nn.Module, rope_scaling: float, layer: int, rope_width: int | None,
+              complex_rope: bool = False) -> GqaDims | None:
     if not GQA_CHILDREN <= _children(attn) or not all(_is_linear(getattr(attn, c)) for c in sorted(GQA_CHILDREN)):
         return None
     head_dim, scaling = getattr(attn, "head_dim", None), getattr(attn, "scaling", None)
@@ -197,8 +239,15 @@ def _gqa_dims(attn: nn.Module, rope_scaling: float, layer: int, rope_width: int 
     names = next(((q, k, after) for q, k, after in QK_NORMS if getattr(attn, q, None) is not None
                   and getattr(attn, k, None) is not None), ("q_norm", "k_norm", False))
     q_norm, k_norm = getattr(attn, names[0], None), getattr(attn, names[1], None)
-    qk_norm, eps, qk_offset = "none", 0.0, 0.0
-    if q_norm is not None and k_norm is not None:
+    qk_norm, eps, qk_offset, weightless = "none", 0.0, 0.0, False
+    unit = getattr(attn, UNIT_QK_NORM, None)
+    if unit is not None and q_norm is None:
+        eps = unit_norm_eps(unit)
+        if eps is None:
+            raise ModelError(f"{UNIT_QK_NORM} ({type(unit).__name__}) is not an RMSNorm without a weight (x / rms(x)), "
+                             "which is the one q/k norm planc's gqa_attention applies to both")
+        qk_norm, names, weightless = "head", (UNIT_QK_NORM, UNIT_QK_NORM, True), True
+    elif q_norm is not None and k_norm is not None:
         eps = rmsnorm_eps(q_norm)
         if eps is None or rmsnorm_eps(k_norm) != eps:  # a norm without a weight (NanoChat's), or another norm
             raise ModelError(f"{names[0]} ({type(q_norm).__name__}) and {names[1]} are not RMSNorms scaling by a weight "
@@ -223,8 +272,10 @@ def _gqa_dims(attn: nn.Module, rope_scaling: float, layer: int, rope_width: int 
         num_heads=attn.q_proj.out_features // head_dim, num_kv_heads=attn.k_proj.out_features // head_dim,
         head_dim=head_dim, eps=eps, scale=float(scaling), rope_scaling=rope_scaling, qk_norm=qk_norm,
         window=sliding_window(attn, layer), rope_dim=_rope_dim(attn, rope_width, head_dim),
-        rope_interleave=rope_interleaved(type(attn), rope_width or head_dim), qk_offset=qk_offset,
+        # complex rotations (Llama 4's freqs_cis) turn pairs (x[2i], x[2i+1])
+        rope_interleave=complex_rope or rope_interleaved(type(attn), rope_width or head_dim), qk_offset=qk_offset,
         softcap=None if softcap is None else float(softcap), sinks=_sinks(attn, attn.q_proj.out_features // head_dim),
+        qk_norm_weightless=weightless, chunk=attention_chunk(attn, layer), temperature=_temperature(attn),
         output_gate=_output_gate(attn),
         **({"qk_norm_names": names[:2], "qk_norm_after_rope": names[2]} if qk_norm == "head" else {}),
     )
@@ -589,7 +640,7 @@ def _attention_block(attn: nn.Module, fqn: str, layer: int, rope: Rope) -> Block
         raise ModelError(f"{fqn} ({type(attn).__name__}): MLA with a sliding window; planc's MLA attends to every "
                          "cached key")
     try:
-        gqa = None if mla is not None else _gqa_dims(attn, rope.scaling, layer, rope.width)
+        gqa = None if mla is not None else _gqa_dims(attn, rope.scaling, layer, rope.width, rope.complex)
     except ModelError as exc:
         raise ModelError(f"{fqn} ({type(attn).__name__}): {exc}") from None
     gqa_reads = GQA_READS | ({"sinks"} if gqa is not None and gqa.sinks else set()) | (
@@ -833,12 +884,12 @@ def _layer_rope(attn: nn.Module, rope: Rope) -> Rope:
 # attention_layernorm, feedforward_layernorm). Sandwich (Gemma 2 and 3): norms before and after
 # both. Post-norm (OLMo 2 and 3): a norm after each block, none before. Parallel (Cohere): one norm
 # read by both blocks, both outputs added to h. The feed-forward block of a pre-norm layer is `mlp`,
-# or `block_sparse_moe` (GraniteMoE, older MoE checkpoints).
+# `block_sparse_moe` (GraniteMoE, older MoE checkpoints) or `feed_forward` (Llama 4).
 LAYOUTS = (
     *((Branch(pre_attention, "self_attn", None), Branch(pre_mlp, ffn, None))
       for pre_attention in ("input_layernorm", "attention_layernorm")
       for pre_mlp in ("post_attention_layernorm", "feedforward_layernorm", "pre_feedforward_layernorm")  # Apertus; VaultGemma
-      for ffn in ("mlp", "block_sparse_moe")),
+      for ffn in ("mlp", "block_sparse_moe", "feed_forward")),  # Llama 4: feed_forward
     *((Branch("input_layernorm", "self_attn", post_attention), Branch(pre_mlp, "mlp", post_mlp))
       for post_attention, pre_mlp, post_mlp in (
           ("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),  # Gemma 2/3

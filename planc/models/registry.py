@@ -252,6 +252,9 @@ def language_model(multimodal: nn.Module, where: Path | str) -> nn.Module:
                          "config's causal LM; planc compiles multimodal models whose language model is one")
     model.model, model.lm_head = decoder, head
     model.eval()
+    setattr(model, LANGUAGE_MODEL_OF, name)
+    if head.weight.is_meta:  # nothing to run: a dry run plans the language model as its causal LM computes it
+        return model
     probe = torch.arange(3, 3 + PROBE_TOKENS, device=head.weight.device).remainder(text.vocab_size)[None]
     with torch.no_grad():
         got = model(input_ids=probe).logits
@@ -267,7 +270,6 @@ def language_model(multimodal: nn.Module, where: Path | str) -> nn.Module:
                          "class treats the decoder's output otherwise, a logit scale or cap one applies and the "
                          "other does not); planc compiles the language model as its causal LM computes it, "
                          "which is not this model")
-    setattr(model, LANGUAGE_MODEL_OF, name)
     return model
 
 

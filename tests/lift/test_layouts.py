@@ -812,3 +812,13 @@ def test_the_torch_compile_backend_lifts_the_same_layouts_from_dynamos_graph(tmp
     with torch.no_grad():
         want = model(ids, use_cache=False).logits
     assert (compiled(ids, use_cache=False).logits - want).abs().max().item() <= 1e-4
+
+
+def test_a_linear_attention_with_qkvo_projections_is_refused_as_no_softmax_attention():
+    """Kimi Linear's delta-rule layers hold q/k/v/o projections but no head width or score scale."""
+    config = T.KimiLinearConfig(**{**COMMON, "num_hidden_layers": 2})
+    with torch.device("meta"):
+        model = T.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ModelError, match=r"model.layers.0.self_attn \(KimiLinearDeltaAttention\): not a recognized "
+                                         "attention block"):
+        lift(model, check=False)

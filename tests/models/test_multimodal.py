@@ -103,3 +103,11 @@ def test_a_text_config_that_is_no_causal_lm_is_refused_by_name(tmp_path):
     with pytest.raises(ModelError, match=r"Qwen2VLConfig \(model_type 'qwen2_vl'\) is not a causal LM transformers "
                                          r"builds, nor is its text config \(Qwen2VLTextConfig\)"):
         load_model(str(path), meta=True)
+
+
+def test_a_multimodal_model_on_meta_plans_its_language_model(tmp_path):
+    """Nothing to probe on meta: the dry run plans the language model as its causal LM computes it."""
+    with torch.device("meta"):
+        vlm = T.AutoModelForImageTextToText.from_config(_gemma3())
+    artifact = compile(vlm, parse_plan_text(PLAN, "plan.yaml"), tmp_path / "out", meta=True)
+    assert artifact.manifest["model"]["class"] == "Gemma3ForCausalLM"
