@@ -171,6 +171,9 @@ class ExpertsLayout:
     bias: bool = False
     limit: float | None = None  # the clamped GLU (its `act` is CLAMPED_GLU)
     alpha: float = 1.0
+    # Llama 4: every expert runs on every token, its input rows scaled by the router's weights (zero
+    # where a token does not go), so a routed row computes expert(w · x) rather than w · expert(x)
+    scaled_inputs: bool = False
 
 
 CLAMPED_GLU = "clamped_glu"  # MoeDims.act of experts whose layout clamps (ExpertsLayout.limit)

@@ -381,18 +381,22 @@ class Ops:
 
     def moe_experts(self, x_ND: torch.Tensor, weight_NE: torch.Tensor, W: Weights, act_name: str,
                     layout: ExpertsLayout = ExpertsLayout()) -> torch.Tensor:
-        """Σ_e weight[n, e] · expert_e(x[n]) over the experts held here (columns of weight_NE): the
+        """Σ_e weight[n, e] · expert_e(x[n]) over the experts held here (columns of weight_NE; with
+        layout.scaled_inputs, Σ_e expert_e(weight[n, e] · x[n])): the
         (row, expert) pairs sorted by expert, one grouped GEMM per projection, each row's partial
         sums added in expert order. `layout`: how the experts hold their weights (ExpertsLayout)."""
         e_idx, r_idx = weight_NE.T.nonzero(as_tuple=True)  # sorted by expert, then row
         offsets = [0] + torch.bincount(e_idx, minlength=weight_NE.shape[1]).cumsum(0).tolist()
-        gate_up = self.grouped_linear(self.gather_rows(x_ND, r_idx), _gnk(W["gate_up_proj"], layout), offsets)
+        rows, w_R = self.gather_rows(x_ND, r_idx), weight_NE[r_idx, e_idx, None]
+        if layout.scaled_inputs:  # Llama 4: expert(w · x)
+            rows = (rows * w_R).to(x_ND.dtype)
+        gate_up = self.grouped_linear(rows, _gnk(W["gate_up_proj"], layout), offsets)
         if layout.bias:
             gate_up = gate_up + W["gate_up_proj_bias"][e_idx]
         y = self.grouped_linear(expert_glu(gate_up, act_name, layout), _gnk(W["down_proj"], layout), offsets)
         if layout.bias:
             y = y + W["down_proj_bias"][e_idx]
-        return torch.zeros_like(x_ND).index_add_(0, r_idx, (y * weight_NE[r_idx, e_idx, None]).to(x_ND.dtype))
+        return torch.zeros_like(x_ND).index_add_(0, r_idx, (y if layout.scaled_inputs else y * w_R).to(x_ND.dtype))
 
     def grouped_linear(self, x_MK: torch.Tensor, w_GNK: torch.Tensor, offsets: list[int]) -> torch.Tensor:
         """[M, N]: rows offsets[g] .. offsets[g+1]-1 of x times w[g]ᵀ (token-sorted rows, a weight per group)."""

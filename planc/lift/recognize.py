@@ -482,20 +482,27 @@ def _softmax_top_k(gate: nn.Module, dims: RouterDims, model_dtype: torch.dtype) 
     W = {"weight": torch.randn(num_experts, hidden, generator=g) / hidden ** 0.5}
     if dims.bias:
         W["bias"] = torch.randn(num_experts, generator=g)
-    ours = _routing(*Ops().moe_route(x, W, dims), num_experts)
-    theirs = _probe(gate, child, W, x)
-    if theirs is None or theirs[1].shape != (16, dims.top_k):
+    theirs = _probe(gate, child, W, x, num_experts)
+    if theirs is None or not bool(((theirs != 0).sum(-1) == dims.top_k).all()):
         return None
-    if not torch.allclose(_routing(theirs[2], theirs[1].float(), num_experts), ours, rtol=1e-4, atol=1e-6):
+    # the softmax of the top-k logits (renormalized softmax top-k), or the sigmoid of each (Llama 4's)
+    found = next((d for d in (dims, replace(dims, scoring="sigmoid", normalize=False))
+                  if torch.allclose(theirs.float(), _routing(*Ops().moe_route(x, W, d), num_experts), rtol=1e-4,
+                                    atol=1e-6)), None)
+    if found is None:
         return None
-    native = _probe(gate, child, {k: v.to(holder.weight.dtype) for k, v in W.items()}, x.to(model_dtype))
-    narrowed = native is not None and native[1].is_floating_point() and native[1].dtype != torch.float32
-    return replace(dims, weights_in_model_dtype=narrowed)
+    native = _probe(gate, child, {k: v.to(holder.weight.dtype) for k, v in W.items()}, x.to(model_dtype), num_experts)
+    narrowed = native is not None and native.is_floating_point() and native.dtype != torch.float32
+    return replace(found, weights_in_model_dtype=narrowed)
 
 
-def _probe(gate: nn.Module, child: str, W: dict[str, torch.Tensor], x: torch.Tensor) -> tuple | None:
+def _probe(gate: nn.Module, child: str, W: dict[str, torch.Tensor], x: torch.Tensor, num_experts: int
+           ) -> torch.Tensor | None:
     """gate's forward on x with the tensors of its part `child` ("" for itself) replaced by W
-    (shallow copies; the model is untouched)."""
+    (shallow copies; the model is untouched), as each token's weight per expert [N, E] in the
+    dtype the router hands them back: from (logits, weights [N, k], experts [N, k]) (Mixtral,
+    GraniteMoE, gpt-oss), or from (scores [N, E], logits [N, E]), zero where a token does not go
+    (Llama 4's); None for anything else."""
     holder = copy.copy(gate.get_submodule(child))
     holder._parameters = {**holder._parameters, **{k: nn.Parameter(v, requires_grad=False) for k, v in W.items()}}
     holder._buffers = dict(holder._buffers)
@@ -508,8 +515,14 @@ def _probe(gate: nn.Module, child: str, W: dict[str, torch.Tensor], x: torch.Ten
             out = probe(x)
     except Exception:
         return None
-    ok = isinstance(out, tuple) and len(out) == 3 and all(isinstance(t, torch.Tensor) for t in out)
-    return out if ok and out[2].dtype in (torch.int64, torch.int32) else None
+    if not isinstance(out, tuple) or not all(isinstance(t, torch.Tensor) for t in out):
+        return None
+    if len(out) == 3 and out[2].dtype in (torch.int64, torch.int32) and out[1].shape == out[2].shape:
+        weights = out[1] if out[1].is_floating_point() else out[1].float()
+        return torch.zeros(out[2].shape[0], num_experts, dtype=weights.dtype).scatter_(1, out[2].long(), weights)
+    if len(out) == 2 and out[0].shape == (x.shape[0], num_experts) and out[0].is_floating_point():
+        return out[0]
+    return None
 
 
 def _routing(idx_NK: torch.Tensor, w_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -585,19 +598,37 @@ def _probe_packing(experts: nn.Module, layout: ExpertsLayout, act_name: str) -> 
          for name, t in experts.named_parameters()}
     num_experts = W["gate_up_proj"].shape[0]
     x = torch.randn(2, W["gate_up_proj"].shape[1], generator=gen)
-    try:
-        with torch.no_grad():
-            theirs = torch.func.functional_call(experts, W, (x, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1)))
-    except Exception:
+    theirs, every_token = _run_experts(experts, W, x), False
+    if theirs is None:
+        theirs, every_token = _run_experts(experts, W, x, every_token=True), True
+    if theirs is None:
         return layout
     to_first = torch.zeros(2, num_experts)
     to_first[:, 0] = 1.0
     for interleaved in (layout.interleaved, not layout.interleaved):
-        candidate = replace(layout, interleaved=interleaved)
+        candidate = replace(layout, interleaved=interleaved, scaled_inputs=every_token)
         ours = Ops().moe_experts(x, to_first, W, act_name, candidate)
         if isinstance(theirs, torch.Tensor) and theirs.shape == ours.shape and torch.allclose(theirs, ours, rtol=1e-4, atol=1e-5):
             return candidate
     return layout
+
+
+def _run_experts(experts: nn.Module, W: dict[str, torch.Tensor], x: torch.Tensor, every_token: bool = False
+                 ) -> torch.Tensor | None:
+    """Expert 0 on the rows of x, as the experts compute it, where they take the rows with their
+    experts and weights (x, experts [N, 1], weights [N, 1]); with `every_token`, where they take the
+    hidden states alone, every expert on every row (Llama 4's: the block scales each expert's input
+    rows by its router weight, zero where a token does not go); None where they run neither way."""
+    try:
+        with torch.no_grad():
+            if not every_token:
+                return torch.func.functional_call(experts, W, (x, torch.zeros(x.shape[0], 1, dtype=torch.long),
+                                                               torch.ones(x.shape[0], 1)))
+            num_experts = W["gate_up_proj"].shape[0]
+            out = torch.func.functional_call(experts, W, (x.repeat(num_experts, 1),))
+            return out.view(num_experts, x.shape[0], -1)[0]
+    except Exception:
+        return None
 
 
 def _shared_expert(moe: nn.Module) -> tuple[str | None, str | None]:

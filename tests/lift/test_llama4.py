@@ -2,10 +2,12 @@
 chunked attention (a query sees its own chunk of positions only), one weightless L2 norm of q and
 k after rope, the NoPE layers' query temperature tuning, complex rotations over interleaved pairs,
 the feed-forward block named feed_forward, and its MoE block (whose router weights scale the
-experts' inputs, and which returns its tokens flattened) run as captured. Against transformers at
-2 ranks on prompts crossing several chunks, left-padded rows included."""
+experts' inputs: every expert runs on every token, w · x, and it returns its tokens flattened),
+split by expert or by intermediate width. Against transformers at 2 ranks on prompts crossing
+several chunks, left-padded rows included."""
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers as T
 
@@ -48,8 +50,12 @@ def test_what_planc_reads_of_llama4_attention():
     assert [d.temperature for d in dims] == [None, None, None, (4.0, 0.5)]
     assert [(d.qk_norm, d.qk_norm_weightless, d.qk_norm_after_rope) for d in dims[:3]] == [("head", True, True)] * 3
     assert dims[3].qk_norm == "none" and all(d.rope_interleave for d in dims)
-    kinds = [b.kind for b in recognize(llama4()) if b.fqn.endswith("feed_forward")]
-    assert kinds == ["mlp", "captured", "mlp", "captured"]
+    ffn = [b for b in recognize(llama4()) if b.fqn.endswith("feed_forward")]
+    assert [b.kind for b in ffn] == ["mlp", "moe", "mlp", "moe"]
+    router, layout = ffn[1].dims, ffn[1].attrs["layout"]
+    assert (router.scoring, router.normalize, router.top_k, router.module) == ("sigmoid", False, 1, "router")
+    assert (layout.transposed, layout.interleaved, layout.scaled_inputs) == (True, False, True)  # gate | up halves
+    assert ffn[1].attrs["shared"] == "shared_expert"
 
 
 def test_chunked_masks_count_positions_from_each_rows_left_padding():
@@ -65,9 +71,18 @@ def test_chunked_masks_count_positions_from_each_rows_left_padding():
     assert decode[1].nonzero().flatten().tolist() == [19]  # position 16 opens a chunk
 
 
-def test_llama4_text_at_two_ranks_gives_transformers_logits_across_chunks(tmp_path):
+@pytest.mark.parametrize("moe", ["ep", "tp"])
+def test_llama4_text_at_two_ranks_gives_transformers_logits_across_chunks(tmp_path, moe):
+    """Its MoE layers split by expert (each rank computes its experts on the rows the router sends
+    it, scaled there) or by intermediate width (the scaled rows on every rank, the partial outputs
+    all-reduced)."""
     model = llama4()
-    artifact = compile(model, parse_plan_text(PLAN, "plan.yaml"), tmp_path / "out").path
+    plan = PLAN + f"""  - match: "model.layers.*.feed_forward"
+    moe: {{strategy: {moe}}}
+"""
+    art = compile(model, parse_plan_text(plan, "plan.yaml"), tmp_path / "out")
+    assert {r["pass_name"] for r in art.report["declines"]} == set()
+    artifact = art.path
     prompts, steps = [list(range(30, 49)), list(range(60, 73))], 6  # 19 and 13 tokens: chunks of 8 crossed
     got = run_threads(lambda comm: generate(Model(str(artifact), comm=comm), prompts, steps, keep_logits=True), 2)[0]
     for row, prompt in enumerate(prompts):  # each row against transformers on that row alone (no padding)
