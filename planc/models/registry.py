@@ -169,8 +169,15 @@ def _load_checkpoint(path: Path, dtype: torch.dtype) -> nn.Module:
         config, multimodal = language_model_config(transformers.AutoConfig.from_pretrained(path, **local), path)
         cls = transformers.AutoModelForCausalLM if multimodal is None else _multimodal_class(config, path)
         pinned = pin_static_paths(config, dtype) if multimodal is None else pin_multimodal(config, dtype)
-        model, loaded = cls.from_pretrained(path, config=pinned, dtype=dtype,
-                                            use_safetensors=True, output_loading_info=True, **local)
+        verbosity = hf_logging.get_verbosity()
+        # transformers' load report lists the tensors it leaves unread (a multimodal checkpoint's
+        # towers, for its causal LM); what planc needs, missing tensors, it checks below
+        hf_logging.set_verbosity_error()
+        try:
+            model, loaded = cls.from_pretrained(path, config=pinned, dtype=dtype,
+                                                use_safetensors=True, output_loading_info=True, **local)
+        finally:
+            hf_logging.set_verbosity(verbosity)
     except ModelError:
         raise
     except Exception as exc:  # transformers raises many types for bad files

@@ -111,3 +111,22 @@ def test_a_multimodal_model_on_meta_plans_its_language_model(tmp_path):
         vlm = T.AutoModelForImageTextToText.from_config(_gemma3())
     artifact = compile(vlm, parse_plan_text(PLAN, "plan.yaml"), tmp_path / "out", meta=True)
     assert artifact.manifest["model"]["class"] == "Gemma3ForCausalLM"
+
+
+def test_a_llama4_checkpoint_loads_its_language_model(tmp_path):
+    """transformers builds Llama 4's multimodal config as its causal LM itself, leaving the vision
+    tower's tensors unread (planc checks for missing tensors, and its load report is not printed)."""
+    from tests.lift.test_llama4 import llama4
+
+    text = llama4().config.to_dict()
+    vision = dict(VISION, image_size=28, patch_size=14, vision_output_dim=32, projector_input_dim=32,
+                  projector_output_dim=32)
+    torch.manual_seed(0)
+    vlm = T.Llama4ForConditionalGeneration(T.Llama4Config(text_config=text, vision_config=vision,
+                                                          image_token_index=259)).eval()
+    vlm.save_pretrained(tmp_path / "ckpt")
+    model = load_model(str(tmp_path / "ckpt"))
+    assert type(model).__name__ == "Llama4ForCausalLM"
+    ids = torch.tensor([list(range(30, 49))])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, vlm.language_model(input_ids=ids).logits)
