@@ -450,7 +450,7 @@ def _router_dims(gate: nn.Module, holder: nn.Module, path: str, experts: nn.Modu
         return RouterDims(**common, normalize=bool(gate.norm_topk_prob), weights_in_model_dtype=True)
     # logits in fp32 where the router keeps an fp32 weight in a narrower model (HunYuan's wg)
     fp32 = holder.weight.dtype == torch.float32 and experts.gate_up_proj.dtype != torch.float32
-    return _softmax_top_k(gate, RouterDims(**common, normalize=True, fp32_logits=fp32), experts.gate_up_proj.dtype)
+    return _probed_top_k(gate, RouterDims(**common, normalize=True, fp32_logits=fp32), experts.gate_up_proj.dtype)
 
 
 def _logits_path(gate: nn.Module | None, name: str | None) -> str | None:
@@ -467,11 +467,12 @@ def _logits_path(gate: nn.Module | None, name: str | None) -> str | None:
     return None
 
 
-def _softmax_top_k(gate: nn.Module, dims: RouterDims, model_dtype: torch.dtype) -> RouterDims | None:
-    """A router with no attribute naming its variant (Mixtral, GraniteMoE, gpt-oss, HunYuan), asked on a
-    probe: a copy of it holding random fp32 weights of its shapes (so a model on meta answers too)
-    must return (logits, weights [N, k], experts [N, k]) choosing the experts and weights `dims`
-    does; else None (PhiMoE's sparsemixer: the block runs as captured). Whether it hands the k
+def _probed_top_k(gate: nn.Module, dims: RouterDims, model_dtype: torch.dtype) -> RouterDims | None:
+    """A router with no attribute naming its variant (Mixtral, GraniteMoE, gpt-oss, HunYuan, Llama 4),
+    asked on a probe: a copy of it holding random fp32 weights of its shapes (so a model on meta
+    answers too) must choose the experts and weights `dims` does (the softmax of the top-k logits),
+    or those of the sigmoid of each top-k logit, not renormalized (Llama 4's); else None (PhiMoE's
+    sparsemixer: the block runs as captured). Whether it hands the k
     weights back narrower than fp32 (in a bf16 model GraniteMoE and gpt-oss do, Mixtral does not)
     is asked of it in its own dtype."""
     child = dims.module.partition(".")[2]  # "" for the router itself, "wg" for HunYuan's

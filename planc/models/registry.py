@@ -166,7 +166,8 @@ def _load_checkpoint(path: Path, dtype: torch.dtype) -> nn.Module:
     hf_logging.disable_progress_bar()  # a per-tensor progress bar is noise in `planc run` output
     local = {"local_files_only": True, "trust_remote_code": False}
     try:
-        config, multimodal = language_model_config(transformers.AutoConfig.from_pretrained(path, **local), path)
+        config = transformers.AutoConfig.from_pretrained(path, **local)
+        multimodal = causal_or_multimodal(config, path)
         cls = transformers.AutoModelForCausalLM if multimodal is None else _multimodal_class(config, path)
         pinned = pin_static_paths(config, dtype) if multimodal is None else pin_multimodal(config, dtype)
         verbosity = hf_logging.get_verbosity()
@@ -197,12 +198,9 @@ def _load_checkpoint(path: Path, dtype: torch.dtype) -> nn.Module:
 LANGUAGE_MODEL_OF = "planc_language_model_of"
 
 
-def language_model_config(config: transformers.PretrainedConfig, where: Path | str
-                          ) -> tuple[transformers.PretrainedConfig, str | None]:
-    """`config` and, where it describes a multimodal model whose language model is a causal LM
-    transformers has under another class (Gemma 3, LLaVA, Mistral 3, PaliGemma, SmolVLM, InternVL,
-    ...: the towers and projector feed it image or audio embeddings, and for text alone it is the
-    whole model), the multimodal class's name; None for a causal LM."""
+def causal_or_multimodal(config: transformers.PretrainedConfig, where: Path | str) -> str | None:
+    """None for a causal LM; the multimodal class's name (multimodal_name) for a multimodal model
+    whose text part is one; refused for anything else."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     mapping = transformers.AutoModelForCausalLM._model_mapping
     if type(config) not in mapping and type(text) not in mapping:
@@ -210,12 +208,14 @@ def language_model_config(config: transformers.PretrainedConfig, where: Path | s
         raise ModelError(f"{where}: {type(config).__name__} (model_type {getattr(config, 'model_type', '?')!r}) is "
                          f"not a causal LM transformers builds{nested}; planc compiles causal LMs, and the language "
                          "model of a multimodal model whose text config is a causal LM's")
-    return config, multimodal_name(config)
+    return multimodal_name(config)
 
 
 def multimodal_name(config: transformers.PretrainedConfig) -> str | None:
-    """The multimodal class `config` describes, where its text part is a causal LM transformers has
-    under another class (language_model_config); None otherwise."""
+    """The multimodal class `config` describes where its language model is a causal LM transformers
+    has under another class (Gemma 3, LLaVA, Mistral 3, PaliGemma, SmolVLM, InternVL, ...: the
+    towers and projector feed it image or audio embeddings, and for text alone it is the whole
+    model); None otherwise."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     mapping = transformers.AutoModelForCausalLM._model_mapping
     if text is config or type(text) not in mapping:
@@ -336,7 +336,7 @@ def _load_config_file(path: Path, dtype: torch.dtype, meta: bool) -> nn.Module:
         config = transformers.AutoConfig.for_model(**data)
     except Exception as exc:
         raise ModelError(f"{path}: not a valid transformers config: {type(exc).__name__}: {one_line(exc)}") from exc
-    config, multimodal = language_model_config(config, path)
+    multimodal = causal_or_multimodal(config, path)
     if multimodal is None:
         return init_model(config, dtype, meta)
     if meta:  # the text part alone: no weights to probe, the whole multimodal model need not be built

@@ -18,18 +18,12 @@ from planc.plan import parse_plan_text
 from planc.runtime.decode import generate
 from planc.runtime.model import Model
 from planc.runtime.threads import run_threads
+from tests.models import TP_PLAN
 
 TEXT = dict(vocab_size=260, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, head_dim=16, max_position_embeddings=256)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-PLAN = """version: 1
-mesh: {devices: 2}
-rules:
-  - match: "model.layers.*.self_attn"
-    attention: {strategy: tp}
-  - match: "model.layers.*.mlp"
-    mlp: {strategy: tp}
-"""
+PLAN = TP_PLAN
 
 
 def _gemma3() -> T.PretrainedConfig:
