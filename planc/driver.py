@@ -61,7 +61,8 @@ class Artifact:
     program: str
 
 
-def resolve_model(model: nn.Module | str | None, plan: Plan, meta: bool) -> tuple[nn.Module, str]:
+def resolve_model(model: nn.Module | str | None, plan: Plan, meta: bool, *, graph_given: bool = False
+                  ) -> tuple[nn.Module, str]:
     """The model and its source; a plan without a model section means model.dtype auto.
 
     MODEL from the caller (command line, Python API) may be any kind registry.load_model takes; a
@@ -71,6 +72,10 @@ def resolve_model(model: nn.Module | str | None, plan: Plan, meta: bool) -> tupl
     if isinstance(model, nn.Module):
         config = getattr(model, "config", None)
         if isinstance(config, transformers.PretrainedConfig) and multimodal_name(config) is not None:
+            if graph_given:  # Dynamo's graph is the whole multimodal forward, towers included
+                raise ModelError(f"{type(model).__name__} is multimodal: planc compiles its language model alone, and "
+                                 "torch.compile hands the backend the whole model's graph; compile it with `planc "
+                                 "compile` or planc.driver.compile(model, plan, out), which take its language model")
             return language_model(model.eval(), type(model).__name__), type(model).__name__
         return model.eval(), type(model).__name__
     if model is not None:
@@ -138,7 +143,7 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
     log = log or (lambda msg: None)
     started = time.perf_counter()
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
-    model, source = resolve_model(model, plan, meta)
+    model, source = resolve_model(model, plan, meta, graph_given=captured is not None)
     with restored(model):  # what the lift attaches to the model is taken off again after
         log(f"model    {source} ({type(model).__name__}{', meta' if meta else ''})")
         multimodal = getattr(model, LANGUAGE_MODEL_OF, None)

@@ -124,3 +124,15 @@ def test_a_llama4_checkpoint_loads_its_language_model(tmp_path):
     ids = torch.tensor([list(range(30, 49))])
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, vlm.language_model(input_ids=ids).logits)
+
+
+def test_torch_compile_of_a_multimodal_model_is_refused_with_what_to_do_instead():
+    """The torch.compile backend gets the whole multimodal forward's graph (towers included), which
+    is not the language model planc compiles."""
+    from planc.driver import resolve_model
+
+    with torch.device("meta"):
+        vlm = T.AutoModelForImageTextToText.from_config(_gemma3())
+    with pytest.raises(ModelError, match=r"Gemma3ForConditionalGeneration is multimodal: .* compile it with `planc "
+                                         r"compile` or planc.driver.compile\(model, plan, out\)"):
+        resolve_model(vlm, parse_plan_text(PLAN, "plan.yaml"), True, graph_given=True)
