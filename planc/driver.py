@@ -7,7 +7,7 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,17 +143,19 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
     log = log or (lambda msg: None)
     started = time.perf_counter()
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
+    caller_model = isinstance(model, nn.Module)
     model, source = resolve_model(model, plan, meta, graph_given=captured is not None)
-    with restored(model):  # what the lift attaches to the model is taken off again after
-        log(f"model    {source} ({type(model).__name__}{', meta' if meta else ''})")
-        multimodal = getattr(model, LANGUAGE_MODEL_OF, None)
-        if multimodal is not None:
-            log(f"note     {multimodal} is multimodal: planc compiles its language model ({type(model).__name__}), "
-                "text in and text out; its vision or audio tower and projector are left out")
-        method = quant_method(getattr(getattr(model, "config", None), "quantization_config", None))
-        if method is not None:  # only a config.json gets here quantized (a quantized checkpoint is refused when loaded)
-            log(f"note     quantization_config (quant_method {method!r}) not applied: planc compiles the unquantized "
-                f"model, in {dtype_name(model)}; weight bytes are for that")
+    log(f"model    {source} ({type(model).__name__}{', meta' if meta else ''})")
+    multimodal = getattr(model, LANGUAGE_MODEL_OF, None)
+    if multimodal is not None:
+        log(f"note     {multimodal} is multimodal: planc compiles its language model ({type(model).__name__}), "
+            "text in and text out; its vision or audio tower and projector are left out")
+    method = quant_method(getattr(getattr(model, "config", None), "quantization_config", None))
+    if method is not None:  # only a config.json gets here quantized (a quantized checkpoint is refused when loaded)
+        log(f"note     quantization_config (quant_method {method!r}) not applied: planc compiles the unquantized "
+            f"model, in {dtype_name(model)}; weight bytes are for that")
+    # what the lift attaches to a model the caller passed is taken off again once its weights are partitioned
+    with restored(model) if caller_model else nullcontext():
         lifted = lift(model, check=not meta, captured=captured)
         log(f"lift     {len(lifted.blocks)} blocks" + (f", {sum(c.method == 'numeric' for c in lifted.checks)} checked numerically against the captured graph, "
                                                  f"{sum(c.method != 'numeric' for c in lifted.checks)} structurally" if lifted.checks else ""))
@@ -167,23 +169,22 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
             log(line)
         for line in ctx.advice:
             log(f"note     {line}")
-        full = model_tensors(model)
-        ranks = partition(graph, full, plan.mesh.devices)
-        manifest = _manifest(model, source, plan, meta)
-        report = build_report(graph, ctx, ranks, elem=DTYPES[manifest["dtype"]].itemsize, checks=lifted.checks, meta=meta)
-        for line in candidate_lines(report["candidates"]):
-            log(line)
-        for line in approximation_lines(report["approximate"]):
-            log(line)
-        program = emit_program(graph, model=source, world_size=plan.mesh.devices, plan_hash=plan.hash())
-        programs = {"target": Program(program, cache_specs(graph), None if meta else ranks)}
-        if plan.draft is not None:
-            draft = compile_draft(plan, model, meta=meta, strict=strict, log=log)
-            programs["draft"], report["draft"], manifest["speculate"] = draft.program, draft.report, draft.speculate
-            report["candidates"].update(draft.drafting_candidates)
-        report["compile_seconds"] = time.perf_counter() - started
-        path = write_artifact(Path(out), manifest=manifest, programs=programs, report=report,
-                              tokenizer=tokenizer_files(source))
+        ranks = partition(graph, model_tensors(model), plan.mesh.devices)
+    manifest = _manifest(model, source, plan, meta)
+    report = build_report(graph, ctx, ranks, elem=DTYPES[manifest["dtype"]].itemsize, checks=lifted.checks, meta=meta)
+    for line in candidate_lines(report["candidates"]):
+        log(line)
+    for line in approximation_lines(report["approximate"]):
+        log(line)
+    program = emit_program(graph, model=source, world_size=plan.mesh.devices, plan_hash=plan.hash())
+    programs = {"target": Program(program, cache_specs(graph), None if meta else ranks)}
+    if plan.draft is not None:
+        draft = compile_draft(plan, model, meta=meta, strict=strict, log=log)
+        programs["draft"], report["draft"], manifest["speculate"] = draft.program, draft.report, draft.speculate
+        report["candidates"].update(draft.drafting_candidates)
+    report["compile_seconds"] = time.perf_counter() - started
+    path = write_artifact(Path(out), manifest=manifest, programs=programs, report=report,
+                          tokenizer=tokenizer_files(source))
     return Artifact(path, manifest, report, program)
 
 

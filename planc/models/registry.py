@@ -201,7 +201,7 @@ LANGUAGE_MODEL_OF = "planc_language_model_of"
 def causal_or_multimodal(config: transformers.PretrainedConfig, where: Path | str) -> str | None:
     """None for a causal LM; the multimodal class's name (multimodal_name) for a multimodal model
     whose text part is one; refused for anything else."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = _text_config(config)
     mapping = transformers.AutoModelForCausalLM._model_mapping
     if type(config) not in mapping and type(text) not in mapping:
         nested = f", nor is its text config ({type(text).__name__})" if text is not config else ""
@@ -211,12 +211,17 @@ def causal_or_multimodal(config: transformers.PretrainedConfig, where: Path | st
     return multimodal_name(config)
 
 
+def _text_config(config: transformers.PretrainedConfig) -> transformers.PretrainedConfig:
+    """The config of a model's text part: itself for a text model."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def multimodal_name(config: transformers.PretrainedConfig) -> str | None:
     """The multimodal class `config` describes where its language model is a causal LM transformers
     has under another class (Gemma 3, LLaVA, Mistral 3, PaliGemma, SmolVLM, InternVL, ...: the
     towers and projector feed it image or audio embeddings, and for text alone it is the whole
     model); None otherwise."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = _text_config(config)
     mapping = transformers.AutoModelForCausalLM._model_mapping
     if text is config or type(text) not in mapping:
         return None
