@@ -203,12 +203,21 @@ def causal_or_multimodal(config: transformers.PretrainedConfig, where: Path | st
     whose text part is one; refused for anything else."""
     text = _text_config(config)
     mapping = transformers.AutoModelForCausalLM._model_mapping
-    if type(config) not in mapping and type(text) not in mapping:
-        nested = f", nor is its text config ({type(text).__name__})" if text is not config else ""
+    if type(config) not in mapping and type(text) not in mapping and (text is config or _decoder_class(text) is None):
+        nested = f", nor is its text config ({type(text).__name__}) a causal LM's or a decoder's" if text is not config else ""
         raise ModelError(f"{where}: {type(config).__name__} (model_type {getattr(config, 'model_type', '?')!r}) is "
                          f"not a causal LM transformers builds{nested}; planc compiles causal LMs, and the language "
-                         "model of a multimodal model whose text config is a causal LM's")
+                         "model of a multimodal model whose text part is a decoder transformers has")
     return multimodal_name(config)
+
+
+def _decoder_class(text: transformers.PretrainedConfig) -> type | None:
+    """The decoder transformers builds for a text config it has no causal LM class for (Qwen2-VL's
+    Qwen2VLTextModel), None where it has none."""
+    try:
+        return transformers.AutoModel._model_mapping[type(text)]
+    except (KeyError, ValueError, AttributeError):
+        return None
 
 
 def _text_config(config: transformers.PretrainedConfig) -> transformers.PretrainedConfig:
@@ -218,15 +227,17 @@ def _text_config(config: transformers.PretrainedConfig) -> transformers.Pretrain
 
 def multimodal_name(config: transformers.PretrainedConfig) -> str | None:
     """The multimodal class `config` describes where its language model is a causal LM transformers
-    has under another class (Gemma 3, LLaVA, Mistral 3, PaliGemma, SmolVLM, InternVL, ...: the
-    towers and projector feed it image or audio embeddings, and for text alone it is the whole
-    model); None otherwise."""
+    has under another class (Gemma 3, LLaVA, Mistral 3, PaliGemma, SmolVLM, InternVL, ...), or a
+    decoder it has no causal LM class for (Qwen2-VL, Qwen3-VL, GLM-4V, ...): the towers and
+    projector feed it image or audio embeddings, and for text alone it is the whole model; None
+    otherwise."""
     text = _text_config(config)
     mapping = transformers.AutoModelForCausalLM._model_mapping
-    if text is config or type(text) not in mapping:
+    causal = mapping[type(text)] if text is not config and type(text) in mapping else None
+    if causal is None and (text is config or _decoder_class(text) is None):
         return None
     outer = mapping[type(config)] if type(config) in mapping else None
-    if outer is mapping[type(text)]:  # a text model whose config nests its text part (Qwen3.5)
+    if outer is not None and outer is causal:  # a text model whose config nests its text part (Qwen3.5)
         return None
     named = [a for a in getattr(config, "architectures", None) or [] if isinstance(a, str)]
     return named[0] if named else (outer.__name__ if outer is not None else type(config).__name__)
@@ -254,15 +265,22 @@ def language_model(multimodal: nn.Module, where: Path | str) -> nn.Module:
     not, say) is refused rather than compiled into another model."""
     text = multimodal.config.get_text_config()
     decoder, head = multimodal.get_decoder(), multimodal.get_output_embeddings()
-    cls = transformers.AutoModelForCausalLM._model_mapping[type(text)]
     name = type(multimodal).__name__
-    with torch.device("meta"), hf_init.no_init_weights():
-        model = cls(text)
-    if type(decoder) is not type(model.model) or not isinstance(head, nn.Linear):
-        raise ModelError(f"{where}: {name}'s language model ({type(decoder).__name__}, head "
-                         f"{type(head).__name__}) is not the decoder and lm_head of {cls.__name__}, its text "
-                         "config's causal LM; planc compiles multimodal models whose language model is one")
-    model.model, model.lm_head = decoder, head
+    mapping = transformers.AutoModelForCausalLM._model_mapping
+    if type(text) in mapping:
+        cls = mapping[type(text)]
+        with torch.device("meta"), hf_init.no_init_weights():
+            model = cls(text)
+        if type(decoder) is not type(model.model) or not isinstance(head, nn.Linear):
+            raise ModelError(f"{where}: {name}'s language model ({type(decoder).__name__}, head "
+                             f"{type(head).__name__}) is not the decoder and lm_head of {cls.__name__}, its text "
+                             "config's causal LM; planc compiles multimodal models whose language model is one")
+        model.model, model.lm_head = decoder, head
+    else:  # a decoder transformers builds only inside the multimodal class (Qwen2-VL's)
+        if not isinstance(head, nn.Linear):
+            raise ModelError(f"{where}: {name}'s output head is a {type(head).__name__}, not a Linear over its "
+                             f"decoder ({type(decoder).__name__}); planc compiles language models ending in one")
+        model = _text_causal_lm(multimodal.config, decoder, head, multimodal.generation_config)
     model.eval()
     setattr(model, LANGUAGE_MODEL_OF, name)
     if head.weight.is_meta:  # nothing to run: a dry run plans the language model as its causal LM computes it
@@ -277,7 +295,7 @@ def language_model(multimodal: nn.Module, where: Path | str) -> nn.Module:
                              "so planc cannot confirm that its language model is the whole model for text") from exc
     diff = (got.float() - want.float()).abs().max().item() if got.shape == want.shape else float("nan")
     if not diff <= PROBE_TOLERANCE * want.float().abs().max().item():
-        raise ModelError(f"{where}: {name} computes other logits for text alone than {cls.__name__}, its language "
+        raise ModelError(f"{where}: {name} computes other logits for text alone than {type(model).__name__}, its language "
                          f"model's causal LM (max diff {diff:.3g} on a probe of {PROBE_TOKENS} tokens: the multimodal "
                          "class treats the decoder's output otherwise, a logit scale or cap one applies and the "
                          "other does not); planc compiles the language model as its causal LM computes it, "
@@ -347,12 +365,39 @@ def _load_config_file(path: Path, dtype: torch.dtype, meta: bool) -> nn.Module:
     if meta:  # the text part alone: no weights to probe, the whole multimodal model need not be built
         text = config.get_text_config()
         text.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))  # as the multimodal class ties
-        model = init_model(text, dtype, meta)
+        if type(text) in transformers.AutoModelForCausalLM._model_mapping:
+            model = init_model(text, dtype, meta)
+        else:  # a decoder only the multimodal class builds (Qwen2-VL's): it and a head, as that class has them
+            pin_static_paths(text, dtype)
+            with torch.device("meta"), hf_init.no_init_weights():
+                decoder = _decoder_class(text)._from_config(text, dtype=dtype)
+                head = nn.Linear(text.hidden_size, text.vocab_size, bias=False, dtype=dtype)
+            if text.tie_word_embeddings:
+                head.weight = decoder.get_input_embeddings().weight
+            model = _text_causal_lm(config, decoder, head).eval()
         setattr(model, LANGUAGE_MODEL_OF, multimodal)
         return model
     torch.manual_seed(INIT_SEED)
     built = _multimodal_class(config, path)._from_config(pin_multimodal(config, dtype), dtype=dtype)
     return language_model(built.eval(), path)
+
+
+def _text_causal_lm(config: transformers.PretrainedConfig, decoder: nn.Module, head: nn.Linear,
+                    generation=None) -> nn.Module:
+    """planc's causal LM over a multimodal model's decoder and head (planc.models.text_lm), on its
+    text config, with the token ids the runtime and generate() read where the text config has none:
+    the multimodal config's, else its generation config's (Qwen3-VL keeps them there), else None."""
+    from planc.models.text_lm import TextCausalLM
+
+    text = config.get_text_config()
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(text, key, None) is None:
+            found = [getattr(source, key, None) for source in (config, generation)]
+            setattr(text, key, next((v for v in found if v is not None), None))
+    model = TextCausalLM(text, decoder, head)
+    if generation is not None:
+        model.generation_config = generation
+    return model
 
 
 def pin_multimodal(config: transformers.PretrainedConfig, dtype: torch.dtype) -> transformers.PretrainedConfig:

@@ -1,8 +1,10 @@
 """A multimodal checkpoint or config compiles its language model: the text part of Gemma 3,
-LLaVA, Mistral 3, ... is a causal LM transformers has, and for text alone it is the whole model
-(checked on a probe when loaded). The compiled program against the multimodal model's own logits
-at 2 ranks; a multimodal class that computes other logits for text than its language model's
-causal LM (Aya Vision's) and a text config that is no causal LM's (Qwen2-VL's) are refused."""
+LLaVA, Mistral 3, ... is a causal LM transformers has, that of Qwen2-VL, Qwen3-VL, GLM-4V, ... a
+decoder transformers builds only inside the multimodal class (planc's TextCausalLM holds it and the
+head), and for text alone it is the whole model (checked on a probe when loaded). The compiled
+program against the multimodal model's own logits at 2 ranks; a multimodal class that computes
+other logits for text than its language model's causal LM (Aya Vision's) is refused, and so is a
+config with no decoder at all."""
 from __future__ import annotations
 
 import json
@@ -91,12 +93,56 @@ def test_a_multimodal_class_computing_other_logits_for_text_is_refused(tmp_path)
         load_model(path)
 
 
-def test_a_text_config_that_is_no_causal_lm_is_refused_by_name(tmp_path):
+def test_a_config_with_no_decoder_is_refused_by_name(tmp_path):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps(T.Qwen2VLConfig().to_dict()))
-    with pytest.raises(ModelError, match=r"Qwen2VLConfig \(model_type 'qwen2_vl'\) is not a causal LM transformers "
-                                         r"builds, nor is its text config \(Qwen2VLTextConfig\)"):
+    path.write_text(json.dumps(T.ViTConfig().to_dict()))
+    with pytest.raises(ModelError, match=r"ViTConfig \(model_type 'vit'\) is not a causal LM transformers builds; "):
         load_model(str(path), meta=True)
+
+
+# Qwen2-VL's rope over three position axes (temporal, height, width) is one rope for text, whose
+# three axes are the same positions; the sections must cover head_dim / 2.
+MROPE = {"rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3]}}
+GLM_ROPE = {"rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5}}
+DECODER_ONLY = {
+    "qwen2_vl": MROPE,
+    "qwen2_5_vl": MROPE,
+    "qwen3_vl_moe": dict(MROPE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "glm4v": GLM_ROPE,
+    "glm4v_moe": dict(GLM_ROPE, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      first_k_dense_replace=1, n_group=1, topk_group=1),
+}
+QWEN_VISION = dict(depth=1, hidden_size=32, num_heads=2, out_hidden_size=64, intermediate_size=64)
+
+
+@pytest.mark.parametrize("name", sorted(DECODER_ONLY))
+def test_a_decoder_only_the_multimodal_class_builds_compiles_exact_at_two_ranks(tmp_path, name):
+    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL-MoE, GLM-4V and GLM-4.5V: no causal LM class for their text config; planc's
+    TextCausalLM over the multimodal model's own decoder and head, generating as it does."""
+    config = T.AutoConfig.for_model(name, text_config=dict(TEXT, **DECODER_ONLY[name]), vision_config=QWEN_VISION)
+    vlm, path = _saved(config, tmp_path)
+    model = load_model(path)
+    assert type(model).__name__ == "TextCausalLM" and getattr(model, LANGUAGE_MODEL_OF) == type(vlm).__name__
+    ids = torch.tensor([list(range(30, 37))])
+    assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False),
+                       vlm.generate(ids, max_new_tokens=4, do_sample=False))  # what `planc verify` compares against
+    plan = PLAN.replace("mlp: {strategy: tp}", "moe: {strategy: ep}") if "moe" in name else PLAN
+    artifact = compile(path, parse_plan_text(plan, "plan.yaml"), tmp_path / "out").path
+    prompt = list(range(30, 47))
+    got = run_threads(lambda comm: generate(Model(str(artifact), comm=comm), [prompt], 4, keep_logits=True), 2)[0]
+    with torch.no_grad():
+        want = vlm(input_ids=torch.tensor([prompt + got.tokens[0]])).logits[0, len(prompt) - 1:-1]
+    assert max((g[0] - w).abs().max().item() for g, w in zip(got.step_logits, want)) <= 1e-4  # fp32
+
+
+def test_a_decoder_only_multimodal_config_on_meta_plans_its_language_model(tmp_path):
+    """Qwen3-VL keeps no token ids in its configs (its generation config has them): None, not an error."""
+    config = T.AutoConfig.for_model("qwen3_vl", text_config=dict(TEXT, **MROPE), vision_config=QWEN_VISION)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config.to_dict()))
+    artifact = compile(str(path), parse_plan_text(PLAN, "plan.yaml"), tmp_path / "out", meta=True)
+    assert artifact.manifest["model"]["class"] == "TextCausalLM" and artifact.manifest["model"]["eos_token_id"] is None
+    assert artifact.report["per_rank"][0]["weight_bytes"] > 0
 
 
 def test_a_multimodal_model_on_meta_plans_its_language_model(tmp_path):
