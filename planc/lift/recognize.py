@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from planc.errors import ModelError
+from planc.errors import ModelError, one_line
 from planc.dims import CLAMPED_GLU, ExpertsLayout, GqaDims, MlaDims, RouterDims
 from planc.lift.glue import Scale
 from planc.ops import Ops, act, apply_rope, unit_rmsnorm
@@ -956,8 +956,13 @@ def _complex_rope(rotary: nn.Module | None) -> bool:
     inv_freq = getattr(rotary, "inv_freq", None)
     if not isinstance(inv_freq, torch.Tensor):
         return False
-    with torch.no_grad():
-        out = rotary(inv_freq.new_zeros(1, 1, 1), torch.zeros(1, 1, dtype=torch.long, device=inv_freq.device))
+    try:
+        with torch.no_grad():
+            out = rotary(inv_freq.new_zeros(1, 1, 1), torch.zeros(1, 1, dtype=torch.long, device=inv_freq.device))
+    except Exception as exc:  # the model's own rope code, failing on its config (sections that do not fit the width)
+        raise ModelError(f"{type(rotary).__name__}: the model's rotary embedding fails on one position "
+                         f"({type(exc).__name__}: {one_line(exc)}); its config's rope values do not fit each other "
+                         "(transformers' forward would fail alike)") from exc
     return isinstance(out, torch.Tensor) and out.is_complex()
 
 

@@ -264,8 +264,13 @@ def language_model(multimodal: nn.Module, where: Path | str) -> nn.Module:
     alone: a class that treats them otherwise (a logit scale its text class applies and it does
     not, say) is refused rather than compiled into another model."""
     text = multimodal.config.get_text_config()
-    decoder, head = multimodal.get_decoder(), multimodal.get_output_embeddings()
     name = type(multimodal).__name__
+    try:
+        decoder, head = multimodal.get_decoder(), multimodal.get_output_embeddings()
+    except Exception as exc:  # a multimodal class whose language model transformers cannot hand out
+        raise ModelError(f"{where}: {name} does not hand out its language model's decoder and head "
+                         f"({type(exc).__name__}: {one_line(exc)}); planc compiles a language model it can take "
+                         "apart from its towers") from exc
     mapping = transformers.AutoModelForCausalLM._model_mapping
     if type(text) in mapping:
         cls = mapping[type(text)]
@@ -360,6 +365,17 @@ def _load_config_file(path: Path, dtype: torch.dtype, meta: bool) -> nn.Module:
     except Exception as exc:
         raise ModelError(f"{path}: not a valid transformers config: {type(exc).__name__}: {one_line(exc)}") from exc
     multimodal = causal_or_multimodal(config, path)
+    try:
+        return _build_from_config(config, multimodal, path, dtype, meta)
+    except ModelError:
+        raise
+    except Exception as exc:  # transformers' own code failing on the config (a rope section that does not fit)
+        raise ModelError(f"{path}: transformers cannot build this config's model: {type(exc).__name__}: "
+                         f"{one_line(exc)}; check the config's values against each other") from exc
+
+
+def _build_from_config(config: transformers.PretrainedConfig, multimodal: str | None, path: Path,
+                       dtype: torch.dtype, meta: bool) -> nn.Module:
     if multimodal is None:
         return init_model(config, dtype, meta)
     if meta:  # the text part alone: no weights to probe, the whole multimodal model need not be built

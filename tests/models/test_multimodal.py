@@ -182,3 +182,15 @@ def test_torch_compile_of_a_multimodal_model_is_refused_with_what_to_do_instead(
     with pytest.raises(ModelError, match=r"Gemma3ForConditionalGeneration is multimodal: .* compile it with `planc "
                                          r"compile` or planc.driver.compile\(model, plan, out\)"):
         resolve_model(vlm, parse_plan_text(PLAN, "plan.yaml"), True, graph_given=True)
+
+
+def test_a_config_whose_rope_does_not_fit_its_width_is_refused_naming_the_rope(tmp_path):
+    """GLM-4V's sections of the rope over three axes must cover the rotated half of head_dim;
+    transformers' own forward fails otherwise, and planc says so rather than crash."""
+    rope = {"rope_parameters": {"rope_type": "default", "mrope_section": [8, 12, 12], "partial_rotary_factor": 0.5}}
+    config = T.AutoConfig.for_model("glm4v", text_config=dict(TEXT, **rope), vision_config=QWEN_VISION)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config.to_dict()))
+    with pytest.raises(ModelError, match=r"Glm4vTextRotaryEmbedding: the model's rotary embedding fails on one "
+                                         r"position \(RuntimeError: split_with_sizes"):
+        compile(str(path), parse_plan_text(PLAN, "plan.yaml"), tmp_path / "out", meta=True)
