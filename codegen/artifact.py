@@ -104,11 +104,11 @@ def _check_replaceable(old: Path) -> None:
         raise ArtifactError(f"{old} exists and is not a planc artifact; refusing to replace it (choose another -o)")
 
 
-def report_text(report: dict) -> str:
-    """report.json's text: one line per top-level key, each value as compact JSON. A 61-layer
-    model's report holds every intermediate graph (megabytes), and json's C encoder writes only
+def json_text(data: dict) -> str:
+    """report.json's and manifest.json's text: one line per top-level key, each value as compact
+    JSON. A deep model's report holds every intermediate graph, and json's C encoder writes only
     without indentation (an indent sends it through the pure-Python encoder)."""
-    lines = [f"{json.dumps(key)}: {json.dumps(value, separators=(',', ':'))}" for key, value in report.items()]
+    lines = [f"{json.dumps(key)}: {json.dumps(value, separators=(',', ':'))}" for key, value in data.items()]
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
@@ -128,13 +128,13 @@ def _fill(tmp: Path, manifest: dict, programs: dict[str, Program], report: dict,
     (tmp / "kernels").mkdir()
     for name, source in kernel_sources().items():
         (tmp / kernel_file(name)).write_text(source)
-    (tmp / REPORT).write_text(report_text(report))
+    (tmp / REPORT).write_text(json_text(report))
     manifest = {**manifest, "format_version": FORMAT_VERSION,
                 "programs": {name: {"caches": p.caches, **({"dtype": p.dtype} if p.dtype else {})}
                              for name, p in programs.items()},
                 "files": _hashes(tmp)}
     manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: its presence marks completeness
+    (tmp / MANIFEST).write_text(json_text(manifest))  # last: its presence marks completeness
 
 
 def _write_program(tmp: Path, name: str, program: Program) -> None:

@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from planc import progress
 from planc.ir import OPS, Tensors, info
-from planc.weights import ROTARY_TENSORS, unfused_tensors
+from planc.weights import ROTARY_TENSORS, named_tensors, unfused_tensors
 
 
 def owners(graph: fx.Graph) -> dict[str, fx.Node]:
@@ -70,5 +70,20 @@ def _rank_tensors(nodes: dict[str, fx.Node], owned: dict[str, Tensors], full: Te
     return out
 
 
-def model_tensors(model: torch.nn.Module) -> Tensors:
-    return unfused_tensors(model)
+def model_tensors(model: torch.nn.Module, graph: fx.Graph | None = None) -> Tensors:
+    """The model's tensors partition reads: with `graph`, those under its owning nodes' modules and
+    the rotary tensors alone (a folded graph's other layers are not listed), else all of them."""
+    if graph is None:
+        return unfused_tensors(model)
+    found: Tensors = {}
+    for fqn in [*owners(graph), ROTARY]:
+        try:
+            module = model.get_submodule(fqn)
+        except AttributeError:  # a model without a shared rope
+            continue
+        found |= unfused_tensors(module, fqn) if fqn != ROTARY else {
+            name: t for name, t in named_tensors(module, fqn).items() if name in ROTARY_TENSORS}
+    return found
+
+
+ROTARY = "model.rotary_emb"  # the module of ROTARY_TENSORS

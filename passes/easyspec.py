@@ -94,7 +94,7 @@ IMPORT = ("from planc.passes import easyspec",)
 
 
 def _attention(c: Call) -> str:
-    return (f"easyspec.attention(rt, {c.args[0]}, step, caches.get({c.info.fqn!r}), {c.W}, "
+    return (f"easyspec.attention(rt, {c.args[0]}, step, caches.get({c.name()}), {c.W}, "
             f"{c.const('LAYER', c.info.dims)})")
 
 

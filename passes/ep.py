@@ -109,18 +109,18 @@ def _route(c: Call) -> str:
 
 def _gate(c: Call) -> str:
     """The router's weights (RouterDims.module: `gate`, or GraniteMoE's and gpt-oss's `router`)."""
-    return f"W.scope({c.info.fqn + '.' + c.info.dims.router.module!r})"
+    return f"W.scope({c.name('.' + c.info.dims.router.module)})"
 
 
 def _experts(c: Call) -> str:
     layout = c.info.dims.layout
     extra = "" if layout == ExpertsLayout() else f", {c.const('LAYOUT', layout)}"
-    return (f"ops.moe_experts({c.args[0]}, {c.args[1]}.weight_RE, W.scope({c.info.fqn + '.experts'!r}), "
+    return (f"ops.moe_experts({c.args[0]}, {c.args[1]}.weight_RE, W.scope({c.name('.experts')}), "
             f"{c.info.dims.act!r}{extra})")
 
 
 def _shuffle(c: Call) -> str:
-    return f"ep.shuffle_plan({c.args[0]}, W.scope({c.info.fqn + '.shuffle'!r}), {c.args[1]}, comm)"
+    return f"ep.shuffle_plan({c.args[0]}, W.scope({c.name('.shuffle')}), {c.args[1]}, comm)"
 
 
 def _route_groups(c: Call) -> str:

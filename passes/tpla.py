@@ -175,7 +175,7 @@ def _dims(c: Call) -> str:
 declare_op("tpla_latent", lambda c: f"tpla.latent({c.args[0]}, {_dims(c)})", imports=IMPORT)
 declare_op("tpla_sumsq", lambda c: f"tpla.sumsq({c.args[0]})", imports=IMPORT)
 declare_op("tpla_attention", lambda c: f"tpla.attention(ops, {c.args[0]}, {c.args[1]}, "
-                                       f"{c.args[2] if len(c.args) > 2 else 'None'}, step, caches[{c.info.fqn!r}], "
+                                       f"{c.args[2] if len(c.args) > 2 else 'None'}, step, caches[{c.name()}], "
                                        f"{c.W}, {_dims(c)})",
            owns_weights=True, rotary=True, step=True, imports=IMPORT, kernels=MLA_KERNELS)
 

@@ -19,7 +19,7 @@ from fnmatch import fnmatchcase
 import torch.fx as fx
 
 from planc.errors import PlanError
-from planc.ir import RuleRef, copy_graph, info, mark
+from planc.ir import RuleRef, copy_graph, info, mark, runs
 from planc.lift.captured import captured_nodes
 from planc.passes import STRATEGIES
 from planc.plan import Plan, locate
@@ -75,6 +75,22 @@ def bind(graph: fx.Graph, plan: Plan) -> fx.Graph:
         if ref.index not in used:
             _unmatched(plan, ref, key, graph)
     return graph
+
+
+def layer_blind(graph: fx.Graph, plan: Plan) -> bool:
+    """Whether every rule binds every layer of each folded run alike, so that binding a run's first
+    layer binds them all. A glob without digits, `?` or `[` cannot tell layers apart (a `*` that
+    takes one layer's index takes any other's); one with them is matched in every layer of the run."""
+    found = runs(graph)
+    telling = [r.match for r in plan.rules if any(ch.isdigit() or ch in "?[" for ch in r.match)]
+    if not found or not telling:
+        return True
+    for node in graph.nodes:
+        m = info(node) if "planc" in node.meta else None
+        run = found.get(m.layer) if m is not None and m.fqn else None
+        if run is not None and any(len({fnmatchcase(fqn, glob) for fqn in run.fqns(m.fqn)}) > 1 for glob in telling):
+            return False
+    return True
 
 
 def _captured_matching(graph: fx.Graph, glob: str, key: str) -> list[fx.Node]:

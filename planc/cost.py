@@ -19,6 +19,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 
 from planc.lazy import lazy
@@ -279,6 +280,28 @@ def collective_time(collective: dict, hw: Hardware, batch: int) -> float:
     return calls * op_time(Collective(collective["op"], batch * per_token(collective) / max(calls, 1)), hw)
 
 
+def decode_ops(report: dict) -> list[dict]:
+    """report.json's decode_ops as the program runs them: a folded run's body (its entries carry
+    `run`: [first layer, count]) once per layer of the run, layer by layer, each entry's FQN and
+    layer moved to that layer."""
+    out: list[dict] = []
+    for run, body in groupby(report["decode_ops"], key=lambda op: tuple(op["run"]) if op.get("run") else None):
+        body = list(body)
+        if run is None:
+            out += body
+            continue
+        first, count = run
+        out += [op if layer == first else _moved(op, first, layer) for layer in range(first, first + count) for op in body]
+    return out
+
+
+def _moved(op: dict, first: int, layer: int) -> dict:
+    """An entry of a folded run's first layer as it reads in `layer` ("model.layers.3.mlp" -> 5)."""
+    fqn, old, new = op["fqn"], f".{first}.", f".{layer}."
+    fqn = fqn.replace(old, new, 1) if old in fqn else fqn.removesuffix(f".{first}") + f".{layer}" if fqn.endswith(f".{first}") else fqn
+    return {**op, "fqn": fqn, "layer": layer}
+
+
 def artifact_timeline(report: dict, hw: Hardware, batch: int, context: int) -> list[list[Slot]]:
     """One decode step of a compiled artifact on `hw`, op by op on every rank, from report.json's
     decode_ops (each node's exact per-rank weight and KV bytes and its collectives).
@@ -295,7 +318,7 @@ def artifact_timeline(report: dict, hw: Hardware, batch: int, context: int) -> l
     world = len(report["per_rank"])
     ready = [0.0] * world
     slots: list[list[Slot]] = [[] for _ in range(world)]
-    for op in report["decode_ops"]:
+    for op in decode_ops(report):
         for r in range(world):
             read = op["weight_bytes"][r] + batch * context * op["kv_bytes_per_token"][r]
             seconds = op_time(Op(op["node"], 0.0, read, op["weight_bytes"][r]), hw)
@@ -328,8 +351,9 @@ def artifact_step(report: dict, hw: Hardware, batch: int, context: int) -> dict:
 
 
 def _rank_step(rank: int, slots: list[Slot], report: dict, hw: Hardware, batch: int, context: int) -> dict:
-    weights = sum(op["weight_bytes"][rank] for op in report["decode_ops"])
-    kv = batch * context * sum(op["kv_bytes_per_token"][rank] for op in report["decode_ops"])
+    ops = decode_ops(report)
+    weights = sum(op["weight_bytes"][rank] for op in ops)
+    kv = batch * context * sum(op["kv_bytes_per_token"][rank] for op in ops)
     return {"rank": rank,
             "weights_s": op_time(Op("weights", 0.0, weights, weights), hw), "kv_s": op_time(Op("kv", 0.0, kv), hw),
             "waiting_s": sum((s.seconds for s in slots if s.what == "wait"), 0.0),

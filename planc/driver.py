@@ -18,15 +18,15 @@ import triton
 from torch import nn
 
 from planc import __version__, progress
-from planc.bind import bind, rule_refs
+from planc.bind import bind, layer_blind, rule_refs
 from planc.calibrate import Profiles
 from planc.codegen.artifact import KERNEL_FILES, Program, write_artifact
 from planc.codegen.emit_program import emit_program
 from planc.codegen.partition import model_tensors, partition
 from planc.dims import DTYPES
 from planc.errors import ModelError, PlanError
-from planc.ir import RuleRef
-from planc.lift import lift
+from planc.ir import RuleRef, runs
+from planc.lift import Lifted, lift
 from planc.lift.captured import captured_lines
 from planc.lift.dynamo import DynamoCaptured
 from planc.lift.restore import restored
@@ -76,8 +76,8 @@ def resolve_model(model: nn.Module | str | None, plan: Plan, meta: bool, *, grap
                 raise ModelError(f"{type(model).__name__} is multimodal: planc compiles its language model alone, and "
                                  "torch.compile hands the backend the whole model's graph; compile it with `planc "
                                  "compile` or planc.driver.compile(model, plan, out), which take its language model")
-            return language_model(model.eval(), type(model).__name__), type(model).__name__
-        return model.eval(), type(model).__name__
+            return language_model(_evaluating(model), type(model).__name__), type(model).__name__
+        return _evaluating(model), type(model).__name__
     if model is not None:
         source = _absolute(model)
         with progress.bar(f"model {model}"):
@@ -88,6 +88,18 @@ def resolve_model(model: nn.Module | str | None, plan: Plan, meta: bool, *, grap
             return load_model(source, dtype=dtype, meta=meta), source
     except ModelError as exc:
         raise ModelError(f"{where}: {exc}") from None
+
+
+def _evaluating(model: nn.Module) -> nn.Module:
+    """The model in eval mode (dropout off); one already there is left untouched (eval() walks and
+    sets every module again)."""
+    stack = [model]
+    while stack:  # nn.Module.modules() without its generators: this walks every module of a deep model
+        m = stack.pop()
+        if m.training:
+            return model.eval()
+        stack += [c for c in m._modules.values() if c is not None]
+    return model
 
 
 def _plan_source(plan: Plan) -> tuple[str, str]:
@@ -107,11 +119,19 @@ def _absolute(source: str) -> str:
     return str(Path(source).resolve()) if source_kind(source) in ("checkpoint", "config") else source
 
 
-def parallelize(lifted: fx.Graph, plan: Plan, model: nn.Module | None = None, *, strict: bool = False,
+def parallelize(lifted: fx.Graph | Lifted, plan: Plan, model: nn.Module | None = None, *, strict: bool = False,
                 meta: bool = False) -> tuple[fx.Graph, PassContext]:
-    """Bind the plan's rules to the lifted graph and run every strategy's pass, in STRATEGIES order."""
+    """Bind the plan's rules to the lifted graph and run every strategy's pass, in STRATEGIES order.
+
+    A folded lift (runs of identical layers built once) stays folded when the plan's rules bind
+    every layer of a run alike; otherwise the lift's unfolded graph is used."""
+    graph = lifted.graph if isinstance(lifted, Lifted) else lifted
+    if isinstance(lifted, Lifted) and lifted.unfolded is not None and runs(graph) and not layer_blind(graph, plan):
+        graph = lifted.unfolded()
     ctx = PassContext(plan.mesh.devices, strict, Profiles(model, meta))
-    return run_passes(bind(lifted, plan), STRATEGIES, rule_refs(plan), ctx), ctx
+    graph = run_passes(bind(graph, plan), STRATEGIES, rule_refs(plan), ctx)
+    ctx.unfold(graph)
+    return graph, ctx
 
 
 def passes_that_ran(ctx: PassContext) -> str:
@@ -156,12 +176,13 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
             f"model, in {dtype_name(model)}; weight bytes are for that")
     # what the lift attaches to a model the caller passed is taken off again once its weights are partitioned
     with restored(model) if caller_model else nullcontext():
-        lifted = lift(model, check=not meta, captured=captured)
+        # on meta nothing tells identical layers apart (no weights, no calibration): fold their runs
+        lifted = lift(model, check=not meta, captured=captured, fold=meta)
         log(f"lift     {len(lifted.blocks)} blocks" + (f", {sum(c.method == 'numeric' for c in lifted.checks)} checked numerically against the captured graph, "
                                                  f"{sum(c.method != 'numeric' for c in lifted.checks)} structurally" if lifted.checks else ""))
         for line in captured_lines(lifted.blocks):
             log(f"captured {line}")
-        graph, ctx = parallelize(lifted.graph, plan, model, strict=strict, meta=meta)
+        graph, ctx = parallelize(lifted, plan, model, strict=strict, meta=meta)
         log(f"passes   {passes_that_ran(ctx)}: {sum(r.action == 'applied' for r in ctx.records)} rewrites, "
             f"{sum(r.action == 'declined' for r in ctx.records)} declined")
         for line in decline_lines([(r.pass_name, r.target, f" (rules[{r.rule}])", r.detail)
@@ -169,7 +190,7 @@ def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | P
             log(line)
         for line in ctx.advice:
             log(f"note     {line}")
-        ranks = partition(graph, model_tensors(model), plan.mesh.devices)
+        ranks = partition(graph, model_tensors(model, graph), plan.mesh.devices)
     manifest = _manifest(model, source, plan, meta)
     report = build_report(graph, ctx, ranks, elem=DTYPES[manifest["dtype"]].itemsize, checks=lifted.checks, meta=meta)
     for line in candidate_lines(report["candidates"]):
@@ -202,7 +223,7 @@ def compile_draft(plan: Plan, target: nn.Module, *, meta: bool = False, strict: 
     elem = DTYPES[dtype_name(model)].itemsize
     drafted = [_drafting(drafting, section, graph, plan, ctx) for drafting, section in plan.draft.draftings()]
     graph = drafted[-1][1].forward if drafted else graph
-    ranks = partition(graph, model_tensors(model), plan.mesh.devices)
+    ranks = partition(graph, model_tensors(model, graph), plan.mesh.devices)
     report = build_report(graph, ctx, ranks, elem=elem, checks=[], meta=meta)
     for line in decline_lines([(r.pass_name, f"draft {r.target}", "", r.detail)
                                for r in ctx.records if r.action == "declined"]):
@@ -282,8 +303,7 @@ def validation(plan_path: str | Path, model: str | None = None, *, meta: bool = 
     if model is None and plan.model is None:
         return found
     module, source = resolve_model(model, plan, meta)
-    lifted = lift(module, check=False)
-    graph, ctx = parallelize(lifted.graph, plan, module, strict=strict, meta=meta)
+    graph, ctx = parallelize(lift(module, check=False, fold=meta), plan, module, strict=strict, meta=meta)
     declines = [{"pass": r.pass_name, "target": r.target, "rule": r.rule, "detail": r.detail}
                 for r in ctx.records if r.action == "declined"]
     listed = candidates(graph, ctx)

@@ -18,6 +18,7 @@ import copy
 import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from itertools import groupby
 from typing import Any, Literal
 
 from planc.dims import CommDims
@@ -161,16 +162,29 @@ class Call:
     args: list[str]
     const: Callable[[str, Any], str]  # (prefix, value) -> name of a module-level constant
     define: Callable[[Definition], str]  # a module-level function -> its name
+    # in the body of a loop over a folded run's layers: (the variable holding the layer's prefix,
+    # the run's first prefix, which the node's FQN carries)
+    loop: tuple[str, str] | None = None
+
+    def name(self, suffix: str = "") -> str:
+        """The node's module FQN + `suffix` as a Python expression: an escaped literal, or in a
+        folded run's loop, the layer's prefix + the literal rest."""
+        full = self.info.fqn + suffix
+        if self.loop is not None:
+            at, first = self.loop
+            if full == first or full.startswith(first + "."):
+                return f"{at} + {full[len(first):]!r}"
+        return repr(full)
 
     @property
     def W(self) -> str:
-        return f"W.scope({self.info.fqn!r})"
+        return f"W.scope({self.name()})"
 
     def weight(self, name: str) -> str:
-        return f"W[{f'{self.info.fqn}.{name}'!r}]"
+        return f"W[{self.name('.' + name)}]"
 
     def maybe(self, name: str) -> str:
-        return f"W.get({f'{self.info.fqn}.{name}'!r})"
+        return f"W.get({self.name('.' + name)})"
 
     @property
     def dims(self) -> str:
@@ -226,14 +240,99 @@ def add_node(graph: fx.Graph, kind: str, args: tuple, meta: NodeInfo, name: str 
 
 
 def copy_graph(graph: fx.Graph) -> fx.Graph:
-    """A deep enough copy for a pure pass: new nodes; NodeInfo is frozen, so sharing it is safe."""
+    """A deep enough copy for a pure pass: new nodes; NodeInfo is frozen, so sharing it is safe.
+    The copy stands for the same layers (its runs)."""
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     out = new.graph_copy(graph, env)
     new.output(out)
     for old, fresh in env.items():
         fresh.meta = copy.copy(old.meta)
+    set_runs(new, runs(graph))
     return new
+
+
+# -- folded runs of identical layers --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    """Consecutive decoder layers of one structure that a folded graph holds once: its nodes of
+    layer `layers[0]` stand for every layer here. prefixes: each layer's module FQN
+    ("model.layers.3"), so that a node's FQN in any of them is its own with the prefix swapped."""
+
+    layers: tuple[int, ...]
+    prefixes: tuple[str, ...]
+
+    def fqn(self, fqn: str, i: int) -> str:
+        """`fqn` (under the first layer) in the run's i-th layer; an FQN outside the layer as it is."""
+        first = self.prefixes[0]
+        if fqn == first or fqn.startswith(first + "."):
+            return self.prefixes[i] + fqn[len(first):]
+        return fqn
+
+    def fqns(self, fqn: str) -> list[str]:
+        return [self.fqn(fqn, i) for i in range(len(self.layers))]
+
+    def text(self, text: str, i: int) -> str:
+        """A message about the first layer as it reads about the i-th (its FQNs moved there)."""
+        return text.replace(self.prefixes[0] + ".", self.prefixes[i] + ".") if i else text
+
+
+def runs(graph: fx.Graph) -> dict[int, Run]:
+    """First layer -> its run, for a folded graph (runs of one layer are not listed); {} unfolded."""
+    return getattr(graph, "planc_runs", {})
+
+
+def set_runs(graph: fx.Graph, found: dict[int, Run]) -> None:
+    graph.planc_runs = dict(found)
+
+
+def run_of(graph: fx.Graph, m: NodeInfo) -> Run | None:
+    """The run a node's layer heads (None: the node stands for itself alone)."""
+    return runs(graph).get(m.layer) if m.layer is not None else None
+
+
+def repeats(graph: fx.Graph, m: NodeInfo) -> int:
+    """How many layers the node stands for (1 outside a folded run)."""
+    run = run_of(graph, m)
+    return len(run.layers) if run is not None else 1
+
+
+def unfold_fqn(graph: fx.Graph, fqn: str) -> list[str]:
+    """Every module FQN a folded graph's `fqn` stands for: one per layer of the run it lies in."""
+    return [f for f, _ in unfold_layers(graph, fqn)]
+
+
+def run_holding(graph: fx.Graph, fqn: str) -> Run | None:
+    """The folded run whose first layer `fqn` lies in."""
+    for run in runs(graph).values():
+        first = run.prefixes[0]
+        if fqn == first or fqn.startswith(first + "."):
+            return run
+    return None
+
+
+def unfold_entries(entries: Iterable[Any], run_of_entry: Callable[[Any], Run | None],
+                   move: Callable[[Any, Run, int], Any], apart: Callable[[Any], Any] = lambda e: None) -> list[Any]:
+    """Entries about nodes (records, candidates, decode ops), in graph order, as an unfolded graph
+    gives them: consecutive entries about one folded run's first layer (and alike under `apart`:
+    one pass's walk over the graph) once for each of its layers, layer by layer (`move(entry, run,
+    i)`: the entry as it reads in the run's i-th layer)."""
+    out: list[Any] = []
+    for (run, _), group in groupby(entries, key=lambda e: (run_of_entry(e), apart(e))):
+        group = list(group)
+        out += group if run is None else [move(e, run, i) for i in range(len(run.layers)) for e in group]
+    return out
+
+
+def unfold_layers(graph: fx.Graph, fqn: str) -> list[tuple[str, int | None]]:
+    """(FQN, layer) for every layer a folded graph's `fqn` stands for; (fqn, None) outside a run."""
+    for run in runs(graph).values():
+        first = run.prefixes[0]
+        if fqn == first or fqn.startswith(first + "."):
+            return [(run.fqn(fqn, i), layer) for i, layer in enumerate(run.layers)]
+    return [(fqn, None)]
 
 
 def nodes_of(graph: fx.Graph, *kinds: str) -> list[fx.Node]:
@@ -282,14 +381,28 @@ def node_json(node: fx.Node) -> dict[str, Any]:
 
 
 def graph_json(graph: fx.Graph) -> list[dict[str, Any]]:
-    return [node_json(n) for n in graph.nodes]
+    """The nodes as data; in a folded graph, a node of a run's first layer also gives the run it
+    stands for, `run: [first layer, count]` (the same node, its layer index swapped, in each)."""
+    nodes = [node_json(n) for n in graph.nodes]
+    found = runs(graph)
+    if found:
+        for n in nodes:
+            run = found.get(n.get("layer"))
+            if run is not None:
+                n["run"] = [run.layers[0], len(run.layers)]
+    return nodes
 
 
 def format_graph(graph: fx.Graph) -> str:
     """One line per node: `name = kind(args)  # fqn  strategy rule  shard`, the form `planc compile
     --graph` prints and report.json keeps."""
-    lines = []
+    lines, found, layer = [], runs(graph), None
     for n in graph.nodes:
+        m = info(n) if "planc" in n.meta else None
+        if m is not None and m.layer != layer and m.layer in found:
+            run = found[m.layer]
+            lines.append(f"# layers {run.layers[0]}-{run.layers[-1]}: one body for {len(run.layers)} layers")
+        layer = m.layer if m is not None else layer
         if n.op == "placeholder":
             lines.append(f"{n.name} = input")
         elif n.op == "output":

@@ -9,13 +9,13 @@ the decline is an error naming the rule's file:line:column.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch.fx as fx
 
 from planc.calibrate import Profiles
 from planc.errors import CompileError, PlancError
-from planc.ir import NodeInfo, RuleRef, format_graph, graph_json, info
+from planc.ir import NodeInfo, RuleRef, format_graph, graph_json, info, run_holding, runs, unfold_entries, unfold_fqn
 from planc.strategy import Section, Strategy
 
 
@@ -63,6 +63,17 @@ class PassContext:
     def where(self, field_name: str = "") -> str:
         """'plan.yaml:7:5: rules[1].attention.latent_groups' for errors about the current rule."""
         return f"{self.rule.where}: {self.rule.label}{'.' + field_name if field_name else ''}"
+
+    def unfold(self, graph: fx.Graph) -> None:
+        """What the passes recorded about a folded run's first layer, for every layer of the run
+        (records and notes by module FQN)."""
+        if not runs(graph):
+            return
+        self.records = unfold_entries(self.records, lambda r: run_holding(graph, r.target),
+                                      lambda r, run, i: replace(r, target=run.fqn(r.target, i), detail=run.text(r.detail, i)),
+                                      apart=lambda r: (r.pass_name, r.rule))
+        self.notes = {name: {fqn: facts for key, facts in found.items() for fqn in unfold_fqn(graph, key)}
+                      for name, found in self.notes.items()}
 
     def graph_texts(self) -> dict[str, str]:
         return {name: format_graph(g) for name, g in self.graphs}

@@ -32,9 +32,9 @@ declare_op("sigmoid_scale", lambda c: f"ops.sigmoid_scale({c.args[0]}, {c.args[1
 declare_op("mlp", lambda c: f"ops.act({c.args[0]}, {c.info.dims.act!r})" if not c.info.dims.gated
            else f"ops.gated_act({c.args[0]}, {c.args[1]}, {c.info.dims.act!r})" if c.info.dims.limit is None
            else f"ops.gated_act({c.args[0]}, {c.args[1]}, {c.info.dims.act!r}, {c.info.dims.limit!r}, {c.info.dims.alpha!r})")
-declare_op("mla_attention", lambda c: f"ops.mla_core({_core_args(c)}, step, caches[{c.info.fqn!r}], {c.W}, {c.dims})",
+declare_op("mla_attention", lambda c: f"ops.mla_core({_core_args(c)}, step, caches[{c.name()}], {c.W}, {c.dims})",
            owns_weights=True, rotary=True, step=True, kernels=MLA_KERNELS)
-declare_op("gqa_attention", lambda c: f"ops.gqa_core({_core_args(c)}, step, caches[{c.info.fqn!r}], {c.W}, {c.dims})",
+declare_op("gqa_attention", lambda c: f"ops.gqa_core({_core_args(c)}, step, caches[{c.name()}], {c.W}, {c.dims})",
            owns_weights=True, rotary=True, step=True, kernels=("gqa_decode.py",))
 declare_op("captured", lambda c: f"{c.define(c.info.dims.fn)}({c.args[0]}, {c.W})", owns_weights=True)
 declare_op("moe", lambda c: f"ops.moe_routed({c.args[0]}, {c.W}, {c.dims})", owns_weights=True,

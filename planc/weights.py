@@ -17,16 +17,18 @@ ROTARY_TENSORS = {"model.rotary_emb.inv_freq": "rotary.inv_freq", "model.rotary_
 SPLIT = "_planc_split_into"  # on a fused linear the lift split (planc.lift.fused): the names of its parts
 
 
-def named_tensors(module: torch.nn.Module) -> Tensors:
-    """Every parameter and buffer by FQN; a tied weight (lm_head = embed_tokens) under each name."""
-    return dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers(remove_duplicate=False))
+def named_tensors(module: torch.nn.Module, prefix: str = "") -> Tensors:
+    """Every parameter and buffer by FQN (under `prefix`, the module's own FQN); a tied weight
+    (lm_head = embed_tokens) under each name."""
+    return (dict(module.named_parameters(prefix, remove_duplicate=False))
+            | dict(module.named_buffers(prefix, remove_duplicate=False)))
 
 
-def unfused_tensors(module: torch.nn.Module) -> Tensors:
+def unfused_tensors(module: torch.nn.Module, prefix: str = "") -> Tensors:
     """named_tensors without the weights of fused linears the lift split: their parts hold the same rows."""
-    fused = {f"{fqn}.{name}" for fqn, m in module.named_modules() if getattr(m, SPLIT, None)
+    fused = {f"{fqn}.{name}" for fqn, m in module.named_modules(prefix=prefix) if getattr(m, SPLIT, None)
              for name, _ in m.named_parameters(recurse=False)}
-    return {name: t for name, t in named_tensors(module).items() if name not in fused}
+    return {name: t for name, t in named_tensors(module, prefix).items() if name not in fused}
 
 
 def scoped(tensors: Tensors, fqn: str) -> Tensors:

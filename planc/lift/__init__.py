@@ -11,6 +11,7 @@ on the meta device, and every other layer stands on its representative's checks.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -34,9 +35,11 @@ class Lifted:
     blocks: list[Block]
     checks: list[Check]  # empty when the model is on meta (nothing to run)
     captured: Captured | DynamoCaptured  # the model with one decoder layer per structure, or Dynamo's graph
+    unfolded: Callable[[], fx.Graph] | None = None  # `graph` with every layer built, where `graph` is folded
 
 
-def lift(model: nn.Module, *, check: bool, captured: Captured | DynamoCaptured | None = None) -> Lifted:
+def lift(model: nn.Module, *, check: bool, captured: Captured | DynamoCaptured | None = None,
+         fold: bool = False) -> Lifted:
     """Recognize every block, capture one layer per structure, and (with `check`) run the checks.
 
     `captured`: the model's graph as another front end already has it (a torch.compile backend's
@@ -45,8 +48,10 @@ def lift(model: nn.Module, *, check: bool, captured: Captured | DynamoCaptured |
     long_rope(model)  # longrope's second set of frequencies, made a buffer
     rope_per_layer_type(model)  # Mellum's one rope per layer type: each layer's attention gets its own
     router_bias_on_gate(model)  # MiniMax-M2's router correction bias, held by the MoE block: on its gate too
-    blocks = recognize(model)
-    representative = representatives(model.model.layers, blocks)
+    # layers of one structure (modules, and the config's entries for the layer) recognize alike: the first of each is
+    # recognized, the others take its blocks (the cheap structural check per layer is that comparison)
+    representative = representatives(model.model.layers, config=getattr(model, "config", None))
+    blocks = recognize(model, representative)
     blocks = with_code(model, blocks, representative)
     captured = captured or capture(model, layers=sorted(set(representative.values())))
     ran = [b for b in blocks if b.layer is None or representative[b.layer] == b.layer]
@@ -68,4 +73,5 @@ def lift(model: nn.Module, *, check: bool, captured: Captured | DynamoCaptured |
         lines = "\n".join(f"  {c.fqn}: {c.reason}" for c in failed)
         raise CompileError(f"lift declined for {len(failed)} block(s); the semantic op does not reproduce "
                            f"the captured graph:\n{lines}")
-    return Lifted(build_graph(blocks, model, glue, representative), blocks, checks, captured)
+    graph = build_graph(blocks, model, glue, representative, fold)
+    return Lifted(graph, blocks, checks, captured, lambda: build_graph(blocks, model, glue, representative))

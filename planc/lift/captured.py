@@ -79,7 +79,6 @@ def captured_nodes(graph: fx.Graph) -> list[fx.Node]:
 def with_code(model: nn.Module, blocks: list[Block], representative: dict[int, int]) -> list[Block]:
     """Every run-as-captured block with its function: exported for the first layer of each
     structure (and checked token by token when the model has weights), shared by the others."""
-    modules = dict(model.named_modules())
     emb = model.get_input_embeddings().weight
     gen = torch.Generator().manual_seed(0)
     x_BSD = torch.randn(*EXAMPLE_SHAPE, emb.shape[1], generator=gen).to(emb.device, emb.dtype)
@@ -89,7 +88,8 @@ def with_code(model: nn.Module, blocks: list[Block], representative: dict[int, i
         if is_captured(b):
             key = (representative.get(b.layer, b.layer), b.fqn.rsplit(".", 1)[-1])
             if key not in codes:
-                codes[key] = CapturedDims(export_block(modules[b.fqn], b.fqn, x_BSD), b.attrs["why"], b.attrs["lifts"])
+                codes[key] = CapturedDims(export_block(model.get_submodule(b.fqn), b.fqn, x_BSD), b.attrs["why"],
+                                          b.attrs["lifts"])
             b = replace(b, dims=codes[key])
         out.append(b)
     return out

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from planc.lift.restore import touch
+
 from planc.weights import SPLIT
 
 
@@ -32,8 +34,8 @@ def split_fused(model: nn.Module) -> list[str]:
     """Attach the split parts of every fused projection, and the projections named otherwise under
     planc's names (RENAMES), once per module; the fused or renamed FQNs."""
     done = []
-    for fqn, m in list(model.named_modules()):
-        children = {name for name, child in m.named_children() if child is not None}
+    for fqn, m in _parents(model):
+        children = {name for name, child in m._modules.items() if child is not None}
         for names, renames in RENAMES:
             linears = {n for n in names if isinstance(getattr(m, n), nn.Linear)} if names <= children else set()
             if linears == names and not children & set(renames.values()):
@@ -54,6 +56,18 @@ def split_fused(model: nn.Module) -> list[str]:
     return done
 
 
+def _parents(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every module with children, by FQN (leaves, most modules, are skipped without their names
+    being built), before any part is attached."""
+    out, stack = [], [("", model)]
+    while stack:
+        fqn, m = stack.pop()
+        if m._modules:
+            out.append((fqn, m))
+            stack += [(f"{fqn}.{name}" if fqn else name, c) for name, c in m._modules.items() if c is not None]
+    return out
+
+
 def _qkv_widths(attn: nn.Module) -> tuple[int, int, int] | None:
     fused, config = attn.qkv_proj, getattr(attn, "config", None)
     head_dim = getattr(attn, "head_dim", None)
@@ -69,6 +83,7 @@ def _attach(parent: nn.Module, fused_name: str, widths: dict[str, int]) -> None:
     fused: nn.Linear = getattr(parent, fused_name)
     if getattr(fused, SPLIT, None):
         return
+    touch(parent), touch(fused)
     start = 0
     if len(widths) == 1:  # a rename: the part is the whole linear, its weights shared
         part = nn.Linear(fused.in_features, fused.out_features, bias=fused.bias is not None, device="meta")

@@ -24,15 +24,27 @@ from torch import nn
 
 import planc.semantic  # noqa: F401  (declares the base op kinds)
 from planc.dims import EmbeddingDims, LinearDims, MlpDims, MoeDims, NormDims
-from planc.ir import NodeInfo, add_node
+from planc.ir import NodeInfo, Run, add_node, set_runs
 from planc.lift.glue import Glue
 from planc.lift.recognize import CAPTURED, OUTPUT_GATE, Block, is_norm, rmsnorm_eps
+
+
+class _Modules(dict):
+    """FQN -> module, looked up as the graph asks (a folded graph asks for a run's first layer alone)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def __missing__(self, fqn: str) -> nn.Module:
+        found = self[fqn] = self.model.get_submodule(fqn)
+        return found
 
 
 class _Builder:
     def __init__(self, graph: fx.Graph, model: nn.Module):
         self.g = graph
-        self.modules = dict(model.named_modules())
+        self.modules = _Modules(model)
 
     def node(self, kind: str, args: tuple, name: str, **meta) -> fx.Node:
         return add_node(self.g, kind, args, NodeInfo(kind=kind, **meta), name)
@@ -118,11 +130,18 @@ class _Builder:
 
 
 def build_graph(blocks: list[Block], model: nn.Module, glue: Glue | None = None,
-                representative: dict[int, int] | None = None) -> fx.Graph:
+                representative: dict[int, int] | None = None, fold: bool = False) -> fx.Graph:
     """Wire the blocks as a residual decoder (the skeleton the lift check confirmed), with
-    the scales the captured graph applies between them (`glue`, read on each layer's representative)."""
+    the scales the captured graph applies between them (`glue`, read on each layer's representative).
+
+    fold: consecutive layers of one structure are built once, as their first layer, the graph
+    recording the run (planc.ir.Run) that its nodes stand for."""
     glue, representative = glue or Glue(), representative or {}
     g = fx.Graph()
+    found = layer_runs(blocks, representative) if fold else {}
+    set_runs(g, found)
+    skipped = {layer for run in found.values() for layer in run.layers[1:]}
+    blocks = [b for b in blocks if b.layer not in skipped]
     build = _Builder(g, model)
     ids = g.placeholder("ids")
     emb, rest = blocks[0], blocks[1:]
@@ -155,3 +174,21 @@ def build_graph(blocks: list[Block], model: nn.Module, glue: Glue | None = None,
             h = build.node("add", (h, out), "h", layer=b.layer, dims=scale)
         i += 1
     return g
+
+
+def layer_runs(blocks: list[Block], representative: dict[int, int]) -> dict[int, Run]:
+    """First layer -> the run of consecutive layers of its structure (one representative) that
+    starts there, for runs of two layers or more; each layer's prefix is its blocks' parent FQN."""
+    prefixes: dict[int, str] = {}
+    for b in blocks:
+        if b.layer is not None:
+            prefixes.setdefault(b.layer, b.fqn.rsplit(".", 1)[0])
+    found: dict[int, Run] = {}
+    run: list[int] = []
+    for layer in sorted(prefixes):
+        if run and (layer != run[-1] + 1 or representative.get(layer, layer) != representative.get(run[0], run[0])):
+            run = []
+        run.append(layer)
+        if len(run) > 1:
+            found[run[0]] = Run(tuple(run), tuple(prefixes[i] for i in run))
+    return found

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from planc.errors import ModelError, one_line
+from planc.lift.restore import touch
 from planc.dims import CLAMPED_GLU, ExpertsLayout, GqaDims, MlaDims, RouterDims
 from planc.lift.glue import Scale
 from planc.ops import Ops, act, apply_rope, unit_rmsnorm
@@ -826,6 +827,7 @@ def long_rope(model: nn.Module) -> None:
     short_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu")
     long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu", seq_len=original + 1)
     device, dtype = rotary.inv_freq.device, rotary.inv_freq.dtype
+    touch(rotary)
     if "long_inv_freq" in vars(rotary):  # transformers' own copy, a plain attribute
         delattr(rotary, "long_inv_freq")
     rotary.register_buffer("short_inv_freq", short_inv_freq.to(device, dtype), persistent=False)
@@ -847,7 +849,7 @@ def router_bias_on_gate(model: nn.Module) -> None:
         if hasattr(gate, "e_score_correction_bias") or hasattr(holder, "e_score_correction_bias"):
             continue
         if name in inspect.signature(gate.forward).parameters:
-            holder.register_buffer("e_score_correction_bias", getattr(moe, name).detach(), persistent=False)
+            touch(holder).register_buffer("e_score_correction_bias", getattr(moe, name).detach(), persistent=False)
 
 
 ROUTER_BIASES = ("e_score_correction_bias", "expert_bias")  # a correction bias the MoE block holds
@@ -900,7 +902,7 @@ def rope_per_layer_type(model: nn.Module) -> None:
         if held is not None and not isinstance(held, LayerRope):
             raise ModelError(f"model.layers.{i}.self_attn ({type(attn).__name__}): has a child named "
                              "rotary already, where planc would attach the layer's rope frequencies")
-        attn.rotary = LayerRope(inv_freq, float(getattr(rotary, f"{types[i]}_attention_scaling", 1.0)))
+        touch(attn).rotary = LayerRope(inv_freq, float(getattr(rotary, f"{types[i]}_attention_scaling", 1.0)))
 
 
 def _layer_rope(attn: nn.Module, rope: Rope) -> Rope:
@@ -993,15 +995,25 @@ def _stateful_block(attn: nn.Module, fqn: str, layer: int, rope: Rope) -> Block:
                          "each decode step, and a captured graph of one forward has no cache to carry") from exc
 
 
-def recognize(model: nn.Module) -> list[Block]:
+def recognize(model: nn.Module, same: dict[int, int] | None = None) -> list[Block]:
     """The blocks of a decoder LM, in execution order; an unrecognized feed-forward block or norm
-    is a `captured` block (run as its exported graph, replicated)."""
+    is a `captured` block (run as its exported graph, replicated).
+
+    same: layer -> an earlier layer of the same structure (planc.lift.structure.representatives),
+    whose blocks it takes, moved to its own FQNs, rather than being recognized again."""
     prefix, base, final_norm = _decoder(model)
     rope = _rope(base)
     blocks = [Block("embedding", f"{prefix}.embed_tokens", type(base.embed_tokens).__name__, None, None,
                     {"scale": _embedding_scale(base.embed_tokens)})]
+    own: dict[int, list[Block]] = {}  # a recognized layer's blocks
     for i, layer in enumerate(base.layers):
         lp = f"{prefix}.layers.{i}"
+        j = (same or {}).get(i, i)
+        if j != i:
+            cut = len(f"{prefix}.layers.{j}")
+            blocks += [replace(b, fqn=lp + b.fqn[cut:], layer=i) for b in own[j]]
+            continue
+        start = len(blocks)
         attention, mlp = _layer_layout(layer, lp)
         cores = (_stateful_block(layer.self_attn, f"{lp}.self_attn", i, _layer_rope(layer.self_attn, rope)),
                  _ffn_or_captured(getattr(layer, mlp.block), f"{lp}.{mlp.block}", i, model.config))
@@ -1013,6 +1025,7 @@ def recognize(model: nn.Module) -> list[Block]:
             blocks.append(core)
             if branch.post:
                 blocks.append(replace(_norm_or_captured(getattr(layer, branch.post), f"{lp}.{branch.post}", i), post=True))
+        own[i] = blocks[start:]
     blocks.append(_norm_or_captured(getattr(base, final_norm), f"{prefix}.{final_norm}", None))
     blocks.append(Block("lm_head", "lm_head", "Linear", None, None, {"vocab": model.lm_head.out_features}))
     return blocks

@@ -19,30 +19,62 @@ PER_LAYER = frozenset(("layer_idx",))
 PLAIN = frozenset((bool, int, float, str, type(None)))
 
 
-def representatives(layers: nn.ModuleList, blocks: list[Block]) -> dict[int, int]:
-    """Each layer's index -> the index of the first layer of the same structure."""
+def representatives(layers: nn.ModuleList, blocks: list[Block] | None = None, config=None) -> dict[int, int]:
+    """Each layer's index -> the index of the first layer of the same structure (`blocks`: the
+    layers' recognized blocks, compared too where given; `config`: the model's, whose per-layer
+    entries are part of a layer's structure)."""
     by_layer: dict[int | None, list[Block]] = {}
-    for b in blocks:
+    for b in blocks or ():
         by_layer.setdefault(b.layer, []).append(b)
-    found: list[tuple[tuple, int]] = []
+    indexed = per_layer_entries(config, len(layers))
+    found: dict[tuple, int] = {}
     rep = {}
     for i, layer in enumerate(layers):
-        sig = signature(layer, by_layer.get(i, []))
-        rep[i] = next((j for other, j in found if other == sig), i)
-        if rep[i] == i:
-            found.append((sig, i))
+        key = (_recognized(by_layer.get(i, [])), module_signature(layer), tuple((k, v[i]) for k, v in indexed))
+        rep[i] = found.setdefault(key, i)
     return rep
 
 
+def per_layer_entries(config, num_layers: int) -> list[tuple[str, list]]:
+    """The config's lists with one entry per layer (layer_types, ...): what the lift may read for a
+    layer by its index rather than off its modules."""
+    if config is None:
+        return []
+    return [(k, v) for k, v in sorted(vars(config).items()) if isinstance(v, list) and len(v) == num_layers]
+
+
 def signature(layer: nn.Module, blocks: list[Block]) -> tuple:
-    """Everything about a layer that its lift depends on, bar its weights' values."""
+    """Everything about a layer that its lift depends on, bar its weights' values (and the config's
+    per-layer entries, which representatives adds)."""
+    return _recognized(blocks), module_signature(layer)
+
+
+def _recognized(blocks: list[Block]) -> tuple:
     prefix = f"{blocks[0].fqn.rsplit('.', 1)[0]}." if blocks else ""
-    recognized = tuple((b.fqn.removeprefix(prefix), b.kind, b.cls, b.dims, _value(b.attrs)) for b in blocks)
-    return recognized, tuple((name, type(m), _attributes(m), _tensors(m), _hooks(m)) for name, m in layer.named_modules())
+    return tuple((b.fqn.removeprefix(prefix), b.kind, b.cls, b.dims, _value(b.attrs)) for b in blocks)
+
+
+def module_signature(layer: nn.Module) -> tuple:
+    """Each module's name, class, plain attributes, tensor shapes and dtypes, and hooks, depth first
+    (named_modules' order, walked here without its generators: this runs for every module of
+    every layer)."""
+    out, stack = [], [("", layer)]
+    while stack:
+        name, m = stack.pop()
+        out.append((name, type(m), _attributes(m), _tensors(m), _hooks(m)))
+        children = m._modules
+        if children:
+            dot = f"{name}." if name else ""
+            stack += [(dot + k, c) for k, c in reversed(children.items()) if c is not None]
+    return tuple(out)
 
 
 def _attributes(m: nn.Module) -> tuple:
-    return tuple((k, _value(v)) for k, v in vars(m).items() if not k.startswith("_") and k not in PER_LAYER)
+    out = []
+    for k, v in vars(m).items():
+        if k[0] != "_" and k not in PER_LAYER:
+            out.append((k, v if type(v) in PLAIN else _value(v)))
+    return tuple(out)
 
 
 def _value(v: object) -> object:
@@ -59,10 +91,11 @@ def _value(v: object) -> object:
 
 
 def _tensors(m: nn.Module) -> tuple:
-    named = list(m._parameters.items()) + list(m._buffers.items())
-    return tuple((name, None if t is None else (tuple(t.shape), t.dtype)) for name, t in named)
+    named = [*m._parameters.items(), *m._buffers.items()]
+    return tuple((name, None if t is None else (t.shape, t.dtype)) for name, t in named) if named else ()
 
 
 def _hooks(m: nn.Module) -> tuple:
-    hooks = (m._forward_pre_hooks, m._forward_hooks)
-    return tuple(id(h) for table in hooks for h in table.values())
+    if not m._forward_pre_hooks and not m._forward_hooks:
+        return ()
+    return tuple(id(h) for table in (m._forward_pre_hooks, m._forward_hooks) for h in table.values())

@@ -66,9 +66,9 @@ def collective_of(node: dict) -> str | None:
 def layer_runs(nodes: list[dict]) -> list[list[int]]:
     """Consecutive layers whose nodes agree in kind, strategy, rule and shard, as lists of layer indices."""
     by_layer: dict[int, list[tuple]] = {}
-    for n in nodes:
-        if n.get("layer") is not None:
-            by_layer.setdefault(n["layer"], []).append(
+    for n in nodes:  # a node of a folded run (`run`: first layer, count) stands for every layer of it
+        for layer in range(n["run"][0], sum(n["run"])) if n.get("run") else [n["layer"]] if n.get("layer") is not None else []:
+            by_layer.setdefault(layer, []).append(
                 (n["kind"], n.get("strategy"), n.get("rule"), tuple(sorted(n.get("shard", {}).items()))))
     return [[layer for layer, _ in run] for _, run in groupby(sorted(by_layer.items()), key=lambda item: item[1])]
 

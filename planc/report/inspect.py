@@ -50,6 +50,7 @@ class Line:
     strategy: str = ""
     numbers: dict[str, str] = field(default_factory=dict)
     node: str | None = None
+    also: tuple[str, ...] = ()  # the cells of the other layers of a folded run the line's loop body runs
 
 
 @dataclass
@@ -114,23 +115,32 @@ def parse_program(source: str, nodes: dict[str, dict], captured: frozenset[str] 
         if node is None:
             lines.append(Line(text))
         elif node.get("rule") is None and node.get("fqn") in captured:
-            lines.append(Line(text, None, cell_of(node["fqn"]), CAPTURED, node=node["name"]))
+            lines.append(Line(text, None, cell_of(node["fqn"]), CAPTURED, node=node["name"], also=_also(node, node["fqn"])))
         elif node.get("rule") is None:
             block = node.get("block") or ""
             lines.append(Line(text, None, cell_of(block) if block else None, node.get("strategy") or "replicated",
-                              node=node["name"]))
+                              node=node["name"], also=_also(node, block)))
         else:
             where = node.get("block") or node.get("fqn", "")
             lines.append(Line(text, node["rule"], cell_of(where), node["strategy"],
-                              {k: str(v) for k, v in node.get("shard", {}).items()}, node["name"]))
+                              {k: str(v) for k, v in node.get("shard", {}).items()}, node["name"], _also(node, where)))
     return lines
+
+
+def _also(node: dict, where: str) -> tuple[str, ...]:
+    """For a node of a folded run's first layer: the cells of `where` in the run's other layers."""
+    first, count = node.get("run") or (None, 1)
+    key = cell_of(where) if count > 1 else None
+    if key is None or not key.startswith(f"{first}:"):
+        return ()
+    return tuple(f"{layer}:{key.split(':', 1)[1]}" for layer in range(first + 1, first + count))
 
 
 def build_grid(report: dict, lines: list[Line]) -> dict[str, Cell]:
     cells: dict[str, Cell] = {}
     for line in lines:
-        if line.cell:
-            cell = cells.setdefault(line.cell, Cell(strategy=line.strategy, from_program=True))
+        for key in (line.cell, *line.also) if line.cell else ():
+            cell = cells.setdefault(key, Cell(strategy=line.strategy, from_program=True))
             if line.rule is not None:
                 if not cell.rules:
                     cell.strategy = line.strategy  # the block's first line from a rule names its strategy

@@ -14,7 +14,10 @@ communicates, stored once with one entry per rank in each list:
     {"node": "all_reduce", "kind": "all_reduce", ..., "weight_bytes": [0, 0], "kv_bytes_per_token": [0, 0],
      "collectives": [{"op": "all_reduce", "calls": 1, "bytes_per_token": 512}]}
 
-Summed over the nodes they are `per_rank` and `collectives_per_decode_step` exactly.
+Summed over the nodes they are `per_rank` and `collectives_per_decode_step` exactly. In a folded
+graph (planc.ir.Run) the body of a run of identical layers is listed once, its entries carrying
+`run: [first layer, count]`; planc.cost.decode_ops reads them out layer by layer. Everything else
+here (cache layouts, collectives, candidates, records) is given for every layer.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from planc.codegen.partition import owned_names, owners
-from planc.ir import OPS, info
+from planc.ir import OPS, Run, info, repeats, run_holding, run_of, runs, unfold_entries
 from planc.lift.captured import captured_nodes
 from planc.passes import STRATEGIES
 from planc.passmanager import PassContext
@@ -38,8 +41,15 @@ def node_cache(node: fx.Node) -> dict | None:
 
 
 def cache_specs(graph: fx.Graph) -> dict[str, dict]:
-    """Per attention op: what one rank caches per token."""
-    return {info(node).fqn: spec for node in graph.nodes if (spec := node_cache(node)) is not None}
+    """Per attention op (every layer of a folded run): what one rank caches per token."""
+    return {fqn: spec for node in graph.nodes if (spec := node_cache(node)) is not None
+            for fqn in _fqns(graph, info(node))}
+
+
+def _fqns(graph: fx.Graph, m) -> list[str]:
+    """The node's FQN in every layer it stands for (one, outside a folded run)."""
+    run = run_of(graph, m)
+    return run.fqns(m.fqn) if run is not None else [m.fqn]
 
 
 def cache_width(spec: dict) -> int:
@@ -89,12 +99,13 @@ def collectives_per_step(graph: fx.Graph, elem: int, world: int, step: str = "de
     collective: node_collectives summed over the graph."""
     out: dict[str, dict] = {}
     for node in graph.nodes:
+        times = repeats(graph, info(node)) if "planc" in node.meta else 1
         for c in node_collectives(node, elem, world, step):
             entry = out.setdefault(c["op"], {"calls": 0})
-            entry["calls"] += c["calls"]
+            entry["calls"] += c["calls"] * times
             for key in ("bytes_per_token", "bytes_per_token_max"):
                 if key in c:
-                    entry[key] = entry.get(key, 0) + c[key]
+                    entry[key] = entry.get(key, 0) + c[key] * times
     return out
 
 
@@ -128,13 +139,22 @@ def decode_ops(graph: fx.Graph, rank_tensors: list[dict[str, torch.Tensor]], ele
                  "collectives": node_collectives(node, elem, world, "decode")}
         if any(entry["weight_bytes"]) or any(entry["kv_bytes_per_token"]) or entry["collectives"]:
             ops.append(entry)
-    return ops
+    found = runs(graph)  # a folded run's body is listed once, `run: [first layer, count]` (planc.cost.decode_ops)
+    return [dict(e, run=[e["layer"], len(found[e["layer"]].layers)]) if e["layer"] in found else e for e in ops]
 
 
 def run_as_captured(graph: fx.Graph) -> list[dict]:
     """Blocks planc did not lift, run whole on every rank as their exported graph, and why."""
-    return [{"block": m.fqn, "class": m.cls, "function": m.dims.fn.name, "why": m.dims.why}
-            for m in map(info, captured_nodes(graph))]
+    return [{"block": fqn, "class": m.cls, "function": m.dims.fn.name, "why": m.dims.why}
+            for m in map(info, captured_nodes(graph)) for fqn in _fqns(graph, m)]
+
+
+def _folded_bytes(graph: fx.Graph, rank_tensors: list[dict[str, torch.Tensor]]) -> list[int]:
+    """Each rank's weight bytes in a folded graph: a node of a run's first layer holds its tensors
+    once for every layer of the run (partition slices the first layer's alone)."""
+    times = {node.name: repeats(graph, info(node)) for node in owners(graph).values()}
+    by_node = weight_bytes_by_node(graph, rank_tensors)
+    return [sum(b[r] * times[name] for name, b in by_node.items()) for r in range(len(rank_tensors))]
 
 
 def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -143,7 +163,19 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
 
 def candidates(graph: fx.Graph, ctx: PassContext) -> dict[str, list[dict]]:
     """Per strategy that surveys its candidates: every place it could rewrite, and what became of it."""
-    return {s.name: s.candidates(graph, ctx) for s in STRATEGIES if s.candidates}
+    return {s.name: unfold_entries(s.candidates(graph, ctx), lambda c: run_holding(graph, c["target"]), _moved)
+            for s in STRATEGIES if s.candidates}
+
+
+def _moved(candidate: dict, run: Run, i: int) -> dict:
+    """A folded run's candidate as it reads in the run's i-th layer."""
+    fqn = run.fqn(candidate["target"], i)
+    out = dict(candidate, target=fqn)
+    if "layer" in out:
+        out["layer"] = run.layers[i]
+    if out.get("detail"):
+        out["detail"] = run.text(out["detail"], i)
+    return out
 
 
 def approximations(graph: fx.Graph) -> dict[str, dict[str, str]]:
@@ -154,7 +186,8 @@ def approximations(graph: fx.Graph) -> dict[str, dict[str, str]]:
     for node in graph.nodes:
         m = info(node) if "planc" in node.meta else None
         if m is not None and m.strategy in judges and m.fqn not in found and (what := judges[m.strategy](m)):
-            found[m.fqn] = {"strategy": m.strategy, "what": what}
+            for fqn in _fqns(graph, m):
+                found[fqn] = {"strategy": m.strategy, "what": what}
     return found
 
 
@@ -217,10 +250,11 @@ def build_report(graph: fx.Graph, ctx: PassContext, rank_tensors: list[dict[str,
                  elem: int, checks: list, meta: bool) -> dict:
     specs = cache_specs(graph)
     world = ctx.world_size
+    weights = [tensor_bytes(t) for t in rank_tensors] if not runs(graph) else _folded_bytes(graph, rank_tensors)
     return {
         "world_size": world,
-        "per_rank": [{"rank": r, "weight_bytes": tensor_bytes(t), "kv_bytes_per_token": kv_bytes_per_token(specs, elem, r)}
-                     for r, t in enumerate(rank_tensors)],
+        "per_rank": [{"rank": r, "weight_bytes": w, "kv_bytes_per_token": kv_bytes_per_token(specs, elem, r)}
+                     for r, w in enumerate(weights)],
         "kv_width_per_rank": {fqn: cache_width(s) for fqn, s in specs.items()},
         "collectives_per_decode_step": collectives_per_step(graph, elem, world, "decode"),
         "decode_ops": decode_ops(graph, rank_tensors, elem, world),

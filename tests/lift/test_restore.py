@@ -8,7 +8,7 @@ import torch
 import transformers as T
 
 from planc.driver import compile
-from planc.lift.restore import restored
+from planc.lift.restore import restored, touch
 from planc.plan import parse_plan_text
 from tests.lift.test_layouts import COMMON, PLAN, build
 
@@ -56,11 +56,11 @@ def test_what_the_lift_attaches_is_taken_off_again(tmp_path, name):
 def test_a_compile_that_raises_still_gives_the_model_back():
     model = build("phi3_longrope")
     before = _state(model)
-    with pytest.raises(RuntimeError, match="stop"), restored(model):
-        model.model.layers[0].self_attn.register_module("extra", torch.nn.Linear(2, 2))
-        model.model.layers[0].mlp.register_buffer("b", torch.zeros(1), persistent=False)
-        model.model.note = 1
-        del model.model.layers[0].self_attn.head_dim
+    with pytest.raises(RuntimeError, match="stop"), restored(model):  # each change after a touch, as the lift's
+        touch(model.model.layers[0].self_attn).register_module("extra", torch.nn.Linear(2, 2))
+        touch(model.model.layers[0].mlp).register_buffer("b", torch.zeros(1), persistent=False)
+        touch(model.model).note = 1
+        del touch(model.model.layers[0].self_attn).head_dim  # touched twice: noted once, before the first change
         raise RuntimeError("stop")
     assert _state(model) == before
     assert model.model.layers[0].self_attn.head_dim == 16 and not hasattr(model.model, "note")
