@@ -25,7 +25,7 @@ from planc.codegen.emit_program import emit_program
 from planc.codegen.partition import model_tensors, partition
 from planc.dims import DTYPES
 from planc.errors import ModelError, PlanError
-from planc.ir import RuleRef, runs
+from planc.ir import RuleRef, loop_misfit, runs
 from planc.lift import Lifted, lift
 from planc.lift.captured import captured_lines
 from planc.lift.dynamo import DynamoCaptured
@@ -129,9 +129,11 @@ def parallelize(lifted: fx.Graph | Lifted, plan: Plan, model: nn.Module | None =
     if isinstance(lifted, Lifted) and lifted.unfolded is not None and runs(graph) and not layer_blind(graph, plan):
         graph = lifted.unfolded()
     ctx = PassContext(plan.mesh.devices, strict, Profiles(model, meta))
-    graph = run_passes(bind(graph, plan), STRATEGIES, rule_refs(plan), ctx)
-    ctx.unfold(graph)
-    return graph, ctx
+    done = run_passes(bind(graph, plan), STRATEGIES, rule_refs(plan), ctx)
+    if isinstance(lifted, Lifted) and runs(done) and loop_misfit(done) is not None:  # no loop can run a body: unfold
+        return parallelize(lifted.unfolded(), plan, model, strict=strict, meta=meta)
+    ctx.unfold(done)
+    return done, ctx
 
 
 def passes_that_ran(ctx: PassContext) -> str:
@@ -159,7 +161,8 @@ def gc_paused() -> Iterator[None]:
 def compile(model: nn.Module | str | None, plan: Plan | str | Path, out: str | Path, *,
             meta: bool = False, strict: bool = False, log=None, captured: DynamoCaptured | None = None) -> Artifact:
     """`captured`: the model's graph from another front end (the torch.compile backend's Dynamo
-    graph); without it the lift captures the model with torch.export."""
+    graph); without it the lift captures the model with torch.export. On meta, runs of identical
+    layers are compiled folded (parallelize), the program looping over them."""
     log = log or (lambda msg: None)
     started = time.perf_counter()
     plan = plan if isinstance(plan, Plan) else load_plan(plan)

@@ -304,6 +304,34 @@ def unfold_fqn(graph: fx.Graph, fqn: str) -> list[str]:
     return [f for f, _ in unfold_layers(graph, fqn)]
 
 
+def run_bodies(graph: fx.Graph) -> dict[int, list[fx.Node]]:
+    """First layer of each folded run -> its body: the nodes of that layer, which a program runs
+    as a loop over the run's layers."""
+    found = runs(graph)
+    bodies: dict[int, list[fx.Node]] = {}
+    for n in graph.nodes:
+        if "planc" in n.meta and info(n).layer in found:
+            bodies.setdefault(info(n).layer, []).append(n)
+    return bodies
+
+
+def loop_misfit(graph: fx.Graph) -> str | None:
+    """Why a folded graph cannot run each run as a loop (None when it can): a body must be one
+    stretch of the graph that reads one value of the layers before (the residual stream, carried
+    from layer to layer) and gives one value to what follows."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for layer, body in run_bodies(graph).items():
+        inside = set(body)
+        carried = {a for n in body for a in n.all_input_nodes if a not in inside and a.op != "placeholder"}
+        out = [n for n in body if any(u not in inside for u in n.users)]
+        if order[body[-1]] - order[body[0]] + 1 != len(body):
+            return f"layer {layer}'s nodes are not one stretch of the graph"
+        if len(carried) != 1 or len(out) != 1 or any(u not in inside for a in carried for u in a.users):
+            return (f"layer {layer} reads {sorted(a.name for a in carried)} of the layers before and gives "
+                    f"{[n.name for n in out]} to what follows; a loop carries one value")
+    return None
+
+
 def run_holding(graph: fx.Graph, fqn: str) -> Run | None:
     """The folded run whose first layer `fqn` lies in."""
     for run in runs(graph).values():

@@ -7,7 +7,11 @@ Recognition is structural (planc.lift.recognize); a feed-forward block no recogn
 as captured, its exported graph emitted as code (planc.lift.captured). The model is captured with one decoder layer
 per structure (planc.lift.structure), so capture costs the same at any depth; each captured block
 is confirmed numerically against the captured subgraph (planc.lift.check) unless the model lives
-on the meta device, and every other layer stands on its representative's checks.
+on the meta device, and every other layer stands on its representative's checks. Layers of one
+structure (planc.lift.structure: modules, and the config's entries for the layer) are recognized
+once. With `fold`, a run of consecutive layers of one structure is built once, as its first layer,
+the graph recording the run (planc.ir.Run): planc.driver folds on meta, where nothing else tells
+those layers apart.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from planc.lift.fused import split_fused
 from planc.lift.check import Check, check_blocks, junctions, structural_checks
 from planc.lift.glue import read_glue
 from planc.lift.graph import build_graph
-from planc.lift.recognize import Block, long_rope, recognize, rope_per_layer_type, router_bias_on_gate
+from planc.lift.recognize import Block, decoder_layers, long_rope, recognize, rope_per_layer_type, router_bias_on_gate
 from planc.lift.structure import representatives
 
 
@@ -50,7 +54,7 @@ def lift(model: nn.Module, *, check: bool, captured: Captured | DynamoCaptured |
     router_bias_on_gate(model)  # MiniMax-M2's router correction bias, held by the MoE block: on its gate too
     # layers of one structure (modules, and the config's entries for the layer) recognize alike: the first of each is
     # recognized, the others take its blocks (the cheap structural check per layer is that comparison)
-    representative = representatives(model.model.layers, config=getattr(model, "config", None))
+    representative = representatives(decoder_layers(model), config=getattr(model, "config", None))
     blocks = recognize(model, representative)
     blocks = with_code(model, blocks, representative)
     captured = captured or capture(model, layers=sorted(set(representative.values())))

@@ -772,6 +772,11 @@ def _embedding_scale(emb: nn.Module) -> Scale | None:
 FINAL_NORMS = ("norm", "final_layernorm")  # the decoder's last norm (Phi: final_layernorm)
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder's layers (model.model.layers), once the model is laid out as planc lifts."""
+    return _decoder(model)[1].layers
+
+
 def _decoder(model: nn.Module) -> tuple[str, nn.Module, str]:
     """(the decoder's FQN, the decoder, the name of its final norm)."""
     base = getattr(model, "model", None)

@@ -145,8 +145,10 @@ def decode_ops(graph: fx.Graph, rank_tensors: list[dict[str, torch.Tensor]], ele
 
 def run_as_captured(graph: fx.Graph) -> list[dict]:
     """Blocks planc did not lift, run whole on every rank as their exported graph, and why."""
-    return [{"block": fqn, "class": m.cls, "function": m.dims.fn.name, "why": m.dims.why}
-            for m in map(info, captured_nodes(graph)) for fqn in _fqns(graph, m)]
+    found = [{"block": m.fqn, "class": m.cls, "function": m.dims.fn.name, "why": m.dims.why}
+             for m in map(info, captured_nodes(graph))]
+    return unfold_entries(found, lambda e: run_holding(graph, e["block"]),
+                          lambda e, run, i: dict(e, block=run.fqn(e["block"], i), why=run.text(e["why"], i)))
 
 
 def _folded_bytes(graph: fx.Graph, rank_tensors: list[dict[str, torch.Tensor]]) -> list[int]:

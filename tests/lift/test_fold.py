@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+import transformers as T
 
 import planc.cost as cost
 import planc.driver as driver
@@ -17,7 +18,8 @@ from planc.cost import decode_ops
 from planc.codegen.artifact import Program, write_artifact
 from planc.codegen.emit_program import emit_program
 from planc.codegen.partition import model_tensors, partition
-from planc.ir import info, runs
+from planc.ir import NodeInfo, add_node, info, loop_misfit, runs
+from planc.lift.glue import Scale
 from planc.lift import lift
 from planc.models.registry import load_model
 from planc.plan import parse_plan_text
@@ -26,6 +28,8 @@ from planc.report.report import build_report, cache_specs
 from planc.runtime.decode import generate
 from planc.runtime.model import Model
 from planc.runtime.threads import run_threads
+from tests.lift.test_layouts import COMMON, build
+from tests.lift.test_layouts import PLAN as LAYOUT_PLAN
 
 PLAN = """version: 1
 mesh: {devices: 2}
@@ -99,19 +103,32 @@ def test_inspect_shows_every_layer_of_a_folded_run(both):
     assert a["grid"] == b["grid"] and a["picture"].runs == b["picture"].runs == [(0, 1), (1, 3)]
 
 
-def test_the_folded_program_on_real_weights_gives_the_unfolded_logits(tmp_path):
+OTHERS = {  # GQA with a MoE (experts split over ranks), and OLMo's weightless LayerNorms run as captured
+    "qwen3_moe": (lambda: T.Qwen3MoeConfig(**COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                           moe_intermediate_size=32), LAYOUT_PLAN + "  - match: \"model.layers.*.mlp\"\n"
+                                                                                   "    moe: {strategy: ep}\n"),
+    "olmo": (lambda: T.OlmoConfig(**COMMON), LAYOUT_PLAN),
+}
+
+
+@pytest.mark.parametrize("name", ["tiny-deepseek", *OTHERS])
+def test_the_folded_program_on_real_weights_gives_the_unfolded_logits(tmp_path, name):
     """The meta compile's loop, run on the weights of the compile with weights (the same graph
     folded, so the same shards): every step's logits equal to the unfolded program's."""
-    plan = parse_plan_text(PLAN, "plan.yaml")
-    model = load_model("tiny-deepseek")
+    if name == "tiny-deepseek":
+        plan, model = parse_plan_text(PLAN, "plan.yaml"), load_model("tiny-deepseek")
+    else:
+        config, text = OTHERS[name]
+        plan, model = parse_plan_text(text, "plan.yaml"), build("", config=config())
     unfolded = driver.compile(model, plan, tmp_path / "unfolded").path
     graph, ctx = driver.parallelize(lift(model, check=False, fold=True), plan, model)
-    assert runs(graph) and {info(n).layer for n in graph.nodes if "planc" in n.meta} == {None, 0, 1}
+    assert runs(graph) and len({info(n).layer for n in graph.nodes if "planc" in n.meta}) < model.config.num_hidden_layers + 1
     ranks = partition(graph_unfolded := driver.parallelize(lift(model, check=False), plan, model)[0],
                       model_tensors(model, graph_unfolded), 2)
     manifest = json.loads((unfolded / "manifest.json").read_text())
     keep = {k: v for k, v in manifest.items() if k not in ("format_version", "programs", "files", "manifest_sha256")}
-    program = emit_program(graph, model="tiny-deepseek", world_size=2, plan_hash=plan.hash())
+    program = emit_program(graph, model=name, world_size=2, plan_hash=plan.hash())
+    assert "for layer in LAYERS_" in program
     assert cache_specs(graph) == cache_specs(graph_unfolded)
     folded = write_artifact(tmp_path / "folded", manifest=keep, programs={"target": Program(program, cache_specs(graph), ranks)},
                             report=build_report(graph, ctx, ranks, elem=4, checks=[], meta=False))
@@ -128,3 +145,30 @@ def test_a_rule_telling_a_runs_layers_apart_unfolds_the_graph(tmp_path):
     artifact = driver.compile("tiny-deepseek", plan, tmp_path / "out", meta=True)
     assert "for layer in" not in artifact.program
     assert "'model.layers.2.mlp.gate'" not in artifact.program and "'model.layers.3.mlp.gate'" in artifact.program
+
+
+def _misfit_after(graph):
+    """A folded graph whose layer-1 body is split by a node of no layer (what a pass inserting one
+    outside the layer would leave)."""
+    body = [n for n in graph.nodes if "planc" in n.meta and info(n).layer == 1]
+    with graph.inserting_after(body[2]):
+        stray = add_node(graph, "scale", (body[2],), NodeInfo(kind="scale", dims=Scale("mul", 1.0)))
+    body[2].replace_all_uses_with(stray, delete_user_cb=lambda user: user is not stray)
+    return graph
+
+
+def test_a_body_no_loop_can_run_is_named_and_the_compile_unfolds_it(tmp_path, monkeypatch):
+    model = load_model("tiny-deepseek", meta=True)
+    plan = parse_plan_text(PLAN, "plan.yaml")
+    graph, _ = driver.parallelize(lift(model, check=False, fold=True), plan, model, meta=True)
+    assert loop_misfit(graph) is None
+    assert loop_misfit(_misfit_after(graph)) == "layer 1's nodes are not one stretch of the graph"
+    real = driver.run_passes
+
+    def passes_leaving_a_misfit(*args):
+        done = real(*args)
+        return _misfit_after(done) if runs(done) else done
+
+    monkeypatch.setattr(driver, "run_passes", passes_leaving_a_misfit)
+    artifact = driver.compile("tiny-deepseek", plan, tmp_path / "out", meta=True)
+    assert "for layer in" not in artifact.program and "'model.layers.3.self_attn.o_proj.weight'" in artifact.program

@@ -331,6 +331,13 @@ def test_a_model_whose_layers_name_their_attention_otherwise_is_refused_before_i
         lift(build("", config=config), check=False)
 
 
+def test_a_model_with_no_model_layers_is_refused_before_its_layers_are_compared():
+    """GPT-2 keeps its blocks under transformer.h: the lift says what layout it lifts."""
+    config = T.GPT2Config(vocab_size=260, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    with pytest.raises(ModelError, match="GPT2LMHeadModel: not a decoder LM laid out as"):
+        lift(build("", config=config), check=False)
+
+
 def test_fused_projections_lift_as_their_parts_and_ranks_get_only_the_parts(tmp_path):
     model = build("phi3_fused_partial_rope")
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
