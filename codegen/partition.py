@@ -76,13 +76,11 @@ def model_tensors(model: torch.nn.Module, graph: fx.Graph | None = None) -> Tens
     if graph is None:
         return unfused_tensors(model)
     found: Tensors = {}
-    for fqn in [*owners(graph), ROTARY]:
-        try:
-            module = model.get_submodule(fqn)
-        except AttributeError:  # a model without a shared rope
-            continue
-        found |= unfused_tensors(module, fqn) if fqn != ROTARY else {
-            name: t for name, t in named_tensors(module, fqn).items() if name in ROTARY_TENSORS}
+    for fqn in owners(graph):
+        found |= unfused_tensors(model.get_submodule(fqn), fqn)
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if isinstance(rotary, torch.nn.Module):
+        found |= {name: t for name, t in named_tensors(rotary, ROTARY).items() if name in ROTARY_TENSORS}
     return found
 
 

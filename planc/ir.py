@@ -301,7 +301,8 @@ def repeats(graph: fx.Graph, m: NodeInfo) -> int:
 
 def unfold_fqn(graph: fx.Graph, fqn: str) -> list[str]:
     """Every module FQN a folded graph's `fqn` stands for: one per layer of the run it lies in."""
-    return [f for f, _ in unfold_layers(graph, fqn)]
+    run = run_holding(graph, fqn)
+    return run.fqns(fqn) if run is not None else [fqn]
 
 
 def run_bodies(graph: fx.Graph) -> dict[int, list[fx.Node]]:
@@ -321,15 +322,22 @@ def loop_misfit(graph: fx.Graph) -> str | None:
     from layer to layer) and gives one value to what follows."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     for layer, body in run_bodies(graph).items():
+        carried, out = loop_ends(body)
         inside = set(body)
-        carried = {a for n in body for a in n.all_input_nodes if a not in inside and a.op != "placeholder"}
-        out = [n for n in body if any(u not in inside for u in n.users)]
         if order[body[-1]] - order[body[0]] + 1 != len(body):
             return f"layer {layer}'s nodes are not one stretch of the graph"
         if len(carried) != 1 or len(out) != 1 or any(u not in inside for a in carried for u in a.users):
             return (f"layer {layer} reads {sorted(a.name for a in carried)} of the layers before and gives "
                     f"{[n.name for n in out]} to what follows; a loop carries one value")
     return None
+
+
+def loop_ends(body: list[fx.Node]) -> tuple[set[fx.Node], list[fx.Node]]:
+    """What a run's body reads of the graph before it (inputs aside) and which of its nodes the
+    graph after it reads."""
+    inside = set(body)
+    carried = {a for n in body for a in n.all_input_nodes if a not in inside and a.op != "placeholder"}
+    return carried, [n for n in body if any(u not in inside for u in n.users)]
 
 
 def run_holding(graph: fx.Graph, fqn: str) -> Run | None:
@@ -352,15 +360,6 @@ def unfold_entries(entries: Iterable[Any], run_of_entry: Callable[[Any], Run | N
         group = list(group)
         out += group if run is None else [move(e, run, i) for i in range(len(run.layers)) for e in group]
     return out
-
-
-def unfold_layers(graph: fx.Graph, fqn: str) -> list[tuple[str, int | None]]:
-    """(FQN, layer) for every layer a folded graph's `fqn` stands for; (fqn, None) outside a run."""
-    for run in runs(graph).values():
-        first = run.prefixes[0]
-        if fqn == first or fqn.startswith(first + "."):
-            return [(run.fqn(fqn, i), layer) for i, layer in enumerate(run.layers)]
-    return [(fqn, None)]
 
 
 def nodes_of(graph: fx.Graph, *kinds: str) -> list[fx.Node]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,16 +32,8 @@ from planc.runtime.threads import run_threads
 from tests.lift.test_layouts import COMMON, build
 from tests.lift.test_layouts import PLAN as LAYOUT_PLAN
 
-PLAN = """version: 1
-mesh: {devices: 2}
-model: {source: tiny-deepseek, dtype: float32}
-rules:
-  - match: "model.layers.*.self_attn"
-    attention: {strategy: mla_tp}
-  - match: "model.layers.0.mlp"
-    mlp: {strategy: tp}
-  - match: "model.layers.*.mlp"
-    moe: {strategy: ep}
+# the bundled example plan, and T3 on the shared experts' down projections (which ep leaves replicated: declined)
+PLAN = (Path(__file__).resolve().parents[2] / "plans" / "deepseek_mla_tp_ep.yaml").read_text() + """\
   - match: "model.layers.*.mlp.shared_experts.down_proj"
     overlap: {kind: t3}
 """
