@@ -109,10 +109,9 @@ class _Emitter:
     def loop(self, graph: fx.Graph, body: list[fx.Node], run: Run) -> None:
         """A folded run: its first layer's nodes as the body of a loop over the run's layer
         prefixes; the residual stream it reads is the one value carried from layer to layer."""
-        misfit = loop_misfit(graph)  # planc.driver.parallelize unfolds a graph with one: this is a bug's guard
-        if misfit is not None:
-            raise CompileError(f"layers {run.layers[0]}-{run.layers[-1]} cannot run as one loop: {misfit}")
         carried, out = loop_ends(body)
+        if len(carried) != 1 or len(out) != 1:  # planc.driver.parallelize unfolds such a graph: a bug's guard
+            raise CompileError(f"layers {run.layers[0]}-{run.layers[-1]} cannot run as one loop: {loop_misfit(graph)}")
         names = {n.name for n in graph.nodes}
         at = next(v for v in ("layer", "layer_", "layer__") if v not in names)
         first = run.prefixes[0]

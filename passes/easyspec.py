@@ -139,9 +139,18 @@ def draft(graph: fx.Graph, section: EasySpecSection, ctx) -> Drafted:
                    candidates(found), {"layer_parallel": found}, speculate, log)
 
 
+def describe(speculate: dict) -> str | None:
+    """`planc run`'s words for an artifact this drafting compiled (manifest["speculate"])."""
+    lp = speculate.get("layer_parallel")
+    if not lp:
+        return None
+    return (f"EasySpec layer_parallel {lp['degree']} ({lp['combine']}, "
+            f"{'calibrated' if lp['calibrate'] else 'not calibrated'})")
+
+
 DRAFTING = Drafting("easyspec", EasySpecSection, draft,
                     "EasySpec layer-parallel drafting with KV calibration; absent: the draft runs its layers in "
-                    "order (standard speculative decoding).")
+                    "order (standard speculative decoding).", describe)
 
 
 def layer_parallel(graph: fx.Graph, section: EasySpecSection, ctx) -> fx.Graph:

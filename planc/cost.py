@@ -297,9 +297,10 @@ def decode_ops(report: dict) -> list[dict]:
 
 def _moved(op: dict, first: int, layer: int) -> dict:
     """An entry of a folded run's first layer as it reads in `layer` ("model.layers.3.mlp" -> 5)."""
-    fqn, old, new = op["fqn"], f".{first}.", f".{layer}."
-    fqn = fqn.replace(old, new, 1) if old in fqn else fqn.removesuffix(f".{first}") + f".{layer}" if fqn.endswith(f".{first}") else fqn
-    return {**op, "fqn": fqn, "layer": layer}
+    parts = op["fqn"].split(".")
+    if str(first) in parts:  # the layer's index, the first component that is it
+        parts[parts.index(str(first))] = str(layer)
+    return {**op, "fqn": ".".join(parts), "layer": layer}
 
 
 def artifact_timeline(report: dict, hw: Hardware, batch: int, context: int) -> list[list[Slot]]:

@@ -93,13 +93,7 @@ def resolve_model(model: nn.Module | str | None, plan: Plan, meta: bool, *, grap
 def _evaluating(model: nn.Module) -> nn.Module:
     """The model in eval mode (dropout off); one already there is left untouched (eval() walks and
     sets every module again)."""
-    stack = [model]
-    while stack:  # nn.Module.modules() without its generators: this walks every module of a deep model
-        m = stack.pop()
-        if m.training:
-            return model.eval()
-        stack += [c for c in m._modules.values() if c is not None]
-    return model
+    return model.eval() if any(m.training for m in model.modules()) else model
 
 
 def _plan_source(plan: Plan) -> tuple[str, str]:

@@ -101,7 +101,7 @@ def _speculation(manifest: dict, results: list[dict]) -> dict:
     """Rank 0's acceptance figures, each rank's draft work, rank 0's collectives per round by phase."""
     r0, spec = results[0], manifest["speculate"]
     rounds = r0["speculation"]["rounds"]
-    return {**r0["speculation"], "draft": spec["draft"], "easyspec": spec.get("layer_parallel"),
+    return {**r0["speculation"], "draft": spec["draft"], "drafting": _drafting(spec),
             "draft_work_per_rank": [{"rank": r["rank"], **r["draft_work"]} for r in results],
             "collectives_per_round": {phase: per_step(r0["comm"].get(phase, {}), rounds)
                                       for phase in ("verify", "draft", "calibrate") if phase in r0["comm"]}}
@@ -134,11 +134,15 @@ def _batching(result: dict) -> str:
     return f"batch {result['batch_size']}: {len(result['tokens'])} prompts in {result['batches']} batches, one after another"
 
 
+def _drafting(speculate: dict) -> str:
+    """How the artifact drafts, in the words of the drafting that compiled it (passes.DRAFTINGS)."""
+    from planc.passes import DRAFTINGS
+
+    return next((how for d in DRAFTINGS if (how := d.describe(speculate))), "layer by layer")
+
+
 def format_speculation(s: dict) -> list[str]:
-    lp = s["easyspec"]
-    how = (f"EasySpec layer_parallel {lp['degree']} ({lp['combine']}, "
-           f"{'calibrated' if lp['calibrate'] else 'not calibrated'})" if lp else "layer by layer")
-    lines = [f"--- speculative: draft {s['draft']}, {s['tokens']} tokens per round, {how}",
+    lines = [f"--- speculative: draft {s['draft']}, {s['tokens']} tokens per round, {s['drafting']}",
              f"    {s['rounds']} rounds: drafted {s['drafted']}, accepted {s['accepted']}, acceptance rate "
              f"{s['acceptance_rate']:.3f}, mean accepted length {s['mean_accepted_length']:.2f} tokens per verification",
              f"    draft sequential depth {s['draft_sequential_depth']:.2f} attention steps per drafted token "

@@ -99,9 +99,12 @@ class Drafting:
     """A way of drafting for speculative decoding, written as a key of the plan's `draft:` section
     (`draft: {easyspec: {...}}`). name: that key and the pass's name; config: the section's
     pydantic model; rewrite: the pass, `(graph, section, ctx) -> Drafted`, run once on the draft's
-    graph after the draft's own rules; summary: the schema's description of the key."""
+    graph after the draft's own rules; summary: the schema's description of the key; describe: how
+    an artifact drafts, read from manifest["speculate"] (what `planc run` prints), None where this
+    drafting made none of it."""
 
     name: str
     config: type[Frozen]
     rewrite: Callable[["fx.Graph", Any, "PassContext"], Drafted]
     summary: str = ""
+    describe: Callable[[dict], str | None] = lambda speculate: None

@@ -34,7 +34,9 @@ def split_fused(model: nn.Module) -> list[str]:
     """Attach the split parts of every fused projection, and the projections named otherwise under
     planc's names (RENAMES), once per module; the fused or renamed FQNs."""
     done = []
-    for fqn, m in _parents(model):
+    for fqn, m in list(model.named_modules()):
+        if not m._modules:  # a leaf (most modules: the linears themselves)
+            continue
         children = {name for name, child in m._modules.items() if child is not None}
         for names, renames in RENAMES:
             linears = {n for n in names if isinstance(getattr(m, n), nn.Linear)} if names <= children else set()
@@ -54,18 +56,6 @@ def split_fused(model: nn.Module) -> list[str]:
                 _attach(m, "gate_up_proj", {"gate_proj": down.in_features, "up_proj": down.in_features})
                 done.append(f"{fqn}.gate_up_proj")
     return done
-
-
-def _parents(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every module with children, by FQN (leaves, most modules, are skipped without their names
-    being built), before any part is attached."""
-    out, stack = [], [("", model)]
-    while stack:
-        fqn, m = stack.pop()
-        if m._modules:
-            out.append((fqn, m))
-            stack += [(f"{fqn}.{name}" if fqn else name, c) for name, c in m._modules.items() if c is not None]
-    return out
 
 
 def _qkv_widths(attn: nn.Module) -> tuple[int, int, int] | None:

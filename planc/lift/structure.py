@@ -43,38 +43,18 @@ def per_layer_entries(config, num_layers: int) -> list[tuple[str, list]]:
     return [(k, v) for k, v in sorted(vars(config).items()) if isinstance(v, list) and len(v) == num_layers]
 
 
-def signature(layer: nn.Module, blocks: list[Block]) -> tuple:
-    """Everything about a layer that its lift depends on, bar its weights' values (and the config's
-    per-layer entries, which representatives adds)."""
-    return _recognized(blocks), module_signature(layer)
-
-
 def _recognized(blocks: list[Block]) -> tuple:
     prefix = f"{blocks[0].fqn.rsplit('.', 1)[0]}." if blocks else ""
     return tuple((b.fqn.removeprefix(prefix), b.kind, b.cls, b.dims, _value(b.attrs)) for b in blocks)
 
 
 def module_signature(layer: nn.Module) -> tuple:
-    """Each module's name, class, plain attributes, tensor shapes and dtypes, and hooks, depth first
-    (named_modules' order, walked here without its generators: this runs for every module of
-    every layer)."""
-    out, stack = [], [("", layer)]
-    while stack:
-        name, m = stack.pop()
-        out.append((name, type(m), _attributes(m), _tensors(m), _hooks(m)))
-        children = m._modules
-        if children:
-            dot = f"{name}." if name else ""
-            stack += [(dot + k, c) for k, c in reversed(children.items()) if c is not None]
-    return tuple(out)
+    """Each module's name, class, plain attributes, tensor shapes and dtypes, and hooks."""
+    return tuple((name, type(m), _attributes(m), _tensors(m), _hooks(m)) for name, m in layer.named_modules())
 
 
 def _attributes(m: nn.Module) -> tuple:
-    out = []
-    for k, v in vars(m).items():
-        if k[0] != "_" and k not in PER_LAYER:
-            out.append((k, v if type(v) in PLAIN else _value(v)))
-    return tuple(out)
+    return tuple((k, _value(v)) for k, v in vars(m).items() if not k.startswith("_") and k not in PER_LAYER)
 
 
 def _value(v: object) -> object:
@@ -91,11 +71,10 @@ def _value(v: object) -> object:
 
 
 def _tensors(m: nn.Module) -> tuple:
-    named = [*m._parameters.items(), *m._buffers.items()]
-    return tuple((name, None if t is None else (t.shape, t.dtype)) for name, t in named) if named else ()
+    named = list(m._parameters.items()) + list(m._buffers.items())
+    return tuple((name, None if t is None else (tuple(t.shape), t.dtype)) for name, t in named)
 
 
 def _hooks(m: nn.Module) -> tuple:
-    if not m._forward_pre_hooks and not m._forward_hooks:
-        return ()
-    return tuple(id(h) for table in (m._forward_pre_hooks, m._forward_hooks) for h in table.values())
+    hooks = (m._forward_pre_hooks, m._forward_hooks)
+    return tuple(id(h) for table in hooks for h in table.values())

@@ -201,14 +201,13 @@ LANGUAGE_MODEL_OF = "planc_language_model_of"
 def causal_or_multimodal(config: transformers.PretrainedConfig, where: Path | str) -> str | None:
     """None for a causal LM; the multimodal class's name (multimodal_name) for a multimodal model
     whose text part is one; refused for anything else."""
-    text = _text_config(config)
-    mapping = transformers.AutoModelForCausalLM._model_mapping
-    if type(config) not in mapping and type(text) not in mapping and (text is config or _decoder_class(text) is None):
+    text, name = _text_config(config), multimodal_name(config)
+    if name is None and type(config) not in transformers.AutoModelForCausalLM._model_mapping:
         nested = f", nor is its text config ({type(text).__name__}) a causal LM's or a decoder's" if text is not config else ""
         raise ModelError(f"{where}: {type(config).__name__} (model_type {getattr(config, 'model_type', '?')!r}) is "
                          f"not a causal LM transformers builds{nested}; planc compiles causal LMs, and the language "
                          "model of a multimodal model whose text part is a decoder transformers has")
-    return multimodal_name(config)
+    return name
 
 
 def _decoder_class(text: transformers.PretrainedConfig) -> type | None:

@@ -66,11 +66,18 @@ def collective_of(node: dict) -> str | None:
 def layer_runs(nodes: list[dict]) -> list[list[int]]:
     """Consecutive layers whose nodes agree in kind, strategy, rule and shard, as lists of layer indices."""
     by_layer: dict[int, list[tuple]] = {}
-    for n in nodes:  # a node of a folded run (`run`: first layer, count) stands for every layer of it
-        for layer in range(n["run"][0], sum(n["run"])) if n.get("run") else [n["layer"]] if n.get("layer") is not None else []:
+    for n in nodes:
+        for layer in _layers_of(n):
             by_layer.setdefault(layer, []).append(
                 (n["kind"], n.get("strategy"), n.get("rule"), tuple(sorted(n.get("shard", {}).items()))))
     return [[layer for layer, _ in run] for _, run in groupby(sorted(by_layer.items()), key=lambda item: item[1])]
+
+
+def _layers_of(n: dict) -> range | list[int]:
+    """The layers a node stands for: a folded run's (`run`: first layer, count), else its own."""
+    if n.get("run"):
+        return range(n["run"][0], sum(n["run"]))
+    return [n["layer"]] if n.get("layer") is not None else []
 
 
 def _layer_suffix(n: dict) -> str:

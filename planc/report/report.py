@@ -124,10 +124,9 @@ def weight_bytes_by_node(graph: fx.Graph, rank_tensors: list[dict[str, torch.Ten
     return out
 
 
-def decode_ops(graph: fx.Graph, rank_tensors: list[dict[str, torch.Tensor]], elem: int, world: int) -> list[dict]:
+def decode_ops(graph: fx.Graph, weights: dict[str, list[int]], elem: int, world: int) -> list[dict]:
     """Every node of a decode step that reads weights or cached tokens or communicates, in program
     order, with its bytes on each rank (the module docstring shows an entry)."""
-    weights = weight_bytes_by_node(graph, rank_tensors)
     ops = []
     for node in graph.nodes:
         if "planc" not in node.meta:
@@ -151,16 +150,11 @@ def run_as_captured(graph: fx.Graph) -> list[dict]:
                           lambda e, run, i: dict(e, block=run.fqn(e["block"], i), why=run.text(e["why"], i)))
 
 
-def _folded_bytes(graph: fx.Graph, rank_tensors: list[dict[str, torch.Tensor]]) -> list[int]:
-    """Each rank's weight bytes in a folded graph: a node of a run's first layer holds its tensors
-    once for every layer of the run (partition slices the first layer's alone)."""
+def rank_weight_bytes(graph: fx.Graph, by_node: dict[str, list[int]], world: int) -> list[int]:
+    """Each rank's weight bytes: every owning node's, once for each layer it stands for (in a
+    folded graph partition slices a run's first layer alone)."""
     times = {node.name: repeats(graph, info(node)) for node in owners(graph).values()}
-    by_node = weight_bytes_by_node(graph, rank_tensors)
-    return [sum(b[r] * times[name] for name, b in by_node.items()) for r in range(len(rank_tensors))]
-
-
-def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return [sum(b[r] * times[name] for name, b in by_node.items()) for r in range(world)]
 
 
 def candidates(graph: fx.Graph, ctx: PassContext) -> dict[str, list[dict]]:
@@ -252,14 +246,14 @@ def build_report(graph: fx.Graph, ctx: PassContext, rank_tensors: list[dict[str,
                  elem: int, checks: list, meta: bool) -> dict:
     specs = cache_specs(graph)
     world = ctx.world_size
-    weights = [tensor_bytes(t) for t in rank_tensors] if not runs(graph) else _folded_bytes(graph, rank_tensors)
+    by_node = weight_bytes_by_node(graph, rank_tensors)
     return {
         "world_size": world,
         "per_rank": [{"rank": r, "weight_bytes": w, "kv_bytes_per_token": kv_bytes_per_token(specs, elem, r)}
-                     for r, w in enumerate(weights)],
+                     for r, w in enumerate(rank_weight_bytes(graph, by_node, len(rank_tensors)))],
         "kv_width_per_rank": {fqn: cache_width(s) for fqn, s in specs.items()},
         "collectives_per_decode_step": collectives_per_step(graph, elem, world, "decode"),
-        "decode_ops": decode_ops(graph, rank_tensors, elem, world),
+        "decode_ops": decode_ops(graph, by_node, elem, world),
         "collectives_per_prefill": collectives_per_step(graph, elem, world, "prefill"),
         "passes": [r.__dict__ for r in ctx.records],
         "declines": [r.__dict__ for r in ctx.records if r.action == "declined"],
